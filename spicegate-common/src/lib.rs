@@ -1,0 +1,157 @@
+//! Types and constants shared by the spicegate kernel program and the daemon.
+//!
+//! Everything here crosses the kernel/user boundary, so every struct is
+//! `#[repr(C)]`, made of fixed-width integers, with explicit padding, and its
+//! size is asserted at compile time. Both halves import the map names and
+//! flag bits from here; nothing is spelled twice.
+#![no_std]
+
+/// Outer `ARRAY_OF_MAPS` (one slot) that holds the active rule table.
+///
+/// Written by the daemon (it swaps a freshly filled inner hash map into slot
+/// [`POLICY_SLOT`] on every apply), read by the kernel program once per
+/// connect. Swapping the whole inner map is what makes a reload atomic: a
+/// connect sees either the old table or the new one, never a mix.
+pub const POLICY_MAP: &str = "SPICEGATE_POLICY";
+
+/// The only slot of [`POLICY_MAP`].
+pub const POLICY_SLOT: u32 = 0;
+
+/// Per-uid rate-limit state for deny events (`LRU_HASH`, [`RateState`]).
+///
+/// Written by the kernel program only; the daemon never writes it.
+pub const RATE_MAP: &str = "SPICEGATE_RATE";
+
+/// Capacity of [`RATE_MAP`]. LRU, so a flood of distinct uids evicts old
+/// entries instead of growing anything.
+pub const RATE_MAP_ENTRIES: u32 = 4096;
+
+/// aya-log's ring buffer, pinned so a restarted daemon reads the same one.
+pub const LOG_MAP: &str = "AYA_LOGS";
+
+/// Name of the connect4 program in the object file.
+pub const PROG_CONNECT4: &str = "spicegate_connect4";
+/// Name of the connect6 program in the object file.
+pub const PROG_CONNECT6: &str = "spicegate_connect6";
+
+/// Deny events logged per uid per [`RATE_WINDOW_NS`]; the rest are counted
+/// and the count is reported with the next logged event of that uid.
+pub const RATE_BURST: u32 = 5;
+/// Length of one rate-limit window.
+pub const RATE_WINDOW_NS: u64 = 10_000_000_000;
+
+/// Layout version of the pinned objects. Part of the pin names, so a daemon
+/// never adopts maps whose layout it does not understand.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// [`RuleKey::kind`]: "is this port guarded at all, and how". Key has only
+/// `port` set. Value flags: [`PORT_GUARD_ALL`], [`PORT_GUARD_ENDPOINTS`].
+pub const KIND_PORT: u8 = 1;
+/// [`RuleKey::kind`]: a guarded endpoint (`addr`, `port`). Value `vm` names
+/// the VM it belongs to.
+pub const KIND_ENDPOINT: u8 = 2;
+/// [`RuleKey::kind`]: a grant (`uid`, `addr`, `port`).
+pub const KIND_GRANT: u8 = 3;
+/// [`RuleKey::kind`]: `addr` is an address of this machine (a "local"
+/// address): connects to it are decided as connects to [`LOCAL_ADDR`].
+pub const KIND_LOCAL: u8 = 4;
+
+/// [`KIND_PORT`] flag: the port is guarded on every destination address.
+pub const PORT_GUARD_ALL: u32 = 1 << 0;
+/// [`KIND_PORT`] flag: the port is guarded on some addresses; look up
+/// [`KIND_ENDPOINT`].
+pub const PORT_GUARD_ENDPOINTS: u32 = 1 << 1;
+
+/// The address every local destination is folded into before lookup:
+/// loopback (127.0.0.0/8, ::1), unspecified (0.0.0.0, ::) and every address
+/// the daemon has marked with [`KIND_LOCAL`]. All of them reach the same
+/// listeners on this machine, so they are one endpoint per port. It is `::`,
+/// which is itself a local destination, so folding is idempotent.
+pub const LOCAL_ADDR: [u8; 16] = [0; 16];
+
+/// `vm` value meaning "no VM" (a port guarded only by `[protect]`).
+pub const NO_VM: u32 = 0;
+
+/// Key of the inner rule table.
+///
+/// Written by the daemon (compiled from the policy), read by the kernel.
+/// Addresses are always 16 bytes: IPv4 destinations are stored in their
+/// IPv4-mapped IPv6 form (`::ffff:a.b.c.d`), which is also what an IPv6
+/// socket connecting to a mapped address presents, so both forms hit the
+/// same entry. Unused fields are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleKey {
+    /// One of the `KIND_*` constants.
+    pub kind: u8,
+    /// Always zero.
+    pub _pad: u8,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// Real uid of the connecting process (grants only).
+    pub uid: u32,
+    /// Destination address, network byte order, IPv4 mapped into IPv6.
+    pub addr: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<RuleKey>() == 24);
+
+impl RuleKey {
+    /// Key of a [`KIND_PORT`] entry.
+    pub const fn port(port: u16) -> Self {
+        Self { kind: KIND_PORT, _pad: 0, port, uid: 0, addr: [0; 16] }
+    }
+    /// Key of a [`KIND_ENDPOINT`] entry.
+    pub const fn endpoint(addr: [u8; 16], port: u16) -> Self {
+        Self { kind: KIND_ENDPOINT, _pad: 0, port, uid: 0, addr }
+    }
+    /// Key of a [`KIND_GRANT`] entry.
+    pub const fn grant(uid: u32, addr: [u8; 16], port: u16) -> Self {
+        Self { kind: KIND_GRANT, _pad: 0, port, uid, addr }
+    }
+    /// Key of a [`KIND_LOCAL`] entry.
+    pub const fn local(addr: [u8; 16]) -> Self {
+        Self { kind: KIND_LOCAL, _pad: 0, port: 0, uid: 0, addr }
+    }
+}
+
+/// Value of the inner rule table. Written by the daemon, read by the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RuleValue {
+    /// VM id (1-based index the daemon assigned), or [`NO_VM`].
+    pub vm: u32,
+    /// `PORT_GUARD_*` flags for [`KIND_PORT`]; zero elsewhere.
+    pub flags: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<RuleValue>() == 8);
+
+/// Per-uid deny-event rate limiter. Written and read by the kernel program;
+/// the daemon may read it for diagnostics.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RateState {
+    /// `bpf_ktime_get_ns()` at the start of the current window.
+    pub window_start: u64,
+    /// Events logged in the current window.
+    pub logged: u32,
+    /// Events not logged since the last logged one.
+    pub suppressed: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<RateState>() == 16);
+
+/// Maps an IPv4 address (network order octets) to its IPv4-mapped IPv6 form.
+pub const fn mapped_v4(octets: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3]]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all three are repr(C), made of integers, with no implicit padding
+    // (sizes asserted above).
+    unsafe impl aya::Pod for super::RuleKey {}
+    unsafe impl aya::Pod for super::RuleValue {}
+    unsafe impl aya::Pod for super::RateState {}
+}

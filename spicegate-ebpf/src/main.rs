@@ -1,0 +1,183 @@
+//! spicegate's kernel side: decides every stream connect() of the cgroup
+//! subtree it is attached to.
+//!
+//! A connect is refused only when its destination is a guarded endpoint and
+//! the (real uid, endpoint) pair has no grant. The rule table is one inner
+//! hash map behind [`POLICY`]; the daemon replaces it whole on every apply.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    btf_maps::{ArrayOfMaps, HashMap, LruHashMap},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns},
+    macros::{btf_map, cgroup_sock_addr},
+    programs::SockAddrContext,
+};
+use aya_log_ebpf::warn;
+use spicegate_common::{
+    LOCAL_ADDR, NO_VM, PORT_GUARD_ALL, POLICY_SLOT, RATE_BURST, RATE_MAP_ENTRIES, RATE_WINDOW_NS,
+    RateState, RuleKey, RuleValue,
+};
+
+/// Template for the inner rule table; the daemon creates the real ones, sized
+/// for the policy (the kernel only checks type, key, value and flags match).
+type Rules = HashMap<RuleKey, RuleValue, 1>;
+
+#[btf_map]
+static SPICEGATE_POLICY: ArrayOfMaps<Rules, 1> = ArrayOfMaps::new();
+
+#[btf_map]
+static SPICEGATE_RATE: LruHashMap<u32, RateState, { RATE_MAP_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// The connect hooks answer 1 to let the connect proceed, 0 to refuse it
+/// (the caller gets EPERM).
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const SOCK_STREAM: u32 = 1;
+const SOCK_SEQPACKET: u32 = 5;
+
+#[cgroup_sock_addr(connect4)]
+pub fn spicegate_connect4(ctx: SockAddrContext) -> i32 {
+    decide(&ctx, AF_INET)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn spicegate_connect6(ctx: SockAddrContext) -> i32 {
+    decide(&ctx, AF_INET6)
+}
+
+#[inline(always)]
+fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
+    // SAFETY: the kernel hands every cgroup_sock_addr program a valid
+    // bpf_sock_addr; these are plain context loads.
+    let sa = unsafe { &*ctx.sock_addr };
+    // Connection-oriented sockets only, whatever the protocol number (TCP,
+    // MPTCP, SCTP one-to-one...). Datagram connects only set a default peer.
+    if sa.type_ != SOCK_STREAM && sa.type_ != SOCK_SEQPACKET {
+        return ALLOW;
+    }
+    let port = u16::from_be(sa.user_port as u16);
+    // Words in network byte order, as the kernel stores them.
+    let words = if family == AF_INET {
+        [0, 0, V4_MAPPED_PREFIX, sa.user_ip4]
+    } else {
+        [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]]
+    };
+    // SAFETY: [u32; 4] and [u8; 16] have the same size and any bit pattern
+    // is valid for both.
+    let addr: [u8; 16] = unsafe { core::mem::transmute(words) };
+
+    // Fast path: a port nobody guards costs two lookups and nothing else.
+    let Some(port_rule) = SPICEGATE_POLICY.get_value_ptr_mut(POLICY_SLOT, &RuleKey::port(port))
+    else {
+        return ALLOW;
+    };
+    // SAFETY: values of the rule table are never written by the kernel and
+    // the daemon never updates an entry of a table once it is installed.
+    let port_flags = unsafe { (*port_rule).flags };
+
+    let endpoint = if is_local(&words, &addr) { LOCAL_ADDR } else { addr };
+    let endpoint_rule = SPICEGATE_POLICY.get_value_ptr_mut(POLICY_SLOT, &RuleKey::endpoint(endpoint, port));
+    if port_flags & PORT_GUARD_ALL == 0 && endpoint_rule.is_none() {
+        return ALLOW;
+    }
+
+    let uid = bpf_get_current_uid_gid() as u32;
+    if SPICEGATE_POLICY
+        .get_value_ptr_mut(POLICY_SLOT, &RuleKey::grant(uid, endpoint, port))
+        .is_some()
+    {
+        return ALLOW;
+    }
+
+    let vm = match endpoint_rule {
+        // SAFETY: as above.
+        Some(rule) => unsafe { (*rule).vm },
+        None => NO_VM,
+    };
+    report_denial(ctx, uid, &addr, port, vm);
+    DENY
+}
+
+/// `::ffff:0:0/96` prefix word, in memory (network) order.
+const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Loopback, unspecified, or marked local by the daemon. Word compares keep
+/// this free of memcmp, which BPF cannot call.
+#[inline(always)]
+fn is_local(words: &[u32; 4], addr: &[u8; 16]) -> bool {
+    if words[0] == 0 && words[1] == 0 {
+        if words[2] == V4_MAPPED_PREFIX {
+            let first_octet = words[3].to_ne_bytes()[0];
+            if first_octet == 127 || words[3] == 0 {
+                return true; // 127.0.0.0/8 and 0.0.0.0
+            }
+        } else if words[2] == 0 && (words[3] == 0 || words[3] == u32::from_ne_bytes([0, 0, 0, 1])) {
+            return true; // :: and ::1
+        }
+    }
+    SPICEGATE_POLICY
+        .get_value_ptr_mut(POLICY_SLOT, &RuleKey::local(*addr))
+        .is_some()
+}
+
+/// Logs a denial through aya-log, at most RATE_BURST per uid per window.
+#[inline(always)]
+fn report_denial(ctx: &SockAddrContext, uid: u32, addr: &[u8; 16], port: u16, vm: u32) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let suppressed = match SPICEGATE_RATE.get_ptr_mut(uid) {
+        Some(state) => {
+            // SAFETY: the pointer is to a live LRU entry; racing CPUs can at
+            // worst miscount by a few events, never overflow a buffer.
+            let state = unsafe { &mut *state };
+            if now.wrapping_sub(state.window_start) >= RATE_WINDOW_NS {
+                state.window_start = now;
+                state.logged = 1;
+                let s = state.suppressed;
+                state.suppressed = 0;
+                s
+            } else if state.logged < RATE_BURST {
+                state.logged += 1;
+                let s = state.suppressed;
+                state.suppressed = 0;
+                s
+            } else {
+                state.suppressed = state.suppressed.saturating_add(1);
+                return;
+            }
+        }
+        None => {
+            let fresh = RateState { window_start: now, logged: 1, suppressed: 0 };
+            // A full LRU evicts the oldest uid; failure only loses rate state.
+            let _ = SPICEGATE_RATE.insert(uid, fresh, 0);
+            0
+        }
+    };
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+    warn!(
+        ctx,
+        "deny uid={} pid={} dst={:i} port={} vm={} suppressed={} comm={:x}",
+        uid,
+        pid,
+        *addr,
+        port,
+        vm,
+        suppressed,
+        &comm
+    );
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
