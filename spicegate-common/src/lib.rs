@@ -26,7 +26,7 @@ pub const RATE_MAP: &str = "SPICEGATE_RATE";
 /// entries instead of growing anything.
 pub const RATE_MAP_ENTRIES: u32 = 4096;
 
-/// aya-log's ring buffer, pinned so a restarted daemon reads the same one.
+/// aya-log's ring buffer (not pinned: each loaded program has its own).
 pub const LOG_MAP: &str = "AYA_LOGS";
 
 /// Name of the connect4 program in the object file.

@@ -168,7 +168,7 @@ fn report_denial(ctx: &SockAddrContext, uid: u32, addr: &[u8; 16], port: u16, vm
         port,
         vm,
         suppressed,
-        &comm
+        &comm[..]
     );
 }
 

@@ -1,2 +1,30 @@
-static EBPF: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spicegate"));
-fn main() { println!("{}", EBPF.len()); }
+//! spicegate: decides which Unix user may open the Spice console of which VM.
+//!
+//! `policy` (what the admin writes) and `compile` (what the kernel gets) are
+//! pure and tested without root; `kernel` is the only module that talks to
+//! bpf(2).
+
+mod cli;
+mod compile;
+mod directory;
+mod events;
+mod hostaddrs;
+mod kernel;
+mod logging;
+mod policy;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    logging::init(args.verbose);
+    match cli::dispatch(args) {
+        Ok(code) => code,
+        Err(e) => {
+            log::error!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,120 @@
+use std::{fmt::Write as _, path::PathBuf, process::ExitCode};
+
+use crate::{
+    compile::{Compiled, Dest, compile},
+    directory::{Directory, Nss},
+    hostaddrs, policy,
+};
+
+/// Arguments of `spicegate check`.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Policy file to validate.
+    #[arg(value_name = "FILE", default_value = super::DEFAULT_POLICY)]
+    file: PathBuf,
+}
+
+pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
+    let policy = match policy::load(&args.file, &Nss) {
+        Ok(p) => p,
+        Err(errs) => {
+            eprintln!("{errs}");
+            eprintln!("{}: {} error(s); nothing would be enforced", args.file.display(), errs.0.len());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let local = hostaddrs::current()?;
+    let compiled = match compile(&policy, &local) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {e}", args.file.display());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    print!("{}", describe(&policy, &compiled, &Nss));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Human summary: who may reach which VM at which address:port.
+pub fn describe(policy: &policy::Policy, c: &Compiled, dir: &dyn Directory) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: OK", policy.source.display());
+    if c.guarded_everywhere.is_empty() {
+        let _ = writeln!(out, "guarded on every destination: (none)");
+    } else {
+        let _ = writeln!(out, "guarded on every destination: ports {}", ranges(&c.guarded_everywhere));
+    }
+    for vm in policy.vms.values() {
+        let _ = writeln!(out, "vm {} (server {}):", vm.name, vm.server);
+        for ((dest, port), info) in c.endpoints.iter().filter(|(_, i)| i.vm == vm.name) {
+            let users: Vec<String> = info
+                .uids
+                .iter()
+                .map(|u| match dir.user_name(*u) {
+                    Some(n) => format!("{n}({u})"),
+                    None => format!("#{u}"),
+                })
+                .collect();
+            let shown = match dest {
+                Dest::Local => format!("localhost:{port} (any local address)"),
+                d => format!("{d}:{port}"),
+            };
+            let who = if users.is_empty() { "nobody".to_owned() } else { users.join(", ") };
+            let _ = writeln!(out, "  {shown} -> allow {who}");
+        }
+        for g in &vm.allow {
+            if matches!(g.principal, policy::Principal::Group(_)) {
+                let _ = writeln!(out, "  {} = {} member(s)", g.principal, g.uids.len());
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{} vm(s), {} guarded endpoint(s), {} grant(s), {} kernel entries; everything else passes",
+        policy.vms.len(),
+        c.endpoints.len(),
+        c.grant_count(),
+        c.rules.len()
+    );
+    out
+}
+
+/// `[5930, 20001, 20002, 20003]` -> `5930, 20001-20003`.
+fn ranges(ports: &[u16]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < ports.len() {
+        let start = ports[i];
+        let mut end = start;
+        while i + 1 < ports.len() && ports[i + 1] == end.wrapping_add(1) {
+            i += 1;
+            end = ports[i];
+        }
+        parts.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
+        i += 1;
+    }
+    parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{compile::LocalAddrs, directory::FakeDirectory};
+
+    #[test]
+    fn describes_the_seed_policy() {
+        let dir = FakeDirectory::default().user("myself", 1000).user("ralph", 1001).group("bookkeeping", &[1002]);
+        let text = "[protect]\nports = [\"20001-20010\", 5930]\n[servers.mysrv]\naddress = \"192.168.2.2\"\n\
+                    [vms.debianx]\nserver = \"mysrv\"\nports = [20002]\nallow = [\"myself\", \"@bookkeeping\", \"#1021\"]\n\
+                    [vms.winlab]\nserver = \"localhost\"\nports = [5930]\nallow = [\"ralph\"]\n";
+        let p = policy::parse(text, Path::new("p.toml"), &dir).expect("valid");
+        let c = compile(&p, &LocalAddrs::new()).expect("compiles");
+        let out = describe(&p, &c, &dir);
+        assert!(out.contains("guarded on every destination: ports 5930, 20001-20010"), "{out}");
+        assert!(out.contains("192.168.2.2:20002 -> allow myself(1000), #1002, #1021"), "{out}");
+        assert!(out.contains("localhost:5930 (any local address) -> allow ralph(1001)"), "{out}");
+        assert!(out.contains("@bookkeeping = 1 member(s)"), "{out}");
+    }
+}

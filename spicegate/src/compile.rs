@@ -1,0 +1,326 @@
+//! Policy -> kernel rule table. Pure: the same policy and the same set of
+//! local addresses always give the same table, and nothing here needs root.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
+
+use spicegate_common::{
+    LOCAL_ADDR, NO_VM, PORT_GUARD_ALL, PORT_GUARD_ENDPOINTS, RuleKey, RuleValue, mapped_v4,
+};
+
+use crate::policy::{Policy, ServerTarget};
+
+/// The largest rule table we create. A policy needing more is refused
+/// before anything changes. Four million entries is ~300 MB of kernel memory.
+pub const MAX_ENTRIES: usize = 4_000_000;
+
+/// Addresses of this machine (from the interfaces). Loopback and unspecified
+/// addresses are always local and need not be listed.
+pub type LocalAddrs = BTreeSet<IpAddr>;
+
+/// Where a destination lands after folding: a remote address or "this machine".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Dest {
+    Local,
+    Remote(IpAddr),
+}
+
+impl fmt::Display for Dest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Local => write!(f, "localhost"),
+            Self::Remote(IpAddr::V6(a)) => write!(f, "[{a}]"),
+            Self::Remote(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// The compiled policy: the kernel table plus what the daemon needs to
+/// explain it (VM names by id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compiled {
+    pub rules: BTreeMap<RuleKey, RuleValue>,
+    /// `vm_names[id - 1]` is the name of VM `id`.
+    pub vm_names: Vec<String>,
+    /// Ports guarded on every destination.
+    pub guarded_everywhere: Vec<u16>,
+    /// Guarded endpoints with their VM and granted uids, for `check` and logs.
+    pub endpoints: BTreeMap<(Dest, u16), EndpointInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub vm: String,
+    pub uids: BTreeSet<u32>,
+}
+
+impl Compiled {
+    /// Number of grant entries (uid x endpoint).
+    pub fn grant_count(&self) -> usize {
+        self.rules.keys().filter(|k| k.kind == spicegate_common::KIND_GRANT).count()
+    }
+
+    /// Capacity to create the kernel table with: room to spare so the hash
+    /// table stays sparse, never below a small floor.
+    pub fn capacity(&self) -> u32 {
+        let n = self.rules.len();
+        u32::try_from((n + n / 4 + 64).min(MAX_ENTRIES + MAX_ENTRIES / 4 + 64)).unwrap_or(u32::MAX)
+    }
+
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error("vms `{first}` and `{second}` both claim {dest}:{port}; an endpoint belongs to one VM{hint}")]
+    EndpointClash { first: String, second: String, dest: Dest, port: u16, hint: &'static str },
+    #[error("the policy needs {needed} kernel entries, more than the limit of {limit}; split it across fewer users or endpoints")]
+    TooLarge { needed: usize, limit: usize },
+}
+
+/// The 16-byte form the kernel compares: IPv4 mapped into IPv6.
+pub fn key_addr(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => mapped_v4(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// IPv4-mapped IPv6 addresses are their IPv4 address.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Whether a connect to `ip` lands on this machine.
+pub fn is_local(ip: IpAddr, local: &LocalAddrs) -> bool {
+    let ip = canonical(ip);
+    ip.is_loopback() || ip.is_unspecified() || local.iter().any(|l| canonical(*l) == ip)
+}
+
+/// Folds a destination the way the kernel program does.
+pub fn fold(ip: IpAddr, local: &LocalAddrs) -> Dest {
+    if is_local(ip, local) { Dest::Local } else { Dest::Remote(canonical(ip)) }
+}
+
+fn dest_key(d: Dest) -> [u8; 16] {
+    match d {
+        Dest::Local => LOCAL_ADDR,
+        Dest::Remote(ip) => key_addr(ip),
+    }
+}
+
+/// Compiles a validated policy into the kernel rule table.
+pub fn compile(policy: &Policy, local: &LocalAddrs) -> Result<Compiled, CompileError> {
+    let mut rules: BTreeMap<RuleKey, RuleValue> = BTreeMap::new();
+    let mut port_flags: BTreeMap<u16, u32> = BTreeMap::new();
+    for &p in &policy.protect_ports {
+        *port_flags.entry(p).or_default() |= PORT_GUARD_ALL;
+    }
+
+    // Count before building, so an oversized policy is refused at once.
+    let mut needed = policy.protect_ports.len();
+    for vm in policy.vms.values() {
+        let dests = match policy.servers.get(&vm.server).map(|s| &s.target) {
+            Some(ServerTarget::Addresses(a)) => a.len(),
+            _ => 1,
+        };
+        needed = needed.saturating_add(dests * vm.ports.len() * (2 + vm.uids().len()));
+    }
+    if needed > MAX_ENTRIES {
+        return Err(CompileError::TooLarge { needed, limit: MAX_ENTRIES });
+    }
+
+    let vm_names: Vec<String> = policy.vms.keys().cloned().collect();
+    let mut endpoints: BTreeMap<(Dest, u16), EndpointInfo> = BTreeMap::new();
+    for (idx, (name, vm)) in policy.vms.iter().enumerate() {
+        let id = u32::try_from(idx + 1).unwrap_or(u32::MAX);
+        let dests: BTreeSet<Dest> = match policy.servers.get(&vm.server).map(|s| &s.target) {
+            Some(ServerTarget::Local) | None => [Dest::Local].into(),
+            Some(ServerTarget::Addresses(addrs)) => addrs.iter().map(|a| fold(*a, local)).collect(),
+        };
+        let uids = vm.uids();
+        for &dest in &dests {
+            for &port in &vm.ports {
+                if let Some(prev) = endpoints.get(&(dest, port)) {
+                    return Err(CompileError::EndpointClash {
+                        first: prev.vm.clone(),
+                        second: name.clone(),
+                        dest,
+                        port,
+                        hint: if dest == Dest::Local {
+                            " (every address of this machine is the same endpoint per port)"
+                        } else {
+                            ""
+                        },
+                    });
+                }
+                endpoints.insert((dest, port), EndpointInfo { vm: name.clone(), uids: uids.clone() });
+                *port_flags.entry(port).or_default() |= PORT_GUARD_ENDPOINTS;
+                let addr = dest_key(dest);
+                rules.insert(RuleKey::endpoint(addr, port), RuleValue { vm: id, flags: 0 });
+                for &uid in &uids {
+                    rules.insert(RuleKey::grant(uid, addr, port), RuleValue { vm: id, flags: 0 });
+                }
+            }
+        }
+    }
+    for (&port, &flags) in &port_flags {
+        rules.insert(RuleKey::port(port), RuleValue { vm: NO_VM, flags });
+    }
+    // Only needed when something is guarded; the kernel's fast path never
+    // looks them up otherwise.
+    if !port_flags.is_empty() {
+        for ip in local {
+            let ip = canonical(*ip);
+            if !(ip.is_loopback() || ip.is_unspecified()) {
+                rules.insert(RuleKey::local(key_addr(ip)), RuleValue::default());
+            }
+        }
+    }
+    if rules.len() > MAX_ENTRIES {
+        return Err(CompileError::TooLarge { needed: rules.len(), limit: MAX_ENTRIES });
+    }
+    Ok(Compiled { rules, vm_names, guarded_everywhere: policy.protect_ports.clone(), endpoints })
+}
+
+/// What the kernel decides, computed from the table the way the kernel
+/// program does, for the tests of this module.
+#[cfg(test)]
+pub fn decide(c: &Compiled, uid: u32, ip: IpAddr, port: u16) -> bool {
+    let Some(port_rule) = c.rules.get(&RuleKey::port(port)) else {
+        return true;
+    };
+    let mapped = canonical(ip);
+    // The kernel only knows locals through KIND_LOCAL entries (and the
+    // built-in loopback/unspecified ranges).
+    let kernel_local = mapped.is_loopback()
+        || mapped.is_unspecified()
+        || c.rules.contains_key(&RuleKey::local(key_addr(mapped)));
+    let addr = if kernel_local { LOCAL_ADDR } else { key_addr(mapped) };
+    let guarded = port_rule.flags & PORT_GUARD_ALL != 0 || c.rules.contains_key(&RuleKey::endpoint(addr, port));
+    !guarded || c.rules.contains_key(&RuleKey::grant(uid, addr, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{directory::FakeDirectory, policy::parse};
+
+    fn policy(text: &str) -> Policy {
+        let dir = FakeDirectory::default()
+            .user("myself", 1000)
+            .user("ralph", 1001)
+            .group("bookkeeping", &[1002, 1003]);
+        parse(text, Path::new("p.toml"), &dir).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const SEED: &str = r##"
+[protect]
+ports = ["20001-20010", 5930]
+[servers.mysrv]
+address = "192.168.2.2"
+[vms.debianx]
+server = "mysrv"
+ports = [20002]
+allow = ["myself", "@bookkeeping", "#1021"]
+[vms.winlab]
+server = "localhost"
+ports = [5930]
+allow = ["ralph"]
+"##;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip literal")
+    }
+
+    #[test]
+    fn seed_decisions() {
+        let local: LocalAddrs = [ip("10.9.9.9")].into();
+        let c = compile(&policy(SEED), &local).expect("compiles");
+        let d = |uid, a: &str, port| decide(&c, uid, ip(a), port);
+        // debianx on mysrv:20002
+        assert!(d(1000, "192.168.2.2", 20002));
+        assert!(d(1003, "192.168.2.2", 20002));
+        assert!(d(1021, "192.168.2.2", 20002));
+        assert!(d(1000, "::ffff:192.168.2.2", 20002), "mapped form decided like IPv4");
+        assert!(!d(1001, "192.168.2.2", 20002));
+        assert!(!d(0, "192.168.2.2", 20002), "root is not special");
+        // 20002 is also a [protect] port: guarded everywhere, granted nowhere else.
+        assert!(!d(1000, "192.168.2.3", 20002));
+        // winlab on localhost:5930, every local spelling.
+        for a in ["127.0.0.1", "127.0.0.2", "0.0.0.0", "::1", "::", "::ffff:127.0.0.1", "10.9.9.9"] {
+            assert!(d(1001, a, 5930), "{a}");
+            assert!(!d(1000, a, 5930), "{a}");
+        }
+        // 5930 is protected everywhere: a remote 5930 is denied even to ralph.
+        assert!(!d(1001, "192.168.2.2", 5930));
+        // Unguarded ports pass.
+        assert!(d(1000, "192.168.2.2", 22));
+        assert!(d(1000, "127.0.0.1", 20011));
+    }
+
+    #[test]
+    fn vm_port_guarded_only_on_its_server() {
+        let p = policy("[servers.s]\naddress=\"192.0.2.1\"\n[vms.v]\nserver=\"s\"\nports=[40000]\nallow=[\"myself\"]\n");
+        let local = LocalAddrs::new();
+        let c = compile(&p, &local).expect("compiles");
+        assert!(!decide(&c, 1001, ip("192.0.2.1"), 40000));
+        assert!(decide(&c, 1000, ip("192.0.2.1"), 40000));
+        assert!(decide(&c, 1001, ip("127.0.0.1"), 40000), "other destinations untouched");
+        assert!(decide(&c, 1001, ip("192.0.2.2"), 40000), "other destinations untouched");
+    }
+
+    #[test]
+    fn server_on_a_local_address_guards_every_local_spelling() {
+        // This machine is 192.168.2.2: 127.0.0.1:20002 reaches the same listener.
+        let local: LocalAddrs = [ip("192.168.2.2")].into();
+        let c = compile(&policy(SEED), &local).expect("compiles");
+        assert!(!decide(&c, 1001, ip("127.0.0.1"), 20002));
+        assert!(decide(&c, 1000, ip("127.0.0.1"), 20002));
+        assert!(decide(&c, 1000, ip("192.168.2.2"), 20002));
+    }
+
+    #[test]
+    fn clash_is_an_error() {
+        let p = policy(
+            "[servers.a]\naddress=\"127.0.0.2\"\n[vms.x]\nserver=\"a\"\nports=[1]\n[vms.y]\nserver=\"localhost\"\nports=[1]\n",
+        );
+        let e = compile(&p, &LocalAddrs::new()).expect_err("clash");
+        assert!(e.to_string().contains("both claim localhost:1"), "{e}");
+    }
+
+    #[test]
+    fn empty_policy_has_empty_table() {
+        let c = compile(&policy(""), &[ip("10.0.0.1")].into()).expect("compiles");
+        assert!(c.rules.is_empty());
+        assert_eq!(c.capacity(), 64);
+    }
+
+    #[test]
+    fn table_contents_and_capacity() {
+        let c = compile(&policy(SEED), &LocalAddrs::new()).expect("compiles");
+        // 11 port entries (20001-20010, 5930), 2 endpoints, 4+1 grants.
+        assert_eq!(c.rules.len(), 11 + 2 + 5);
+        assert_eq!(c.grant_count(), 5);
+        assert!(c.capacity() as usize >= c.rules.len() + c.rules.len() / 4);
+        assert_eq!(c.vm_names, vec!["debianx".to_owned(), "winlab".to_owned()]);
+    }
+
+    #[test]
+    fn too_large_is_refused() {
+        let mut allow = String::new();
+        for uid in 0..2000 {
+            allow.push_str(&format!("\"#{uid}\","));
+        }
+        let p = policy(&format!("[vms.v]\nserver=\"localhost\"\nports=[\"1-2100\"]\nallow=[{allow}]\n"));
+        let e = compile(&p, &LocalAddrs::new()).expect_err("4.2M grants");
+        assert!(matches!(e, CompileError::TooLarge { .. }), "{e}");
+    }
+}

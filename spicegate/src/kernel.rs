@@ -1,0 +1,371 @@
+//! Kernel plumbing: bpffs and cgroup2 discovery, loading, pinning, attaching,
+//! swapping the rule table, and unloading.
+//!
+//! Fail-closed by construction: the links and maps live pinned under the pin
+//! directory, so enforcement does not depend on this process. A new daemon
+//! loads its program against the pinned maps, installs its table, attaches
+//! new links and renames them over the pinned ones; while both links exist
+//! they consult the same table, so a restart has no gap.
+
+use std::{
+    ffi::CString,
+    fs,
+    io,
+    os::{
+        fd::{AsFd, AsRawFd, OwnedFd},
+        unix::{ffi::OsStrExt, fs::DirBuilderExt},
+    },
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{ArrayOfMaps, HashMap, MapData},
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+};
+use spicegate_common::{LAYOUT_VERSION, POLICY_MAP, POLICY_SLOT, PROG_CONNECT4, PROG_CONNECT6, RATE_MAP, RuleKey, RuleValue};
+
+use crate::compile::Compiled;
+
+/// The kernel object, built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spicegate"));
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where bpffs lives on systemd machines; mounted by us when absent.
+const BPFFS_DEFAULT: &str = "/sys/fs/bpf";
+
+/// File names under the pin directory.
+#[derive(Debug, Clone)]
+pub struct PinPaths {
+    pub dir: PathBuf,
+}
+
+impl PinPaths {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+    fn file(&self, what: &str) -> PathBuf {
+        self.dir.join(format!("{what}_v{LAYOUT_VERSION}"))
+    }
+    pub fn policy(&self) -> PathBuf {
+        self.file("policy")
+    }
+    pub fn rate(&self) -> PathBuf {
+        self.file("rate")
+    }
+    pub fn link4(&self) -> PathBuf {
+        self.file("connect4")
+    }
+    pub fn link6(&self) -> PathBuf {
+        self.file("connect6")
+    }
+    /// Whether a previous daemon left enforcement pinned here.
+    pub fn has_links(&self) -> bool {
+        self.link4().exists() || self.link6().exists()
+    }
+}
+
+/// The cgroup v2 mount point, read from /proc/self/mountinfo.
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    cgroup2_root_from(&info).ok_or_else(|| {
+        anyhow!("no cgroup2 filesystem is mounted (see /proc/self/mountinfo); mount one or pass --cgroup PATH")
+    })
+}
+
+/// Parses mountinfo text: `id parent maj:min root mountpoint opts... - fstype source opts`.
+pub fn cgroup2_root_from(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let fields: Vec<&str> = left.split_whitespace().collect();
+        // Only the mount of the whole hierarchy, not a bind of a subtree.
+        if fields.get(3) != Some(&"/") {
+            return None;
+        }
+        Some(PathBuf::from(unescape_mountinfo(fields.get(4)?)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid NUL-terminated path, st a valid out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[expect(clippy::unnecessary_cast, reason = "f_type's width differs between architectures")]
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Makes sure the pin directory can live on bpffs: mounts bpffs on
+/// /sys/fs/bpf when the pin directory is under it and nothing is mounted
+/// there (systemd does this at boot; minimal systems may not).
+pub fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
+    let mut probe = pin_dir.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            bail!("pin directory {} has no existing parent", pin_dir.display());
+        }
+    }
+    if is_bpffs(&probe).with_context(|| format!("statfs {}", probe.display()))? {
+        return Ok(());
+    }
+    let default = Path::new(BPFFS_DEFAULT);
+    if pin_dir.starts_with(default) && default.is_dir() && !is_bpffs(default)? {
+        nix::mount::mount(Some("bpf"), default, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700"))
+            .with_context(|| format!("mounting bpffs on {BPFFS_DEFAULT}"))?;
+        log::info!("mounted bpffs on {BPFFS_DEFAULT}");
+        return Ok(());
+    }
+    bail!(
+        "pin directory {} is not on a BPF filesystem; mount one (`mount -t bpf bpf {BPFFS_DEFAULT}`) or pass --pin-dir under it",
+        pin_dir.display()
+    )
+}
+
+/// An exclusive lock on the pin directory, so two daemons never fight over
+/// the same pins. Held for the daemon's lifetime.
+#[derive(Debug)]
+pub struct PinLock {
+    _fd: OwnedFd,
+}
+
+pub fn lock_pin_dir(paths: &PinPaths) -> anyhow::Result<PinLock> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&paths.dir)
+        .with_context(|| format!("creating pin directory {}", paths.dir.display()))?;
+    let dir = fs::File::open(&paths.dir).with_context(|| format!("opening {}", paths.dir.display()))?;
+    let fd: OwnedFd = dir.into();
+    // SAFETY: fd is a valid open descriptor.
+    if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!("another spicegate daemon is running on pin directory {}", paths.dir.display());
+        }
+        return Err(e).context("locking the pin directory");
+    }
+    Ok(PinLock { _fd: fd })
+}
+
+type RuleTable = HashMap<MapData, RuleKey, RuleValue>;
+
+/// The loaded program and its maps.
+pub struct Kernel {
+    ebpf: Ebpf,
+    paths: PinPaths,
+}
+
+impl Kernel {
+    /// Loads the program, reusing the maps pinned under `paths` (creating and
+    /// pinning them on first start). Nothing is attached yet.
+    ///
+    /// The aya-log ring buffer is deliberately not pinned: each program gets
+    /// a fresh one, so records an older program left behind (possibly in an
+    /// older format) can never reach this daemon's parser. Denials that
+    /// happen while no daemon runs are still enforced, but not logged.
+    pub fn load(paths: &PinPaths) -> anyhow::Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            bail!("this binary was built with SPICEGATE_SKIP_EBPF=1 and carries no kernel program; rebuild with `cargo xtask build`");
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_pin_path(POLICY_MAP, paths.policy())
+            .map_pin_path(RATE_MAP, paths.rate())
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object (is this kernel >= 5.10 with BTF, and are we root?)")?;
+        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("verifying program {name}"))?;
+        }
+        Ok(Self { ebpf, paths: paths.clone() })
+    }
+
+    /// Atomically replaces the rule table: a fresh inner map is filled
+    /// completely, then swapped into the policy slot with one update. On any
+    /// error the table in force stays as it was.
+    pub fn install(&mut self, compiled: &Compiled) -> anyhow::Result<()> {
+        let capacity = compiled.capacity();
+        let mut table = RuleTable::create(capacity, 0)
+            .with_context(|| format!("creating a rule table of {capacity} entries"))?;
+        for (k, v) in &compiled.rules {
+            table.insert(k, v, 0).context("filling the new rule table")?;
+        }
+        let map = self.ebpf.map_mut(POLICY_MAP).ok_or_else(|| anyhow!("map {POLICY_MAP} missing"))?;
+        let mut outer: ArrayOfMaps<&mut MapData, RuleTable> = ArrayOfMaps::try_from(map)?;
+        outer.set(POLICY_SLOT, &table, 0).context("swapping in the new rule table")?;
+        Ok(())
+    }
+
+    /// Attaches connect4 and connect6 to `cgroup` and pins the links,
+    /// replacing links a previous daemon pinned (which then detach).
+    pub fn attach(&mut self, cgroup: &Path) -> anyhow::Result<()> {
+        let cg = fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        for (name, pin) in [(PROG_CONNECT4, self.paths.link4()), (PROG_CONNECT6, self.paths.link6())] {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .try_into()?;
+            // `Single` creates a bpf_link, which the kernel runs alongside
+            // other links (multi); AllowMultiple is refused for links.
+            let id = prog
+                .attach(cg.as_fd(), CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            let tmp = staging(&pin);
+            let _ = fs::remove_file(&tmp);
+            let pinned = link.pin(&tmp).with_context(|| format!("pinning link at {}", tmp.display()))?;
+            // rename() over the old pin drops the old link, detaching the
+            // previous program only after ours is attached.
+            fs::rename(&tmp, &pin).with_context(|| format!("renaming {} over {}", tmp.display(), pin.display()))?;
+            drop(pinned);
+        }
+        Ok(())
+    }
+
+    /// Hands the aya-log ring buffer to `sink`.
+    pub fn logger<T: log::Log>(&mut self, sink: T) -> anyhow::Result<aya_log::EbpfLogger<T>> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, sink).context("opening the kernel event ring buffer")
+    }
+}
+
+/// Where a new link is pinned before it is renamed over the live one.
+/// bpffs refuses names containing dots (they are reserved).
+fn staging(pin: &Path) -> PathBuf {
+    let mut name = pin.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push("_new");
+    pin.with_file_name(name)
+}
+
+/// Forcibly detaches a link, even if some process still holds it open.
+fn link_detach(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    #[repr(C)]
+    struct LinkDetachAttr {
+        link_fd: u32,
+        _pad: [u32; 15],
+    }
+    let attr = LinkDetachAttr { link_fd: fd.as_raw_fd() as u32, _pad: [0; 15] };
+    // SAFETY: bpf(BPF_LINK_DETACH) reads `size` bytes of a valid attr.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, &attr as *const LinkDetachAttr, size_of::<LinkDetachAttr>())
+    };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// What `unload` removed.
+#[derive(Debug, Default)]
+pub struct Unloaded {
+    pub links: usize,
+    pub pins: usize,
+}
+
+/// Detaches the links and removes every pin and the pin directory.
+pub fn unload(paths: &PinPaths) -> anyhow::Result<Unloaded> {
+    let mut done = Unloaded::default();
+    if !paths.dir.exists() {
+        return Ok(done);
+    }
+    for pin in [paths.link4(), paths.link6(), staging(&paths.link4()), staging(&paths.link6())] {
+        if !pin.exists() {
+            continue;
+        }
+        let link = obj_get(&pin).with_context(|| format!("opening pinned link {}", pin.display()))?;
+        link_detach(link.as_fd()).with_context(|| format!("detaching {}", pin.display()))?;
+        fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
+        done.links += 1;
+    }
+    for entry in fs::read_dir(&paths.dir).with_context(|| format!("listing {}", paths.dir.display()))? {
+        let entry = entry?;
+        fs::remove_file(entry.path()).with_context(|| format!("removing {}", entry.path().display()))?;
+        done.pins += 1;
+    }
+    fs::remove_dir(&paths.dir).with_context(|| format!("removing {}", paths.dir.display()))?;
+    Ok(done)
+}
+
+/// Opens a pinned object (BPF_OBJ_GET).
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: [u32; 11],
+    }
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let attr = ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: [0; 11] };
+    // SAFETY: bpf(BPF_OBJ_GET) reads a valid attr whose path outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr as *const ObjGetAttr, size_of::<ObjGetAttr>()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_layout() {
+        let info = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+        assert_eq!(cgroup2_root_from(info), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+    }
+
+    #[test]
+    fn finds_cgroup2_unified_and_skips_subtree_binds() {
+        let info = "\
+50 1 0:40 /user.slice /mnt/bind rw - cgroup2 cgroup2 rw
+29 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate
+";
+        assert_eq!(cgroup2_root_from(info), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(cgroup2_root_from("1 0 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+    }
+
+    #[test]
+    fn unescapes_mount_points() {
+        assert_eq!(unescape_mountinfo("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+
+    #[test]
+    fn pin_names_carry_the_layout_version() {
+        let p = PinPaths::new("/sys/fs/bpf/x");
+        assert_eq!(p.policy(), PathBuf::from(format!("/sys/fs/bpf/x/policy_v{LAYOUT_VERSION}")));
+    }
+}
