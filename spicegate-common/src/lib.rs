@@ -26,6 +26,15 @@ pub const RATE_MAP: &str = "SPICEGATE_RATE";
 /// entries instead of growing anything.
 pub const RATE_MAP_ENTRIES: u32 = 4096;
 
+/// Per-VM connect counters (`PERCPU_HASH`, vm id -> [`VmCounters`]),
+/// pinned so they outlive daemon restarts. Written by the kernel program,
+/// read by the daemon for `status`.
+pub const COUNTERS_MAP: &str = "SPICEGATE_COUNTERS";
+
+/// Capacity of [`COUNTERS_MAP`]: one entry per VM id ever seen (ids are
+/// stable hashes of VM names), plus [`NO_VM`].
+pub const COUNTERS_MAP_ENTRIES: u32 = 16384;
+
 /// aya-log's ring buffer (not pinned: each loaded program has its own).
 pub const LOG_MAP: &str = "AYA_LOGS";
 
@@ -119,7 +128,8 @@ impl RuleKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RuleValue {
-    /// VM id (1-based index the daemon assigned), or [`NO_VM`].
+    /// VM id (a stable hash of the VM name, assigned by the daemon), or
+    /// [`NO_VM`]. On grants: the VM the grant belongs to.
     pub vm: u32,
     /// `PORT_GUARD_*` flags for [`KIND_PORT`]; zero elsewhere.
     pub flags: u32,
@@ -142,6 +152,18 @@ pub struct RateState {
 
 const _: () = assert!(core::mem::size_of::<RateState>() == 16);
 
+/// Connects decided on one VM's endpoints. Per CPU; the daemon sums.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmCounters {
+    /// Guarded connects let through by a grant.
+    pub allowed: u64,
+    /// Guarded connects refused.
+    pub denied: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<VmCounters>() == 16);
+
 /// Maps an IPv4 address (network order octets) to its IPv4-mapped IPv6 form.
 pub const fn mapped_v4(octets: [u8; 4]) -> [u8; 16] {
     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3]]
@@ -149,9 +171,10 @@ pub const fn mapped_v4(octets: [u8; 4]) -> [u8; 16] {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all three are repr(C), made of integers, with no implicit padding
+    // SAFETY: all four are repr(C), made of integers, with no implicit padding
     // (sizes asserted above).
     unsafe impl aya::Pod for super::RuleKey {}
     unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::RateState {}
+    unsafe impl aya::Pod for super::VmCounters {}
 }

@@ -8,15 +8,15 @@
 #![no_main]
 
 use aya_ebpf::{
-    btf_maps::{ArrayOfMaps, HashMap, LruHashMap},
+    btf_maps::{ArrayOfMaps, HashMap, LruHashMap, PerCpuHashMap},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns},
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::warn;
 use spicegate_common::{
-    LOCAL_ADDR, NO_VM, PORT_GUARD_ALL, POLICY_SLOT, RATE_BURST, RATE_MAP_ENTRIES, RATE_WINDOW_NS,
-    RateState, RuleKey, RuleValue,
+    COUNTERS_MAP_ENTRIES, LOCAL_ADDR, NO_VM, PORT_GUARD_ALL, POLICY_SLOT, RATE_BURST,
+    RATE_MAP_ENTRIES, RATE_WINDOW_NS, RateState, RuleKey, RuleValue, VmCounters,
 };
 
 /// Template for the inner rule table; the daemon creates the real ones, sized
@@ -29,6 +29,10 @@ static SPICEGATE_POLICY: ArrayOfMaps<Rules, 1> = ArrayOfMaps::new();
 #[btf_map]
 static SPICEGATE_RATE: LruHashMap<u32, RateState, { RATE_MAP_ENTRIES as usize }> =
     LruHashMap::new();
+
+#[btf_map]
+static SPICEGATE_COUNTERS: PerCpuHashMap<u32, VmCounters, { COUNTERS_MAP_ENTRIES as usize }> =
+    PerCpuHashMap::new();
 
 /// The connect hooks answer 1 to let the connect proceed, 0 to refuse it
 /// (the caller gets EPERM).
@@ -87,10 +91,9 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
     }
 
     let uid = bpf_get_current_uid_gid() as u32;
-    if SPICEGATE_POLICY
-        .get_value_ptr_mut(POLICY_SLOT, &RuleKey::grant(uid, endpoint, port))
-        .is_some()
-    {
+    if let Some(grant) = SPICEGATE_POLICY.get_value_ptr_mut(POLICY_SLOT, &RuleKey::grant(uid, endpoint, port)) {
+        // SAFETY: as above.
+        count(unsafe { (*grant).vm }, true);
         return ALLOW;
     }
 
@@ -99,8 +102,33 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
         Some(rule) => unsafe { (*rule).vm },
         None => NO_VM,
     };
+    count(vm, false);
     report_denial(ctx, uid, &addr, port, vm);
     DENY
+}
+
+/// Bumps the per-CPU counter of a VM. Per CPU, so no atomics are needed.
+#[inline(always)]
+fn count(vm: u32, allowed: bool) {
+    let counters = match SPICEGATE_COUNTERS.get_ptr_mut(vm) {
+        Some(c) => c,
+        None => {
+            // A full map only loses counting, never a decision.
+            let _ = SPICEGATE_COUNTERS.insert(vm, VmCounters::default(), 0);
+            match SPICEGATE_COUNTERS.get_ptr_mut(vm) {
+                Some(c) => c,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: a live per-CPU slot of this CPU; preemption is off in BPF.
+    unsafe {
+        if allowed {
+            (*counters).allowed += 1;
+        } else {
+            (*counters).denied += 1;
+        }
+    }
 }
 
 /// `::ffff:0:0/96` prefix word, in memory (network) order.

@@ -43,8 +43,8 @@ impl fmt::Display for Dest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Compiled {
     pub rules: BTreeMap<RuleKey, RuleValue>,
-    /// `vm_names[id - 1]` is the name of VM `id`.
-    pub vm_names: Vec<String>,
+    /// VM names by id.
+    pub vm_names: BTreeMap<u32, String>,
     /// Ports guarded on every destination.
     pub guarded_everywhere: Vec<u16>,
     /// Guarded endpoints with their VM and granted uids, for `check` and logs.
@@ -114,6 +114,25 @@ fn dest_key(d: Dest) -> [u8; 16] {
     }
 }
 
+/// Stable VM ids: the FNV-1a hash of the name, probing past collisions in
+/// name order, never [`NO_VM`]. Stable ids keep the kernel's per-VM
+/// counters attached to the same VM across reloads and restarts.
+pub fn vm_ids<'a>(names: impl Iterator<Item = &'a str>) -> BTreeMap<&'a str, u32> {
+    let mut sorted: Vec<&str> = names.collect();
+    sorted.sort_unstable();
+    let mut taken = BTreeSet::new();
+    let mut out = BTreeMap::new();
+    for name in sorted {
+        let mut id = name.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+        while id == NO_VM || taken.contains(&id) {
+            id = id.wrapping_add(1);
+        }
+        taken.insert(id);
+        out.insert(name, id);
+    }
+    out
+}
+
 /// Compiles a validated policy into the kernel rule table.
 pub fn compile(policy: &Policy, local: &LocalAddrs) -> Result<Compiled, CompileError> {
     let mut rules: BTreeMap<RuleKey, RuleValue> = BTreeMap::new();
@@ -135,10 +154,10 @@ pub fn compile(policy: &Policy, local: &LocalAddrs) -> Result<Compiled, CompileE
         return Err(CompileError::TooLarge { needed, limit: MAX_ENTRIES });
     }
 
-    let vm_names: Vec<String> = policy.vms.keys().cloned().collect();
+    let ids = vm_ids(policy.vms.keys().map(String::as_str));
     let mut endpoints: BTreeMap<(Dest, u16), EndpointInfo> = BTreeMap::new();
-    for (idx, (name, vm)) in policy.vms.iter().enumerate() {
-        let id = u32::try_from(idx + 1).unwrap_or(u32::MAX);
+    for (name, vm) in &policy.vms {
+        let id = ids[name.as_str()];
         let dests: BTreeSet<Dest> = match policy.servers.get(&vm.server).map(|s| &s.target) {
             Some(ServerTarget::Local) | None => [Dest::Local].into(),
             Some(ServerTarget::Addresses(addrs)) => addrs.iter().map(|a| fold(*a, local)).collect(),
@@ -185,6 +204,7 @@ pub fn compile(policy: &Policy, local: &LocalAddrs) -> Result<Compiled, CompileE
     if rules.len() > MAX_ENTRIES {
         return Err(CompileError::TooLarge { needed: rules.len(), limit: MAX_ENTRIES });
     }
+    let vm_names = ids.into_iter().map(|(n, id)| (id, n.to_owned())).collect();
     Ok(Compiled { rules, vm_names, guarded_everywhere: policy.protect_ports.clone(), endpoints })
 }
 
@@ -288,6 +308,16 @@ allow = ["ralph"]
     }
 
     #[test]
+    fn vm_ids_are_stable_and_distinct() {
+        let a = vm_ids(["debianx", "winlab"].into_iter());
+        let b = vm_ids(["winlab", "other", "debianx"].into_iter());
+        assert_eq!(a["debianx"], b["debianx"]);
+        assert_eq!(a["winlab"], b["winlab"]);
+        assert_ne!(a["debianx"], a["winlab"]);
+        assert!(a.values().all(|id| *id != NO_VM));
+    }
+
+    #[test]
     fn clash_is_an_error() {
         let p = policy(
             "[servers.a]\naddress=\"127.0.0.2\"\n[vms.x]\nserver=\"a\"\nports=[1]\n[vms.y]\nserver=\"localhost\"\nports=[1]\n",
@@ -310,7 +340,9 @@ allow = ["ralph"]
         assert_eq!(c.rules.len(), 11 + 2 + 5);
         assert_eq!(c.grant_count(), 5);
         assert!(c.capacity() as usize >= c.rules.len() + c.rules.len() / 4);
-        assert_eq!(c.vm_names, vec!["debianx".to_owned(), "winlab".to_owned()]);
+        let names: Vec<&str> = c.vm_names.values().map(String::as_str).collect();
+        assert_eq!(names.len(), 2);
+        assert!(names.contains(&"debianx") && names.contains(&"winlab"));
     }
 
     #[test]

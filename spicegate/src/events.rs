@@ -6,7 +6,7 @@
 //! `DENY uid=1001 user=bob pid=4242 comm=remote-viewer dst=192.168.2.2:20002 vm=debianx suppressed=0`
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fmt,
     net::{IpAddr, Ipv6Addr},
     sync::{Arc, Mutex, RwLock},
@@ -81,14 +81,14 @@ impl fmt::Display for Endpoint {
 
 /// Receives aya-log records from the kernel and writes DENY lines.
 pub struct DenySink<D> {
-    /// VM names of the policy in force, by id - 1.
-    pub vm_names: Arc<RwLock<Vec<String>>>,
+    /// VM names of the policy in force, by id.
+    pub vm_names: Arc<RwLock<BTreeMap<u32, String>>>,
     dir: D,
     names: Mutex<HashMap<u32, Option<String>>>,
 }
 
 impl<D: Directory> DenySink<D> {
-    pub fn new(vm_names: Arc<RwLock<Vec<String>>>, dir: D) -> Self {
+    pub fn new(vm_names: Arc<RwLock<BTreeMap<u32, String>>>, dir: D) -> Self {
         Self { vm_names, dir, names: Mutex::new(HashMap::new()) }
     }
 
@@ -104,12 +104,12 @@ impl<D: Directory> DenySink<D> {
 
     /// The line logged for an event.
     pub fn render(&self, ev: &DenyEvent) -> String {
-        let vm = usize::try_from(ev.vm)
-            .ok()
-            .and_then(|id| id.checked_sub(1))
-            .and_then(|idx| {
-                self.vm_names.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(idx).cloned()
-            })
+        let vm = self
+            .vm_names
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&ev.vm)
+            .cloned()
             .unwrap_or_else(|| "-".into());
         format!(
             "DENY uid={} user={} pid={} comm={} dst={} vm={} suppressed={}",
@@ -151,7 +151,7 @@ mod tests {
         let ev = DenyEvent::parse(msg).expect("parses");
         assert_eq!(ev.addr, "192.168.2.2".parse::<IpAddr>().unwrap());
         assert_eq!(ev.comm, "remote-viewer");
-        let sink = DenySink::new(Arc::new(RwLock::new(vec!["debianx".into()])), FakeDirectory::default().user("bob", 1001));
+        let sink = DenySink::new(Arc::new(RwLock::new([(1, "debianx".to_owned())].into())), FakeDirectory::default().user("bob", 1001));
         assert_eq!(
             sink.render(&ev),
             "DENY uid=1001 user=bob pid=4242 comm=remote-viewer dst=192.168.2.2:20002 vm=debianx suppressed=3"
@@ -161,7 +161,7 @@ mod tests {
     #[test]
     fn unknown_uid_ipv6_and_no_vm() {
         let ev = DenyEvent::parse("deny uid=7 pid=1 dst=::1 port=5 vm=0 suppressed=0 comm=6100").expect("parses");
-        let sink = DenySink::new(Arc::new(RwLock::new(vec![])), FakeDirectory::default());
+        let sink = DenySink::new(Arc::new(RwLock::new(BTreeMap::new())), FakeDirectory::default());
         assert_eq!(sink.render(&ev), "DENY uid=7 user=#7 pid=1 comm=a dst=[::1]:5 vm=- suppressed=0");
     }
 

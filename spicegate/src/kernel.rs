@@ -24,7 +24,7 @@ use aya::{
     maps::{ArrayOfMaps, HashMap, MapData},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
-use spicegate_common::{LAYOUT_VERSION, POLICY_MAP, POLICY_SLOT, PROG_CONNECT4, PROG_CONNECT6, RATE_MAP, RuleKey, RuleValue};
+use spicegate_common::{COUNTERS_MAP, LAYOUT_VERSION, POLICY_MAP, POLICY_SLOT, PROG_CONNECT4, PROG_CONNECT6, RATE_MAP, RuleKey, RuleValue};
 
 use crate::compile::Compiled;
 
@@ -54,6 +54,9 @@ impl PinPaths {
     }
     pub fn rate(&self) -> PathBuf {
         self.file("rate")
+    }
+    pub fn counters(&self) -> PathBuf {
+        self.file("counters")
     }
     pub fn link4(&self) -> PathBuf {
         self.file("connect4")
@@ -195,6 +198,7 @@ impl Kernel {
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(POLICY_MAP, paths.policy())
             .map_pin_path(RATE_MAP, paths.rate())
+            .map_pin_path(COUNTERS_MAP, paths.counters())
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (is this kernel >= 5.10 with BTF, and are we root?)")?;
         for name in [PROG_CONNECT4, PROG_CONNECT6] {
