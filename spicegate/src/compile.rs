@@ -11,7 +11,10 @@ use spicegate_common::{
     LOCAL_ADDR, NO_VM, PORT_GUARD_ALL, PORT_GUARD_ENDPOINTS, RuleKey, RuleValue, mapped_v4,
 };
 
-use crate::policy::{Policy, ServerTarget};
+use crate::{
+    grants::TempGrant,
+    policy::{Policy, ServerTarget},
+};
 
 /// The largest rule table we create. A policy needing more is refused
 /// before anything changes. Four million entries is ~300 MB of kernel memory.
@@ -54,7 +57,10 @@ pub struct Compiled {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointInfo {
     pub vm: String,
+    /// Everyone granted, by the policy or a temporary grant.
     pub uids: BTreeSet<u32>,
+    /// Those granted only by a temporary grant.
+    pub temp_uids: BTreeSet<u32>,
 }
 
 impl Compiled {
@@ -134,7 +140,9 @@ pub fn vm_ids<'a>(names: impl Iterator<Item = &'a str>) -> BTreeMap<&'a str, u32
 }
 
 /// Compiles a validated policy into the kernel rule table.
-pub fn compile(policy: &Policy, local: &LocalAddrs) -> Result<Compiled, CompileError> {
+/// `temp` are temporary grants in force; those naming a VM the policy does
+/// not have are ignored.
+pub fn compile(policy: &Policy, local: &LocalAddrs, temp: &[TempGrant]) -> Result<Compiled, CompileError> {
     let mut rules: BTreeMap<RuleKey, RuleValue> = BTreeMap::new();
     let mut port_flags: BTreeMap<u16, u32> = BTreeMap::new();
     for &p in &policy.protect_ports {
@@ -148,7 +156,8 @@ pub fn compile(policy: &Policy, local: &LocalAddrs) -> Result<Compiled, CompileE
             Some(ServerTarget::Addresses(a)) => a.len(),
             _ => 1,
         };
-        needed = needed.saturating_add(dests * vm.ports.len() * (2 + vm.uids().len()));
+        let extra = temp.iter().filter(|g| g.vm == vm.name).count();
+        needed = needed.saturating_add(dests * vm.ports.len() * (2 + vm.uids().len() + extra));
     }
     if needed > MAX_ENTRIES {
         return Err(CompileError::TooLarge { needed, limit: MAX_ENTRIES });
@@ -162,7 +171,10 @@ pub fn compile(policy: &Policy, local: &LocalAddrs) -> Result<Compiled, CompileE
             Some(ServerTarget::Local) | None => [Dest::Local].into(),
             Some(ServerTarget::Addresses(addrs)) => addrs.iter().map(|a| fold(*a, local)).collect(),
         };
-        let uids = vm.uids();
+        let policy_uids = vm.uids();
+        let temp_uids: BTreeSet<u32> =
+            temp.iter().filter(|g| g.vm == *name && !policy_uids.contains(&g.uid)).map(|g| g.uid).collect();
+        let uids: BTreeSet<u32> = policy_uids.union(&temp_uids).copied().collect();
         for &dest in &dests {
             for &port in &vm.ports {
                 if let Some(prev) = endpoints.get(&(dest, port)) {
@@ -178,7 +190,10 @@ pub fn compile(policy: &Policy, local: &LocalAddrs) -> Result<Compiled, CompileE
                         },
                     });
                 }
-                endpoints.insert((dest, port), EndpointInfo { vm: name.clone(), uids: uids.clone() });
+                endpoints.insert(
+                    (dest, port),
+                    EndpointInfo { vm: name.clone(), uids: uids.clone(), temp_uids: temp_uids.clone() },
+                );
                 *port_flags.entry(port).or_default() |= PORT_GUARD_ENDPOINTS;
                 let addr = dest_key(dest);
                 rules.insert(RuleKey::endpoint(addr, port), RuleValue { vm: id, flags: 0 });
@@ -209,8 +224,8 @@ pub fn compile(policy: &Policy, local: &LocalAddrs) -> Result<Compiled, CompileE
 }
 
 /// What the kernel decides, computed from the table the way the kernel
-/// program does, for the tests of this module.
-#[cfg(test)]
+/// program does. Used to find established connections a new table would
+/// refuse, and by tests.
 pub fn decide(c: &Compiled, uid: u32, ip: IpAddr, port: u16) -> bool {
     let Some(port_rule) = c.rules.get(&RuleKey::port(port)) else {
         return true;
@@ -263,7 +278,7 @@ allow = ["ralph"]
     #[test]
     fn seed_decisions() {
         let local: LocalAddrs = [ip("10.9.9.9")].into();
-        let c = compile(&policy(SEED), &local).expect("compiles");
+        let c = compile(&policy(SEED), &local, &[]).expect("compiles");
         let d = |uid, a: &str, port| decide(&c, uid, ip(a), port);
         // debianx on mysrv:20002
         assert!(d(1000, "192.168.2.2", 20002));
@@ -290,7 +305,7 @@ allow = ["ralph"]
     fn vm_port_guarded_only_on_its_server() {
         let p = policy("[servers.s]\naddress=\"192.0.2.1\"\n[vms.v]\nserver=\"s\"\nports=[40000]\nallow=[\"myself\"]\n");
         let local = LocalAddrs::new();
-        let c = compile(&p, &local).expect("compiles");
+        let c = compile(&p, &local, &[]).expect("compiles");
         assert!(!decide(&c, 1001, ip("192.0.2.1"), 40000));
         assert!(decide(&c, 1000, ip("192.0.2.1"), 40000));
         assert!(decide(&c, 1001, ip("127.0.0.1"), 40000), "other destinations untouched");
@@ -301,7 +316,7 @@ allow = ["ralph"]
     fn server_on_a_local_address_guards_every_local_spelling() {
         // This machine is 192.168.2.2: 127.0.0.1:20002 reaches the same listener.
         let local: LocalAddrs = [ip("192.168.2.2")].into();
-        let c = compile(&policy(SEED), &local).expect("compiles");
+        let c = compile(&policy(SEED), &local, &[]).expect("compiles");
         assert!(!decide(&c, 1001, ip("127.0.0.1"), 20002));
         assert!(decide(&c, 1000, ip("127.0.0.1"), 20002));
         assert!(decide(&c, 1000, ip("192.168.2.2"), 20002));
@@ -318,24 +333,36 @@ allow = ["ralph"]
     }
 
     #[test]
+    fn temporary_grants_add_to_the_policy() {
+        let local = LocalAddrs::new();
+        let g = |uid, vm: &str| TempGrant { uid, user: String::new(), vm: vm.into(), expires: None, granted_at: 0, granted_by: 0 };
+        let c = compile(&policy(SEED), &local, &[g(4242, "winlab"), g(4243, "no-such-vm")]).expect("compiles");
+        assert!(decide(&c, 4242, ip("127.0.0.1"), 5930));
+        assert!(!decide(&c, 4242, ip("192.168.2.2"), 20002));
+        assert!(!decide(&c, 4243, ip("127.0.0.1"), 5930));
+        let info = &c.endpoints[&(Dest::Local, 5930)];
+        assert!(info.temp_uids.contains(&4242) && info.uids.contains(&1001));
+    }
+
+    #[test]
     fn clash_is_an_error() {
         let p = policy(
             "[servers.a]\naddress=\"127.0.0.2\"\n[vms.x]\nserver=\"a\"\nports=[1]\n[vms.y]\nserver=\"localhost\"\nports=[1]\n",
         );
-        let e = compile(&p, &LocalAddrs::new()).expect_err("clash");
+        let e = compile(&p, &LocalAddrs::new(), &[]).expect_err("clash");
         assert!(e.to_string().contains("both claim localhost:1"), "{e}");
     }
 
     #[test]
     fn empty_policy_has_empty_table() {
-        let c = compile(&policy(""), &[ip("10.0.0.1")].into()).expect("compiles");
+        let c = compile(&policy(""), &[ip("10.0.0.1")].into(), &[]).expect("compiles");
         assert!(c.rules.is_empty());
         assert_eq!(c.capacity(), 64);
     }
 
     #[test]
     fn table_contents_and_capacity() {
-        let c = compile(&policy(SEED), &LocalAddrs::new()).expect("compiles");
+        let c = compile(&policy(SEED), &LocalAddrs::new(), &[]).expect("compiles");
         // 11 port entries (20001-20010, 5930), 2 endpoints, 4+1 grants.
         assert_eq!(c.rules.len(), 11 + 2 + 5);
         assert_eq!(c.grant_count(), 5);
@@ -352,7 +379,7 @@ allow = ["ralph"]
             allow.push_str(&format!("\"#{uid}\","));
         }
         let p = policy(&format!("[vms.v]\nserver=\"localhost\"\nports=[\"1-2100\"]\nallow=[{allow}]\n"));
-        let e = compile(&p, &LocalAddrs::new()).expect_err("4.2M grants");
+        let e = compile(&p, &LocalAddrs::new(), &[]).expect_err("4.2M grants");
         assert!(matches!(e, CompileError::TooLarge { .. }), "{e}");
     }
 }

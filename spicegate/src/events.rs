@@ -79,17 +79,63 @@ impl fmt::Display for Endpoint {
     }
 }
 
-/// Receives aya-log records from the kernel and writes DENY lines.
+/// One denial with names resolved: what `spicegate events --json` streams.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DenyRecord {
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub unix: u64,
+    pub uid: u32,
+    /// Name, or `#UID` without a passwd entry.
+    pub user: String,
+    pub pid: u32,
+    pub comm: String,
+    /// Destination address (IPv4-mapped addresses as IPv4).
+    pub addr: String,
+    pub port: u16,
+    /// `a.b.c.d:port` or `[v6]:port`.
+    pub dst: String,
+    /// The VM the endpoint belongs to; absent for a `[protect]`-only port.
+    pub vm: Option<String>,
+    /// Denials of this uid the kernel did not log before this one.
+    pub suppressed: u32,
+}
+
+impl DenyRecord {
+    /// The log line: `DENY uid=.. user=.. pid=.. comm=.. dst=.. vm=.. suppressed=..`.
+    pub fn line(&self) -> String {
+        format!(
+            "DENY uid={} user={} pid={} comm={} dst={} vm={} suppressed={}",
+            self.uid,
+            self.user,
+            self.pid,
+            self.comm,
+            self.dst,
+            self.vm.as_deref().unwrap_or("-"),
+            self.suppressed
+        )
+    }
+}
+
+/// Receives aya-log records from the kernel, writes DENY lines and
+/// publishes them to `spicegate events` subscribers.
 pub struct DenySink<D> {
     /// VM names of the policy in force, by id.
     pub vm_names: Arc<RwLock<BTreeMap<u32, String>>>,
     dir: D,
     names: Mutex<HashMap<u32, Option<String>>>,
+    events: Option<tokio::sync::broadcast::Sender<DenyRecord>>,
 }
 
 impl<D: Directory> DenySink<D> {
     pub fn new(vm_names: Arc<RwLock<BTreeMap<u32, String>>>, dir: D) -> Self {
-        Self { vm_names, dir, names: Mutex::new(HashMap::new()) }
+        Self { vm_names, dir, names: Mutex::new(HashMap::new()), events: None }
+    }
+
+    /// Also publish every record on `tx`.
+    pub fn with_events(mut self, tx: tokio::sync::broadcast::Sender<DenyRecord>) -> Self {
+        self.events = Some(tx);
+        self
     }
 
     fn user(&self, uid: u32) -> String {
@@ -102,25 +148,29 @@ impl<D: Directory> DenySink<D> {
         name.unwrap_or_else(|| format!("#{uid}"))
     }
 
-    /// The line logged for an event.
-    pub fn render(&self, ev: &DenyEvent) -> String {
-        let vm = self
-            .vm_names
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&ev.vm)
-            .cloned()
-            .unwrap_or_else(|| "-".into());
-        format!(
-            "DENY uid={} user={} pid={} comm={} dst={} vm={} suppressed={}",
-            ev.uid,
-            self.user(ev.uid),
-            ev.pid,
-            ev.comm,
-            Endpoint(ev.addr, ev.port),
+    /// The record of an event, names resolved.
+    pub fn record(&self, ev: &DenyEvent) -> DenyRecord {
+        let vm = self.vm_names.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&ev.vm).cloned();
+        let unix = crate::grants::now_unix();
+        DenyRecord {
+            time: crate::grants::rfc3339(unix),
+            unix,
+            uid: ev.uid,
+            user: self.user(ev.uid),
+            pid: ev.pid,
+            comm: ev.comm.clone(),
+            addr: ev.addr.to_string(),
+            port: ev.port,
+            dst: Endpoint(ev.addr, ev.port).to_string(),
             vm,
-            ev.suppressed
-        )
+            suppressed: ev.suppressed,
+        }
+    }
+
+    /// The line logged for an event.
+    #[cfg(test)]
+    pub fn render(&self, ev: &DenyEvent) -> String {
+        self.record(ev).line()
     }
 }
 
@@ -132,7 +182,14 @@ impl<D: Directory + Send + Sync> log::Log for DenySink<D> {
     fn log(&self, record: &log::Record<'_>) {
         let msg = record.args().to_string();
         match DenyEvent::parse(&msg) {
-            Some(ev) => log::warn!("{}", self.render(&ev)),
+            Some(ev) => {
+                let rec = self.record(&ev);
+                log::warn!("{}", rec.line());
+                if let Some(tx) = &self.events {
+                    // No subscribers is fine; slow ones lag and are told so.
+                    let _ = tx.send(rec);
+                }
+            }
             None => log::info!("kernel: {msg}"),
         }
     }

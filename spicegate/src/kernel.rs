@@ -21,10 +21,13 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{ArrayOfMaps, HashMap, MapData},
+    maps::{ArrayOfMaps, HashMap, MapData, PerCpuHashMap},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
-use spicegate_common::{COUNTERS_MAP, LAYOUT_VERSION, POLICY_MAP, POLICY_SLOT, PROG_CONNECT4, PROG_CONNECT6, RATE_MAP, RuleKey, RuleValue};
+use spicegate_common::{
+    COUNTERS_MAP, LAYOUT_VERSION, POLICY_MAP, POLICY_SLOT, PROG_CONNECT4, PROG_CONNECT6, RATE_MAP, RuleKey, RuleValue,
+    VmCounters,
+};
 
 use crate::compile::Compiled;
 
@@ -254,6 +257,22 @@ impl Kernel {
         Ok(())
     }
 
+    /// Per-VM counters summed over CPUs, read from the kernel now.
+    pub fn counters(&self) -> anyhow::Result<std::collections::BTreeMap<u32, VmCounters>> {
+        let map = self.ebpf.map(COUNTERS_MAP).ok_or_else(|| anyhow!("map {COUNTERS_MAP} missing"))?;
+        let table: PerCpuHashMap<&MapData, u32, VmCounters> = PerCpuHashMap::try_from(map)?;
+        let mut out = std::collections::BTreeMap::new();
+        for entry in table.iter() {
+            let (vm, per_cpu) = entry.context("reading counters")?;
+            let sum = per_cpu.iter().fold(VmCounters::default(), |a, c| VmCounters {
+                allowed: a.allowed + c.allowed,
+                denied: a.denied + c.denied,
+            });
+            out.insert(vm, sum);
+        }
+        Ok(out)
+    }
+
     /// Hands the aya-log ring buffer to `sink`.
     pub fn logger<T: log::Log>(&mut self, sink: T) -> anyhow::Result<aya_log::EbpfLogger<T>> {
         aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, sink).context("opening the kernel event ring buffer")
@@ -282,6 +301,46 @@ fn link_detach(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
         libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, &attr as *const LinkDetachAttr, size_of::<LinkDetachAttr>())
     };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Where a pinned link is attached, read back from the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkState {
+    pub link_id: u32,
+    pub prog_id: u32,
+    /// 0 once the link has been detached.
+    pub cgroup_id: u64,
+}
+
+/// Reads a pinned cgroup link's info (BPF_OBJ_GET_INFO_BY_FD).
+pub fn link_state(pin: &Path) -> io::Result<LinkState> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let fd = obj_get(pin)?;
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned) the union
+    // whose cgroup member starts with cgroup_id.
+    let mut info = [0u64; 32];
+    let attr = InfoAttr { bpf_fd: fd.as_raw_fd() as u32, info_len: size_of_val(&info) as u32, info: info.as_mut_ptr() as u64 };
+    // SAFETY: the kernel writes at most info_len bytes into `info`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &attr as *const InfoAttr, size_of::<InfoAttr>()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(LinkState { link_id: (info[0] >> 32) as u32, prog_id: info[1] as u32, cgroup_id: info[2] })
+}
+
+/// Whether both links are pinned and attached to `cgroup` right now.
+pub fn attached(paths: &PinPaths, cgroup: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(cg) = fs::metadata(cgroup) else { return false };
+    [paths.link4(), paths.link6()]
+        .iter()
+        .all(|pin| link_state(pin).is_ok_and(|s| s.cgroup_id == cg.ino()))
 }
 
 /// What `unload` removed.

@@ -6,12 +6,18 @@
 
 mod cli;
 mod compile;
+mod control;
 mod directory;
+mod engine;
 mod events;
+mod explain;
+mod grants;
 mod hostaddrs;
 mod kernel;
 mod logging;
 mod policy;
+mod sockdiag;
+mod state;
 
 use std::process::ExitCode;
 

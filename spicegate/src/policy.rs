@@ -62,6 +62,17 @@ struct RawPolicy {
     servers: BTreeMap<Spanned<String>, RawServer>,
     #[serde(default)]
     vms: BTreeMap<Spanned<String>, RawVm>,
+    #[serde(default)]
+    settings: Option<RawSettings>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    #[serde(default)]
+    admins: Option<Spanned<String>>,
+    #[serde(default)]
+    end_sessions: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -149,6 +160,30 @@ impl Vm {
     }
 }
 
+/// `[settings]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// `admins = "group"`: the group whose members may change things through
+    /// the control socket (root always may), with its members' uids.
+    pub admins: Option<(String, BTreeSet<u32>)>,
+    /// `end_sessions` (default true): when access ends, close the user's
+    /// established connections to the endpoint.
+    pub end_sessions: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { admins: None, end_sessions: true }
+    }
+}
+
+impl Settings {
+    /// Whether `uid` may change things through the control socket.
+    pub fn is_admin(&self, uid: u32) -> bool {
+        uid == 0 || self.admins.as_ref().is_some_and(|(_, uids)| uids.contains(&uid))
+    }
+}
+
 /// A policy that parsed and validated: safe to compile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
@@ -158,6 +193,7 @@ pub struct Policy {
     /// Includes the built-in `localhost`.
     pub servers: BTreeMap<String, Server>,
     pub vms: BTreeMap<String, Vm>,
+    pub settings: Settings,
 }
 
 /// Reads and validates a policy file.
@@ -254,10 +290,25 @@ pub fn parse(text: &str, path: &Path, dir: &dyn Directory) -> Result<Policy, Pol
         );
     }
 
+    let mut settings = Settings::default();
+    if let Some(raw) = &raw.settings {
+        if let Some(end) = raw.end_sessions {
+            settings.end_sessions = end;
+        }
+        if let Some(group) = &raw.admins {
+            let name = group.get_ref().trim().trim_start_matches('@');
+            match dir.group_members(name) {
+                Ok(Some(uids)) => settings.admins = Some((name.to_owned(), uids)),
+                Ok(None) => errs.push(&group.span(), format!("unknown admin group `{name}` (looked up through NSS)")),
+                Err(e) => errs.push(&group.span(), format!("cannot look up group `{name}`: {e}")),
+            }
+        }
+    }
+
     if !errs.list.is_empty() {
         return Err(PolicyErrors(errs.list));
     }
-    Ok(Policy { source: path.to_owned(), protect_ports: protect_ports.into_iter().collect(), servers, vms })
+    Ok(Policy { source: path.to_owned(), protect_ports: protect_ports.into_iter().collect(), servers, vms, settings })
 }
 
 struct Errors<'a> {
@@ -514,6 +565,16 @@ allow = ["ralph"]
     fn syntax_error_has_position() {
         let e = err("[vms.v\n");
         assert!(e.starts_with("p.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn settings() {
+        let p = ok("[settings]\nadmins = \"bookkeeping\"\nend_sessions = false\n");
+        assert!(!p.settings.end_sessions);
+        assert!(p.settings.is_admin(0) && p.settings.is_admin(1002) && !p.settings.is_admin(1000));
+        assert!(ok("").settings.end_sessions);
+        let e = err("[settings]\nadmins = \"nogroup-here\"\n");
+        assert!(e.contains("p.toml:2:10: unknown admin group `nogroup-here`"), "{e}");
     }
 
     #[test]

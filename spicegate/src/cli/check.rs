@@ -12,9 +12,13 @@ pub struct CheckArgs {
     /// Policy file to validate.
     #[arg(value_name = "FILE", default_value = super::DEFAULT_POLICY)]
     file: PathBuf,
+    /// Also show who would gain and lose which VM compared with the policy
+    /// the running daemon enforces (temporary grants aside).
+    #[arg(long)]
+    diff: bool,
 }
 
-pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
+pub fn check(args: &CheckArgs, socket: &std::path::Path) -> anyhow::Result<ExitCode> {
     let policy = match policy::load(&args.file, &Nss) {
         Ok(p) => p,
         Err(errs) => {
@@ -24,7 +28,7 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let local = hostaddrs::current()?;
-    let compiled = match compile(&policy, &local) {
+    let compiled = match compile(&policy, &local, &[]) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{}: {e}", args.file.display());
@@ -32,6 +36,28 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         }
     };
     print!("{}", describe(&policy, &compiled, &Nss));
+    if args.diff {
+        let running = super::client::call(socket, &crate::control::Request::Status)?;
+        let mut old = std::collections::BTreeSet::new();
+        for vm in running["vms"].as_array().cloned().unwrap_or_default() {
+            for u in vm["users"].as_array().cloned().unwrap_or_default() {
+                if u["temporary"].as_bool() != Some(true) {
+                    if let (Some(name), Some(uid)) = (vm["name"].as_str(), u["uid"].as_u64()) {
+                        old.insert((name.to_owned(), u32::try_from(uid).unwrap_or(u32::MAX)));
+                    }
+                }
+            }
+        }
+        let new = crate::engine::access_pairs(&compiled);
+        let lines = crate::engine::diff_lines(&old, &new, &Nss);
+        println!("compared with the running policy:");
+        if lines.is_empty() {
+            println!("no change in who may open what");
+        }
+        for l in lines {
+            println!("{l}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -110,7 +136,7 @@ mod tests {
                     [vms.debianx]\nserver = \"mysrv\"\nports = [20002]\nallow = [\"myself\", \"@bookkeeping\", \"#1021\"]\n\
                     [vms.winlab]\nserver = \"localhost\"\nports = [5930]\nallow = [\"ralph\"]\n";
         let p = policy::parse(text, Path::new("p.toml"), &dir).expect("valid");
-        let c = compile(&p, &LocalAddrs::new()).expect("compiles");
+        let c = compile(&p, &LocalAddrs::new(), &[]).expect("compiles");
         let out = describe(&p, &c, &dir);
         assert!(out.contains("guarded on every destination: ports 5930, 20001-20010"), "{out}");
         assert!(out.contains("192.168.2.2:20002 -> allow myself(1000), #1002, #1021"), "{out}");

@@ -1,12 +1,15 @@
 //! Command line: one module per subcommand. Doc comments are the help text.
 
 mod check;
+mod client;
 mod run;
 mod unload;
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
+
+use crate::control::SocketArg;
 
 /// Default policy file.
 pub const DEFAULT_POLICY: &str = "/etc/spicegate/policy.toml";
@@ -21,6 +24,8 @@ pub struct Cli {
     /// Also log debug messages.
     #[arg(long, short, global = true)]
     pub verbose: bool,
+    #[command(flatten)]
+    pub socket: SocketArg,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -36,14 +41,37 @@ pub enum Command {
     /// Validate a policy file and print what it would enforce, without
     /// touching the kernel. Exits 1 when the policy has errors.
     Check(check::CheckArgs),
+    /// Re-read the policy file. All or nothing: an invalid policy is refused
+    /// and the previous one stays in force. Prints who gained and lost what.
+    Reload(client::ReloadArgs),
+    /// Show what the running agent enforces.
+    Status(client::StatusArgs),
+    /// Show the decision the kernel takes now for USER connecting to
+    /// ADDRESS:PORT, and the policy entry behind it. Exit 0 allow, 1 deny.
+    Why(client::WhyArgs),
+    /// Let USER open VM for a while, on top of the policy. Survives reloads
+    /// and restarts; gone at expiry.
+    Grant(client::GrantArgs),
+    /// Take back a temporary grant; the user's open connections to the VM
+    /// are closed.
+    Revoke(client::RevokeArgs),
+    /// Stream denied connects live.
+    Events(client::EventsArgs),
     /// Detach the programs and remove every pin (for uninstalling).
     Unload(unload::UnloadArgs),
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let socket = cli.socket.socket;
     match cli.command {
-        Command::Run(a) => run::run(a),
-        Command::Check(a) => check::check(&a),
+        Command::Run(a) => run::run(a, socket),
+        Command::Check(a) => check::check(&a, &socket),
+        Command::Reload(_) => client::reload(&socket),
+        Command::Status(a) => client::status(&socket, &a),
+        Command::Why(a) => client::why(&socket, &a),
+        Command::Grant(a) => client::grant(&socket, &a),
+        Command::Revoke(a) => client::revoke(&socket, &a),
+        Command::Events(a) => client::events(&socket, &a),
         Command::Unload(a) => unload::unload(&a),
     }
 }

@@ -1,23 +1,19 @@
-use std::{
-    path::PathBuf,
-    process::ExitCode,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, anyhow};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
+    sync::{broadcast, mpsc},
 };
 
 use crate::{
-    compile::{Compiled, LocalAddrs, compile},
+    control::{self, Shared},
     directory::Nss,
+    engine::{Config, Engine, Source},
     events::DenySink,
-    hostaddrs,
-    kernel::{self, Kernel, PinPaths},
-    policy::{self, Policy},
+    kernel::{self, PinPaths},
+    state::DEFAULT_STATE_DIR,
 };
 
 /// Arguments of `spicegate run`.
@@ -32,47 +28,24 @@ pub struct RunArgs {
     cgroup: Option<PathBuf>,
     #[command(flatten)]
     pin: super::PinDirArg,
+    /// Where the last good policy and the temporary grants are kept.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
     /// Seconds between re-reads of this machine's addresses (they decide
     /// which destinations count as "localhost").
     #[arg(long, value_name = "SECS", default_value_t = 2, hide = true)]
     addr_interval: u64,
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(daemon(args))
+        .block_on(daemon(args, socket))
 }
 
-/// What is in force now.
-struct InForce {
-    policy: Policy,
-    local: LocalAddrs,
-    compiled: Compiled,
-}
-
-fn load_and_compile(path: &std::path::Path, local: &LocalAddrs) -> anyhow::Result<(Policy, Compiled)> {
-    let policy = policy::load(path, &Nss).map_err(|e| anyhow!("{e}"))?;
-    let compiled = compile(&policy, local).with_context(|| format!("{}", path.display()))?;
-    Ok((policy, compiled))
-}
-
-fn summary(c: &Compiled) -> String {
-    format!(
-        "{} vm(s), {} guarded endpoint(s), {} port(s) guarded everywhere, {} grant(s)",
-        c.vm_names.len(),
-        c.endpoints.len(),
-        c.guarded_everywhere.len(),
-        c.grant_count()
-    )
-}
-
-async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let local = hostaddrs::current().context("listing this machine's addresses")?;
-    let (policy, compiled) = load_and_compile(&args.policy, &local)
-        .with_context(|| format!("policy {} rejected; nothing changed", args.policy.display()))?;
+async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     let cgroup = match args.cgroup {
         Some(p) => p,
         None => kernel::cgroup2_root()?,
@@ -80,73 +53,53 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
     let paths = PinPaths::new(&args.pin.pin_dir);
     kernel::ensure_bpffs(&paths.dir)?;
     let _lock = kernel::lock_pin_dir(&paths)?;
+    let listener = control::bind(&socket).await?;
     let adopted = paths.has_links();
 
-    let mut k = Kernel::load(&paths)?;
-    // Table first, links second: a fresh attach never runs without its
-    // table, and on adoption the old links see the new table at once.
-    k.install(&compiled)?;
-    k.attach(&cgroup)?;
+    let mut engine = Engine::start(Config {
+        policy_path: args.policy.clone(),
+        state_dir: args.state_dir.clone(),
+        cgroup: cgroup.clone(),
+        paths: paths.clone(),
+    })?;
 
-    let vm_names = Arc::new(RwLock::new(compiled.vm_names.clone()));
-    let logger = k.logger(DenySink::new(Arc::clone(&vm_names), Nss))?;
+    let (events_tx, _) = broadcast::channel(1024);
+    let sink = DenySink::new(engine.vm_names(), Nss).with_events(events_tx.clone());
+    let logger = engine.kernel_mut().logger(sink)?;
     // SAFETY: the logger owns its ring buffer fd and returns the same one
     // until it is dropped, which happens only with the AsyncFd.
     let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
         .map_err(|e| anyhow!("polling the event ring buffer: {e}"))?;
 
+    let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
+    tokio::spawn(control::serve(listener, Shared { engine: cmd_tx, settings: engine.settings(), events: events_tx }));
+
     log::info!(
-        "enforcing policy {} on cgroup {}: {}; pins in {}{}",
+        "enforcing policy {}{} on cgroup {}: {}; pins in {}; control socket {}{}",
         args.policy.display(),
+        if engine.source() == Source::LastGood { " (LAST GOOD COPY: the file is broken)" } else { "" },
         cgroup.display(),
-        summary(&compiled),
+        engine.summary(),
         paths.dir.display(),
+        socket.display(),
         if adopted { " (took over the pinned enforcement)" } else { "" }
     );
-    let mut state = InForce { policy, local, compiled };
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(args.addr_interval.max(1)));
+    let mut addr_tick = tokio::time::interval(Duration::from_secs(args.addr_interval.max(1)));
+    // Grants expire within a second of their time.
+    let mut expiry_tick = tokio::time::interval(Duration::from_millis(250));
 
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = sighup.recv() => {
-                match load_and_compile(&args.policy, &state.local) {
-                    Ok((policy, compiled)) => match k.install(&compiled) {
-                        Ok(()) => {
-                            *vm_names.write().unwrap_or_else(std::sync::PoisonError::into_inner) = compiled.vm_names.clone();
-                            log::info!("reloaded policy {}: {}", args.policy.display(), summary(&compiled));
-                            state.policy = policy;
-                            state.compiled = compiled;
-                        }
-                        Err(e) => log::error!("reload failed, the previous policy stays in force: {e:#}"),
-                    },
-                    Err(e) => log::error!("reload refused, the previous policy stays in force:\n{e:#}"),
-                }
-            }
-            _ = tick.tick() => {
-                let Ok(now) = hostaddrs::current() else { continue };
-                if now == state.local {
-                    continue;
-                }
-                match compile(&state.policy, &now) {
-                    Ok(compiled) => {
-                        if let Err(e) = k.install(&compiled) {
-                            log::error!("this machine's addresses changed but the table could not be updated: {e:#}");
-                            continue;
-                        }
-                        log::info!("this machine's addresses changed; local endpoints updated ({} addresses)", now.len());
-                        *vm_names.write().unwrap_or_else(std::sync::PoisonError::into_inner) = compiled.vm_names.clone();
-                        state.compiled = compiled;
-                        state.local = now;
-                    }
-                    Err(e) => log::error!("this machine's addresses changed and the policy no longer compiles; keeping the previous table: {e}"),
-                }
-            }
+            _ = sighup.recv() => { let _ = engine.reload("SIGHUP"); }
+            Some(cmd) = cmd_rx.recv() => engine.handle(cmd),
+            _ = addr_tick.tick() => engine.refresh_addresses(),
+            _ = expiry_tick.tick() => engine.expire_grants(),
             guard = logger.readable_mut() => {
                 let mut guard = guard.context("waiting for kernel events")?;
                 drain(guard.get_inner_mut());
@@ -155,6 +108,7 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     drain(logger.get_mut());
+    let _ = std::fs::remove_file(&socket);
     log::info!(
         "stopping: enforcement stays in force (pinned in {}); `spicegate unload --pin-dir {}` removes it",
         paths.dir.display(),

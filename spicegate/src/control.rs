@@ -1,0 +1,316 @@
+//! The control socket: a Unix stream socket speaking JSON lines.
+//!
+//! A client sends one request line and reads one response line
+//! (`{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`); `events`
+//! answers with a stream of lines instead. Peers are identified with
+//! SO_PEERCRED: root and the policy's admin group may change things; anyone
+//! else may only ask about themselves. Requests are bounded in size and
+//! time, and connections in number, so no client can wedge the daemon.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{Semaphore, broadcast, mpsc, oneshot},
+};
+
+use crate::{
+    directory::{Directory, Nss},
+    engine::Command,
+    events::DenyRecord,
+    policy::Settings,
+};
+
+/// Default socket path.
+pub const DEFAULT_SOCKET: &str = "/run/spicegate/control.sock";
+/// Largest request line accepted.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Time a client has to send its request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more are refused with an error.
+pub const MAX_CLIENTS: usize = 64;
+
+/// A request, as sent on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Reload,
+    Why { user: String, addr: IpAddr, port: u16 },
+    Grant { user: String, vm: String, for_secs: Option<u64> },
+    Revoke { user: String, vm: String },
+    Events,
+}
+
+impl Request {
+    fn needs_admin(&self) -> bool {
+        matches!(self, Self::Status | Self::Reload | Self::Grant { .. } | Self::Revoke { .. })
+    }
+}
+
+/// A response line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    pub fn ok(result: Value) -> Self {
+        Self { ok: true, result: Some(result), error: None }
+    }
+    pub fn err(error: impl Into<String>) -> Self {
+        Self { ok: false, result: None, error: Some(error.into()) }
+    }
+}
+
+/// Resolves `name` or `#uid` to a uid.
+pub fn resolve_user(who: &str, dir: &dyn Directory) -> Result<u32, String> {
+    if let Some(num) = who.strip_prefix('#') {
+        return num.parse().map_err(|_| format!("`{who}`: `#` must be followed by a numeric uid"));
+    }
+    match dir.user_uid(who) {
+        Ok(Some(uid)) => Ok(uid),
+        Ok(None) => Err(format!("unknown user `{who}` (write `#UID` for a uid without a passwd entry)")),
+        Err(e) => Err(format!("cannot look up user `{who}`: {e}")),
+    }
+}
+
+/// Binds the socket: creates its directory, refuses to steal the socket of
+/// a daemon that answers, replaces a stale one, and lets every user connect
+/// (authorisation is per request, by peer credentials).
+pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            bail!("another spicegate daemon answers on {}; stop it first", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+/// What every connection handler shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub engine: mpsc::Sender<Command>,
+    pub settings: Arc<RwLock<Settings>>,
+    pub events: broadcast::Sender<DenyRecord>,
+}
+
+/// Accepts connections forever.
+pub async fn serve(listener: UnixListener, shared: Shared) {
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                log::warn!("control socket: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            tokio::spawn(async move {
+                let mut s = stream;
+                let _ = write_line(&mut s, &Response::err("busy: too many control clients; try again")).await;
+            });
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &shared).await {
+                log::debug!("control client: {e:#}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn write_line<T: Serialize>(stream: &mut UnixStream, value: &T) -> anyhow::Result<()> {
+    let mut line = serde_json::to_vec(value)?;
+    line.push(b'\n');
+    tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&line)).await.context("client too slow to read")??;
+    Ok(())
+}
+
+/// Reads one request line of at most MAX_REQUEST bytes within the timeout.
+async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
+    let mut line = Vec::new();
+    let mut reader = BufReader::new((&mut *stream).take(MAX_REQUEST as u64 + 1));
+    match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+        Err(_) => return Err(format!("no complete request within {}s", REQUEST_TIMEOUT.as_secs())),
+        Ok(Err(e)) => return Err(format!("read error: {e}")),
+        Ok(Ok(_)) => {}
+    }
+    if line.len() > MAX_REQUEST {
+        return Err(format!("request larger than {MAX_REQUEST} bytes"));
+    }
+    if line.last() != Some(&b'\n') {
+        return Err("truncated request (no newline)".into());
+    }
+    let text = std::str::from_utf8(&line).map_err(|_| "request is not UTF-8".to_owned())?;
+    serde_json::from_str(text.trim_end()).map_err(|e| format!("bad request: {e}"))
+}
+
+async fn handle(mut stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
+    let peer = stream.peer_cred().context("SO_PEERCRED")?.uid();
+    let req = match read_request(&mut stream).await {
+        Ok(r) => r,
+        Err(e) => return write_line(&mut stream, &Response::err(e)).await,
+    };
+    let admin = shared.settings.read().unwrap_or_else(std::sync::PoisonError::into_inner).is_admin(peer);
+    if req.needs_admin() && !admin {
+        let resp = Response::err("permission denied: only root and the policy's admin group may do this");
+        return write_line(&mut stream, &resp).await;
+    }
+    if matches!(req, Request::Events) {
+        return stream_events(stream, shared, if admin { None } else { Some(peer) }).await;
+    }
+    let resp = match request_engine(req, peer, admin, shared).await {
+        Ok(v) => Response::ok(v),
+        Err(e) => Response::err(e),
+    };
+    write_line(&mut stream, &resp).await
+}
+
+async fn request_engine(req: Request, peer: u32, admin: bool, shared: &Shared) -> Result<Value, String> {
+    let (reply, rx) = oneshot::channel();
+    let cmd = match req {
+        Request::Status => Command::Status { reply },
+        Request::Reload => Command::Reload { reply },
+        Request::Why { user, addr, port } => {
+            let uid = resolve_user(&user, &Nss)?;
+            if !admin && uid != peer {
+                return Err("permission denied: you may only ask about yourself".into());
+            }
+            Command::Why { uid, user, addr, port, reply }
+        }
+        Request::Grant { user, vm, for_secs } => {
+            let uid = resolve_user(&user, &Nss)?;
+            Command::Grant { uid, user, vm, for_secs, by: peer, reply }
+        }
+        Request::Revoke { user, vm } => {
+            let uid = resolve_user(&user, &Nss)?;
+            Command::Revoke { uid, user, vm, reply }
+        }
+        Request::Events => return Err("internal: events are streamed".into()),
+    };
+    shared.engine.send(cmd).await.map_err(|_| "the daemon is shutting down".to_owned())?;
+    rx.await.map_err(|_| "the daemon is shutting down".to_owned())?
+}
+
+async fn stream_events(mut stream: UnixStream, shared: &Shared, only_uid: Option<u32>) -> anyhow::Result<()> {
+    let mut rx = shared.events.subscribe();
+    write_line(&mut stream, &Response::ok(Value::String("streaming events".into()))).await?;
+    let (mut rd, mut wr) = stream.split();
+    let mut sink = [0u8; 64];
+    loop {
+        tokio::select! {
+            // The client hung up (or sent something): stop.
+            n = rd.read(&mut sink) => {
+                if matches!(n, Ok(0) | Err(_)) {
+                    return Ok(());
+                }
+            }
+            ev = rx.recv() => match ev {
+                Ok(ev) => {
+                    if only_uid.is_some_and(|u| u != ev.uid) {
+                        continue;
+                    }
+                    let mut line = serde_json::to_vec(&ev)?;
+                    line.push(b'\n');
+                    tokio::time::timeout(REQUEST_TIMEOUT, wr.write_all(&line)).await.context("client too slow")??;
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let note = serde_json::json!({ "lagged": n });
+                    let mut line = serde_json::to_vec(&note)?;
+                    line.push(b'\n');
+                    tokio::time::timeout(REQUEST_TIMEOUT, wr.write_all(&line)).await.context("client too slow")??;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Client side: one request, one response. Fails with a sentence when the
+/// daemon is not running.
+pub async fn call(socket: &Path, req: &Request) -> anyhow::Result<Value> {
+    let mut stream = connect(socket).await?;
+    write_line(&mut stream, req).await?;
+    let resp = read_response(&mut stream).await?;
+    match (resp.ok, resp.result, resp.error) {
+        (true, Some(v), _) => Ok(v),
+        (true, None, _) => Ok(Value::Null),
+        (false, _, e) => bail!("{}", e.unwrap_or_else(|| "the daemon refused the request".into())),
+    }
+}
+
+pub async fn connect(socket: &Path) -> anyhow::Result<UnixStream> {
+    UnixStream::connect(socket).await.map_err(|e| {
+        anyhow::anyhow!(
+            "the spicegate daemon is not running (cannot connect to {}: {e}); start it with `spicegate run` or `systemctl start spicegate`",
+            socket.display()
+        )
+    })
+}
+
+pub async fn read_response(stream: &mut UnixStream) -> anyhow::Result<Response> {
+    let mut line = String::new();
+    let mut reader = BufReader::new(stream);
+    reader.read_line(&mut line).await.context("reading the daemon's answer")?;
+    if line.is_empty() {
+        bail!("the daemon closed the connection without answering");
+    }
+    serde_json::from_str(&line).context("the daemon's answer is not valid JSON")
+}
+
+/// `--socket` for every command that talks to the daemon.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SocketArg {
+    /// Control socket of the daemon.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET, global = true)]
+    pub socket: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"why","user":"bob","addr":"::1","port":5930}"#).expect("parses");
+        assert_eq!(r, Request::Why { user: "bob".into(), addr: "::1".parse().expect("ip"), port: 5930 });
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reload","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"format_disk"}"#).is_err());
+        assert_eq!(serde_json::to_string(&Request::Status).expect("json"), r#"{"cmd":"status"}"#);
+        assert!(Request::Reload.needs_admin() && !Request::Events.needs_admin());
+    }
+
+    #[test]
+    fn resolves_users() {
+        assert_eq!(resolve_user("#1021", &Nss), Ok(1021));
+        assert_eq!(resolve_user("root", &Nss), Ok(0));
+        assert!(resolve_user("#x", &Nss).is_err());
+        assert!(resolve_user("no-such-user-sg", &Nss).is_err());
+    }
+}

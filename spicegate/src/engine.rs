@@ -1,0 +1,452 @@
+//! The daemon's one owner of the kernel state. The control socket, signals
+//! and timers send it [`Command`]s; no one else touches the maps.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
+
+use anyhow::{Context as _, anyhow};
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+use spicegate_common::VmCounters;
+use tokio::sync::oneshot;
+
+use crate::{
+    compile::{Compiled, Dest, LocalAddrs, compile},
+    directory::{Directory, Nss},
+    events::Endpoint,
+    explain::explain,
+    grants::{GrantStore, TempGrant, now_unix, rfc3339},
+    hostaddrs,
+    kernel::{self, Kernel, PinPaths},
+    policy::{self, Policy, Settings},
+    sockdiag, state,
+};
+
+type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+/// Requests to the engine.
+pub enum Command {
+    Status { reply: Reply<Value> },
+    Reload { reply: Reply<Value> },
+    Why { uid: u32, user: String, addr: IpAddr, port: u16, reply: Reply<Value> },
+    Grant { uid: u32, user: String, vm: String, for_secs: Option<u64>, by: u32, reply: Reply<Value> },
+    Revoke { uid: u32, user: String, vm: String, reply: Reply<Value> },
+}
+
+/// Where the policy in force came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    File,
+    /// The policy file was broken at start; the last good copy is enforced.
+    LastGood,
+}
+
+pub struct Config {
+    pub policy_path: PathBuf,
+    pub state_dir: PathBuf,
+    pub cgroup: PathBuf,
+    pub paths: PinPaths,
+}
+
+/// A policy read from disk, validated.
+pub struct Loaded {
+    pub policy: Policy,
+    pub text: String,
+    pub sha256: String,
+}
+
+/// Reads and validates a policy file; the error text lists every problem.
+pub fn load_policy(path: &Path) -> Result<Loaded, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read the policy: {e}", path.display()))?;
+    let policy = policy::parse(&text, path, &Nss).map_err(|e| e.to_string())?;
+    let sha256 = Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    Ok(Loaded { policy, text, sha256 })
+}
+
+/// Who may open which VM: (vm, uid) pairs, for diffs.
+pub fn access_pairs(c: &Compiled) -> BTreeSet<(String, u32)> {
+    c.endpoints.values().flat_map(|i| i.uids.iter().map(|u| (i.vm.clone(), *u))).collect()
+}
+
+/// Human lines for what changed between two access sets.
+pub fn diff_lines(old: &BTreeSet<(String, u32)>, new: &BTreeSet<(String, u32)>, dir: &dyn Directory) -> Vec<String> {
+    let name = |u: u32| dir.user_name(u).unwrap_or_else(|| format!("#{u}"));
+    let mut out: Vec<String> =
+        new.difference(old).map(|(vm, u)| format!("+ {} may now open {vm}", name(*u))).collect();
+    out.extend(old.difference(new).map(|(vm, u)| format!("- {} may no longer open {vm}", name(*u))));
+    out
+}
+
+pub struct Engine {
+    kernel: Kernel,
+    cfg: Config,
+    loaded: Loaded,
+    source: Source,
+    loaded_at: u64,
+    local: LocalAddrs,
+    compiled: Compiled,
+    grants: GrantStore,
+    vm_names: Arc<RwLock<BTreeMap<u32, String>>>,
+    settings: Arc<RwLock<Settings>>,
+    last_reload: Value,
+    started_at: u64,
+    counters_at_start: BTreeMap<u32, VmCounters>,
+}
+
+impl Engine {
+    /// Validates the policy (falling back to the last good one), loads the
+    /// program against the pinned maps, installs the table and attaches.
+    pub fn start(cfg: Config) -> anyhow::Result<Self> {
+        let grants = GrantStore::load(&cfg.state_dir)?;
+        let (loaded, source) = match load_policy(&cfg.policy_path) {
+            Ok(l) => (l, Source::File),
+            Err(e) => {
+                let last = state::last_good_path(&cfg.state_dir);
+                if !last.exists() {
+                    return Err(anyhow!("{e}\npolicy {} rejected and no last good policy in {}; nothing changed", cfg.policy_path.display(), cfg.state_dir.display()));
+                }
+                log::error!("{e}");
+                log::error!(
+                    "POLICY INVALID: {} is broken; enforcing the last good policy from {} until it is fixed and reloaded",
+                    cfg.policy_path.display(),
+                    last.display()
+                );
+                (load_policy(&last).map_err(|e2| anyhow!("{e}\nthe last good policy is broken too: {e2}"))?, Source::LastGood)
+            }
+        };
+        let local = hostaddrs::current().context("listing this machine's addresses")?;
+        let now = now_unix();
+        let compiled = compile(&loaded.policy, &local, &grants.active(now)).with_context(|| cfg.policy_path.display().to_string())?;
+
+        kernel::ensure_bpffs(&cfg.paths.dir)?;
+        let mut kernel = Kernel::load(&cfg.paths)?;
+        // Table first, links second: a fresh attach never runs without its
+        // table, and on adoption the old links see the new table at once.
+        kernel.install(&compiled)?;
+        kernel.attach(&cfg.cgroup)?;
+        let counters_at_start = kernel.counters().unwrap_or_default();
+
+        let settings = Arc::new(RwLock::new(loaded.policy.settings.clone()));
+        let vm_names = Arc::new(RwLock::new(compiled.vm_names.clone()));
+        let engine = Self {
+            kernel,
+            cfg,
+            loaded,
+            source,
+            loaded_at: now,
+            local,
+            compiled,
+            grants,
+            vm_names,
+            settings,
+            last_reload: json!({ "at": rfc3339(now), "at_unix": now, "ok": true, "message": "started" }),
+            started_at: now,
+            counters_at_start,
+        };
+        if engine.source == Source::File {
+            engine.save_last_good();
+        }
+        engine.sweep();
+        Ok(engine)
+    }
+
+    pub fn kernel_mut(&mut self) -> &mut Kernel {
+        &mut self.kernel
+    }
+    pub fn vm_names(&self) -> Arc<RwLock<BTreeMap<u32, String>>> {
+        Arc::clone(&self.vm_names)
+    }
+    pub fn settings(&self) -> Arc<RwLock<Settings>> {
+        Arc::clone(&self.settings)
+    }
+    pub fn source(&self) -> Source {
+        self.source
+    }
+
+    pub fn summary(&self) -> String {
+        let c = &self.compiled;
+        format!(
+            "{} vm(s), {} guarded endpoint(s), {} port(s) guarded everywhere, {} grant(s)",
+            c.vm_names.len(),
+            c.endpoints.len(),
+            c.guarded_everywhere.len(),
+            c.grant_count()
+        )
+    }
+
+    fn save_last_good(&self) {
+        let path = state::last_good_path(&self.cfg.state_dir);
+        if let Err(e) = state::write_atomic(&path, self.loaded.text.as_bytes()) {
+            log::warn!("could not keep a copy of the good policy in {}: {e:#}", path.display());
+        }
+    }
+
+    /// Compiles and installs; on error nothing in the kernel changed.
+    fn apply(&mut self, loaded: Option<Loaded>, local: Option<LocalAddrs>) -> anyhow::Result<(Compiled, Compiled)> {
+        let policy = loaded.as_ref().map_or(&self.loaded.policy, |l| &l.policy);
+        let local_ref = local.as_ref().unwrap_or(&self.local);
+        let compiled = compile(policy, local_ref, &self.grants.active(now_unix()))?;
+        self.kernel.install(&compiled)?;
+        let old = std::mem::replace(&mut self.compiled, compiled.clone());
+        *self.vm_names.write().unwrap_or_else(std::sync::PoisonError::into_inner) = compiled.vm_names.clone();
+        if let Some(l) = loaded {
+            *self.settings.write().unwrap_or_else(std::sync::PoisonError::into_inner) = l.policy.settings.clone();
+            self.loaded = l;
+            self.loaded_at = now_unix();
+            self.source = Source::File;
+            self.save_last_good();
+        }
+        if let Some(l) = local {
+            self.local = l;
+        }
+        self.sweep();
+        Ok((old, compiled))
+    }
+
+    /// Closes established connections the table in force refuses (unless
+    /// `end_sessions = false`). Only sockets of the attached cgroup subtree.
+    fn sweep(&self) {
+        if !self.loaded.policy.settings.end_sessions {
+            return;
+        }
+        let sockets = match sockdiag::tcp_sockets() {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("cannot list connections to close revoked ones: {e}");
+                return;
+            }
+        };
+        let scope = sockdiag::cgroup_ids(&self.cfg.cgroup);
+        for s in sockets {
+            if s.cgroup_id.is_some_and(|id| !scope.contains(&id)) {
+                continue;
+            }
+            if crate::compile::decide(&self.compiled, s.uid, s.dst, s.dport) {
+                continue;
+            }
+            let user = Nss.user_name(s.uid).unwrap_or_else(|| format!("#{}", s.uid));
+            match sockdiag::destroy(&s) {
+                Ok(()) => log::warn!(
+                    "CLOSED uid={} user={user} dst={} src={}: access ended",
+                    s.uid,
+                    Endpoint(crate::compile::canonical(s.dst), s.dport),
+                    Endpoint(crate::compile::canonical(s.src), s.sport)
+                ),
+                Err(e) => log::error!("could not close a revoked connection of {user} to {}: {e}", Endpoint(s.dst, s.dport)),
+            }
+        }
+    }
+
+    /// `reload` and SIGHUP.
+    pub fn reload(&mut self, why: &str) -> Result<Value, String> {
+        let now = now_unix();
+        let result = load_policy(&self.cfg.policy_path).and_then(|l| {
+            let sha = l.sha256.clone();
+            self.apply(Some(l), None).map(|(old, new)| (old, new, sha)).map_err(|e| format!("{e:#}"))
+        });
+        match result {
+            Ok((old, new, sha)) => {
+                let changes = diff_lines(&access_pairs(&old), &access_pairs(&new), &Nss);
+                log::info!("reloaded policy {} ({why}): {}", self.cfg.policy_path.display(), self.summary());
+                for line in &changes {
+                    log::info!("access change: {line}");
+                }
+                self.last_reload = json!({ "at": rfc3339(now), "at_unix": now, "ok": true, "message": format!("reloaded ({why})") });
+                Ok(json!({ "summary": self.summary(), "changes": changes, "sha256": sha }))
+            }
+            Err(e) => {
+                log::error!("reload refused ({why}), the previous policy stays in force:\n{e}");
+                self.last_reload = json!({ "at": rfc3339(now), "at_unix": now, "ok": false, "message": e.clone() });
+                Err(format!("{e}\nthe previous policy stays in force"))
+            }
+        }
+    }
+
+    /// Re-reads this machine's addresses and reapplies when they changed.
+    pub fn refresh_addresses(&mut self) {
+        let Ok(now) = hostaddrs::current() else { return };
+        if now == self.local {
+            return;
+        }
+        match self.apply(None, Some(now)) {
+            Ok(_) => log::info!("this machine's addresses changed; local endpoints updated"),
+            Err(e) => log::error!("this machine's addresses changed but the table could not be updated: {e:#}"),
+        }
+    }
+
+    /// Drops expired temporary grants and reapplies.
+    pub fn expire_grants(&mut self) {
+        let now = now_unix();
+        if self.grants.next_expiry().is_none_or(|t| t > now) {
+            return;
+        }
+        let gone = self.grants.expire(now);
+        if let Err(e) = self.grants.save() {
+            log::error!("could not save temporary grants: {e:#}");
+        }
+        match self.apply(None, None) {
+            Ok(_) => {
+                for g in gone {
+                    log::info!("temporary grant expired: {} ({}) on vm {}", g.user, g.uid, g.vm);
+                }
+            }
+            Err(e) => log::error!("expiring temporary grants failed; they stay in the kernel until the next apply: {e:#}"),
+        }
+    }
+
+    pub fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Status { reply } => {
+                let _ = reply.send(Ok(self.status()));
+            }
+            Command::Reload { reply } => {
+                let _ = reply.send(self.reload("spicegate reload"));
+            }
+            Command::Why { uid, user, addr, port, reply } => {
+                let v = explain(&self.compiled, &self.loaded.policy, &self.grants.active(now_unix()), uid, &user, addr, port);
+                let _ = reply.send(serde_json::to_value(v).map_err(|e| e.to_string()));
+            }
+            Command::Grant { uid, user, vm, for_secs, by, reply } => {
+                let _ = reply.send(self.grant(uid, user, vm, for_secs, by));
+            }
+            Command::Revoke { uid, user, vm, reply } => {
+                let _ = reply.send(self.revoke(uid, &user, &vm));
+            }
+        }
+    }
+
+    fn grant(&mut self, uid: u32, user: String, vm: String, for_secs: Option<u64>, by: u32) -> Result<Value, String> {
+        if !self.loaded.policy.vms.contains_key(&vm) {
+            let known: Vec<&str> = self.loaded.policy.vms.keys().map(String::as_str).collect();
+            return Err(format!("no vm `{vm}` in the policy (vms: {})", known.join(", ")));
+        }
+        let now = now_unix();
+        let expires = for_secs.map(|s| now.saturating_add(s));
+        let before = self.grants.grants.clone();
+        self.grants.upsert(TempGrant { uid, user: user.clone(), vm: vm.clone(), expires, granted_at: now, granted_by: by });
+        if let Err(e) = self.apply(None, None) {
+            self.grants.grants = before;
+            return Err(format!("grant not applied: {e:#}"));
+        }
+        if let Err(e) = self.grants.save() {
+            log::error!("temporary grant applied but not saved (it will not survive a restart): {e:#}");
+        }
+        let until = expires.map_or_else(|| "until revoked".to_owned(), |e| format!("until {}", rfc3339(e)));
+        log::info!("temporary grant: {user} ({uid}) may open vm {vm} {until} (granted by uid {by})");
+        Ok(json!({ "user": user, "uid": uid, "vm": vm, "expires": expires.map(rfc3339), "expires_unix": expires }))
+    }
+
+    fn revoke(&mut self, uid: u32, user: &str, vm: &str) -> Result<Value, String> {
+        let before = self.grants.grants.clone();
+        if !self.grants.remove(uid, vm) {
+            return Err(format!("{user} has no temporary grant on vm `{vm}` (policy grants are changed in the policy file)"));
+        }
+        if let Err(e) = self.apply(None, None) {
+            self.grants.grants = before;
+            return Err(format!("revoke not applied: {e:#}"));
+        }
+        if let Err(e) = self.grants.save() {
+            log::error!("temporary grant revoked but the change was not saved: {e:#}");
+        }
+        log::info!("temporary grant revoked: {user} ({uid}) on vm {vm}");
+        Ok(json!({ "user": user, "uid": uid, "vm": vm }))
+    }
+
+    /// The `status` document. Field names are stable (docs/status.md).
+    pub fn status(&self) -> Value {
+        let counters = self.kernel.counters().unwrap_or_default();
+        let since = |id: u32| {
+            let now = counters.get(&id).copied().unwrap_or_default();
+            let then = self.counters_at_start.get(&id).copied().unwrap_or_default();
+            (now.allowed.saturating_sub(then.allowed), now.denied.saturating_sub(then.denied))
+        };
+        let name = |u: u32| Nss.user_name(u).unwrap_or_else(|| format!("#{u}"));
+        let ids: BTreeMap<&str, u32> = self.compiled.vm_names.iter().map(|(id, n)| (n.as_str(), *id)).collect();
+        let mut vms = Vec::new();
+        for vm in self.loaded.policy.vms.values() {
+            let eps: Vec<(&(Dest, u16), _)> = self.compiled.endpoints.iter().filter(|(_, i)| i.vm == vm.name).collect();
+            let endpoints: Vec<String> = eps
+                .iter()
+                .map(|((d, p), _)| match d {
+                    Dest::Local => format!("localhost:{p}"),
+                    d => format!("{d}:{p}"),
+                })
+                .collect();
+            let (uids, temp) = eps.first().map_or_else(Default::default, |(_, i)| (i.uids.clone(), i.temp_uids.clone()));
+            let users: Vec<Value> = uids
+                .iter()
+                .map(|u| json!({ "uid": u, "user": name(*u), "temporary": temp.contains(u) }))
+                .collect();
+            let (allowed, denied) = ids.get(vm.name.as_str()).map_or((0, 0), |id| since(*id));
+            vms.push(json!({
+                "name": vm.name,
+                "server": vm.server,
+                "endpoints": endpoints,
+                "users": users,
+                "allowed": allowed,
+                "denied": denied,
+            }));
+        }
+        let (_, protect_denied) = since(spicegate_common::NO_VM);
+        let now = now_unix();
+        let temporary: Vec<Value> = self
+            .grants
+            .active(now)
+            .iter()
+            .map(|g| {
+                json!({
+                    "user": g.user, "uid": g.uid, "vm": g.vm,
+                    "expires": g.expires.map(rfc3339), "expires_unix": g.expires,
+                    "expires_in_secs": g.expires.map(|e| e.saturating_sub(now)),
+                    "active": self.loaded.policy.vms.contains_key(&g.vm),
+                })
+            })
+            .collect();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "running": true,
+            "attached": kernel::attached(&self.cfg.paths, &self.cfg.cgroup),
+            "mode": "enforce",
+            "cgroup": self.cfg.cgroup,
+            "pin_dir": self.cfg.paths.dir,
+            "started_at": rfc3339(self.started_at),
+            "policy": {
+                "path": self.cfg.policy_path,
+                "source": match self.source { Source::File => "file", Source::LastGood => "last-good" },
+                "sha256": self.loaded.sha256,
+                "loaded_at": rfc3339(self.loaded_at),
+                "loaded_at_unix": self.loaded_at,
+                "end_sessions": self.loaded.policy.settings.end_sessions,
+                "admins": self.loaded.policy.settings.admins.as_ref().map(|(g, _)| g.clone()),
+            },
+            "last_reload": self.last_reload,
+            "counts": {
+                "vms": self.loaded.policy.vms.len(),
+                "guarded_endpoints": self.compiled.endpoints.len(),
+                "ports_guarded_everywhere": self.compiled.guarded_everywhere.len(),
+                "grants": self.compiled.grant_count(),
+                "kernel_entries": self.compiled.rules.len(),
+            },
+            "protect_denied": protect_denied,
+            "vms": vms,
+            "temporary_grants": temporary,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_names_gains_and_losses() {
+        let dir = crate::directory::FakeDirectory::default().user("bob", 1001);
+        let old: BTreeSet<(String, u32)> = [("a".to_owned(), 1001), ("b".to_owned(), 7)].into();
+        let new: BTreeSet<(String, u32)> = [("a".to_owned(), 1001), ("c".to_owned(), 1001)].into();
+        assert_eq!(diff_lines(&old, &new, &dir), vec!["+ bob may now open c", "- #7 may no longer open b"]);
+    }
+}

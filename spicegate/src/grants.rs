@@ -1,0 +1,127 @@
+//! Temporary grants (`spicegate grant USER VM [--for D]`): on top of the
+//! policy, kept in the state directory so they survive restarts and
+//! reloads, gone at expiry.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+/// One temporary grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TempGrant {
+    pub uid: u32,
+    /// The name it was granted under (for display).
+    pub user: String,
+    pub vm: String,
+    /// Unix seconds; `None` means until revoked.
+    pub expires: Option<u64>,
+    pub granted_at: u64,
+    /// uid of the admin who granted it.
+    pub granted_by: u32,
+}
+
+impl TempGrant {
+    pub fn expired(&self, now: u64) -> bool {
+        self.expires.is_some_and(|e| e <= now)
+    }
+}
+
+/// RFC 3339 UTC time of unix seconds, for display and JSON.
+pub fn rfc3339(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(unix)).to_string()
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The grants file and its contents.
+#[derive(Debug)]
+pub struct GrantStore {
+    path: PathBuf,
+    pub grants: Vec<TempGrant>,
+}
+
+impl GrantStore {
+    /// Loads `DIR/grants.json`; a missing file is an empty store.
+    pub fn load(state_dir: &Path) -> anyhow::Result<Self> {
+        let path = state_dir.join("grants.json");
+        let grants = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not a valid grants file; fix or remove it", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(Self { path, grants })
+    }
+
+    /// Writes the store atomically (temp file, fsync, rename).
+    pub fn save(&self) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec_pretty(&self.grants)?;
+        crate::state::write_atomic(&self.path, &bytes)
+    }
+
+    /// Adds or replaces the grant of `uid` on `vm`.
+    pub fn upsert(&mut self, grant: TempGrant) {
+        self.grants.retain(|g| !(g.uid == grant.uid && g.vm == grant.vm));
+        self.grants.push(grant);
+    }
+
+    /// Removes the grant of `uid` on `vm`; whether there was one.
+    pub fn remove(&mut self, uid: u32, vm: &str) -> bool {
+        let before = self.grants.len();
+        self.grants.retain(|g| !(g.uid == uid && g.vm == vm));
+        before != self.grants.len()
+    }
+
+    /// Drops expired grants and returns them.
+    pub fn expire(&mut self, now: u64) -> Vec<TempGrant> {
+        let (gone, keep): (Vec<_>, Vec<_>) = self.grants.drain(..).partition(|g| g.expired(now));
+        self.grants = keep;
+        gone
+    }
+
+    /// When the next grant expires.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.grants.iter().filter_map(|g| g.expires).min()
+    }
+
+    /// The grants in force at `now`.
+    pub fn active(&self, now: u64) -> Vec<TempGrant> {
+        self.grants.iter().filter(|g| !g.expired(now)).cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(uid: u32, vm: &str, expires: Option<u64>) -> TempGrant {
+        TempGrant { uid, user: format!("u{uid}"), vm: vm.into(), expires, granted_at: 0, granted_by: 0 }
+    }
+
+    #[test]
+    fn upsert_remove_expire_and_persist() {
+        let dir = std::env::temp_dir().join(format!("sg-grants-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let mut s = GrantStore::load(&dir).expect("empty store");
+        assert!(s.grants.is_empty());
+        s.upsert(g(1, "a", Some(100)));
+        s.upsert(g(1, "a", Some(200)));
+        s.upsert(g(2, "a", None));
+        assert_eq!(s.grants.len(), 2);
+        assert_eq!(s.next_expiry(), Some(200));
+        s.save().expect("save");
+        let mut back = GrantStore::load(&dir).expect("load");
+        assert_eq!(back.grants, s.grants);
+        assert_eq!(back.active(250).len(), 1);
+        assert_eq!(back.expire(250).len(), 1);
+        assert!(back.remove(2, "a"));
+        assert!(!back.remove(2, "a"));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}

@@ -1,0 +1,252 @@
+//! Closing established connections when access ends, with the kernel's
+//! socket-destroy facility (sock_diag `SOCK_DESTROY`, as `ss -K` uses).
+//!
+//! Raw netlink through libc: two fixed structs and one attribute, less code
+//! than wiring a netlink crate's generic message types for this one request.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const INET_DIAG_CGROUP_ID: u16 = 21;
+const IPPROTO_TCP: u8 = 6;
+
+/// TCP states worth closing: everything but LISTEN, TIME_WAIT and CLOSE.
+const STATES: u32 = !((1 << 10) | (1 << 6) | (1 << 7)) & 0xfff;
+
+/// One TCP socket as sock_diag reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub family: u8,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    /// The socket's owner (`sk_uid`: the fsuid that created it).
+    pub uid: u32,
+    pub cgroup_id: Option<u64>,
+    /// Raw `inet_diag_sockid`, echoed back to destroy exactly this socket.
+    id: [u8; 48],
+}
+
+fn netlink() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned immediately.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by socket(2).
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
+    // SAFETY: valid option value pointer and length.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as u32,
+        );
+    }
+    Ok(fd)
+}
+
+fn request(kind: u16, flags: u16, family: u8, id: &[u8; 48]) -> Vec<u8> {
+    let len = 16 + 56;
+    let mut m = Vec::with_capacity(len);
+    m.extend_from_slice(&(len as u32).to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    m.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+    m.push(family);
+    m.push(IPPROTO_TCP);
+    m.push(0); // idiag_ext
+    m.push(0);
+    m.extend_from_slice(&STATES.to_ne_bytes());
+    m.extend_from_slice(id);
+    m
+}
+
+fn send(fd: &OwnedFd, msg: &[u8]) -> io::Result<()> {
+    // SAFETY: msg is a valid buffer; sockaddr_nl zeroed means "the kernel".
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    let rc = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for buf.len() bytes.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([b[at], b[at + 1]])
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn addr(family: u8, raw: &[u8]) -> IpAddr {
+    if i32::from(family) == libc::AF_INET {
+        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    } else {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&raw[..16]);
+        IpAddr::V6(Ipv6Addr::from(a))
+    }
+}
+
+/// Every TCP socket of this network namespace that is not listening or
+/// closed, IPv4 and IPv6.
+pub fn tcp_sockets() -> io::Result<Vec<TcpSocket>> {
+    let fd = netlink()?;
+    let mut out = Vec::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        send(&fd, &request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, family, &[0; 48]))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        'dump: loop {
+            let n = recv(&fd, &mut buf)?;
+            let mut at = 0;
+            while at + 16 <= n {
+                let len = u32_at(&buf, at) as usize;
+                let kind = u16_at(&buf, at + 4);
+                if len < 16 || at + len > n {
+                    break 'dump;
+                }
+                match kind {
+                    NLMSG_DONE => break 'dump,
+                    NLMSG_ERROR => {
+                        let err = i32::from_ne_bytes([buf[at + 16], buf[at + 17], buf[at + 18], buf[at + 19]]);
+                        return Err(io::Error::from_raw_os_error(-err));
+                    }
+                    SOCK_DIAG_BY_FAMILY if len >= 16 + 72 => {
+                        let m = &buf[at + 16..at + len];
+                        out.push(parse_msg(m));
+                    }
+                    _ => {}
+                }
+                at += (len + 3) & !3;
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn parse_msg(m: &[u8]) -> TcpSocket {
+    let family = m[0];
+    let mut id = [0u8; 48];
+    id.copy_from_slice(&m[4..52]);
+    let sport = u16::from_be_bytes([m[4], m[5]]);
+    let dport = u16::from_be_bytes([m[6], m[7]]);
+    let src = addr(family, &m[8..24]);
+    let dst = addr(family, &m[24..40]);
+    let uid = u32_at(m, 64);
+    // Attributes after the 72-byte inet_diag_msg.
+    let mut cgroup_id = None;
+    let mut at = 72;
+    while at + 4 <= m.len() {
+        let alen = usize::from(u16_at(m, at));
+        let atype = u16_at(m, at + 2);
+        if alen < 4 || at + alen > m.len() {
+            break;
+        }
+        if atype == INET_DIAG_CGROUP_ID && alen >= 12 {
+            let mut v = [0u8; 8];
+            v.copy_from_slice(&m[at + 4..at + 12]);
+            cgroup_id = Some(u64::from_ne_bytes(v));
+        }
+        at += (alen + 3) & !3;
+    }
+    TcpSocket { family, src, sport, dst, dport, uid, cgroup_id, id }
+}
+
+/// Closes one socket: both ends see the connection reset.
+pub fn destroy(sock: &TcpSocket) -> io::Result<()> {
+    let fd = netlink()?;
+    send(&fd, &request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, sock.family, &sock.id))?;
+    let mut buf = [0u8; 512];
+    let n = recv(&fd, &mut buf)?;
+    if n >= 20 && u16_at(&buf, 4) == NLMSG_ERROR {
+        let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+        // ENOENT: it closed by itself in the meantime.
+        if err != 0 && err != -libc::ENOENT {
+            return Err(io::Error::from_raw_os_error(-err));
+        }
+    }
+    Ok(())
+}
+
+/// Inode numbers (= cgroup ids) of a cgroup directory and all below it.
+pub fn cgroup_ids(root: &std::path::Path) -> std::collections::BTreeSet<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut ids = std::collections::BTreeSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if let Ok(meta) = std::fs::metadata(&dir) {
+            ids.insert(meta.ino());
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+    ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_layout() {
+        let m = request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, libc::AF_INET as u8, &[7; 48]);
+        assert_eq!(m.len(), 72);
+        assert_eq!(u32_at(&m, 0), 72);
+        assert_eq!(u16_at(&m, 4), SOCK_DESTROY);
+        assert_eq!(m[16], libc::AF_INET as u8);
+        assert_eq!(m[17], IPPROTO_TCP);
+        assert_eq!(&m[24..72], &[7; 48]);
+    }
+
+    #[test]
+    fn parses_a_message() {
+        let mut m = vec![0u8; 72 + 12];
+        m[0] = libc::AF_INET as u8;
+        m[4..6].copy_from_slice(&40000u16.to_be_bytes());
+        m[6..8].copy_from_slice(&5930u16.to_be_bytes());
+        m[8..12].copy_from_slice(&[127, 0, 0, 1]);
+        m[24..28].copy_from_slice(&[127, 0, 0, 2]);
+        m[64..68].copy_from_slice(&1001u32.to_ne_bytes());
+        m[72..74].copy_from_slice(&12u16.to_ne_bytes());
+        m[74..76].copy_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
+        m[76..84].copy_from_slice(&99u64.to_ne_bytes());
+        let s = parse_msg(&m);
+        assert_eq!((s.sport, s.dport, s.uid, s.cgroup_id), (40000, 5930, 1001, Some(99)));
+        assert_eq!(s.dst, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
+    }
+}
