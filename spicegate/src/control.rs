@@ -300,7 +300,7 @@ mod tests {
     fn wire_format() {
         let r: Request = serde_json::from_str(r#"{"cmd":"why","user":"bob","addr":"::1","port":5930}"#).expect("parses");
         assert_eq!(r, Request::Why { user: "bob".into(), addr: "::1".parse().expect("ip"), port: 5930 });
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reload","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"revoke","user":"b","vm":"v","x":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"format_disk"}"#).is_err());
         assert_eq!(serde_json::to_string(&Request::Status).expect("json"), r#"{"cmd":"status"}"#);
         assert!(Request::Reload.needs_admin() && !Request::Events.needs_admin());
