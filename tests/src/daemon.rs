@@ -1,0 +1,462 @@
+//! The `spicegate` binary under test: one-shot commands, the `run` daemon
+//! and its pin directory.
+
+use std::{
+    ffi::OsStr,
+    fs,
+    io::{BufRead as _, BufReader, Read},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+/// How long the daemon may take to load, attach and say so.
+pub const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The binary under test: `$SPICEGATE_BIN`, else `spicegate` in the cargo
+/// target dir (`$CARGO_TARGET_DIR` or `<workspace>/target`), debug profile.
+pub fn spicegate_bin() -> PathBuf {
+    find_bin().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn find_bin() -> Result<PathBuf, String> {
+    let path = match std::env::var_os("SPICEGATE_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::workspace_dir().join("target"))
+            .join("debug/spicegate"),
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "spicegate binary {} not found: build it with `cargo build -p spicegate` or set SPICEGATE_BIN",
+            path.display()
+        ))
+    }
+}
+
+/// Runs `spicegate <args>` to completion and echoes its output to the test's
+/// stderr (shown when the test fails).
+pub fn spicegate<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    try_spicegate(args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`spicegate`] without panicking, for `Drop`.
+fn try_spicegate<I, S>(args: I) -> Result<Output, String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(find_bin()?);
+    cmd.args(args)
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null());
+    let out = cmd.output().map_err(|e| format!("running {cmd:?}: {e}"))?;
+    eprintln!("[harness] {cmd:?} -> {}", out.status);
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        eprintln!("[spicegate stdout] {l}");
+    }
+    for l in String::from_utf8_lossy(&out.stderr).lines() {
+        eprintln!("[spicegate stderr] {l}");
+    }
+    Ok(out)
+}
+
+/// A unique pin directory `/sys/fs/bpf/spicegate-test-<pid>-<n>` (not
+/// created: the daemon makes it). Drop runs `spicegate unload` on it and
+/// removes whatever is still there.
+#[derive(Debug)]
+pub struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new() -> Self {
+        let path = PathBuf::from(format!(
+            "/sys/fs/bpf/spicegate-test-{}-{}",
+            std::process::id(),
+            crate::next_id()
+        ));
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn exists(&self) -> bool {
+        self.path.exists()
+    }
+
+    /// `spicegate unload --pin-dir <this>`.
+    pub fn unload(&self) -> Output {
+        spicegate([
+            OsStr::new("unload"),
+            OsStr::new("--pin-dir"),
+            self.path.as_os_str(),
+        ])
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if !self.path.exists() {
+            return;
+        }
+        // Never panic here: this often runs while a failed test unwinds.
+        match try_spicegate([
+            OsStr::new("unload"),
+            OsStr::new("--pin-dir"),
+            self.path.as_os_str(),
+        ]) {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "[harness] `spicegate unload --pin-dir {}` failed: {}",
+                self.path.display(),
+                out.status
+            ),
+            Err(e) => eprintln!("[harness] could not unload {}: {e}", self.path.display()),
+        }
+        if self.path.exists() {
+            // Unpinning a link with no other holder detaches it.
+            match fs::remove_dir_all(&self.path) {
+                Ok(()) => eprintln!(
+                    "[harness] removed {} by hand after unload left it",
+                    self.path.display()
+                ),
+                Err(e) => eprintln!("[harness] LEFTOVER pin dir {}: {e}", self.path.display()),
+            }
+        }
+    }
+}
+
+/// One `DENY ...` line of the daemon, split into its fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenyLine {
+    pub uid: u32,
+    pub user: String,
+    pub pid: u32,
+    pub comm: String,
+    pub dst: String,
+    pub vm: String,
+    pub suppressed: u32,
+    pub line: String,
+}
+
+impl DenyLine {
+    /// Parses the `DENY k=v ...` part of a log line (any prefix allowed).
+    pub fn parse(line: &str) -> Option<Self> {
+        let at = line.find("DENY ")?;
+        let mut d = DenyLine {
+            uid: u32::MAX,
+            user: String::new(),
+            pid: 0,
+            comm: String::new(),
+            dst: String::new(),
+            vm: String::new(),
+            suppressed: u32::MAX,
+            line: line.to_owned(),
+        };
+        for field in line[at + 5..].split_whitespace() {
+            let Some((k, v)) = field.split_once('=') else {
+                continue;
+            };
+            match k {
+                "uid" => d.uid = v.parse().ok()?,
+                "user" => d.user = v.to_owned(),
+                "pid" => d.pid = v.parse().ok()?,
+                "comm" => d.comm = v.to_owned(),
+                "dst" => d.dst = v.to_owned(),
+                "vm" => d.vm = v.to_owned(),
+                "suppressed" => d.suppressed = v.parse().ok()?,
+                _ => {}
+            }
+        }
+        (d.uid != u32::MAX).then_some(d)
+    }
+}
+
+/// `spicegate run` in the background. Its stdout and stderr are collected
+/// line by line (and echoed to the test's stderr with a prefix). Drop sends
+/// SIGTERM (SIGKILL after 10 s) and reaps it; enforcement stays pinned, so
+/// a [`PinDir`] must outlive it to remove that.
+pub struct Daemon {
+    child: Option<Child>,
+    pid: u32,
+    lines: Arc<Mutex<Vec<String>>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Starts `spicegate run --policy P [--cgroup C] --pin-dir D` and waits
+    /// until it says `enforcing policy`.
+    pub fn start(policy: &Path, cgroup: Option<&Path>, pin: &PinDir) -> Self {
+        let d = Self::spawn(policy, cgroup, pin);
+        d.wait_for_line("enforcing policy", START_TIMEOUT);
+        d
+    }
+
+    /// Like [`Daemon::start`], without waiting.
+    pub fn spawn(policy: &Path, cgroup: Option<&Path>, pin: &PinDir) -> Self {
+        let mut cmd = Command::new(spicegate_bin());
+        cmd.arg("run").arg("--policy").arg(policy);
+        if let Some(c) = cgroup {
+            cmd.arg("--cgroup").arg(c);
+        }
+        cmd.arg("--pin-dir").arg(pin.path());
+        cmd.env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        let pid = child.id();
+        eprintln!("[harness] started {cmd:?} as pid {pid}");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            readers.push(collect(
+                out,
+                format!("[spicegate {pid} stdout]"),
+                Arc::clone(&lines),
+            ));
+        }
+        if let Some(err) = child.stderr.take() {
+            readers.push(collect(
+                err,
+                format!("[spicegate {pid}]"),
+                Arc::clone(&lines),
+            ));
+        }
+        Self {
+            child: Some(child),
+            pid,
+            lines,
+            readers,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Every DENY line so far.
+    pub fn deny_lines(&self) -> Vec<DenyLine> {
+        self.lines()
+            .iter()
+            .filter_map(|l| DenyLine::parse(l))
+            .collect()
+    }
+
+    /// Whether the process has exited (reaping it if so).
+    pub fn has_exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits for a line containing `pattern`; panics with the log so far on
+    /// timeout or if the daemon exits first.
+    pub fn wait_for_line(&self, pattern: &str, timeout: Duration) -> String {
+        self.wait_for(
+            |l| l.contains(pattern).then(|| l.to_owned()),
+            timeout,
+            pattern,
+        )
+    }
+
+    /// Waits for a DENY line that `pred` accepts.
+    pub fn wait_for_deny(
+        &self,
+        what: &str,
+        pred: impl Fn(&DenyLine) -> bool,
+        timeout: Duration,
+    ) -> DenyLine {
+        self.wait_for(|l| DenyLine::parse(l).filter(|d| pred(d)), timeout, what)
+    }
+
+    fn wait_for<T>(
+        &self,
+        mut find: impl FnMut(&str) -> Option<T>,
+        timeout: Duration,
+        what: &str,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.lines();
+            if let Some(found) = lines.iter().find_map(|l| find(l)) {
+                return found;
+            }
+            let exited = self.readers.iter().all(JoinHandle::is_finished);
+            if exited || Instant::now() >= deadline {
+                // Let the readers catch the last lines before giving up.
+                if exited && let Some(found) = self.lines().iter().find_map(|l| find(l)) {
+                    return found;
+                }
+                panic!(
+                    "spicegate pid {} {} before printing a line with {what:?}; its output:\n{}",
+                    self.pid,
+                    if exited {
+                        "closed its output (exited?)"
+                    } else {
+                        "timed out"
+                    },
+                    self.lines().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then waits for the exit (SIGKILL and panic after 10 s).
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        match self.reap(Duration::from_secs(10)) {
+            Some(st) => st,
+            None => {
+                self.signal(Signal::SIGKILL);
+                let _ = self.reap(Duration::from_secs(5));
+                panic!(
+                    "spicegate pid {} ignored SIGTERM for 10 s; log:\n{}",
+                    self.pid,
+                    self.lines().join("\n")
+                );
+            }
+        }
+    }
+
+    /// SIGKILL and reap: the daemon gets no chance to clean up.
+    pub fn kill9(&mut self) {
+        self.signal(Signal::SIGKILL);
+        if self.reap(Duration::from_secs(5)).is_none() {
+            panic!("spicegate pid {} survived SIGKILL for 5 s", self.pid);
+        }
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        if self.child.is_some() {
+            let _ = kill(Pid::from_raw(self.pid as i32), sig);
+        }
+    }
+
+    fn reap(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(st)) => {
+                    self.child = None;
+                    self.join_readers();
+                    eprintln!("[harness] spicegate pid {} exited: {st}", self.pid);
+                    return Some(st);
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    eprintln!("[harness] waiting for spicegate pid {}: {e}", self.pid);
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn join_readers(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.readers.iter().all(JoinHandle::is_finished) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for r in self.readers.drain(..) {
+            if r.is_finished() {
+                let _ = r.join();
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
+        self.signal(Signal::SIGTERM);
+        if self.reap(Duration::from_secs(10)).is_none() {
+            eprintln!(
+                "[harness] spicegate pid {} ignored SIGTERM; killing it",
+                self.pid
+            );
+            self.signal(Signal::SIGKILL);
+            if self.reap(Duration::from_secs(5)).is_none() {
+                eprintln!("[harness] LEFTOVER process: spicegate pid {}", self.pid);
+            }
+        }
+    }
+}
+
+fn collect(
+    stream: impl Read + Send + 'static,
+    prefix: String,
+    lines: Arc<Mutex<Vec<String>>>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{prefix} {line}");
+            lines
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(line);
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DenyLine;
+
+    #[test]
+    fn parses_deny_lines() {
+        let d = DenyLine::parse(
+            "spicegate: DENY uid=1001 user=bob pid=1234 comm=sg-probe dst=[::1]:40001 vm=winlab suppressed=3",
+        )
+        .expect("parses");
+        assert_eq!(
+            (d.uid, d.user.as_str(), d.pid, d.comm.as_str()),
+            (1001, "bob", 1234, "sg-probe")
+        );
+        assert_eq!(
+            (d.dst.as_str(), d.vm.as_str(), d.suppressed),
+            ("[::1]:40001", "winlab", 3)
+        );
+        assert!(DenyLine::parse("spicegate: enforcing policy").is_none());
+    }
+}

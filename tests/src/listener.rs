@@ -1,0 +1,170 @@
+//! Listening sockets the probes connect to. Each accepts and drops
+//! connections on its own thread until it is dropped.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+};
+
+#[derive(Debug)]
+pub struct Listener {
+    addr: SocketAddr,
+    fd: libc::c_int,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Listener {
+    /// Listens on `addr` (port 0: the kernel picks a free ephemeral port,
+    /// which is what keeps the tests' guarded ports unique and high).
+    /// An IPv6 unspecified address (`[::]`) is explicitly dual-stack, so
+    /// IPv4 and IPv4-mapped destinations reach it too.
+    pub fn bind(addr: &str) -> Self {
+        let addr: SocketAddr = addr
+            .parse()
+            .unwrap_or_else(|e| panic!("listener address {addr}: {e}"));
+        let listener = make_listener(addr).unwrap_or_else(|e| panic!("listening on {addr}: {e}"));
+        let addr = listener.local_addr().expect("local address of a listener");
+        let fd = listener.as_raw_fd();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name(format!("accept {addr}"))
+            .spawn(move || {
+                while !stop2.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((conn, _)) => drop(conn),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+            })
+            .expect("spawning an accept thread");
+        Self {
+            addr,
+            fd,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Dual-stack listener on `[::]` with a fresh port.
+    pub fn dual_stack() -> Self {
+        Self::bind("[::]:0")
+    }
+
+    /// IPv4 loopback listener with a fresh port.
+    pub fn loopback() -> Self {
+        Self::bind("127.0.0.1:0")
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+fn make_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: socket() has no memory arguments.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let setopt = |level, name, value: libc::c_int| {
+        // SAFETY: value is a valid c_int for the duration of the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                level,
+                name,
+                (&raw const value).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    setopt(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    if addr.is_ipv6() {
+        setopt(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+    }
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: ss is valid for len bytes.
+    if unsafe { libc::bind(sock.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: plain syscall.
+    if unsafe { libc::listen(sock.as_raw_fd(), 128) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(TcpListener::from(sock))
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in>(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in6>(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // shutdown() on a listening socket wakes a blocked accept() on Linux.
+        // Waking it with a connect instead would itself be decided by
+        // spicegate when a test attaches to the real cgroup root.
+        // SAFETY: the fd stays open until the thread (its owner) ends.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            eprintln!("[harness] accept thread of {} panicked", self.addr);
+        }
+    }
+}

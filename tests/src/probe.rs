@@ -1,0 +1,310 @@
+//! Running sg-probe: one process per scenario, inside a test cgroup and as a
+//! given real uid.
+
+use std::{
+    fmt,
+    io::Read as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{TestCgroup, TestUser};
+
+/// What one connect attempt got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The connect succeeded.
+    Allowed,
+    /// EPERM: refused by the cgroup hook.
+    Denied,
+    /// Any other errno (e.g. ECONNREFUSED: nothing listens there).
+    OtherErr(i32),
+}
+
+impl Outcome {
+    fn parse(line: &str) -> Option<Self> {
+        if line == "ok" {
+            return Some(Self::Allowed);
+        }
+        let errno: i32 = line
+            .strip_prefix("err ")?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        Some(if errno == libc::EPERM {
+            Self::Denied
+        } else {
+            Self::OtherErr(errno)
+        })
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Allowed => f.write_str("allowed"),
+            Self::Denied => f.write_str("denied (EPERM)"),
+            Self::OtherErr(e) => write!(f, "error {e} ({})", std::io::Error::from_raw_os_error(*e)),
+        }
+    }
+}
+
+/// An sg-probe command line, built up step by step.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    bin: PathBuf,
+    args: Vec<String>,
+    who: String,
+    dst: String,
+}
+
+impl Probe {
+    /// `bin` is sg-probe; integration tests pass `env!("CARGO_BIN_EXE_sg-probe")`.
+    pub fn new(bin: impl AsRef<Path>) -> Self {
+        Self {
+            bin: bin.as_ref().to_owned(),
+            args: Vec::new(),
+            who: "root".into(),
+            dst: String::new(),
+        }
+    }
+
+    fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    /// Join `cg` before doing anything else.
+    pub fn cgroup(self, cg: &TestCgroup) -> Self {
+        let p = cg.path().display().to_string();
+        self.arg("--cgroup").arg(p)
+    }
+
+    pub fn as_user(self, u: &TestUser) -> Self {
+        let mut s = self.as_ids(u.uid, u.gid);
+        s.who = format!("{} (uid {})", u.name, u.uid);
+        s
+    }
+
+    pub fn as_ids(mut self, uid: u32, gid: u32) -> Self {
+        self.who = format!("uid {uid}");
+        self.arg("--uid")
+            .arg(uid.to_string())
+            .arg("--gid")
+            .arg(gid.to_string())
+    }
+
+    /// `a.b.c.d:port` or `[v6]:port`.
+    pub fn connect(mut self, dst: impl fmt::Display) -> Self {
+        self.dst = dst.to_string();
+        let d = self.dst.clone();
+        self.arg("--connect").arg(d)
+    }
+
+    pub fn v6_socket(self) -> Self {
+        self.arg("--v6-socket")
+    }
+
+    pub fn fastopen(self) -> Self {
+        self.arg("--fastopen")
+    }
+
+    pub fn count(self, n: u32) -> Self {
+        self.arg("--count").arg(n.to_string())
+    }
+
+    pub fn interval_ms(self, ms: u64) -> Self {
+        self.arg("--interval-ms").arg(ms.to_string())
+    }
+
+    /// "alice (uid 1001) -> 127.0.0.1:4000 [--v6-socket]"
+    pub fn describe(&self) -> String {
+        let flags: Vec<&str> = self
+            .args
+            .iter()
+            .map(String::as_str)
+            .filter(|a| *a == "--v6-socket" || *a == "--fastopen")
+            .collect();
+        format!("{} -> {} {}", self.who, self.dst, flags.join(" "))
+            .trim_end()
+            .to_owned()
+    }
+
+    /// Runs to completion.
+    pub fn run(&self) -> ProbeResult {
+        self.spawn().wait()
+    }
+
+    /// Runs a single attempt and returns its outcome.
+    pub fn outcome(&self) -> Outcome {
+        let r = self.run();
+        match r.outcomes.as_slice() {
+            [one] => *one,
+            other => panic!(
+                "sg-probe {}: expected one attempt, got {other:?}; stderr: {}",
+                self.describe(),
+                r.stderr
+            ),
+        }
+    }
+
+    /// Starts it in the background.
+    pub fn spawn(&self) -> ProbeChild {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        ProbeChild {
+            pid: child.id(),
+            child: Some(child),
+            what: self.describe(),
+        }
+    }
+}
+
+/// A running sg-probe. Drop kills and reaps it if it is still running.
+#[derive(Debug)]
+pub struct ProbeChild {
+    child: Option<Child>,
+    pub pid: u32,
+    what: String,
+}
+
+impl ProbeChild {
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Waits for it (at most 60 s) and collects what it printed.
+    pub fn wait(mut self) -> ProbeResult {
+        let mut child = self.child.take().expect("probe already reaped");
+        // Read the pipes on threads: a long run could fill a pipe buffer.
+        let mut out = child.stdout.take().expect("probe stdout is piped");
+        let mut err = child.stderr.take().expect("probe stderr is piped");
+        let out_t = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        let err_t = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "sg-probe {} (pid {}) still running after 60 s",
+                        self.what, self.pid
+                    );
+                }
+                Err(e) => panic!("waiting for sg-probe {}: {e}", self.what),
+            }
+        };
+        let stdout = out_t.join().unwrap_or_default();
+        let stderr = err_t.join().unwrap_or_default();
+        if status.code() == Some(3) || status.code().is_none() {
+            panic!(
+                "sg-probe {} could not run: {status}; stderr: {stderr}",
+                self.what
+            );
+        }
+        let outcomes = stdout
+            .lines()
+            .map(|l| {
+                Outcome::parse(l).unwrap_or_else(|| panic!("sg-probe {} printed {l:?}", self.what))
+            })
+            .collect();
+        ProbeResult {
+            pid: self.pid,
+            status,
+            outcomes,
+            stderr,
+            what: self.what.clone(),
+        }
+    }
+}
+
+impl Drop for ProbeChild {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ProbeResult {
+    pub pid: u32,
+    pub status: ExitStatus,
+    pub outcomes: Vec<Outcome>,
+    pub stderr: String,
+    pub what: String,
+}
+
+impl ProbeResult {
+    /// Indices and outcomes of attempts that did not get `expected`.
+    pub fn mismatches(&self, expected: Outcome) -> Vec<(usize, Outcome)> {
+        self.outcomes
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(_, o)| *o != expected)
+            .collect()
+    }
+}
+
+/// Collects expectation mismatches so one test reports all of them at once.
+#[derive(Debug, Default)]
+pub struct Checks {
+    failures: Vec<String>,
+    passed: usize,
+}
+
+impl Checks {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs `probe` once and records whether it got `expected`.
+    pub fn expect(&mut self, probe: &Probe, expected: Outcome) {
+        let got = probe.outcome();
+        if got == expected {
+            eprintln!("[check] ok: {} is {got}", probe.describe());
+            self.passed += 1;
+        } else {
+            let msg = format!("{}: expected {expected}, got {got}", probe.describe());
+            eprintln!("[check] FAIL: {msg}");
+            self.failures.push(msg);
+        }
+    }
+
+    /// Panics listing every mismatch.
+    pub fn finish(self) {
+        if !self.failures.is_empty() {
+            panic!(
+                "{} of {} checks failed:\n  {}",
+                self.failures.len(),
+                self.failures.len() + self.passed,
+                self.failures.join("\n  ")
+            );
+        }
+    }
+}
