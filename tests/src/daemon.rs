@@ -76,25 +76,47 @@ where
 }
 
 /// A unique pin directory `/sys/fs/bpf/spicegate-test-<pid>-<n>` (not
-/// created: the daemon makes it). Drop runs `spicegate unload` on it and
-/// removes whatever is still there.
+/// created: the daemon makes it), with its own control socket and state
+/// directory under `/tmp/spicegate-test-<pid>-<n>/`, so no test touches
+/// `/run/spicegate` or `/var/lib/spicegate`. Drop runs `spicegate unload`
+/// on it and removes whatever is still there.
 #[derive(Debug)]
 pub struct PinDir {
     path: PathBuf,
+    run_dir: PathBuf,
 }
 
 impl PinDir {
     pub fn new() -> Self {
-        let path = PathBuf::from(format!(
-            "/sys/fs/bpf/spicegate-test-{}-{}",
-            std::process::id(),
-            crate::next_id()
-        ));
-        Self { path }
+        let name = format!("spicegate-test-{}-{}", std::process::id(), crate::next_id());
+        let path = PathBuf::from("/sys/fs/bpf").join(&name);
+        let run_dir = std::env::temp_dir().join(&name);
+        Self { path, run_dir }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The daemon's control socket for this test.
+    pub fn socket(&self) -> PathBuf {
+        self.run_dir.join("control.sock")
+    }
+
+    /// The daemon's state directory for this test.
+    pub fn state_dir(&self) -> PathBuf {
+        self.run_dir.join("state")
+    }
+
+    /// `spicegate --socket <this test's socket> <args>`.
+    pub fn ctl<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut all: Vec<std::ffi::OsString> = vec!["--socket".into(), self.socket().into_os_string()];
+        all.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        spicegate(all)
     }
 
     pub fn exists(&self) -> bool {
@@ -119,6 +141,11 @@ impl Default for PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
+        if self.run_dir.exists()
+            && let Err(e) = fs::remove_dir_all(&self.run_dir)
+        {
+            eprintln!("[harness] LEFTOVER run dir {}: {e}", self.run_dir.display());
+        }
         if !self.path.exists() {
             return;
         }
@@ -218,7 +245,9 @@ impl Daemon {
     /// Like [`Daemon::start`], without waiting.
     pub fn spawn(policy: &Path, cgroup: Option<&Path>, pin: &PinDir) -> Self {
         let mut cmd = Command::new(spicegate_bin());
+        cmd.arg("--socket").arg(pin.socket());
         cmd.arg("run").arg("--policy").arg(policy);
+        cmd.arg("--state-dir").arg(pin.state_dir());
         if let Some(c) = cgroup {
             cmd.arg("--cgroup").arg(c);
         }
