@@ -2,6 +2,7 @@
 
 mod check;
 mod client;
+mod generate;
 mod run;
 mod unload;
 
@@ -59,6 +60,9 @@ pub enum Command {
     Events(client::EventsArgs),
     /// Detach the programs and remove every pin (for uninstalling).
     Unload(unload::UnloadArgs),
+    /// Write man pages or shell completions (for packaging).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -73,6 +77,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Revoke(a) => client::revoke(&socket, &a),
         Command::Events(a) => client::events(&socket, &a),
         Command::Unload(a) => unload::unload(&a),
+        Command::Generate(a) => generate::generate(&a),
     }
 }
 
