@@ -32,8 +32,13 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
     match &args.what {
         What::Man { dir } => {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            let cmd = super::Cli::command().section("8");
-            clap_mangen::generate_to(cmd, dir).with_context(|| format!("writing man pages to {}", dir.display()))?;
+            let cmd = super::Cli::command();
+            write_man(&cmd, "spicegate", dir)?;
+            for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                let name = format!("spicegate-{}", sub.get_name());
+                let sub = sub.clone().name(name.clone()).version(cmd.get_version().unwrap_or_default().to_owned());
+                write_man(&sub, &name, dir)?;
+            }
         }
         What::Completions { dir } => {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -45,4 +50,11 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Section 8: system administration commands.
+fn write_man(cmd: &clap::Command, name: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    let path = dir.join(format!("{name}.8"));
+    let mut out = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    clap_mangen::Man::new(cmd.clone()).section("8").render(&mut out).with_context(|| format!("writing {}", path.display()))
 }
