@@ -85,6 +85,13 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         if adopted { " (took over the pinned enforcement)" } else { "" }
     );
 
+    // Type=notify: systemd considers the unit started only now, with the
+    // policy enforced. Outside systemd (no NOTIFY_SOCKET) this is a no-op.
+    let status = format!("enforcing {}", engine.summary());
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]) {
+        log::warn!("could not notify systemd of readiness: {e}");
+    }
+
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -107,6 +114,7 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     drain(logger.get_mut());
     let _ = std::fs::remove_file(&socket);
     log::info!(
