@@ -71,6 +71,13 @@ pub const PORT_GUARD_ALL: u32 = 1 << 0;
 /// [`KIND_ENDPOINT`].
 pub const PORT_GUARD_ENDPOINTS: u32 = 1 << 1;
 
+/// [`KIND_PORT`] flag: `[settings] mode = "audit"`: a refusal on this port
+/// that no VM endpoint decides is logged and let through.
+pub const PORT_AUDIT: u32 = 1 << 2;
+/// [`KIND_ENDPOINT`] flag: the VM runs in audit mode: refusals are logged
+/// and let through.
+pub const ENDPOINT_AUDIT: u32 = 1 << 0;
+
 /// The address every local destination is folded into before lookup:
 /// loopback (127.0.0.0/8, ::1), unspecified (0.0.0.0, ::) and every address
 /// the daemon has marked with [`KIND_LOCAL`]. All of them reach the same
@@ -131,7 +138,7 @@ pub struct RuleValue {
     /// VM id (a stable hash of the VM name, assigned by the daemon), or
     /// [`NO_VM`]. On grants: the VM the grant belongs to.
     pub vm: u32,
-    /// `PORT_GUARD_*` flags for [`KIND_PORT`]; zero elsewhere.
+    /// `PORT_*` flags for [`KIND_PORT`], `ENDPOINT_*` for [`KIND_ENDPOINT`].
     pub flags: u32,
 }
 
@@ -160,9 +167,12 @@ pub struct VmCounters {
     pub allowed: u64,
     /// Guarded connects refused.
     pub denied: u64,
+    /// Guarded connects that would have been refused, let through in audit
+    /// mode.
+    pub audited: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<VmCounters>() == 16);
+const _: () = assert!(core::mem::size_of::<VmCounters>() == 24);
 
 /// Maps an IPv4 address (network order octets) to its IPv4-mapped IPv6 form.
 pub const fn mapped_v4(octets: [u8; 4]) -> [u8; 16] {

@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use spicegate_common::{
-    COUNTERS_MAP_ENTRIES, LOCAL_ADDR, NO_VM, PORT_GUARD_ALL, POLICY_SLOT, RATE_BURST,
+    COUNTERS_MAP_ENTRIES, ENDPOINT_AUDIT, LOCAL_ADDR, NO_VM, PORT_AUDIT, PORT_GUARD_ALL, POLICY_SLOT, RATE_BURST,
     RATE_MAP_ENTRIES, RATE_WINDOW_NS, RateState, RuleKey, RuleValue, VmCounters,
 };
 
@@ -93,23 +93,29 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
     let uid = bpf_get_current_uid_gid() as u32;
     if let Some(grant) = SPICEGATE_POLICY.get_value_ptr_mut(POLICY_SLOT, &RuleKey::grant(uid, endpoint, port)) {
         // SAFETY: as above.
-        count(unsafe { (*grant).vm }, true);
+        count(unsafe { (*grant).vm }, Outcome::Allowed);
         return ALLOW;
     }
 
-    let vm = match endpoint_rule {
-        // SAFETY: as above.
-        Some(rule) => unsafe { (*rule).vm },
-        None => NO_VM,
+    // SAFETY: as above.
+    let (vm, audit) = match endpoint_rule {
+        Some(rule) => unsafe { ((*rule).vm, (*rule).flags & ENDPOINT_AUDIT != 0) },
+        None => (NO_VM, port_flags & PORT_AUDIT != 0),
     };
-    count(vm, false);
-    report_denial(ctx, uid, &addr, port, vm);
-    DENY
+    count(vm, if audit { Outcome::Audited } else { Outcome::Denied });
+    report_denial(ctx, uid, &addr, port, vm, audit);
+    if audit { ALLOW } else { DENY }
+}
+
+enum Outcome {
+    Allowed,
+    Denied,
+    Audited,
 }
 
 /// Bumps the per-CPU counter of a VM. Per CPU, so no atomics are needed.
 #[inline(always)]
-fn count(vm: u32, allowed: bool) {
+fn count(vm: u32, outcome: Outcome) {
     let counters = match SPICEGATE_COUNTERS.get_ptr_mut(vm) {
         Some(c) => c,
         None => {
@@ -123,10 +129,10 @@ fn count(vm: u32, allowed: bool) {
     };
     // SAFETY: a live per-CPU slot of this CPU; preemption is off in BPF.
     unsafe {
-        if allowed {
-            (*counters).allowed += 1;
-        } else {
-            (*counters).denied += 1;
+        match outcome {
+            Outcome::Allowed => (*counters).allowed += 1,
+            Outcome::Denied => (*counters).denied += 1,
+            Outcome::Audited => (*counters).audited += 1,
         }
     }
 }
@@ -155,7 +161,7 @@ fn is_local(words: &[u32; 4], addr: &[u8; 16]) -> bool {
 
 /// Logs a denial through aya-log, at most RATE_BURST per uid per window.
 #[inline(always)]
-fn report_denial(ctx: &SockAddrContext, uid: u32, addr: &[u8; 16], port: u16, vm: u32) {
+fn report_denial(ctx: &SockAddrContext, uid: u32, addr: &[u8; 16], port: u16, vm: u32, audit: bool) {
     let now = unsafe { bpf_ktime_get_ns() };
     let suppressed = match SPICEGATE_RATE.get_ptr_mut(uid) {
         Some(state) => {
@@ -189,13 +195,14 @@ fn report_denial(ctx: &SockAddrContext, uid: u32, addr: &[u8; 16], port: u16, vm
     let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
     warn!(
         ctx,
-        "deny uid={} pid={} dst={:i} port={} vm={} suppressed={} comm={:x}",
+        "deny uid={} pid={} dst={:i} port={} vm={} suppressed={} audit={} comm={:x}",
         uid,
         pid,
         *addr,
         port,
         vm,
         suppressed,
+        u8::from(audit),
         &comm[..]
     );
 }

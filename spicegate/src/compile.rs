@@ -8,12 +8,12 @@ use std::{
 };
 
 use spicegate_common::{
-    LOCAL_ADDR, NO_VM, PORT_GUARD_ALL, PORT_GUARD_ENDPOINTS, RuleKey, RuleValue, mapped_v4,
+    ENDPOINT_AUDIT, LOCAL_ADDR, NO_VM, PORT_AUDIT, PORT_GUARD_ALL, PORT_GUARD_ENDPOINTS, RuleKey, RuleValue, mapped_v4,
 };
 
 use crate::{
     grants::TempGrant,
-    policy::{Policy, ServerTarget},
+    policy::{Mode, Policy, ServerTarget},
 };
 
 /// The largest rule table we create. A policy needing more is refused
@@ -57,10 +57,27 @@ pub struct Compiled {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointInfo {
     pub vm: String,
-    /// Everyone granted, by the policy or a temporary grant.
+    /// Everyone granted now: by `allow`, a schedule, `@console` or a
+    /// temporary grant.
     pub uids: BTreeSet<u32>,
     /// Those granted only by a temporary grant.
     pub temp_uids: BTreeSet<u32>,
+    /// Those granted (also) by a schedule window open now.
+    pub scheduled_uids: BTreeSet<u32>,
+    /// The console user, when `allow` names `@console`.
+    pub console_uid: Option<u32>,
+    pub mode: Mode,
+}
+
+/// Grants that change without a policy edit.
+#[derive(Debug, Clone, Default)]
+pub struct Dynamic<'a> {
+    /// Temporary grants in force.
+    pub temp: &'a [TempGrant],
+    /// (vm, uid) pairs of schedule windows open now.
+    pub scheduled: BTreeSet<(String, u32)>,
+    /// uid holding the active session on seat0.
+    pub console: Option<u32>,
 }
 
 impl Compiled {
@@ -140,9 +157,10 @@ pub fn vm_ids<'a>(names: impl Iterator<Item = &'a str>) -> BTreeMap<&'a str, u32
 }
 
 /// Compiles a validated policy into the kernel rule table.
-/// `temp` are temporary grants in force; those naming a VM the policy does
-/// not have are ignored.
-pub fn compile(policy: &Policy, local: &LocalAddrs, temp: &[TempGrant]) -> Result<Compiled, CompileError> {
+/// `dynamic` adds temporary, scheduled and console grants; those naming a
+/// VM the policy does not have are ignored.
+pub fn compile(policy: &Policy, local: &LocalAddrs, dynamic: &Dynamic<'_>) -> Result<Compiled, CompileError> {
+    let temp = dynamic.temp;
     let mut rules: BTreeMap<RuleKey, RuleValue> = BTreeMap::new();
     let mut port_flags: BTreeMap<u16, u32> = BTreeMap::new();
     for &p in &policy.protect_ports {
@@ -156,7 +174,9 @@ pub fn compile(policy: &Policy, local: &LocalAddrs, temp: &[TempGrant]) -> Resul
             Some(ServerTarget::Addresses(a)) => a.len(),
             _ => 1,
         };
-        let extra = temp.iter().filter(|g| g.vm == vm.name).count();
+        let extra = temp.iter().filter(|g| g.vm == vm.name).count()
+            + dynamic.scheduled.iter().filter(|(v, _)| *v == vm.name).count()
+            + 1;
         needed = needed.saturating_add(dests * vm.ports.len() * (2 + vm.uids().len() + extra));
     }
     if needed > MAX_ENTRIES {
@@ -171,10 +191,18 @@ pub fn compile(policy: &Policy, local: &LocalAddrs, temp: &[TempGrant]) -> Resul
             Some(ServerTarget::Local) | None => [Dest::Local].into(),
             Some(ServerTarget::Addresses(addrs)) => addrs.iter().map(|a| fold(*a, local)).collect(),
         };
-        let policy_uids = vm.uids();
-        let temp_uids: BTreeSet<u32> =
-            temp.iter().filter(|g| g.vm == *name && !policy_uids.contains(&g.uid)).map(|g| g.uid).collect();
-        let uids: BTreeSet<u32> = policy_uids.union(&temp_uids).copied().collect();
+        let mut policy_uids = vm.uids();
+        let console_uid = if vm.allows_console() { dynamic.console } else { None };
+        policy_uids.extend(console_uid);
+        let scheduled_uids: BTreeSet<u32> =
+            dynamic.scheduled.iter().filter(|(v, _)| v == name).map(|(_, u)| *u).collect();
+        let temp_uids: BTreeSet<u32> = temp
+            .iter()
+            .filter(|g| g.vm == *name && !policy_uids.contains(&g.uid) && !scheduled_uids.contains(&g.uid))
+            .map(|g| g.uid)
+            .collect();
+        let uids: BTreeSet<u32> = policy_uids.iter().chain(&scheduled_uids).chain(&temp_uids).copied().collect();
+        let mode = policy.vm_mode(vm);
         for &dest in &dests {
             for &port in &vm.ports {
                 if let Some(prev) = endpoints.get(&(dest, port)) {
@@ -192,19 +220,28 @@ pub fn compile(policy: &Policy, local: &LocalAddrs, temp: &[TempGrant]) -> Resul
                 }
                 endpoints.insert(
                     (dest, port),
-                    EndpointInfo { vm: name.clone(), uids: uids.clone(), temp_uids: temp_uids.clone() },
+                    EndpointInfo {
+                        vm: name.clone(),
+                        uids: uids.clone(),
+                        temp_uids: temp_uids.clone(),
+                        scheduled_uids: scheduled_uids.clone(),
+                        console_uid,
+                        mode,
+                    },
                 );
                 *port_flags.entry(port).or_default() |= PORT_GUARD_ENDPOINTS;
                 let addr = dest_key(dest);
-                rules.insert(RuleKey::endpoint(addr, port), RuleValue { vm: id, flags: 0 });
+                let flags = if mode == Mode::Audit { ENDPOINT_AUDIT } else { 0 };
+                rules.insert(RuleKey::endpoint(addr, port), RuleValue { vm: id, flags });
                 for &uid in &uids {
                     rules.insert(RuleKey::grant(uid, addr, port), RuleValue { vm: id, flags: 0 });
                 }
             }
         }
     }
+    let audit_all = if policy.settings.mode == Mode::Audit { PORT_AUDIT } else { 0 };
     for (&port, &flags) in &port_flags {
-        rules.insert(RuleKey::port(port), RuleValue { vm: NO_VM, flags });
+        rules.insert(RuleKey::port(port), RuleValue { vm: NO_VM, flags: flags | audit_all });
     }
     // Only needed when something is guarded; the kernel's fast path never
     // looks them up otherwise.
@@ -237,8 +274,16 @@ pub fn decide(c: &Compiled, uid: u32, ip: IpAddr, port: u16) -> bool {
         || mapped.is_unspecified()
         || c.rules.contains_key(&RuleKey::local(key_addr(mapped)));
     let addr = if kernel_local { LOCAL_ADDR } else { key_addr(mapped) };
-    let guarded = port_rule.flags & PORT_GUARD_ALL != 0 || c.rules.contains_key(&RuleKey::endpoint(addr, port));
-    !guarded || c.rules.contains_key(&RuleKey::grant(uid, addr, port))
+    let endpoint = c.rules.get(&RuleKey::endpoint(addr, port));
+    let guarded = port_rule.flags & PORT_GUARD_ALL != 0 || endpoint.is_some();
+    if !guarded || c.rules.contains_key(&RuleKey::grant(uid, addr, port)) {
+        return true;
+    }
+    // Audit mode lets it through (and logs it).
+    match endpoint {
+        Some(e) => e.flags & ENDPOINT_AUDIT != 0,
+        None => port_rule.flags & PORT_AUDIT != 0,
+    }
 }
 
 #[cfg(test)]
@@ -278,7 +323,7 @@ allow = ["ralph"]
     #[test]
     fn seed_decisions() {
         let local: LocalAddrs = [ip("10.9.9.9")].into();
-        let c = compile(&policy(SEED), &local, &[]).expect("compiles");
+        let c = compile(&policy(SEED), &local, &Dynamic::default()).expect("compiles");
         let d = |uid, a: &str, port| decide(&c, uid, ip(a), port);
         // debianx on mysrv:20002
         assert!(d(1000, "192.168.2.2", 20002));
@@ -305,7 +350,7 @@ allow = ["ralph"]
     fn vm_port_guarded_only_on_its_server() {
         let p = policy("[servers.s]\naddress=\"192.0.2.1\"\n[vms.v]\nserver=\"s\"\nports=[40000]\nallow=[\"myself\"]\n");
         let local = LocalAddrs::new();
-        let c = compile(&p, &local, &[]).expect("compiles");
+        let c = compile(&p, &local, &Dynamic::default()).expect("compiles");
         assert!(!decide(&c, 1001, ip("192.0.2.1"), 40000));
         assert!(decide(&c, 1000, ip("192.0.2.1"), 40000));
         assert!(decide(&c, 1001, ip("127.0.0.1"), 40000), "other destinations untouched");
@@ -316,7 +361,7 @@ allow = ["ralph"]
     fn server_on_a_local_address_guards_every_local_spelling() {
         // This machine is 192.168.2.2: 127.0.0.1:20002 reaches the same listener.
         let local: LocalAddrs = [ip("192.168.2.2")].into();
-        let c = compile(&policy(SEED), &local, &[]).expect("compiles");
+        let c = compile(&policy(SEED), &local, &Dynamic::default()).expect("compiles");
         assert!(!decide(&c, 1001, ip("127.0.0.1"), 20002));
         assert!(decide(&c, 1000, ip("127.0.0.1"), 20002));
         assert!(decide(&c, 1000, ip("192.168.2.2"), 20002));
@@ -336,7 +381,8 @@ allow = ["ralph"]
     fn temporary_grants_add_to_the_policy() {
         let local = LocalAddrs::new();
         let g = |uid, vm: &str| TempGrant { uid, user: String::new(), vm: vm.into(), expires: None, granted_at: 0, granted_by: 0 };
-        let c = compile(&policy(SEED), &local, &[g(4242, "winlab"), g(4243, "no-such-vm")]).expect("compiles");
+        let temp = [g(4242, "winlab"), g(4243, "no-such-vm")];
+        let c = compile(&policy(SEED), &local, &Dynamic { temp: &temp, ..Dynamic::default() }).expect("compiles");
         assert!(decide(&c, 4242, ip("127.0.0.1"), 5930));
         assert!(!decide(&c, 4242, ip("192.168.2.2"), 20002));
         assert!(!decide(&c, 4243, ip("127.0.0.1"), 5930));
@@ -345,24 +391,40 @@ allow = ["ralph"]
     }
 
     #[test]
+    fn audit_mode_lets_through_and_console_grants() {
+        let p = policy(
+            "[settings]\nmode=\"audit\"\n[protect]\nports=[9]\n[vms.a]\nserver=\"localhost\"\nports=[1]\n\
+             [vms.e]\nserver=\"localhost\"\nports=[2]\nmode=\"enforce\"\nallow=[\"@console\"]\n",
+        );
+        let local = LocalAddrs::new();
+        let c = compile(&p, &local, &Dynamic { console: Some(77), ..Dynamic::default() }).expect("compiles");
+        assert!(decide(&c, 5, ip("127.0.0.1"), 1), "audit VM lets everyone through");
+        assert!(decide(&c, 5, ip("10.0.0.1"), 9), "global audit covers [protect]");
+        assert!(!decide(&c, 5, ip("127.0.0.1"), 2), "an enforce VM still refuses");
+        assert!(decide(&c, 77, ip("127.0.0.1"), 2), "the console user is granted");
+        let c = compile(&p, &local, &Dynamic::default()).expect("compiles");
+        assert!(!decide(&c, 77, ip("127.0.0.1"), 2), "nobody at the console, nobody granted");
+    }
+
+    #[test]
     fn clash_is_an_error() {
         let p = policy(
             "[servers.a]\naddress=\"127.0.0.2\"\n[vms.x]\nserver=\"a\"\nports=[1]\n[vms.y]\nserver=\"localhost\"\nports=[1]\n",
         );
-        let e = compile(&p, &LocalAddrs::new(), &[]).expect_err("clash");
+        let e = compile(&p, &LocalAddrs::new(), &Dynamic::default()).expect_err("clash");
         assert!(e.to_string().contains("both claim localhost:1"), "{e}");
     }
 
     #[test]
     fn empty_policy_has_empty_table() {
-        let c = compile(&policy(""), &[ip("10.0.0.1")].into(), &[]).expect("compiles");
+        let c = compile(&policy(""), &[ip("10.0.0.1")].into(), &Dynamic::default()).expect("compiles");
         assert!(c.rules.is_empty());
         assert_eq!(c.capacity(), 64);
     }
 
     #[test]
     fn table_contents_and_capacity() {
-        let c = compile(&policy(SEED), &LocalAddrs::new(), &[]).expect("compiles");
+        let c = compile(&policy(SEED), &LocalAddrs::new(), &Dynamic::default()).expect("compiles");
         // 11 port entries (20001-20010, 5930), 2 endpoints, 4+1 grants.
         assert_eq!(c.rules.len(), 11 + 2 + 5);
         assert_eq!(c.grant_count(), 5);
@@ -379,7 +441,7 @@ allow = ["ralph"]
             allow.push_str(&format!("\"#{uid}\","));
         }
         let p = policy(&format!("[vms.v]\nserver=\"localhost\"\nports=[\"1-2100\"]\nallow=[{allow}]\n"));
-        let e = compile(&p, &LocalAddrs::new(), &[]).expect_err("4.2M grants");
+        let e = compile(&p, &LocalAddrs::new(), &Dynamic::default()).expect_err("4.2M grants");
         assert!(matches!(e, CompileError::TooLarge { .. }), "{e}");
     }
 }

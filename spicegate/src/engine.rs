@@ -2,10 +2,12 @@
 //! and timers send it [`Command`]s; no one else touches the maps.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    cell::RefCell,
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
+    time::Instant,
 };
 
 use anyhow::{Context as _, anyhow};
@@ -15,15 +17,15 @@ use spicegate_common::VmCounters;
 use tokio::sync::oneshot;
 
 use crate::{
-    compile::{Compiled, Dest, LocalAddrs, compile},
+    compile::{Compiled, Dest, Dynamic, LocalAddrs, compile},
     directory::{Directory, Nss},
     events::Endpoint,
     explain::explain,
     grants::{GrantStore, TempGrant, now_unix, rfc3339},
     hostaddrs,
     kernel::{self, Kernel, PinPaths},
-    policy::{self, Policy, Settings},
-    sockdiag, state,
+    policy::{self, Env, Mode, Policy, Resolver, Settings, Source as PolicySource},
+    schedule, sockdiag, state,
 };
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
@@ -50,21 +52,69 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub cgroup: PathBuf,
     pub paths: PinPaths,
+    /// Test hook: a file holding seconds added to the wall clock for
+    /// schedules (re-read on every tick, so a test can jump the clock).
+    pub clock_offset_file: Option<PathBuf>,
+}
+
+/// The clock schedules and expiries are evaluated with.
+pub fn clock_now(offset_file: Option<&Path>) -> i64 {
+    let offset = offset_file
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .and_then(|t| t.trim().parse::<i64>().ok())
+        .unwrap_or(0);
+    i64::try_from(now_unix()).unwrap_or(i64::MAX).saturating_add(offset)
+}
+
+/// Hostname resolution that keeps a name's last addresses when it stops
+/// resolving (and reports it), but refuses a name it never resolved.
+#[derive(Default)]
+pub struct CachingResolver {
+    last: RefCell<HashMap<String, Vec<IpAddr>>>,
+    failing: RefCell<BTreeSet<String>>,
+}
+
+impl Resolver for CachingResolver {
+    fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, String> {
+        match policy::SystemResolver.resolve(host) {
+            Ok(addrs) => {
+                if self.failing.borrow_mut().remove(host) {
+                    log::info!("hostname {host} resolves again: {addrs:?}");
+                }
+                self.last.borrow_mut().insert(host.to_owned(), addrs.clone());
+                Ok(addrs)
+            }
+            Err(e) => match self.last.borrow().get(host) {
+                Some(addrs) => {
+                    if self.failing.borrow_mut().insert(host.to_owned()) {
+                        log::warn!("hostname {host} no longer resolves ({e}); keeping its last addresses {addrs:?}");
+                    }
+                    Ok(addrs.clone())
+                }
+                None => Err(e),
+            },
+        }
+    }
 }
 
 /// A policy read from disk, validated.
 pub struct Loaded {
     pub policy: Policy,
-    pub text: String,
+    pub sources: Vec<PolicySource>,
     pub sha256: String,
 }
 
-/// Reads and validates a policy file; the error text lists every problem.
-pub fn load_policy(path: &Path) -> Result<Loaded, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read the policy: {e}", path.display()))?;
-    let policy = policy::parse(&text, path, &Nss).map_err(|e| e.to_string())?;
-    let sha256 = Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
-    Ok(Loaded { policy, text, sha256 })
+/// Reads and validates a policy and its policy.d; the error text lists
+/// every problem.
+pub fn load_policy(path: &Path, resolver: &dyn Resolver) -> Result<Loaded, String> {
+    let sources = policy::read_sources(path).map_err(|e| e.to_string())?;
+    let policy = policy::parse_sources(&sources, &Env { dir: &Nss, resolver }).map_err(|e| e.to_string())?;
+    let mut h = Sha256::new();
+    for s in &sources {
+        h.update(s.text.as_bytes());
+    }
+    let sha256 = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(Loaded { policy, sources, sha256 })
 }
 
 /// Who may open which VM: (vm, uid) pairs, for diffs.
@@ -95,6 +145,12 @@ pub struct Engine {
     last_reload: Value,
     started_at: u64,
     counters_at_start: BTreeMap<u32, VmCounters>,
+    resolver: CachingResolver,
+    /// uid of the active seat0 session, from the logind watcher.
+    console: Option<u32>,
+    /// Schedule grants in force.
+    scheduled: BTreeSet<(String, u32)>,
+    last_resolve: Instant,
 }
 
 impl Engine {
@@ -102,7 +158,8 @@ impl Engine {
     /// program against the pinned maps, installs the table and attaches.
     pub fn start(cfg: Config) -> anyhow::Result<Self> {
         let grants = GrantStore::load(&cfg.state_dir)?;
-        let (loaded, source) = match load_policy(&cfg.policy_path) {
+        let resolver = CachingResolver::default();
+        let (loaded, source) = match load_policy(&cfg.policy_path, &resolver) {
             Ok(l) => (l, Source::File),
             Err(e) => {
                 let last = state::last_good_path(&cfg.state_dir);
@@ -115,12 +172,16 @@ impl Engine {
                     cfg.policy_path.display(),
                     last.display()
                 );
-                (load_policy(&last).map_err(|e2| anyhow!("{e}\nthe last good policy is broken too: {e2}"))?, Source::LastGood)
+                (load_policy(&last, &resolver).map_err(|e2| anyhow!("{e}\nthe last good policy is broken too: {e2}"))?, Source::LastGood)
             }
         };
         let local = hostaddrs::current().context("listing this machine's addresses")?;
         let now = now_unix();
-        let compiled = compile(&loaded.policy, &local, &grants.active(now)).with_context(|| cfg.policy_path.display().to_string())?;
+        let clock = clock_now(cfg.clock_offset_file.as_deref());
+        let scheduled = schedule::scheduled(&loaded.policy, clock, &schedule::zone(&loaded.policy), None);
+        let temp = grants.active(u64::try_from(clock).unwrap_or(0));
+        let dynamic = Dynamic { temp: &temp, scheduled: scheduled.clone(), console: None };
+        let compiled = compile(&loaded.policy, &local, &dynamic).with_context(|| cfg.policy_path.display().to_string())?;
 
         kernel::ensure_bpffs(&cfg.paths.dir)?;
         let mut kernel = Kernel::load(&cfg.paths)?;
@@ -146,6 +207,10 @@ impl Engine {
             last_reload: json!({ "at": rfc3339(now), "at_unix": now, "ok": true, "message": "started" }),
             started_at: now,
             counters_at_start,
+            resolver,
+            console: None,
+            scheduled,
+            last_resolve: Instant::now(),
         };
         if engine.source == Source::File {
             engine.save_last_good();
@@ -179,17 +244,25 @@ impl Engine {
     }
 
     fn save_last_good(&self) {
-        let path = state::last_good_path(&self.cfg.state_dir);
-        if let Err(e) = state::write_atomic(&path, self.loaded.text.as_bytes()) {
-            log::warn!("could not keep a copy of the good policy in {}: {e:#}", path.display());
+        if let Err(e) = state::save_last_good(&self.cfg.state_dir, &self.loaded.sources) {
+            log::warn!("could not keep a copy of the good policy in {}: {e:#}", self.cfg.state_dir.display());
         }
+    }
+
+    fn clock(&self) -> i64 {
+        clock_now(self.cfg.clock_offset_file.as_deref())
     }
 
     /// Compiles and installs; on error nothing in the kernel changed.
     fn apply(&mut self, loaded: Option<Loaded>, local: Option<LocalAddrs>) -> anyhow::Result<(Compiled, Compiled)> {
         let policy = loaded.as_ref().map_or(&self.loaded.policy, |l| &l.policy);
         let local_ref = local.as_ref().unwrap_or(&self.local);
-        let compiled = compile(policy, local_ref, &self.grants.active(now_unix()))?;
+        let clock = self.clock();
+        let scheduled = schedule::scheduled(policy, clock, &schedule::zone(policy), self.console);
+        let temp = self.grants.active(u64::try_from(clock).unwrap_or(0));
+        let dynamic = Dynamic { temp: &temp, scheduled: scheduled.clone(), console: self.console };
+        let compiled = compile(policy, local_ref, &dynamic)?;
+        self.scheduled = scheduled;
         self.kernel.install(&compiled)?;
         let old = std::mem::replace(&mut self.compiled, compiled.clone());
         *self.vm_names.write().unwrap_or_else(std::sync::PoisonError::into_inner) = compiled.vm_names.clone();
@@ -244,7 +317,9 @@ impl Engine {
     /// `reload` and SIGHUP.
     pub fn reload(&mut self, why: &str) -> Result<Value, String> {
         let now = now_unix();
-        let result = load_policy(&self.cfg.policy_path).and_then(|l| {
+        let loaded = load_policy(&self.cfg.policy_path, &self.resolver);
+        self.last_resolve = Instant::now();
+        let result = loaded.and_then(|l| {
             let sha = l.sha256.clone();
             self.apply(Some(l), None).map(|(old, new)| (old, new, sha)).map_err(|e| format!("{e:#}"))
         });
@@ -278,9 +353,72 @@ impl Engine {
         }
     }
 
+    /// Several times a second: expiries, schedule windows and the periodic
+    /// re-resolution of hostnames and groups. Everything is computed from the
+    /// clock now, so a clock jump or a DST change takes effect at once.
+    pub fn tick(&mut self) {
+        self.expire_grants();
+        let clock = self.clock();
+        let scheduled = schedule::scheduled(&self.loaded.policy, clock, &schedule::zone(&self.loaded.policy), self.console);
+        if scheduled != self.scheduled {
+            let old = self.scheduled.clone();
+            match self.apply(None, None) {
+                Ok(_) => {
+                    for line in diff_lines(&old, &scheduled, &Nss) {
+                        log::info!("schedule: {line}");
+                    }
+                }
+                Err(e) => log::error!("schedule change not applied: {e:#}"),
+            }
+        }
+        if self.last_resolve.elapsed() >= self.loaded.policy.settings.resolve_interval {
+            self.re_resolve();
+        }
+    }
+
+    /// Looks hostnames and group members up again and applies any change.
+    fn re_resolve(&mut self) {
+        self.last_resolve = Instant::now();
+        let env = Env { dir: &Nss, resolver: &self.resolver };
+        match policy::parse_sources(&self.loaded.sources, &env) {
+            Ok(policy) if policy == self.loaded.policy => {}
+            Ok(policy) => {
+                let loaded = Loaded { policy, sources: self.loaded.sources.clone(), sha256: self.loaded.sha256.clone() };
+                let source = self.source;
+                match self.apply(Some(loaded), None) {
+                    Ok((old, new)) => {
+                        for line in diff_lines(&access_pairs(&old), &access_pairs(&new), &Nss) {
+                            log::info!("groups or hostnames changed: {line}");
+                        }
+                        log::info!("groups or hostnames changed; policy re-applied: {}", self.summary());
+                    }
+                    Err(e) => log::error!("groups or hostnames changed but the table could not be updated: {e:#}"),
+                }
+                self.source = source;
+            }
+            Err(e) => log::warn!("re-reading groups and hostnames failed; the policy in force stays:\n{e}"),
+        }
+    }
+
+    /// The console user changed (logind).
+    pub fn set_console(&mut self, uid: Option<u32>) {
+        if uid == self.console {
+            return;
+        }
+        let name = |u: Option<u32>| u.map_or_else(|| "nobody".to_owned(), |u| Nss.user_name(u).unwrap_or_else(|| format!("#{u}")));
+        log::info!("console user: {} -> {}", name(self.console), name(uid));
+        self.console = uid;
+        if !self.loaded.policy.vms.values().any(policy::Vm::uses_console) {
+            return;
+        }
+        if let Err(e) = self.apply(None, None) {
+            log::error!("console change not applied: {e:#}");
+        }
+    }
+
     /// Drops expired temporary grants and reapplies.
-    pub fn expire_grants(&mut self) {
-        let now = now_unix();
+    fn expire_grants(&mut self) {
+        let now = u64::try_from(self.clock()).unwrap_or(0);
         if self.grants.next_expiry().is_none_or(|t| t > now) {
             return;
         }
@@ -307,7 +445,15 @@ impl Engine {
                 let _ = reply.send(self.reload("spicegate reload"));
             }
             Command::Why { uid, user, addr, port, reply } => {
-                let v = explain(&self.compiled, &self.loaded.policy, &self.grants.active(now_unix()), uid, &user, addr, port);
+                let clock = self.clock();
+                let ctx = crate::explain::Context {
+                    policy: &self.loaded.policy,
+                    temp: &self.grants.active(u64::try_from(clock).unwrap_or(0)),
+                    tz: &schedule::zone(&self.loaded.policy),
+                    now: clock,
+                    console: self.console,
+                };
+                let v = explain(&self.compiled, &ctx, uid, &user, addr, port);
                 let _ = reply.send(serde_json::to_value(v).map_err(|e| e.to_string()));
             }
             Command::Grant { uid, user, vm, for_secs, by, reply } => {
@@ -324,7 +470,7 @@ impl Engine {
             let known: Vec<&str> = self.loaded.policy.vms.keys().map(String::as_str).collect();
             return Err(format!("no vm `{vm}` in the policy (vms: {})", known.join(", ")));
         }
-        let now = now_unix();
+        let now = u64::try_from(self.clock()).unwrap_or(0);
         let expires = for_secs.map(|s| now.saturating_add(s));
         let before = self.grants.grants.clone();
         self.grants.upsert(TempGrant { uid, user: user.clone(), vm: vm.clone(), expires, granted_at: now, granted_by: by });
@@ -362,8 +508,14 @@ impl Engine {
         let since = |id: u32| {
             let now = counters.get(&id).copied().unwrap_or_default();
             let then = self.counters_at_start.get(&id).copied().unwrap_or_default();
-            (now.allowed.saturating_sub(then.allowed), now.denied.saturating_sub(then.denied))
+            (
+                now.allowed.saturating_sub(then.allowed),
+                now.denied.saturating_sub(then.denied),
+                now.audited.saturating_sub(then.audited),
+            )
         };
+        let clock = self.clock();
+        let tz = schedule::zone(&self.loaded.policy);
         let name = |u: u32| Nss.user_name(u).unwrap_or_else(|| format!("#{u}"));
         let ids: BTreeMap<&str, u32> = self.compiled.vm_names.iter().map(|(id, n)| (n.as_str(), *id)).collect();
         let mut vms = Vec::new();
@@ -376,23 +528,72 @@ impl Engine {
                     d => format!("{d}:{p}"),
                 })
                 .collect();
-            let (uids, temp) = eps.first().map_or_else(Default::default, |(_, i)| (i.uids.clone(), i.temp_uids.clone()));
-            let users: Vec<Value> = uids
+            let info = eps.first().map(|(_, i)| (*i).clone());
+            let users: Vec<Value> = info
+                .as_ref()
+                .map(|i| {
+                    i.uids
+                        .iter()
+                        .map(|u| {
+                            let via = if i.temp_uids.contains(u) {
+                                "temporary"
+                            } else if i.console_uid == Some(*u) && !vm.uids().contains(u) {
+                                "console"
+                            } else if i.scheduled_uids.contains(u) && !vm.uids().contains(u) {
+                                "schedule"
+                            } else {
+                                "policy"
+                            };
+                            json!({ "uid": u, "user": name(*u), "temporary": via == "temporary", "via": via })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            // Everyone a schedule names, with when their access next changes.
+            let mut named: BTreeSet<u32> = vm.schedules.iter().flat_map(|s| s.allow.iter().flat_map(|g| g.uids.iter().copied())).collect();
+            named.extend(self.console.filter(|_| vm.schedules.iter().any(|s| s.allow.iter().any(|g| g.principal == policy::Principal::Console))));
+            let windows: Vec<Value> = named
                 .iter()
-                .map(|u| json!({ "uid": u, "user": name(*u), "temporary": temp.contains(u) }))
+                .map(|u| {
+                    let open = self.scheduled.contains(&(vm.name.clone(), *u));
+                    let next = schedule::next_change(&self.loaded.policy, &vm.name, *u, clock, &tz, self.console);
+                    json!({
+                        "uid": u, "user": name(*u), "open_now": open,
+                        "next_change": next.map(|t| rfc3339(u64::try_from(t).unwrap_or(0))),
+                        "next_change_unix": next,
+                    })
+                })
                 .collect();
-            let (allowed, denied) = ids.get(vm.name.as_str()).map_or((0, 0), |id| since(*id));
+            let schedules: Vec<String> = vm
+                .schedules
+                .iter()
+                .map(|s| {
+                    let who: Vec<String> = s.allow.iter().map(|g| g.principal.to_string()).collect();
+                    format!("{}: {}", s.describe(), who.join(", "))
+                })
+                .collect();
+            let (allowed, denied, audited) = ids.get(vm.name.as_str()).map_or((0, 0, 0), |id| since(*id));
             vms.push(json!({
                 "name": vm.name,
                 "server": vm.server,
+                "mode": self.loaded.policy.vm_mode(vm),
                 "endpoints": endpoints,
                 "users": users,
+                "schedules": schedules,
+                "schedule_users": windows,
                 "allowed": allowed,
                 "denied": denied,
+                "audited": audited,
             }));
         }
-        let (_, protect_denied) = since(spicegate_common::NO_VM);
-        let now = now_unix();
+        let (_, protect_denied, protect_audited) = since(spicegate_common::NO_VM);
+        let now = u64::try_from(clock).unwrap_or(0);
+        let modes: BTreeSet<Mode> = self.loaded.policy.vms.values().map(|v| self.loaded.policy.vm_mode(v)).chain([self.loaded.policy.settings.mode]).collect();
+        let mode = match (modes.contains(&Mode::Enforce), modes.contains(&Mode::Audit)) {
+            (true, true) => "mixed",
+            (false, true) => "audit",
+            _ => "enforce",
+        };
         let temporary: Vec<Value> = self
             .grants
             .active(now)
@@ -410,7 +611,9 @@ impl Engine {
             "version": env!("CARGO_PKG_VERSION"),
             "running": true,
             "attached": kernel::attached(&self.cfg.paths, &self.cfg.cgroup),
-            "mode": "enforce",
+            "mode": mode,
+            "console_user": self.console.map(|u| json!({ "uid": u, "user": name(u) })),
+            "time_zone": tz.iana_name().unwrap_or("system"),
             "cgroup": self.cfg.cgroup,
             "pin_dir": self.cfg.paths.dir,
             "started_at": rfc3339(self.started_at),
@@ -422,6 +625,7 @@ impl Engine {
                 "loaded_at_unix": self.loaded_at,
                 "end_sessions": self.loaded.policy.settings.end_sessions,
                 "admins": self.loaded.policy.settings.admins.as_ref().map(|(g, _)| g.clone()),
+                "files": self.loaded.policy.files,
             },
             "last_reload": self.last_reload,
             "counts": {
@@ -432,6 +636,7 @@ impl Engine {
                 "kernel_entries": self.compiled.rules.len(),
             },
             "protect_denied": protect_denied,
+            "protect_audited": protect_audited,
             "vms": vms,
             "temporary_grants": temporary,
         })

@@ -24,6 +24,8 @@ pub struct DenyEvent {
     pub vm: u32,
     /// Denials of this uid the kernel did not log before this one.
     pub suppressed: u32,
+    /// Audit mode: the connect was let through.
+    pub audit: bool,
     pub comm: String,
 }
 
@@ -31,7 +33,16 @@ impl DenyEvent {
     /// Parses the kernel's message; `None` for anything else.
     pub fn parse(msg: &str) -> Option<Self> {
         let rest = msg.strip_prefix("deny ")?;
-        let mut ev = DenyEvent { uid: 0, pid: 0, addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED), port: 0, vm: 0, suppressed: 0, comm: String::new() };
+        let mut ev = DenyEvent {
+            uid: 0,
+            pid: 0,
+            addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            port: 0,
+            vm: 0,
+            suppressed: 0,
+            audit: false,
+            comm: String::new(),
+        };
         let mut seen = 0u8;
         for field in rest.split_whitespace() {
             let (k, v) = field.split_once('=')?;
@@ -42,6 +53,10 @@ impl DenyEvent {
                 "port" => ev.port = v.parse().ok()?,
                 "vm" => ev.vm = v.parse().ok()?,
                 "suppressed" => ev.suppressed = v.parse().ok()?,
+                "audit" => {
+                    ev.audit = v == "1";
+                    continue;
+                }
                 "comm" => ev.comm = decode_comm(v),
                 _ => continue,
             }
@@ -99,13 +114,18 @@ pub struct DenyRecord {
     pub vm: Option<String>,
     /// Denials of this uid the kernel did not log before this one.
     pub suppressed: u32,
+    /// Audit mode: the connect would have been refused and was let through.
+    #[serde(default)]
+    pub audit: bool,
 }
 
 impl DenyRecord {
-    /// The log line: `DENY uid=.. user=.. pid=.. comm=.. dst=.. vm=.. suppressed=..`.
+    /// The log line: `DENY uid=.. user=.. pid=.. comm=.. dst=.. vm=.. suppressed=..`
+    /// (`AUDIT ...` in audit mode: would be denied, let through).
     pub fn line(&self) -> String {
         format!(
-            "DENY uid={} user={} pid={} comm={} dst={} vm={} suppressed={}",
+            "{} uid={} user={} pid={} comm={} dst={} vm={} suppressed={}",
+            if self.audit { "AUDIT" } else { "DENY" },
             self.uid,
             self.user,
             self.pid,
@@ -164,6 +184,7 @@ impl<D: Directory> DenySink<D> {
             dst: Endpoint(ev.addr, ev.port).to_string(),
             vm,
             suppressed: ev.suppressed,
+            audit: ev.audit,
         }
     }
 

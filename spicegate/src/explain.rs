@@ -31,58 +31,108 @@ pub fn kernel_dest(c: &Compiled, ip: IpAddr) -> Dest {
     }
 }
 
-pub fn explain(c: &Compiled, policy: &Policy, temp: &[TempGrant], uid: u32, user: &str, ip: IpAddr, port: u16) -> Verdict {
-    let allow = decide(c, uid, ip, port);
+/// What `why` needs besides the table.
+pub struct Context<'a> {
+    pub policy: &'a Policy,
+    pub temp: &'a [TempGrant],
+    pub tz: &'a jiff::tz::TimeZone,
+    /// Unix seconds of the daemon's clock.
+    pub now: i64,
+    pub console: Option<u32>,
+}
+
+pub fn explain(c: &Compiled, ctx: &Context<'_>, uid: u32, user: &str, ip: IpAddr, port: u16) -> Verdict {
+    let allow_now = decide(c, uid, ip, port);
     let ep = Endpoint(canonical(ip), port);
     let Some(port_rule) = c.rules.get(&RuleKey::port(port)) else {
-        return Verdict { allow, vm: None, reason: format!("not guarded: no rule guards port {port}") };
+        return Verdict { allow: allow_now, vm: None, reason: format!("not guarded: no rule guards port {port}") };
     };
     let dest = kernel_dest(c, ip);
     let info = c.endpoints.get(&(dest, port));
     let everywhere = port_rule.flags & PORT_GUARD_ALL != 0;
-    let local_note = if dest == Dest::Local && !matches!(canonical(ip), a if a.is_loopback()) {
+    let local_note = if dest == Dest::Local && !canonical(ip).is_loopback() && !canonical(ip).is_unspecified() {
         " (a local address: decided as localhost)"
     } else {
         ""
     };
+    let audit_note = " [audit mode: logged, not refused]";
     let Some(info) = info else {
         if everywhere {
+            let audit = port_rule.flags & spicegate_common::PORT_AUDIT != 0;
             return Verdict {
-                allow,
+                allow: allow_now,
                 vm: None,
                 reason: format!(
-                    "[protect] guards port {port} on every address and no VM grants {user} {ep}{local_note}"
+                    "[protect] guards port {port} on every address and no VM grants {user} {ep}{local_note}{}",
+                    if audit { audit_note } else { "" }
                 ),
             };
         }
         return Verdict {
-            allow,
+            allow: allow_now,
             vm: None,
             reason: format!("not guarded: port {port} is guarded only on other addresses than {ep}"),
         };
     };
     let vm = Some(info.vm.clone());
-    if allow {
+    let granted = info.uids.contains(&uid);
+    let window = |uid: u32| -> String {
+        match crate::schedule::next_change(ctx.policy, &info.vm, uid, ctx.now, ctx.tz, ctx.console) {
+            Some(t) => crate::grants::rfc3339(u64::try_from(t).unwrap_or(0)),
+            None => "not within 8 days".into(),
+        }
+    };
+    let in_schedule = crate::schedule::named_in_schedule(ctx.policy, &info.vm, uid, ctx.console);
+    let schedules_text = || -> String {
+        ctx.policy
+            .vms
+            .get(&info.vm)
+            .map(|v| v.schedules.iter().map(crate::policy::Schedule::describe).collect::<Vec<_>>().join("; "))
+            .unwrap_or_default()
+    };
+    if granted {
         if info.temp_uids.contains(&uid) {
-            let until = temp
+            let until = ctx
+                .temp
                 .iter()
                 .find(|g| g.uid == uid && g.vm == info.vm)
                 .and_then(|g| g.expires)
                 .map_or_else(|| "until revoked".to_owned(), |e| format!("until {}", crate::grants::rfc3339(e)));
-            return Verdict { allow, vm, reason: format!("temporary grant of vm `{}` to {user}, {until}", info.vm) };
+            return Verdict { allow: true, vm, reason: format!("temporary grant of vm `{}` to {user}, {until}", info.vm) };
         }
-        let via: Vec<String> = policy
-            .vms
-            .get(&info.vm)
+        let vm_def = ctx.policy.vms.get(&info.vm);
+        let via: Vec<String> = vm_def
             .map(|v| v.allow.iter().filter(|g| g.uids.contains(&uid)).map(|g| format!("`{}`", g.principal)).collect())
             .unwrap_or_default();
+        if !via.is_empty() {
+            return Verdict {
+                allow: true,
+                vm,
+                reason: format!("vm `{}` allows {user} (allow entry {}){local_note}", info.vm, via.join(", ")),
+            };
+        }
+        if info.console_uid == Some(uid) {
+            return Verdict {
+                allow: true,
+                vm,
+                reason: format!("vm `{}` allows `@console`, and {user} holds the active session on seat0", info.vm),
+            };
+        }
         return Verdict {
-            allow,
+            allow: true,
             vm,
-            reason: format!("vm `{}` allows {user} (allow entry {}){local_note}", info.vm, via.join(", ")),
+            reason: format!("vm `{}` allows {user} by schedule ({}); access ends {}", info.vm, schedules_text(), window(uid)),
         };
     }
-    Verdict { allow, vm, reason: format!("vm `{}` ({ep}) does not allow {user}{local_note}", info.vm) }
+    let audit = if info.mode == crate::policy::Mode::Audit { audit_note } else { "" };
+    let reason = if in_schedule {
+        format!("vm `{}` allows {user} only by schedule ({}), not now; access next begins {}{audit}", info.vm, schedules_text(), window(uid))
+    } else if ctx.policy.vms.get(&info.vm).is_some_and(crate::policy::Vm::allows_console) {
+        format!("vm `{}` ({ep}) allows only `@console` (the active seat0 session user), and {user} is not it{audit}", info.vm)
+    } else {
+        format!("vm `{}` ({ep}) does not allow {user}{local_note}{audit}", info.vm)
+    };
+    Verdict { allow: allow_now, vm, reason }
 }
 
 #[cfg(test)]
@@ -91,7 +141,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        compile::{LocalAddrs, compile},
+        compile::{Dynamic, LocalAddrs, compile},
         directory::FakeDirectory,
         policy::parse,
     };
@@ -108,8 +158,10 @@ mod tests {
         )
         .expect("valid");
         let temp = vec![TempGrant { uid: 7, user: "seven".into(), vm: "w".into(), expires: None, granted_at: 0, granted_by: 0 }];
-        let c = compile(&p, &LocalAddrs::new(), &temp).expect("compiles");
-        let why = |uid, user, ip: &str, port| explain(&c, &p, &temp, uid, user, ip.parse().expect("ip"), port);
+        let c = compile(&p, &LocalAddrs::new(), &Dynamic { temp: &temp, ..Dynamic::default() }).expect("compiles");
+        let tz = jiff::tz::TimeZone::UTC;
+        let ctx = Context { policy: &p, temp: &temp, tz: &tz, now: 0, console: None };
+        let why = |uid, user, ip: &str, port| explain(&c, &ctx, uid, user, ip.parse().expect("ip"), port);
 
         let v = why(1002, "anne", "192.168.2.2", 20002);
         assert!(v.allow && v.reason.contains("allow entry `@bk`"), "{v:?}");

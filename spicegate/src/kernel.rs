@@ -267,6 +267,7 @@ impl Kernel {
             let sum = per_cpu.iter().fold(VmCounters::default(), |a, c| VmCounters {
                 allowed: a.allowed + c.allowed,
                 denied: a.denied + c.denied,
+                audited: a.audited + c.audited,
             });
             out.insert(vm, sum);
         }

@@ -6,6 +6,7 @@
 
 mod cli;
 mod compile;
+mod console;
 mod control;
 mod directory;
 mod engine;
@@ -16,6 +17,7 @@ mod hostaddrs;
 mod kernel;
 mod logging;
 mod policy;
+mod schedule;
 mod sockdiag;
 mod state;
 

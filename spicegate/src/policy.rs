@@ -10,6 +10,7 @@ use std::{
     net::IpAddr,
     ops::Range,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -72,7 +73,13 @@ struct RawSettings {
     #[serde(default)]
     admins: Option<Spanned<String>>,
     #[serde(default)]
-    end_sessions: Option<bool>,
+    end_sessions: Option<Spanned<bool>>,
+    #[serde(default)]
+    timezone: Option<Spanned<String>>,
+    #[serde(default)]
+    resolve_interval: Option<Spanned<String>>,
+    #[serde(default)]
+    mode: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +105,20 @@ struct RawVm {
     ports: Spanned<Vec<Spanned<toml::Value>>>,
     #[serde(default)]
     allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    schedule: Vec<RawSchedule>,
+    #[serde(default)]
+    mode: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    allow: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    days: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    hours: Option<Spanned<String>>,
 }
 
 // ---- the validated model ------------------------------------------------
@@ -111,6 +132,8 @@ pub enum Principal {
     Group(String),
     /// `#1021`: a numeric uid; needs no passwd entry.
     Uid(u32),
+    /// `@console`: whoever holds the active session on seat0, while they do.
+    Console,
 }
 
 impl fmt::Display for Principal {
@@ -119,6 +142,7 @@ impl fmt::Display for Principal {
             Self::User(n) => write!(f, "{n}"),
             Self::Group(g) => write!(f, "@{g}"),
             Self::Uid(u) => write!(f, "#{u}"),
+            Self::Console => write!(f, "@console"),
         }
     }
 }
@@ -128,7 +152,7 @@ impl fmt::Display for Principal {
 pub enum ServerTarget {
     /// The built-in `localhost`: any address of this machine.
     Local,
-    /// IP literals.
+    /// Addresses: literals, and what hostnames resolved to.
     Addresses(Vec<IpAddr>),
 }
 
@@ -136,6 +160,8 @@ pub enum ServerTarget {
 pub struct Server {
     pub name: String,
     pub target: ServerTarget,
+    /// Hostnames among the addresses, re-resolved periodically.
+    pub hostnames: Vec<String>,
 }
 
 /// One `allow` entry and the uids it resolved to.
@@ -145,19 +171,75 @@ pub struct Grantee {
     pub uids: BTreeSet<u32>,
 }
 
+/// Enforce (refuse what is not granted) or audit (log it, refuse nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+        })
+    }
+}
+
+/// `[[vms.NAME.schedule]]`: grants that hold only inside a time window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    pub allow: Vec<Grantee>,
+    /// Bit 0 = Monday ... bit 6 = Sunday.
+    pub days: u8,
+    /// Minutes after midnight, local time: [start, end). A window with
+    /// end <= start runs past midnight into the next day.
+    pub hours: Option<(u16, u16)>,
+}
+
+impl Schedule {
+    /// `mon,tue 08:00-18:00`, for humans.
+    pub fn describe(&self) -> String {
+        const NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+        let days: Vec<&str> = (0..7).filter(|d| self.days & (1 << d) != 0).map(|d| NAMES[d]).collect();
+        let days = if self.days == 0x7f { "every day".to_owned() } else { days.join(",") };
+        match self.hours {
+            None => days,
+            Some((a, b)) => format!("{days} {:02}:{:02}-{:02}:{:02}", a / 60, a % 60, b / 60, b % 60),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vm {
     pub name: String,
     pub server: String,
     pub ports: Vec<u16>,
     pub allow: Vec<Grantee>,
+    pub schedules: Vec<Schedule>,
+    /// `mode` of the VM; `None` follows `[settings] mode`.
+    pub mode: Option<Mode>,
 }
 
 impl Vm {
-    /// Every uid granted this VM.
+    /// Every uid the `allow` list grants at all times.
     pub fn uids(&self) -> BTreeSet<u32> {
         self.allow.iter().flat_map(|g| g.uids.iter().copied()).collect()
     }
+
+    /// Whether `allow` names `@console`.
+    pub fn allows_console(&self) -> bool {
+        self.allow.iter().any(|g| g.principal == Principal::Console)
+    }
+
+    /// Whether anything about this VM depends on the console user.
+    pub fn uses_console(&self) -> bool {
+        self.allows_console() || self.schedules.iter().any(|s| s.allow.iter().any(|g| g.principal == Principal::Console))
+    }
+
 }
 
 /// `[settings]`.
@@ -169,11 +251,17 @@ pub struct Settings {
     /// `end_sessions` (default true): when access ends, close the user's
     /// established connections to the endpoint.
     pub end_sessions: bool,
+    /// `timezone` for schedules; `None` is the machine's.
+    pub timezone: Option<String>,
+    /// How often hostnames and groups are looked up again.
+    pub resolve_interval: Duration,
+    /// Default mode of every VM and of `[protect]` ports.
+    pub mode: Mode,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { admins: None, end_sessions: true }
+        Self { admins: None, end_sessions: true, timezone: None, resolve_interval: Duration::from_secs(300), mode: Mode::Enforce }
     }
 }
 
@@ -187,7 +275,10 @@ impl Settings {
 /// A policy that parsed and validated: safe to compile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
+    /// The main file.
     pub source: PathBuf,
+    /// Every file it was read from: the main file, then policy.d in order.
+    pub files: Vec<PathBuf>,
     /// Guarded on every destination address; sorted, unique.
     pub protect_ports: Vec<u16>,
     /// Includes the built-in `localhost`.
@@ -196,111 +287,178 @@ pub struct Policy {
     pub settings: Settings,
 }
 
-/// Reads and validates a policy file.
-pub fn load(path: &Path, dir: &dyn Directory) -> Result<Policy, PolicyErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        PolicyErrors(vec![PolicyError {
-            file: path.to_owned(),
-            line: 0,
-            col: 0,
-            message: format!("cannot read the policy: {e}"),
-        }])
-    })?;
-    parse(&text, path, dir)
+impl Policy {
+    /// The mode a VM runs in.
+    pub fn vm_mode(&self, vm: &Vm) -> Mode {
+        vm.mode.unwrap_or(self.settings.mode)
+    }
 }
 
-/// Validates policy text. `path` is only used in error messages.
-pub fn parse(text: &str, path: &Path, dir: &dyn Directory) -> Result<Policy, PolicyErrors> {
-    let mut errs = Errors { text, file: path, list: Vec::new() };
-    let raw: RawPolicy = match toml::from_str(text) {
-        Ok(raw) => raw,
-        Err(e) => {
-            let span = e.span().unwrap_or(0..0);
-            errs.push(&span, e.message().trim_end().to_owned());
-            return Err(PolicyErrors(errs.list));
-        }
+/// One policy file's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+/// Resolves hostnames to addresses.
+pub trait Resolver {
+    fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, String>;
+}
+
+/// The system resolver (getaddrinfo: /etc/hosts, DNS, whatever
+/// nsswitch.conf says), every A and AAAA record.
+pub struct SystemResolver;
+
+impl Resolver for SystemResolver {
+    fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, String> {
+        use std::net::ToSocketAddrs as _;
+        let mut out: Vec<IpAddr> = (host, 0).to_socket_addrs().map_err(|e| e.to_string())?.map(|sa| sa.ip()).collect();
+        out.sort();
+        out.dedup();
+        if out.is_empty() { Err("no addresses".into()) } else { Ok(out) }
+    }
+}
+
+/// What validation looks up outside the text.
+pub struct Env<'a> {
+    pub dir: &'a dyn Directory,
+    pub resolver: &'a dyn Resolver,
+}
+
+/// `policy.d` next to the main file.
+pub fn dropin_dir(main: &Path) -> PathBuf {
+    main.parent().unwrap_or(Path::new(".")).join("policy.d")
+}
+
+/// Reads the main file and `policy.d/*.toml` in name order.
+pub fn read_sources(main: &Path) -> Result<Vec<Source>, PolicyErrors> {
+    let unreadable = |path: &Path, e: std::io::Error| {
+        PolicyErrors(vec![PolicyError { file: path.to_owned(), line: 0, col: 0, message: format!("cannot read the policy: {e}") }])
     };
+    let mut sources = vec![Source { path: main.to_owned(), text: std::fs::read_to_string(main).map_err(|e| unreadable(main, e))? }];
+    let dir = dropin_dir(main);
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        let mut files: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+            .collect();
+        files.sort();
+        for f in files {
+            let text = std::fs::read_to_string(&f).map_err(|e| unreadable(&f, e))?;
+            sources.push(Source { path: f, text });
+        }
+    }
+    Ok(sources)
+}
+
+/// Reads and validates a policy (with its policy.d).
+pub fn load(path: &Path, dir: &dyn Directory) -> Result<Policy, PolicyErrors> {
+    parse_sources(&read_sources(path)?, &Env { dir, resolver: &SystemResolver })
+}
+
+/// Resolver for tests: `*.example.lan` names from a fixed table, nothing else.
+#[cfg(test)]
+pub struct FakeResolver;
+
+#[cfg(test)]
+impl Resolver for FakeResolver {
+    fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, String> {
+        match host {
+            "mysrv.example.lan" => Ok(vec!["192.0.2.7".parse().expect("ip"), "2001:db8::7".parse().expect("ip")]),
+            _ => Err("Name or service not known".into()),
+        }
+    }
+}
+
+/// Validates one policy text (tests: hostnames through [`FakeResolver`]).
+#[cfg(test)]
+pub fn parse(text: &str, path: &Path, dir: &dyn Directory) -> Result<Policy, PolicyErrors> {
+    parse_sources(&[Source { path: path.to_owned(), text: text.to_owned() }], &Env { dir, resolver: &FakeResolver })
+}
+
+/// Validates a main file and its drop-ins together. A name defined twice is
+/// an error naming both places.
+pub fn parse_sources(sources: &[Source], env: &Env<'_>) -> Result<Policy, PolicyErrors> {
+    let mut errs = Errors { sources, list: Vec::new() };
+    let mut raws = Vec::new();
+    for (i, src) in sources.iter().enumerate() {
+        match toml::from_str::<RawPolicy>(&src.text) {
+            Ok(raw) => raws.push((i, raw)),
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                errs.push(i, &span, e.message().trim_end().to_owned());
+            }
+        }
+    }
+    if !errs.list.is_empty() {
+        return Err(PolicyErrors(errs.list));
+    }
+
+    // Names defined twice across files (within one file TOML refuses them).
+    let mut server_at: BTreeMap<&str, (usize, Range<usize>)> = BTreeMap::new();
+    let mut vm_at: BTreeMap<&str, (usize, Range<usize>)> = BTreeMap::new();
+    for (i, raw) in &raws {
+        for (what, keys, seen) in [
+            ("server", raw.servers.keys().collect::<Vec<_>>(), &mut server_at),
+            ("vm", raw.vms.keys().collect::<Vec<_>>(), &mut vm_at),
+        ] {
+            for k in keys {
+                if let Some((j, first)) = seen.get(k.get_ref().as_str()) {
+                    let (l, c) = line_col(&sources[*j].text, first.start);
+                    errs.push(
+                        *i,
+                        &k.span(),
+                        format!("{what} `{}` is also defined at {}:{l}:{c}", k.get_ref(), sources[*j].path.display()),
+                    );
+                } else {
+                    seen.insert(k.get_ref().as_str(), (*i, k.span()));
+                }
+            }
+        }
+    }
+
+    let mut settings = Settings::default();
+    let mut settings_at: BTreeMap<&str, (usize, Range<usize>)> = BTreeMap::new();
+    for (i, raw) in &raws {
+        if let Some(rs) = &raw.settings {
+            settings_from_raw(*i, rs, &mut settings, &mut settings_at, env, &mut errs);
+        }
+    }
 
     let mut protect_ports = BTreeSet::new();
-    if let Some(protect) = &raw.protect {
-        for p in &protect.ports {
-            if let Some(range) = port_spec(p, &mut errs) {
-                protect_ports.extend(range);
+    for (i, raw) in &raws {
+        if let Some(protect) = &raw.protect {
+            for p in &protect.ports {
+                if let Some(range) = port_spec(*i, p, &mut errs) {
+                    protect_ports.extend(range);
+                }
             }
         }
     }
 
     let mut servers = BTreeMap::new();
-    servers.insert(
-        LOCALHOST.to_owned(),
-        Server { name: LOCALHOST.to_owned(), target: ServerTarget::Local },
-    );
-    for (name, server) in &raw.servers {
-        if name.get_ref() == LOCALHOST {
-            errs.push(
-                &name.span(),
-                "`localhost` is built in (this machine, any local address); pick another name".into(),
-            );
-            continue;
-        }
-        if let Some(s) = server_from_raw(name, server, &mut errs) {
-            servers.insert(s.name.clone(), s);
+    servers.insert(LOCALHOST.to_owned(), Server { name: LOCALHOST.to_owned(), target: ServerTarget::Local, hostnames: vec![] });
+    let mut defined: BTreeSet<String> = [LOCALHOST.to_owned()].into();
+    for (i, raw) in &raws {
+        for (name, server) in &raw.servers {
+            defined.insert(name.get_ref().clone());
+            if name.get_ref() == LOCALHOST {
+                errs.push(*i, &name.span(), "`localhost` is built in (this machine, any local address); pick another name".into());
+                continue;
+            }
+            if let Some(s) = server_from_raw(*i, name, server, env, &mut errs) {
+                servers.insert(s.name.clone(), s);
+            }
         }
     }
 
     let mut vms = BTreeMap::new();
-    for (name, vm) in &raw.vms {
-        if !servers.contains_key(vm.server.get_ref())
-            && !raw.servers.keys().any(|k| k.get_ref() == vm.server.get_ref())
-        {
-            let known: Vec<&str> = servers.keys().map(String::as_str).collect();
-            errs.push(
-                &vm.server.span(),
-                format!(
-                    "vm `{}` names server `{}`, which is not defined (defined: {})",
-                    name.get_ref(),
-                    vm.server.get_ref(),
-                    known.join(", ")
-                ),
-            );
-        }
-        let mut ports = BTreeSet::new();
-        for p in vm.ports.get_ref() {
-            if let Some(range) = port_spec(p, &mut errs) {
-                ports.extend(range);
-            }
-        }
-        if vm.ports.get_ref().is_empty() {
-            errs.push(&vm.ports.span(), format!("vm `{}` has no ports", name.get_ref()));
-        }
-        let mut allow = Vec::new();
-        for entry in &vm.allow {
-            if let Some(g) = grantee(entry, dir, &mut errs) {
-                allow.push(g);
-            }
-        }
-        vms.insert(
-            name.get_ref().clone(),
-            Vm {
-                name: name.get_ref().clone(),
-                server: vm.server.get_ref().clone(),
-                ports: ports.into_iter().collect(),
-                allow,
-            },
-        );
-    }
-
-    let mut settings = Settings::default();
-    if let Some(raw) = &raw.settings {
-        if let Some(end) = raw.end_sessions {
-            settings.end_sessions = end;
-        }
-        if let Some(group) = &raw.admins {
-            let name = group.get_ref().trim().trim_start_matches('@');
-            match dir.group_members(name) {
-                Ok(Some(uids)) => settings.admins = Some((name.to_owned(), uids)),
-                Ok(None) => errs.push(&group.span(), format!("unknown admin group `{name}` (looked up through NSS)")),
-                Err(e) => errs.push(&group.span(), format!("cannot look up group `{name}`: {e}")),
+    for (i, raw) in &raws {
+        for (name, vm) in &raw.vms {
+            if let Some(v) = vm_from_raw(*i, name, vm, &defined, env, &mut errs) {
+                vms.insert(v.name.clone(), v);
             }
         }
     }
@@ -308,19 +466,26 @@ pub fn parse(text: &str, path: &Path, dir: &dyn Directory) -> Result<Policy, Pol
     if !errs.list.is_empty() {
         return Err(PolicyErrors(errs.list));
     }
-    Ok(Policy { source: path.to_owned(), protect_ports: protect_ports.into_iter().collect(), servers, vms, settings })
+    Ok(Policy {
+        source: sources[0].path.clone(),
+        files: sources.iter().map(|s| s.path.clone()).collect(),
+        protect_ports: protect_ports.into_iter().collect(),
+        servers,
+        vms,
+        settings,
+    })
 }
 
 struct Errors<'a> {
-    text: &'a str,
-    file: &'a Path,
+    sources: &'a [Source],
     list: Vec<PolicyError>,
 }
 
 impl Errors<'_> {
-    fn push(&mut self, span: &Range<usize>, message: String) {
-        let (line, col) = line_col(self.text, span.start);
-        self.list.push(PolicyError { file: self.file.to_owned(), line, col, message });
+    fn push(&mut self, file: usize, span: &Range<usize>, message: String) {
+        let src = &self.sources[file];
+        let (line, col) = line_col(&src.text, span.start);
+        self.list.push(PolicyError { file: src.path.clone(), line, col, message });
     }
 }
 
@@ -333,10 +498,79 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-fn port_spec(value: &Spanned<toml::Value>, errs: &mut Errors<'_>) -> Option<std::ops::RangeInclusive<u16>> {
+fn parse_mode(file: usize, v: &Spanned<String>, errs: &mut Errors<'_>) -> Option<Mode> {
+    match v.get_ref().as_str() {
+        "enforce" => Some(Mode::Enforce),
+        "audit" => Some(Mode::Audit),
+        other => {
+            errs.push(file, &v.span(), format!("mode `{other}`: use \"enforce\" or \"audit\""));
+            None
+        }
+    }
+}
+
+fn settings_from_raw<'r>(
+    file: usize,
+    raw: &'r RawSettings,
+    settings: &mut Settings,
+    seen: &mut BTreeMap<&'static str, (usize, Range<usize>)>,
+    env: &Env<'_>,
+    errs: &mut Errors<'_>,
+) {
+    let mut once = |key: &'static str, span: Range<usize>, errs: &mut Errors<'_>| -> bool {
+        if let Some((j, first)) = seen.get(key) {
+            let (l, c) = line_col(&errs.sources[*j].text, first.start);
+            let at = format!("{}:{l}:{c}", errs.sources[*j].path.display());
+            errs.push(file, &span, format!("setting `{key}` is also set at {at}"));
+            false
+        } else {
+            seen.insert(key, (file, span));
+            true
+        }
+    };
+    if let Some(end) = &raw.end_sessions
+        && once("end_sessions", end.span(), errs)
+    {
+        settings.end_sessions = *end.get_ref();
+    }
+    if let Some(group) = &raw.admins
+        && once("admins", group.span(), errs)
+    {
+        let name = group.get_ref().trim().trim_start_matches('@');
+        match env.dir.group_members(name) {
+            Ok(Some(uids)) => settings.admins = Some((name.to_owned(), uids)),
+            Ok(None) => errs.push(file, &group.span(), format!("unknown admin group `{name}` (looked up through NSS)")),
+            Err(e) => errs.push(file, &group.span(), format!("cannot look up group `{name}`: {e}")),
+        }
+    }
+    if let Some(tz) = &raw.timezone
+        && once("timezone", tz.span(), errs)
+    {
+        match jiff::tz::TimeZone::get(tz.get_ref()) {
+            Ok(_) => settings.timezone = Some(tz.get_ref().clone()),
+            Err(e) => errs.push(file, &tz.span(), format!("unknown time zone `{}`: {e}", tz.get_ref())),
+        }
+    }
+    if let Some(iv) = &raw.resolve_interval
+        && once("resolve_interval", iv.span(), errs)
+    {
+        match humantime::parse_duration(iv.get_ref()) {
+            Ok(d) if d >= Duration::from_secs(1) => settings.resolve_interval = d,
+            _ => errs.push(file, &iv.span(), format!("resolve_interval `{}`: a duration of at least 1s, like \"5m\"", iv.get_ref())),
+        }
+    }
+    if let Some(mode) = &raw.mode
+        && once("mode", mode.span(), errs)
+        && let Some(m) = parse_mode(file, mode, errs)
+    {
+        settings.mode = m;
+    }
+}
+
+fn port_spec(file: usize, value: &Spanned<toml::Value>, errs: &mut Errors<'_>) -> Option<std::ops::RangeInclusive<u16>> {
     let span = value.span();
     let bad = |errs: &mut Errors<'_>, what: String| {
-        errs.push(&span, format!("{what}: a port is 1-65535, a range is \"LOW-HIGH\" with LOW <= HIGH"));
+        errs.push(file, &span, format!("{what}: a port is 1-65535, a range is \"LOW-HIGH\" with LOW <= HIGH"));
         None
     };
     let one = |n: i64| u16::try_from(n).ok().filter(|&p| p != 0);
@@ -360,7 +594,7 @@ fn port_spec(value: &Spanned<toml::Value>, errs: &mut Errors<'_>) -> Option<std:
     }
 }
 
-fn server_from_raw(name: &Spanned<String>, raw: &RawServer, errs: &mut Errors<'_>) -> Option<Server> {
+fn server_from_raw(file: usize, name: &Spanned<String>, raw: &RawServer, env: &Env<'_>, errs: &mut Errors<'_>) -> Option<Server> {
     let mut literals: Vec<&Spanned<String>> = Vec::new();
     if let Some(a) = &raw.address {
         literals.push(a);
@@ -368,47 +602,137 @@ fn server_from_raw(name: &Spanned<String>, raw: &RawServer, errs: &mut Errors<'_
     if let Some(list) = &raw.addresses {
         literals.extend(list.get_ref().iter());
         if list.get_ref().is_empty() {
-            errs.push(&list.span(), format!("server `{}` has an empty `addresses` list", name.get_ref()));
+            errs.push(file, &list.span(), format!("server `{}` has an empty `addresses` list", name.get_ref()));
         }
     }
     if literals.is_empty() {
-        errs.push(
-            &name.span(),
-            format!("server `{}` needs `address = \"...\"` or `addresses = [...]`", name.get_ref()),
-        );
+        errs.push(file, &name.span(), format!("server `{}` needs `address = \"...\"` or `addresses = [...]`", name.get_ref()));
         return None;
     }
     let mut addrs = Vec::new();
+    let mut hostnames = Vec::new();
     let mut ok = true;
     for lit in literals {
-        match lit.get_ref().trim().parse::<IpAddr>() {
-            Ok(ip) => addrs.push(ip),
-            Err(_) => {
+        let text = lit.get_ref().trim();
+        if let Ok(ip) = text.parse::<IpAddr>() {
+            addrs.push(ip);
+            continue;
+        }
+        if !is_hostname(text) {
+            ok = false;
+            errs.push(file, &lit.span(), format!("server `{}`: `{text}` is neither an IP address nor a hostname", name.get_ref()));
+            continue;
+        }
+        match env.resolver.resolve(text) {
+            Ok(found) => {
+                addrs.extend(found);
+                hostnames.push(text.to_owned());
+            }
+            Err(e) => {
                 ok = false;
-                errs.push(
-                    &lit.span(),
-                    format!(
-                        "server `{}`: `{}` is not an IPv4 or IPv6 address literal",
-                        name.get_ref(),
-                        lit.get_ref()
-                    ),
-                );
+                errs.push(file, &lit.span(), format!("server `{}`: hostname `{text}` does not resolve: {e}", name.get_ref()));
             }
         }
     }
     addrs.sort();
     addrs.dedup();
-    ok.then(|| Server { name: name.get_ref().clone(), target: ServerTarget::Addresses(addrs) })
+    ok.then(|| Server { name: name.get_ref().clone(), target: ServerTarget::Addresses(addrs), hostnames })
 }
 
-fn grantee(entry: &Spanned<String>, dir: &dyn Directory, errs: &mut Errors<'_>) -> Option<Grantee> {
+/// RFC 1123 host names: letters, digits, hyphens and dots.
+fn is_hostname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-') && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+fn vm_from_raw(
+    file: usize,
+    name: &Spanned<String>,
+    vm: &RawVm,
+    servers: &BTreeSet<String>,
+    env: &Env<'_>,
+    errs: &mut Errors<'_>,
+) -> Option<Vm> {
+    if !servers.contains(vm.server.get_ref()) {
+        let known: Vec<&str> = servers.iter().map(String::as_str).collect();
+        errs.push(
+            file,
+            &vm.server.span(),
+            format!(
+                "vm `{}` names server `{}`, which is not defined (defined: {})",
+                name.get_ref(),
+                vm.server.get_ref(),
+                known.join(", ")
+            ),
+        );
+    }
+    let mut ports = BTreeSet::new();
+    for p in vm.ports.get_ref() {
+        if let Some(range) = port_spec(file, p, errs) {
+            ports.extend(range);
+        }
+    }
+    if vm.ports.get_ref().is_empty() {
+        errs.push(file, &vm.ports.span(), format!("vm `{}` has no ports", name.get_ref()));
+    }
+    let allow: Vec<Grantee> = vm.allow.iter().filter_map(|e| grantee(file, e, env.dir, errs)).collect();
+    let mut schedules = Vec::new();
+    for s in &vm.schedule {
+        if let Some(s) = schedule_from_raw(file, s, env, errs) {
+            schedules.push(s);
+        }
+    }
+    let mode = vm.mode.as_ref().and_then(|m| parse_mode(file, m, errs));
+    Some(Vm { name: name.get_ref().clone(), server: vm.server.get_ref().clone(), ports: ports.into_iter().collect(), allow, schedules, mode })
+}
+
+fn schedule_from_raw(file: usize, raw: &RawSchedule, env: &Env<'_>, errs: &mut Errors<'_>) -> Option<Schedule> {
+    let allow: Vec<Grantee> = raw.allow.get_ref().iter().filter_map(|e| grantee(file, e, env.dir, errs)).collect();
+    if raw.allow.get_ref().is_empty() {
+        errs.push(file, &raw.allow.span(), "a schedule with an empty `allow` grants nothing; remove it or name someone".into());
+    }
+    let mut days = 0u8;
+    match &raw.days {
+        None => days = 0x7f,
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                errs.push(file, &list.span(), "empty `days`: leave `days` out for every day".into());
+            }
+            for d in list.get_ref() {
+                match crate::schedule::parse_day(d.get_ref()) {
+                    Some(bit) => days |= 1 << bit,
+                    None => errs.push(file, &d.span(), format!("day `{}`: use mon, tue, wed, thu, fri, sat, sun", d.get_ref())),
+                }
+            }
+        }
+    }
+    let hours = match &raw.hours {
+        None => None,
+        Some(h) => match crate::schedule::parse_hours(h.get_ref()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                errs.push(file, &h.span(), format!("hours `{}`: {e}", h.get_ref()));
+                None
+            }
+        },
+    };
+    Some(Schedule { allow, days, hours })
+}
+
+fn grantee(file: usize, entry: &Spanned<String>, dir: &dyn Directory, errs: &mut Errors<'_>) -> Option<Grantee> {
     let text = entry.get_ref().trim();
     let span = entry.span();
+    if text == "@console" {
+        return Some(Grantee { principal: Principal::Console, uids: BTreeSet::new() });
+    }
     if let Some(num) = text.strip_prefix('#') {
         return match num.parse::<u32>() {
             Ok(uid) if uid != u32::MAX => Some(Grantee { principal: Principal::Uid(uid), uids: [uid].into() }),
             _ => {
-                errs.push(&span, format!("`{text}`: `#` must be followed by a numeric uid"));
+                errs.push(file, &span, format!("`{text}`: `#` must be followed by a numeric uid"));
                 None
             }
         };
@@ -417,30 +741,31 @@ fn grantee(entry: &Spanned<String>, dir: &dyn Directory, errs: &mut Errors<'_>) 
         return match dir.group_members(group) {
             Ok(Some(uids)) => Some(Grantee { principal: Principal::Group(group.to_owned()), uids }),
             Ok(None) => {
-                errs.push(&span, format!("unknown group `{group}` (looked up through NSS)"));
+                errs.push(file, &span, format!("unknown group `{group}` (looked up through NSS)"));
                 None
             }
             Err(e) => {
-                errs.push(&span, format!("cannot look up group `{group}`: {e}"));
+                errs.push(file, &span, format!("cannot look up group `{group}`: {e}"));
                 None
             }
         };
     }
     if text.is_empty() {
-        errs.push(&span, "empty `allow` entry".into());
+        errs.push(file, &span, "empty `allow` entry".into());
         return None;
     }
     match dir.user_uid(text) {
         Ok(Some(uid)) => Some(Grantee { principal: Principal::User(text.to_owned()), uids: [uid].into() }),
         Ok(None) => {
             errs.push(
+                file,
                 &span,
                 format!("unknown user `{text}` (looked up through NSS; write `#UID` for a uid without a passwd entry)"),
             );
             None
         }
         Err(e) => {
-            errs.push(&span, format!("cannot look up user `{text}`: {e}"));
+            errs.push(file, &span, format!("cannot look up user `{text}`: {e}"));
             None
         }
     }
@@ -550,9 +875,9 @@ allow = ["ralph"]
 
     #[test]
     fn bad_address_and_localhost_redefinition() {
-        let e = err("[servers.localhost]\naddress = \"127.0.0.1\"\n[servers.s]\naddress = \"not-an-ip\"\n");
+        let e = err("[servers.localhost]\naddress = \"127.0.0.1\"\n[servers.s]\naddress = \"not an ip\"\n");
         assert!(e.contains("p.toml:1:10: `localhost` is built in"), "{e}");
-        assert!(e.contains("p.toml:4:11: server `s`: `not-an-ip` is not an IPv4 or IPv6"), "{e}");
+        assert!(e.contains("p.toml:4:11: server `s`: `not an ip` is neither an IP address nor a hostname"), "{e}");
     }
 
     #[test]
@@ -575,6 +900,66 @@ allow = ["ralph"]
         assert!(ok("").settings.end_sessions);
         let e = err("[settings]\nadmins = \"nogroup-here\"\n");
         assert!(e.contains("p.toml:2:10: unknown admin group `nogroup-here`"), "{e}");
+    }
+
+    #[test]
+    fn hostnames_resolve_to_every_address() {
+        let p = ok("[servers.s]\naddress = \"mysrv.example.lan\"\n");
+        assert_eq!(
+            p.servers["s"].target,
+            ServerTarget::Addresses(vec!["192.0.2.7".parse().unwrap(), "2001:db8::7".parse().unwrap()])
+        );
+        assert_eq!(p.servers["s"].hostnames, vec!["mysrv.example.lan".to_owned()]);
+        let e = err("[servers.s]\naddresses = [\"10.0.0.1\", \"gone.example.lan\"]\n");
+        assert!(e.contains("p.toml:2:26: server `s`: hostname `gone.example.lan` does not resolve"), "{e}");
+    }
+
+    #[test]
+    fn schedules_modes_and_console() {
+        let p = ok("[settings]\nmode = \"audit\"\ntimezone = \"Europe/Berlin\"\nresolve_interval = \"30s\"\n\
+                    [vms.v]\nserver = \"localhost\"\nports = [1]\nmode = \"enforce\"\nallow = [\"@console\"]\n\
+                    [[vms.v.schedule]]\nallow = [\"myself\"]\ndays = [\"mon\", \"tue\"]\nhours = \"22:00-06:00\"\n");
+        let v = &p.vms["v"];
+        assert!(v.allows_console() && v.uses_console());
+        assert_eq!(v.schedules[0].days, 0b11);
+        assert_eq!(v.schedules[0].hours, Some((1320, 360)));
+        assert_eq!(v.schedules[0].describe(), "mon,tue 22:00-06:00");
+        assert_eq!(p.settings.mode, Mode::Audit);
+        assert_eq!(p.vm_mode(v), Mode::Enforce);
+        assert_eq!(p.settings.resolve_interval, Duration::from_secs(30));
+        let e = err("[settings]\nmode = \"off\"\ntimezone = \"Mars/Olympus\"\n[vms.v]\nserver = \"localhost\"\nports = [1]\n\
+                     [[vms.v.schedule]]\nallow = [\"myself\"]\ndays = [\"mo\"]\nhours = \"9-5\"\n");
+        assert!(e.contains("p.toml:2:8: mode `off`"), "{e}");
+        assert!(e.contains("p.toml:3:12: unknown time zone `Mars/Olympus`"), "{e}");
+        assert!(e.contains("p.toml:9:9: day `mo`"), "{e}");
+        assert!(e.contains("p.toml:10:9: hours `9-5`"), "{e}");
+    }
+
+    #[test]
+    fn dropins_merge_and_clash() {
+        let src = |p: &str, t: &str| Source { path: PathBuf::from(p), text: t.to_owned() };
+        let env = Env { dir: &dir(), resolver: &FakeResolver };
+        let p = parse_sources(
+            &[
+                src("main.toml", "[protect]\nports = [5930]\n[vms.a]\nserver = \"localhost\"\nports = [1]\n"),
+                src("policy.d/10-b.toml", "[protect]\nports = [5931]\n[vms.b]\nserver = \"localhost\"\nports = [2]\n"),
+            ],
+            &env,
+        )
+        .expect("merges");
+        assert_eq!(p.protect_ports, vec![5930, 5931]);
+        assert_eq!(p.vms.len(), 2);
+        let e = parse_sources(
+            &[
+                src("main.toml", "[vms.a]\nserver = \"localhost\"\nports = [1]\n[settings]\nend_sessions = false\n"),
+                src("policy.d/10-b.toml", "\n[vms.a]\nserver = \"localhost\"\nports = [2]\n[settings]\nend_sessions = true\n"),
+            ],
+            &env,
+        )
+        .expect_err("clash")
+        .to_string();
+        assert!(e.contains("policy.d/10-b.toml:2:6: vm `a` is also defined at main.toml:1:6"), "{e}");
+        assert!(e.contains("policy.d/10-b.toml:6:16: setting `end_sessions` is also set at main.toml:5:16"), "{e}");
     }
 
     #[test]

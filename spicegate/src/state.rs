@@ -28,7 +28,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where the last good policy is kept.
+/// Where the last good policy is kept: `last-good/policy.toml` and its
+/// `last-good/policy.d/`.
 pub fn last_good_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("last-good.toml")
+    state_dir.join("last-good").join("policy.toml")
+}
+
+/// Keeps a copy of a policy that applied cleanly (main file and drop-ins).
+/// Built beside the old copy and renamed into place.
+pub fn save_last_good(state_dir: &Path, sources: &[crate::policy::Source]) -> anyhow::Result<()> {
+    let dir = state_dir.join("last-good");
+    let new = state_dir.join("last-good.new");
+    let old = state_dir.join("last-good.old");
+    let _ = fs::remove_dir_all(&new);
+    fs::create_dir_all(new.join("policy.d")).with_context(|| format!("creating {}", new.display()))?;
+    for (i, s) in sources.iter().enumerate() {
+        let target = if i == 0 {
+            new.join("policy.toml")
+        } else {
+            new.join("policy.d").join(s.path.file_name().unwrap_or_default())
+        };
+        write_atomic(&target, s.text.as_bytes())?;
+    }
+    let _ = fs::remove_dir_all(&old);
+    if dir.exists() {
+        fs::rename(&dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
+    }
+    fs::rename(&new, &dir).with_context(|| format!("renaming {} to {}", new.display(), dir.display()))?;
+    let _ = fs::remove_dir_all(&old);
+    Ok(())
 }

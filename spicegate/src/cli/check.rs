@@ -28,7 +28,7 @@ pub fn check(args: &CheckArgs, socket: &std::path::Path) -> anyhow::Result<ExitC
         }
     };
     let local = hostaddrs::current()?;
-    let compiled = match compile(&policy, &local, &[]) {
+    let compiled = match compile(&policy, &local, &crate::compile::Dynamic::default()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{}: {e}", args.file.display());
@@ -136,7 +136,7 @@ mod tests {
                     [vms.debianx]\nserver = \"mysrv\"\nports = [20002]\nallow = [\"myself\", \"@bookkeeping\", \"#1021\"]\n\
                     [vms.winlab]\nserver = \"localhost\"\nports = [5930]\nallow = [\"ralph\"]\n";
         let p = policy::parse(text, Path::new("p.toml"), &dir).expect("valid");
-        let c = compile(&p, &LocalAddrs::new(), &[]).expect("compiles");
+        let c = compile(&p, &LocalAddrs::new(), &crate::compile::Dynamic::default()).expect("compiles");
         let out = describe(&p, &c, &dir);
         assert!(out.contains("guarded on every destination: ports 5930, 20001-20010"), "{out}");
         assert!(out.contains("192.168.2.2:20002 -> allow myself(1000), #1002, #1021"), "{out}");

@@ -35,6 +35,13 @@ pub struct RunArgs {
     /// which destinations count as "localhost").
     #[arg(long, value_name = "SECS", default_value_t = 2, hide = true)]
     addr_interval: u64,
+    /// Test hook: file with seconds to add to the clock for schedules and
+    /// expiries, re-read on every tick.
+    #[arg(long, value_name = "FILE", hide = true)]
+    clock_offset_file: Option<PathBuf>,
+    /// D-Bus address of logind for `@console` [default: the system bus].
+    #[arg(long, value_name = "ADDRESS", hide = true)]
+    logind_bus: Option<String>,
 }
 
 pub fn run(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
@@ -61,6 +68,7 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         state_dir: args.state_dir.clone(),
         cgroup: cgroup.clone(),
         paths: paths.clone(),
+        clock_offset_file: args.clock_offset_file.clone(),
     })?;
 
     let (events_tx, _) = broadcast::channel(1024);
@@ -70,6 +78,9 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     // until it is dropped, which happens only with the AsyncFd.
     let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
         .map_err(|e| anyhow!("polling the event ring buffer: {e}"))?;
+
+    let (console_tx, mut console_rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(crate::console::watch(args.logind_bus.clone(), console_tx));
 
     let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
     tokio::spawn(control::serve(listener, Shared { engine: cmd_tx, settings: engine.settings(), events: events_tx }));
@@ -96,7 +107,7 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut addr_tick = tokio::time::interval(Duration::from_secs(args.addr_interval.max(1)));
-    // Grants expire within a second of their time.
+    // Grants expire and schedule windows open and close within a second.
     let mut expiry_tick = tokio::time::interval(Duration::from_millis(250));
 
     loop {
@@ -106,7 +117,11 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
             _ = sighup.recv() => { let _ = engine.reload("SIGHUP"); }
             Some(cmd) = cmd_rx.recv() => engine.handle(cmd),
             _ = addr_tick.tick() => engine.refresh_addresses(),
-            _ = expiry_tick.tick() => engine.expire_grants(),
+            _ = expiry_tick.tick() => engine.tick(),
+            Ok(()) = console_rx.changed() => {
+                let uid = *console_rx.borrow_and_update();
+                engine.set_console(uid);
+            }
             guard = logger.readable_mut() => {
                 let mut guard = guard.context("waiting for kernel events")?;
                 drain(guard.get_inner_mut());
