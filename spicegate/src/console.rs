@@ -25,7 +25,7 @@ pub async fn watch(bus: Option<String>, tx: watch::Sender<Option<u32>>) {
             if reported {
                 log::debug!("logind: {e}");
             } else {
-                log::info!("logind is not reachable ({e}); `@console` grants nobody until it is");
+                log::info!("logind is not reachable ({e}); `@console` (if the policy uses it) grants nobody until it is");
                 reported = true;
             }
         }

@@ -353,6 +353,30 @@ impl Engine {
         }
     }
 
+    /// Once a second: checks that the programs are still attached and the
+    /// maps still pinned, and restores them if someone removed them. This is
+    /// the "small scheduled job checking the rights settings" of the
+    /// iptables days, built in.
+    pub fn watchdog(&mut self) {
+        if !kernel::attached(&self.cfg.paths, &self.cfg.cgroup) {
+            log::error!(
+                "TAMPERING: spicegate's connect programs are no longer attached to {} (detached or unpinned by someone else); re-attaching",
+                self.cfg.cgroup.display()
+            );
+            match self.kernel.install(&self.compiled).and_then(|()| self.kernel.attach(&self.cfg.cgroup)) {
+                Ok(()) => log::error!("TAMPERING: enforcement restored on {}", self.cfg.cgroup.display()),
+                Err(e) => log::error!("TAMPERING: could not restore enforcement: {e:#}"),
+            }
+        }
+        match self.kernel.repin_missing() {
+            Ok(names) if !names.is_empty() => {
+                log::error!("TAMPERING: pins of {} were removed by someone else; pinned again in {}", names.join(", "), self.cfg.paths.dir.display());
+            }
+            Ok(_) => {}
+            Err(e) => log::error!("TAMPERING: a map pin was removed and could not be restored: {e:#}"),
+        }
+    }
+
     /// Several times a second: expiries, schedule windows and the periodic
     /// re-resolution of hostnames and groups. Everything is computed from the
     /// clock now, so a clock jump or a DST change takes effect at once.
@@ -474,12 +498,16 @@ impl Engine {
         let expires = for_secs.map(|s| now.saturating_add(s));
         let before = self.grants.grants.clone();
         self.grants.upsert(TempGrant { uid, user: user.clone(), vm: vm.clone(), expires, granted_at: now, granted_by: by });
+        // Saved first: a grant that could not survive a restart is refused
+        // rather than half-applied.
+        if let Err(e) = self.grants.save() {
+            self.grants.grants = before;
+            return Err(format!("grant refused, nothing changed: cannot save it: {e:#}"));
+        }
         if let Err(e) = self.apply(None, None) {
             self.grants.grants = before;
-            return Err(format!("grant not applied: {e:#}"));
-        }
-        if let Err(e) = self.grants.save() {
-            log::error!("temporary grant applied but not saved (it will not survive a restart): {e:#}");
+            let _ = self.grants.save();
+            return Err(format!("grant not applied, nothing changed: {e:#}"));
         }
         let until = expires.map_or_else(|| "until revoked".to_owned(), |e| format!("until {}", rfc3339(e)));
         log::info!("temporary grant: {user} ({uid}) may open vm {vm} {until} (granted by uid {by})");
@@ -493,10 +521,13 @@ impl Engine {
         }
         if let Err(e) = self.apply(None, None) {
             self.grants.grants = before;
-            return Err(format!("revoke not applied: {e:#}"));
+            return Err(format!("revoke not applied, nothing changed: {e:#}"));
         }
+        // Access is gone in the kernel already; a failed save only means the
+        // grant would come back after a restart, so say it loudly.
         if let Err(e) = self.grants.save() {
-            log::error!("temporary grant revoked but the change was not saved: {e:#}");
+            log::error!("temporary grant revoked in the kernel but {e:#}; it would return after a restart: fix the state directory and revoke again");
+            return Err(format!("revoked in the kernel, but not saved (it would return after a restart): {e:#}"));
         }
         log::info!("temporary grant revoked: {user} ({uid}) on vm {vm}");
         Ok(json!({ "user": user, "uid": uid, "vm": vm }))

@@ -257,6 +257,21 @@ impl Kernel {
         Ok(())
     }
 
+    /// Pins again any map whose pin someone removed. Returns the names.
+    pub fn repin_missing(&self) -> anyhow::Result<Vec<&'static str>> {
+        let mut done = Vec::new();
+        for (name, path) in [(POLICY_MAP, self.paths.policy()), (RATE_MAP, self.paths.rate()), (COUNTERS_MAP, self.paths.counters())] {
+            if path.exists() {
+                continue;
+            }
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.paths.dir)?;
+            let map = self.ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing"))?;
+            map.pin(&path).with_context(|| format!("re-pinning {name} at {}", path.display()))?;
+            done.push(name);
+        }
+        Ok(done)
+    }
+
     /// Per-VM counters summed over CPUs, read from the kernel now.
     pub fn counters(&self) -> anyhow::Result<std::collections::BTreeMap<u32, VmCounters>> {
         let map = self.ebpf.map(COUNTERS_MAP).ok_or_else(|| anyhow!("map {COUNTERS_MAP} missing"))?;

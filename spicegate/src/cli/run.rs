@@ -107,6 +107,7 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut addr_tick = tokio::time::interval(Duration::from_secs(args.addr_interval.max(1)));
+    let mut watchdog_tick = tokio::time::interval(Duration::from_secs(1));
     // Grants expire and schedule windows open and close within a second.
     let mut expiry_tick = tokio::time::interval(Duration::from_millis(250));
 
@@ -117,6 +118,7 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
             _ = sighup.recv() => { let _ = engine.reload("SIGHUP"); }
             Some(cmd) = cmd_rx.recv() => engine.handle(cmd),
             _ = addr_tick.tick() => engine.refresh_addresses(),
+            _ = watchdog_tick.tick() => engine.watchdog(),
             _ = expiry_tick.tick() => engine.tick(),
             Ok(()) = console_rx.changed() => {
                 let uid = *console_rx.borrow_and_update();
