@@ -115,19 +115,43 @@ const _: () = assert!(core::mem::size_of::<RuleKey>() == 24);
 impl RuleKey {
     /// Key of a [`KIND_PORT`] entry.
     pub const fn port(port: u16) -> Self {
-        Self { kind: KIND_PORT, _pad: 0, port, uid: 0, addr: [0; 16] }
+        Self {
+            kind: KIND_PORT,
+            _pad: 0,
+            port,
+            uid: 0,
+            addr: [0; 16],
+        }
     }
     /// Key of a [`KIND_ENDPOINT`] entry.
     pub const fn endpoint(addr: [u8; 16], port: u16) -> Self {
-        Self { kind: KIND_ENDPOINT, _pad: 0, port, uid: 0, addr }
+        Self {
+            kind: KIND_ENDPOINT,
+            _pad: 0,
+            port,
+            uid: 0,
+            addr,
+        }
     }
     /// Key of a [`KIND_GRANT`] entry.
     pub const fn grant(uid: u32, addr: [u8; 16], port: u16) -> Self {
-        Self { kind: KIND_GRANT, _pad: 0, port, uid, addr }
+        Self {
+            kind: KIND_GRANT,
+            _pad: 0,
+            port,
+            uid,
+            addr,
+        }
     }
     /// Key of a [`KIND_LOCAL`] entry.
     pub const fn local(addr: [u8; 16]) -> Self {
-        Self { kind: KIND_LOCAL, _pad: 0, port: 0, uid: 0, addr }
+        Self {
+            kind: KIND_LOCAL,
+            _pad: 0,
+            port: 0,
+            uid: 0,
+            addr,
+        }
     }
 }
 
@@ -176,7 +200,9 @@ const _: () = assert!(core::mem::size_of::<VmCounters>() == 24);
 
 /// Maps an IPv4 address (network order octets) to its IPv4-mapped IPv6 form.
 pub const fn mapped_v4(octets: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
 }
 
 #[cfg(feature = "user")]

@@ -9,14 +9,17 @@
 
 use aya_ebpf::{
     btf_maps::{ArrayOfMaps, HashMap, LruHashMap, PerCpuHashMap},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+    },
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::warn;
 use spicegate_common::{
-    COUNTERS_MAP_ENTRIES, ENDPOINT_AUDIT, LOCAL_ADDR, NO_VM, PORT_AUDIT, PORT_GUARD_ALL, POLICY_SLOT, RATE_BURST,
-    RATE_MAP_ENTRIES, RATE_WINDOW_NS, RateState, RuleKey, RuleValue, VmCounters,
+    COUNTERS_MAP_ENTRIES, ENDPOINT_AUDIT, LOCAL_ADDR, NO_VM, POLICY_SLOT, PORT_AUDIT,
+    PORT_GUARD_ALL, RATE_BURST, RATE_MAP_ENTRIES, RATE_WINDOW_NS, RateState, RuleKey, RuleValue,
+    VmCounters,
 };
 
 /// Template for the inner rule table; the daemon creates the real ones, sized
@@ -69,7 +72,12 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
     let words = if family == AF_INET {
         [0, 0, V4_MAPPED_PREFIX, sa.user_ip4]
     } else {
-        [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]]
+        [
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+        ]
     };
     // SAFETY: [u32; 4] and [u8; 16] have the same size and any bit pattern
     // is valid for both.
@@ -84,14 +92,21 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
     // the daemon never updates an entry of a table once it is installed.
     let port_flags = unsafe { (*port_rule).flags };
 
-    let endpoint = if is_local(&words, &addr) { LOCAL_ADDR } else { addr };
-    let endpoint_rule = SPICEGATE_POLICY.get_value_ptr_mut(POLICY_SLOT, &RuleKey::endpoint(endpoint, port));
+    let endpoint = if is_local(&words, &addr) {
+        LOCAL_ADDR
+    } else {
+        addr
+    };
+    let endpoint_rule =
+        SPICEGATE_POLICY.get_value_ptr_mut(POLICY_SLOT, &RuleKey::endpoint(endpoint, port));
     if port_flags & PORT_GUARD_ALL == 0 && endpoint_rule.is_none() {
         return ALLOW;
     }
 
     let uid = bpf_get_current_uid_gid() as u32;
-    if let Some(grant) = SPICEGATE_POLICY.get_value_ptr_mut(POLICY_SLOT, &RuleKey::grant(uid, endpoint, port)) {
+    if let Some(grant) =
+        SPICEGATE_POLICY.get_value_ptr_mut(POLICY_SLOT, &RuleKey::grant(uid, endpoint, port))
+    {
         // SAFETY: as above.
         count(unsafe { (*grant).vm }, Outcome::Allowed);
         return ALLOW;
@@ -102,7 +117,14 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
         Some(rule) => unsafe { ((*rule).vm, (*rule).flags & ENDPOINT_AUDIT != 0) },
         None => (NO_VM, port_flags & PORT_AUDIT != 0),
     };
-    count(vm, if audit { Outcome::Audited } else { Outcome::Denied });
+    count(
+        vm,
+        if audit {
+            Outcome::Audited
+        } else {
+            Outcome::Denied
+        },
+    );
     report_denial(ctx, uid, &addr, port, vm, audit);
     if audit { ALLOW } else { DENY }
 }
@@ -161,7 +183,14 @@ fn is_local(words: &[u32; 4], addr: &[u8; 16]) -> bool {
 
 /// Logs a denial through aya-log, at most RATE_BURST per uid per window.
 #[inline(always)]
-fn report_denial(ctx: &SockAddrContext, uid: u32, addr: &[u8; 16], port: u16, vm: u32, audit: bool) {
+fn report_denial(
+    ctx: &SockAddrContext,
+    uid: u32,
+    addr: &[u8; 16],
+    port: u16,
+    vm: u32,
+    audit: bool,
+) {
     let now = unsafe { bpf_ktime_get_ns() };
     let suppressed = match SPICEGATE_RATE.get_ptr_mut(uid) {
         Some(state) => {
@@ -185,7 +214,11 @@ fn report_denial(ctx: &SockAddrContext, uid: u32, addr: &[u8; 16], port: u16, vm
             }
         }
         None => {
-            let fresh = RateState { window_start: now, logged: 1, suppressed: 0 };
+            let fresh = RateState {
+                window_start: now,
+                logged: 1,
+                suppressed: 0,
+            };
             // A full LRU evicts the oldest uid; failure only loses rate state.
             let _ = SPICEGATE_RATE.insert(uid, fresh, 0);
             0

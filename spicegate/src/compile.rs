@@ -8,7 +8,8 @@ use std::{
 };
 
 use spicegate_common::{
-    ENDPOINT_AUDIT, LOCAL_ADDR, NO_VM, PORT_AUDIT, PORT_GUARD_ALL, PORT_GUARD_ENDPOINTS, RuleKey, RuleValue, mapped_v4,
+    ENDPOINT_AUDIT, LOCAL_ADDR, NO_VM, PORT_AUDIT, PORT_GUARD_ALL, PORT_GUARD_ENDPOINTS, RuleKey,
+    RuleValue, mapped_v4,
 };
 
 use crate::{
@@ -83,7 +84,10 @@ pub struct Dynamic<'a> {
 impl Compiled {
     /// Number of grant entries (uid x endpoint).
     pub fn grant_count(&self) -> usize {
-        self.rules.keys().filter(|k| k.kind == spicegate_common::KIND_GRANT).count()
+        self.rules
+            .keys()
+            .filter(|k| k.kind == spicegate_common::KIND_GRANT)
+            .count()
     }
 
     /// Capacity to create the kernel table with: room to spare so the hash
@@ -92,14 +96,23 @@ impl Compiled {
         let n = self.rules.len();
         u32::try_from((n + n / 4 + 64).min(MAX_ENTRIES + MAX_ENTRIES / 4 + 64)).unwrap_or(u32::MAX)
     }
-
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CompileError {
-    #[error("vms `{first}` and `{second}` both claim {dest}:{port}; an endpoint belongs to one VM{hint}")]
-    EndpointClash { first: String, second: String, dest: Dest, port: u16, hint: &'static str },
-    #[error("the policy needs {needed} kernel entries, more than the limit of {limit}; split it across fewer users or endpoints")]
+    #[error(
+        "vms `{first}` and `{second}` both claim {dest}:{port}; an endpoint belongs to one VM{hint}"
+    )]
+    EndpointClash {
+        first: String,
+        second: String,
+        dest: Dest,
+        port: u16,
+        hint: &'static str,
+    },
+    #[error(
+        "the policy needs {needed} kernel entries, more than the limit of {limit}; split it across fewer users or endpoints"
+    )]
     TooLarge { needed: usize, limit: usize },
 }
 
@@ -127,7 +140,11 @@ pub fn is_local(ip: IpAddr, local: &LocalAddrs) -> bool {
 
 /// Folds a destination the way the kernel program does.
 pub fn fold(ip: IpAddr, local: &LocalAddrs) -> Dest {
-    if is_local(ip, local) { Dest::Local } else { Dest::Remote(canonical(ip)) }
+    if is_local(ip, local) {
+        Dest::Local
+    } else {
+        Dest::Remote(canonical(ip))
+    }
 }
 
 fn dest_key(d: Dest) -> [u8; 16] {
@@ -146,7 +163,9 @@ pub fn vm_ids<'a>(names: impl Iterator<Item = &'a str>) -> BTreeMap<&'a str, u32
     let mut taken = BTreeSet::new();
     let mut out = BTreeMap::new();
     for name in sorted {
-        let mut id = name.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+        let mut id = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
         while id == NO_VM || taken.contains(&id) {
             id = id.wrapping_add(1);
         }
@@ -159,7 +178,11 @@ pub fn vm_ids<'a>(names: impl Iterator<Item = &'a str>) -> BTreeMap<&'a str, u32
 /// Compiles a validated policy into the kernel rule table.
 /// `dynamic` adds temporary, scheduled and console grants; those naming a
 /// VM the policy does not have are ignored.
-pub fn compile(policy: &Policy, local: &LocalAddrs, dynamic: &Dynamic<'_>) -> Result<Compiled, CompileError> {
+pub fn compile(
+    policy: &Policy,
+    local: &LocalAddrs,
+    dynamic: &Dynamic<'_>,
+) -> Result<Compiled, CompileError> {
     let temp = dynamic.temp;
     let mut rules: BTreeMap<RuleKey, RuleValue> = BTreeMap::new();
     let mut port_flags: BTreeMap<u16, u32> = BTreeMap::new();
@@ -175,12 +198,19 @@ pub fn compile(policy: &Policy, local: &LocalAddrs, dynamic: &Dynamic<'_>) -> Re
             _ => 1,
         };
         let extra = temp.iter().filter(|g| g.vm == vm.name).count()
-            + dynamic.scheduled.iter().filter(|(v, _)| *v == vm.name).count()
+            + dynamic
+                .scheduled
+                .iter()
+                .filter(|(v, _)| *v == vm.name)
+                .count()
             + 1;
         needed = needed.saturating_add(dests * vm.ports.len() * (2 + vm.uids().len() + extra));
     }
     if needed > MAX_ENTRIES {
-        return Err(CompileError::TooLarge { needed, limit: MAX_ENTRIES });
+        return Err(CompileError::TooLarge {
+            needed,
+            limit: MAX_ENTRIES,
+        });
     }
 
     let ids = vm_ids(policy.vms.keys().map(String::as_str));
@@ -192,16 +222,31 @@ pub fn compile(policy: &Policy, local: &LocalAddrs, dynamic: &Dynamic<'_>) -> Re
             Some(ServerTarget::Addresses(addrs)) => addrs.iter().map(|a| fold(*a, local)).collect(),
         };
         let mut policy_uids = vm.uids();
-        let console_uid = if vm.allows_console() { dynamic.console } else { None };
+        let console_uid = if vm.allows_console() {
+            dynamic.console
+        } else {
+            None
+        };
         policy_uids.extend(console_uid);
-        let scheduled_uids: BTreeSet<u32> =
-            dynamic.scheduled.iter().filter(|(v, _)| v == name).map(|(_, u)| *u).collect();
+        let scheduled_uids: BTreeSet<u32> = dynamic
+            .scheduled
+            .iter()
+            .filter(|(v, _)| v == name)
+            .map(|(_, u)| *u)
+            .collect();
         let temp_uids: BTreeSet<u32> = temp
             .iter()
-            .filter(|g| g.vm == *name && !policy_uids.contains(&g.uid) && !scheduled_uids.contains(&g.uid))
+            .filter(|g| {
+                g.vm == *name && !policy_uids.contains(&g.uid) && !scheduled_uids.contains(&g.uid)
+            })
             .map(|g| g.uid)
             .collect();
-        let uids: BTreeSet<u32> = policy_uids.iter().chain(&scheduled_uids).chain(&temp_uids).copied().collect();
+        let uids: BTreeSet<u32> = policy_uids
+            .iter()
+            .chain(&scheduled_uids)
+            .chain(&temp_uids)
+            .copied()
+            .collect();
         let mode = policy.vm_mode(vm);
         for &dest in &dests {
             for &port in &vm.ports {
@@ -231,17 +276,34 @@ pub fn compile(policy: &Policy, local: &LocalAddrs, dynamic: &Dynamic<'_>) -> Re
                 );
                 *port_flags.entry(port).or_default() |= PORT_GUARD_ENDPOINTS;
                 let addr = dest_key(dest);
-                let flags = if mode == Mode::Audit { ENDPOINT_AUDIT } else { 0 };
+                let flags = if mode == Mode::Audit {
+                    ENDPOINT_AUDIT
+                } else {
+                    0
+                };
                 rules.insert(RuleKey::endpoint(addr, port), RuleValue { vm: id, flags });
                 for &uid in &uids {
-                    rules.insert(RuleKey::grant(uid, addr, port), RuleValue { vm: id, flags: 0 });
+                    rules.insert(
+                        RuleKey::grant(uid, addr, port),
+                        RuleValue { vm: id, flags: 0 },
+                    );
                 }
             }
         }
     }
-    let audit_all = if policy.settings.mode == Mode::Audit { PORT_AUDIT } else { 0 };
+    let audit_all = if policy.settings.mode == Mode::Audit {
+        PORT_AUDIT
+    } else {
+        0
+    };
     for (&port, &flags) in &port_flags {
-        rules.insert(RuleKey::port(port), RuleValue { vm: NO_VM, flags: flags | audit_all });
+        rules.insert(
+            RuleKey::port(port),
+            RuleValue {
+                vm: NO_VM,
+                flags: flags | audit_all,
+            },
+        );
     }
     // Only needed when something is guarded; the kernel's fast path never
     // looks them up otherwise.
@@ -254,10 +316,18 @@ pub fn compile(policy: &Policy, local: &LocalAddrs, dynamic: &Dynamic<'_>) -> Re
         }
     }
     if rules.len() > MAX_ENTRIES {
-        return Err(CompileError::TooLarge { needed: rules.len(), limit: MAX_ENTRIES });
+        return Err(CompileError::TooLarge {
+            needed: rules.len(),
+            limit: MAX_ENTRIES,
+        });
     }
     let vm_names = ids.into_iter().map(|(n, id)| (id, n.to_owned())).collect();
-    Ok(Compiled { rules, vm_names, guarded_everywhere: policy.protect_ports.clone(), endpoints })
+    Ok(Compiled {
+        rules,
+        vm_names,
+        guarded_everywhere: policy.protect_ports.clone(),
+        endpoints,
+    })
 }
 
 /// What the kernel decides, computed from the table the way the kernel
@@ -273,7 +343,11 @@ pub fn decide(c: &Compiled, uid: u32, ip: IpAddr, port: u16) -> bool {
     let kernel_local = mapped.is_loopback()
         || mapped.is_unspecified()
         || c.rules.contains_key(&RuleKey::local(key_addr(mapped)));
-    let addr = if kernel_local { LOCAL_ADDR } else { key_addr(mapped) };
+    let addr = if kernel_local {
+        LOCAL_ADDR
+    } else {
+        key_addr(mapped)
+    };
     let endpoint = c.rules.get(&RuleKey::endpoint(addr, port));
     let guarded = port_rule.flags & PORT_GUARD_ALL != 0 || endpoint.is_some();
     if !guarded || c.rules.contains_key(&RuleKey::grant(uid, addr, port)) {
@@ -329,13 +403,24 @@ allow = ["ralph"]
         assert!(d(1000, "192.168.2.2", 20002));
         assert!(d(1003, "192.168.2.2", 20002));
         assert!(d(1021, "192.168.2.2", 20002));
-        assert!(d(1000, "::ffff:192.168.2.2", 20002), "mapped form decided like IPv4");
+        assert!(
+            d(1000, "::ffff:192.168.2.2", 20002),
+            "mapped form decided like IPv4"
+        );
         assert!(!d(1001, "192.168.2.2", 20002));
         assert!(!d(0, "192.168.2.2", 20002), "root is not special");
         // 20002 is also a [protect] port: guarded everywhere, granted nowhere else.
         assert!(!d(1000, "192.168.2.3", 20002));
         // winlab on localhost:5930, every local spelling.
-        for a in ["127.0.0.1", "127.0.0.2", "0.0.0.0", "::1", "::", "::ffff:127.0.0.1", "10.9.9.9"] {
+        for a in [
+            "127.0.0.1",
+            "127.0.0.2",
+            "0.0.0.0",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+            "10.9.9.9",
+        ] {
             assert!(d(1001, a, 5930), "{a}");
             assert!(!d(1000, a, 5930), "{a}");
         }
@@ -348,13 +433,21 @@ allow = ["ralph"]
 
     #[test]
     fn vm_port_guarded_only_on_its_server() {
-        let p = policy("[servers.s]\naddress=\"192.0.2.1\"\n[vms.v]\nserver=\"s\"\nports=[40000]\nallow=[\"myself\"]\n");
+        let p = policy(
+            "[servers.s]\naddress=\"192.0.2.1\"\n[vms.v]\nserver=\"s\"\nports=[40000]\nallow=[\"myself\"]\n",
+        );
         let local = LocalAddrs::new();
         let c = compile(&p, &local, &Dynamic::default()).expect("compiles");
         assert!(!decide(&c, 1001, ip("192.0.2.1"), 40000));
         assert!(decide(&c, 1000, ip("192.0.2.1"), 40000));
-        assert!(decide(&c, 1001, ip("127.0.0.1"), 40000), "other destinations untouched");
-        assert!(decide(&c, 1001, ip("192.0.2.2"), 40000), "other destinations untouched");
+        assert!(
+            decide(&c, 1001, ip("127.0.0.1"), 40000),
+            "other destinations untouched"
+        );
+        assert!(
+            decide(&c, 1001, ip("192.0.2.2"), 40000),
+            "other destinations untouched"
+        );
     }
 
     #[test]
@@ -380,9 +473,24 @@ allow = ["ralph"]
     #[test]
     fn temporary_grants_add_to_the_policy() {
         let local = LocalAddrs::new();
-        let g = |uid, vm: &str| TempGrant { uid, user: String::new(), vm: vm.into(), expires: None, granted_at: 0, granted_by: 0 };
+        let g = |uid, vm: &str| TempGrant {
+            uid,
+            user: String::new(),
+            vm: vm.into(),
+            expires: None,
+            granted_at: 0,
+            granted_by: 0,
+        };
         let temp = [g(4242, "winlab"), g(4243, "no-such-vm")];
-        let c = compile(&policy(SEED), &local, &Dynamic { temp: &temp, ..Dynamic::default() }).expect("compiles");
+        let c = compile(
+            &policy(SEED),
+            &local,
+            &Dynamic {
+                temp: &temp,
+                ..Dynamic::default()
+            },
+        )
+        .expect("compiles");
         assert!(decide(&c, 4242, ip("127.0.0.1"), 5930));
         assert!(!decide(&c, 4242, ip("192.168.2.2"), 20002));
         assert!(!decide(&c, 4243, ip("127.0.0.1"), 5930));
@@ -397,13 +505,36 @@ allow = ["ralph"]
              [vms.e]\nserver=\"localhost\"\nports=[2]\nmode=\"enforce\"\nallow=[\"@console\"]\n",
         );
         let local = LocalAddrs::new();
-        let c = compile(&p, &local, &Dynamic { console: Some(77), ..Dynamic::default() }).expect("compiles");
-        assert!(decide(&c, 5, ip("127.0.0.1"), 1), "audit VM lets everyone through");
-        assert!(decide(&c, 5, ip("10.0.0.1"), 9), "global audit covers [protect]");
-        assert!(!decide(&c, 5, ip("127.0.0.1"), 2), "an enforce VM still refuses");
-        assert!(decide(&c, 77, ip("127.0.0.1"), 2), "the console user is granted");
+        let c = compile(
+            &p,
+            &local,
+            &Dynamic {
+                console: Some(77),
+                ..Dynamic::default()
+            },
+        )
+        .expect("compiles");
+        assert!(
+            decide(&c, 5, ip("127.0.0.1"), 1),
+            "audit VM lets everyone through"
+        );
+        assert!(
+            decide(&c, 5, ip("10.0.0.1"), 9),
+            "global audit covers [protect]"
+        );
+        assert!(
+            !decide(&c, 5, ip("127.0.0.1"), 2),
+            "an enforce VM still refuses"
+        );
+        assert!(
+            decide(&c, 77, ip("127.0.0.1"), 2),
+            "the console user is granted"
+        );
         let c = compile(&p, &local, &Dynamic::default()).expect("compiles");
-        assert!(!decide(&c, 77, ip("127.0.0.1"), 2), "nobody at the console, nobody granted");
+        assert!(
+            !decide(&c, 77, ip("127.0.0.1"), 2),
+            "nobody at the console, nobody granted"
+        );
     }
 
     #[test]
@@ -417,7 +548,8 @@ allow = ["ralph"]
 
     #[test]
     fn empty_policy_has_empty_table() {
-        let c = compile(&policy(""), &[ip("10.0.0.1")].into(), &Dynamic::default()).expect("compiles");
+        let c =
+            compile(&policy(""), &[ip("10.0.0.1")].into(), &Dynamic::default()).expect("compiles");
         assert!(c.rules.is_empty());
         assert_eq!(c.capacity(), 64);
     }
@@ -440,7 +572,9 @@ allow = ["ralph"]
         for uid in 0..2000 {
             allow.push_str(&format!("\"#{uid}\","));
         }
-        let p = policy(&format!("[vms.v]\nserver=\"localhost\"\nports=[\"1-2100\"]\nallow=[{allow}]\n"));
+        let p = policy(&format!(
+            "[vms.v]\nserver=\"localhost\"\nports=[\"1-2100\"]\nallow=[{allow}]\n"
+        ));
         let e = compile(&p, &LocalAddrs::new(), &Dynamic::default()).expect_err("4.2M grants");
         assert!(matches!(e, CompileError::TooLarge { .. }), "{e}");
     }

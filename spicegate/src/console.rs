@@ -25,7 +25,9 @@ pub async fn watch(bus: Option<String>, tx: watch::Sender<Option<u32>>) {
             if reported {
                 log::debug!("logind: {e}");
             } else {
-                log::info!("logind is not reachable ({e}); `@console` (if the policy uses it) grants nobody until it is");
+                log::info!(
+                    "logind is not reachable ({e}); `@console` (if the policy uses it) grants nobody until it is"
+                );
                 reported = true;
             }
         }
@@ -43,7 +45,9 @@ async fn connect(bus: Option<&str>) -> zbus::Result<Connection> {
 async fn follow(bus: Option<&str>, tx: &watch::Sender<Option<u32>>) -> zbus::Result<()> {
     let conn = connect(bus).await?;
     let seat = Proxy::new(&conn, LOGIND, SEAT0, "org.freedesktop.login1.Seat").await?;
-    let mut changes = seat.receive_property_changed::<(String, OwnedObjectPath)>("ActiveSession").await;
+    let mut changes = seat
+        .receive_property_changed::<(String, OwnedObjectPath)>("ActiveSession")
+        .await;
     loop {
         let uid = console_uid(&conn, &seat).await?;
         tx.send_if_modified(|v| {

@@ -45,15 +45,29 @@ pub const MAX_CLIENTS: usize = 64;
 pub enum Request {
     Status,
     Reload,
-    Why { user: String, addr: IpAddr, port: u16 },
-    Grant { user: String, vm: String, for_secs: Option<u64> },
-    Revoke { user: String, vm: String },
+    Why {
+        user: String,
+        addr: IpAddr,
+        port: u16,
+    },
+    Grant {
+        user: String,
+        vm: String,
+        for_secs: Option<u64>,
+    },
+    Revoke {
+        user: String,
+        vm: String,
+    },
     Events,
 }
 
 impl Request {
     fn needs_admin(&self) -> bool {
-        matches!(self, Self::Status | Self::Reload | Self::Grant { .. } | Self::Revoke { .. })
+        matches!(
+            self,
+            Self::Status | Self::Reload | Self::Grant { .. } | Self::Revoke { .. }
+        )
     }
 }
 
@@ -69,21 +83,33 @@ pub struct Response {
 
 impl Response {
     pub fn ok(result: Value) -> Self {
-        Self { ok: true, result: Some(result), error: None }
+        Self {
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
     }
     pub fn err(error: impl Into<String>) -> Self {
-        Self { ok: false, result: None, error: Some(error.into()) }
+        Self {
+            ok: false,
+            result: None,
+            error: Some(error.into()),
+        }
     }
 }
 
 /// Resolves `name` or `#uid` to a uid.
 pub fn resolve_user(who: &str, dir: &dyn Directory) -> Result<u32, String> {
     if let Some(num) = who.strip_prefix('#') {
-        return num.parse().map_err(|_| format!("`{who}`: `#` must be followed by a numeric uid"));
+        return num
+            .parse()
+            .map_err(|_| format!("`{who}`: `#` must be followed by a numeric uid"));
     }
     match dir.user_uid(who) {
         Ok(Some(uid)) => Ok(uid),
-        Ok(None) => Err(format!("unknown user `{who}` (write `#UID` for a uid without a passwd entry)")),
+        Ok(None) => Err(format!(
+            "unknown user `{who}` (write `#UID` for a uid without a passwd entry)"
+        )),
         Err(e) => Err(format!("cannot look up user `{who}`: {e}")),
     }
 }
@@ -97,11 +123,16 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     }
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
-            bail!("another spicegate daemon answers on {}; stop it first", path.display());
+            bail!(
+                "another spicegate daemon answers on {}; stop it first",
+                path.display()
+            );
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
         .with_context(|| format!("chmod {}", path.display()))?;
@@ -131,7 +162,11 @@ pub async fn serve(listener: UnixListener, shared: Shared) {
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             tokio::spawn(async move {
                 let mut s = stream;
-                let _ = write_line(&mut s, &Response::err("busy: too many control clients; try again")).await;
+                let _ = write_line(
+                    &mut s,
+                    &Response::err("busy: too many control clients; try again"),
+                )
+                .await;
             });
             continue;
         };
@@ -148,7 +183,9 @@ pub async fn serve(listener: UnixListener, shared: Shared) {
 async fn write_line<T: Serialize>(stream: &mut UnixStream, value: &T) -> anyhow::Result<()> {
     let mut line = serde_json::to_vec(value)?;
     line.push(b'\n');
-    tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&line)).await.context("client too slow to read")??;
+    tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&line))
+        .await
+        .context("client too slow to read")??;
     Ok(())
 }
 
@@ -157,7 +194,12 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
     let mut line = Vec::new();
     let mut reader = BufReader::new((&mut *stream).take(MAX_REQUEST as u64 + 1));
     match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
-        Err(_) => return Err(format!("no complete request within {}s", REQUEST_TIMEOUT.as_secs())),
+        Err(_) => {
+            return Err(format!(
+                "no complete request within {}s",
+                REQUEST_TIMEOUT.as_secs()
+            ));
+        }
         Ok(Err(e)) => return Err(format!("read error: {e}")),
         Ok(Ok(_)) => {}
     }
@@ -177,9 +219,14 @@ async fn handle(mut stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
         Ok(r) => r,
         Err(e) => return write_line(&mut stream, &Response::err(e)).await,
     };
-    let admin = shared.settings.read().unwrap_or_else(std::sync::PoisonError::into_inner).is_admin(peer);
+    let admin = shared
+        .settings
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .is_admin(peer);
     if req.needs_admin() && !admin {
-        let resp = Response::err("permission denied: only root and the policy's admin group may do this");
+        let resp =
+            Response::err("permission denied: only root and the policy's admin group may do this");
         return write_line(&mut stream, &resp).await;
     }
     if matches!(req, Request::Events) {
@@ -192,7 +239,12 @@ async fn handle(mut stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
     write_line(&mut stream, &resp).await
 }
 
-async fn request_engine(req: Request, peer: u32, admin: bool, shared: &Shared) -> Result<Value, String> {
+async fn request_engine(
+    req: Request,
+    peer: u32,
+    admin: bool,
+    shared: &Shared,
+) -> Result<Value, String> {
     let (reply, rx) = oneshot::channel();
     let cmd = match req {
         Request::Status => Command::Status { reply },
@@ -202,25 +254,56 @@ async fn request_engine(req: Request, peer: u32, admin: bool, shared: &Shared) -
             if !admin && uid != peer {
                 return Err("permission denied: you may only ask about yourself".into());
             }
-            Command::Why { uid, user, addr, port, reply }
+            Command::Why {
+                uid,
+                user,
+                addr,
+                port,
+                reply,
+            }
         }
         Request::Grant { user, vm, for_secs } => {
             let uid = resolve_user(&user, &Nss)?;
-            Command::Grant { uid, user, vm, for_secs, by: peer, reply }
+            Command::Grant {
+                uid,
+                user,
+                vm,
+                for_secs,
+                by: peer,
+                reply,
+            }
         }
         Request::Revoke { user, vm } => {
             let uid = resolve_user(&user, &Nss)?;
-            Command::Revoke { uid, user, vm, reply }
+            Command::Revoke {
+                uid,
+                user,
+                vm,
+                reply,
+            }
         }
         Request::Events => return Err("internal: events are streamed".into()),
     };
-    shared.engine.send(cmd).await.map_err(|_| "the daemon is shutting down".to_owned())?;
-    rx.await.map_err(|_| "the daemon is shutting down".to_owned())?
+    shared
+        .engine
+        .send(cmd)
+        .await
+        .map_err(|_| "the daemon is shutting down".to_owned())?;
+    rx.await
+        .map_err(|_| "the daemon is shutting down".to_owned())?
 }
 
-async fn stream_events(mut stream: UnixStream, shared: &Shared, only_uid: Option<u32>) -> anyhow::Result<()> {
+async fn stream_events(
+    mut stream: UnixStream,
+    shared: &Shared,
+    only_uid: Option<u32>,
+) -> anyhow::Result<()> {
     let mut rx = shared.events.subscribe();
-    write_line(&mut stream, &Response::ok(Value::String("streaming events".into()))).await?;
+    write_line(
+        &mut stream,
+        &Response::ok(Value::String("streaming events".into())),
+    )
+    .await?;
     let (mut rd, mut wr) = stream.split();
     let mut sink = [0u8; 64];
     loop {
@@ -261,7 +344,10 @@ pub async fn call(socket: &Path, req: &Request) -> anyhow::Result<Value> {
     match (resp.ok, resp.result, resp.error) {
         (true, Some(v), _) => Ok(v),
         (true, None, _) => Ok(Value::Null),
-        (false, _, e) => bail!("{}", e.unwrap_or_else(|| "the daemon refused the request".into())),
+        (false, _, e) => bail!(
+            "{}",
+            e.unwrap_or_else(|| "the daemon refused the request".into())
+        ),
     }
 }
 
@@ -277,7 +363,10 @@ pub async fn connect(socket: &Path) -> anyhow::Result<UnixStream> {
 pub async fn read_response(stream: &mut UnixStream) -> anyhow::Result<Response> {
     let mut line = String::new();
     let mut reader = BufReader::new(stream);
-    reader.read_line(&mut line).await.context("reading the daemon's answer")?;
+    reader
+        .read_line(&mut line)
+        .await
+        .context("reading the daemon's answer")?;
     if line.is_empty() {
         bail!("the daemon closed the connection without answering");
     }
@@ -298,11 +387,26 @@ mod tests {
 
     #[test]
     fn wire_format() {
-        let r: Request = serde_json::from_str(r#"{"cmd":"why","user":"bob","addr":"::1","port":5930}"#).expect("parses");
-        assert_eq!(r, Request::Why { user: "bob".into(), addr: "::1".parse().expect("ip"), port: 5930 });
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"revoke","user":"b","vm":"v","x":1}"#).is_err());
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"why","user":"bob","addr":"::1","port":5930}"#)
+                .expect("parses");
+        assert_eq!(
+            r,
+            Request::Why {
+                user: "bob".into(),
+                addr: "::1".parse().expect("ip"),
+                port: 5930
+            }
+        );
+        assert!(
+            serde_json::from_str::<Request>(r#"{"cmd":"revoke","user":"b","vm":"v","x":1}"#)
+                .is_err()
+        );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"format_disk"}"#).is_err());
-        assert_eq!(serde_json::to_string(&Request::Status).expect("json"), r#"{"cmd":"status"}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::Status).expect("json"),
+            r#"{"cmd":"status"}"#
+        );
         assert!(Request::Reload.needs_admin() && !Request::Events.needs_admin());
     }
 

@@ -1,12 +1,7 @@
 //! Users and groups, looked up through NSS (so LDAP and SSSD work as
 //! /etc/passwd does), behind a trait so the policy tests run without them.
 
-use std::{
-    collections::BTreeSet,
-    ffi::CStr,
-    io,
-    sync::Mutex,
-};
+use std::{collections::BTreeSet, ffi::CStr, io, sync::Mutex};
 
 use nix::unistd::{Gid, Group, Uid, User};
 
@@ -30,7 +25,9 @@ static PWENT: Mutex<()> = Mutex::new(());
 
 impl Directory for Nss {
     fn user_uid(&self, name: &str) -> io::Result<Option<u32>> {
-        Ok(User::from_name(name).map_err(io::Error::from)?.map(|u| u.uid.as_raw()))
+        Ok(User::from_name(name)
+            .map_err(io::Error::from)?
+            .map(|u| u.uid.as_raw()))
     }
 
     fn group_members(&self, name: &str) -> io::Result<Option<BTreeSet<u32>>> {
@@ -43,7 +40,9 @@ impl Directory for Nss {
             if let Some(user) = User::from_name(member).map_err(io::Error::from)? {
                 uids.insert(user.uid.as_raw());
             } else {
-                log::warn!("group `{name}` lists member `{member}`, which has no passwd entry; skipped");
+                log::warn!(
+                    "group `{name}` lists member `{member}`, which has no passwd entry; skipped"
+                );
             }
         }
         // Primary members are only found by walking passwd. With SSSD/LDAP
@@ -53,12 +52,17 @@ impl Directory for Nss {
     }
 
     fn user_name(&self, uid: u32) -> Option<String> {
-        User::from_uid(Uid::from_raw(uid)).ok().flatten().map(|u| u.name)
+        User::from_uid(Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|u| u.name)
     }
 }
 
 fn primary_members(gid: Gid) -> Vec<u32> {
-    let _guard = PWENT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _guard = PWENT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut found = Vec::new();
     // SAFETY: setpwent/getpwent/endpwent are not thread-safe; PWENT
     // serialises every use in this process, and each entry is copied out
@@ -95,7 +99,8 @@ impl FakeDirectory {
         self
     }
     pub fn group(mut self, name: &str, uids: &[u32]) -> Self {
-        self.groups.insert(name.to_owned(), uids.iter().copied().collect());
+        self.groups
+            .insert(name.to_owned(), uids.iter().copied().collect());
         self
     }
 }
@@ -109,7 +114,10 @@ impl Directory for FakeDirectory {
         Ok(self.groups.get(name).cloned())
     }
     fn user_name(&self, uid: u32) -> Option<String> {
-        self.users.iter().find(|(_, u)| **u == uid).map(|(n, _)| n.clone())
+        self.users
+            .iter()
+            .find(|(_, u)| **u == uid)
+            .map(|(n, _)| n.clone())
     }
 }
 
@@ -122,7 +130,10 @@ mod tests {
         assert_eq!(Nss.user_uid("root").expect("nss"), Some(0));
         assert_eq!(Nss.user_name(0).as_deref(), Some("root"));
         // root's primary group is root: primary membership is found.
-        let members = Nss.group_members("root").expect("nss").expect("group root exists");
+        let members = Nss
+            .group_members("root")
+            .expect("nss")
+            .expect("group root exists");
         assert!(members.contains(&0));
         assert_eq!(Nss.user_uid("no-such-user-spicegate").expect("nss"), None);
     }

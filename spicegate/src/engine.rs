@@ -32,11 +32,33 @@ type Reply<T> = oneshot::Sender<Result<T, String>>;
 
 /// Requests to the engine.
 pub enum Command {
-    Status { reply: Reply<Value> },
-    Reload { reply: Reply<Value> },
-    Why { uid: u32, user: String, addr: IpAddr, port: u16, reply: Reply<Value> },
-    Grant { uid: u32, user: String, vm: String, for_secs: Option<u64>, by: u32, reply: Reply<Value> },
-    Revoke { uid: u32, user: String, vm: String, reply: Reply<Value> },
+    Status {
+        reply: Reply<Value>,
+    },
+    Reload {
+        reply: Reply<Value>,
+    },
+    Why {
+        uid: u32,
+        user: String,
+        addr: IpAddr,
+        port: u16,
+        reply: Reply<Value>,
+    },
+    Grant {
+        uid: u32,
+        user: String,
+        vm: String,
+        for_secs: Option<u64>,
+        by: u32,
+        reply: Reply<Value>,
+    },
+    Revoke {
+        uid: u32,
+        user: String,
+        vm: String,
+        reply: Reply<Value>,
+    },
 }
 
 /// Where the policy in force came from.
@@ -63,7 +85,9 @@ pub fn clock_now(offset_file: Option<&Path>) -> i64 {
         .and_then(|f| std::fs::read_to_string(f).ok())
         .and_then(|t| t.trim().parse::<i64>().ok())
         .unwrap_or(0);
-    i64::try_from(now_unix()).unwrap_or(i64::MAX).saturating_add(offset)
+    i64::try_from(now_unix())
+        .unwrap_or(i64::MAX)
+        .saturating_add(offset)
 }
 
 /// Hostname resolution that keeps a name's last addresses when it stops
@@ -81,13 +105,17 @@ impl Resolver for CachingResolver {
                 if self.failing.borrow_mut().remove(host) {
                     log::info!("hostname {host} resolves again: {addrs:?}");
                 }
-                self.last.borrow_mut().insert(host.to_owned(), addrs.clone());
+                self.last
+                    .borrow_mut()
+                    .insert(host.to_owned(), addrs.clone());
                 Ok(addrs)
             }
             Err(e) => match self.last.borrow().get(host) {
                 Some(addrs) => {
                     if self.failing.borrow_mut().insert(host.to_owned()) {
-                        log::warn!("hostname {host} no longer resolves ({e}); keeping its last addresses {addrs:?}");
+                        log::warn!(
+                            "hostname {host} no longer resolves ({e}); keeping its last addresses {addrs:?}"
+                        );
                     }
                     Ok(addrs.clone())
                 }
@@ -108,26 +136,49 @@ pub struct Loaded {
 /// every problem.
 pub fn load_policy(path: &Path, resolver: &dyn Resolver) -> Result<Loaded, String> {
     let sources = policy::read_sources(path).map_err(|e| e.to_string())?;
-    let policy = policy::parse_sources(&sources, &Env { dir: &Nss, resolver }).map_err(|e| e.to_string())?;
+    let policy = policy::parse_sources(
+        &sources,
+        &Env {
+            dir: &Nss,
+            resolver,
+        },
+    )
+    .map_err(|e| e.to_string())?;
     let mut h = Sha256::new();
     for s in &sources {
         h.update(s.text.as_bytes());
     }
     let sha256 = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    Ok(Loaded { policy, sources, sha256 })
+    Ok(Loaded {
+        policy,
+        sources,
+        sha256,
+    })
 }
 
 /// Who may open which VM: (vm, uid) pairs, for diffs.
 pub fn access_pairs(c: &Compiled) -> BTreeSet<(String, u32)> {
-    c.endpoints.values().flat_map(|i| i.uids.iter().map(|u| (i.vm.clone(), *u))).collect()
+    c.endpoints
+        .values()
+        .flat_map(|i| i.uids.iter().map(|u| (i.vm.clone(), *u)))
+        .collect()
 }
 
 /// Human lines for what changed between two access sets.
-pub fn diff_lines(old: &BTreeSet<(String, u32)>, new: &BTreeSet<(String, u32)>, dir: &dyn Directory) -> Vec<String> {
+pub fn diff_lines(
+    old: &BTreeSet<(String, u32)>,
+    new: &BTreeSet<(String, u32)>,
+    dir: &dyn Directory,
+) -> Vec<String> {
     let name = |u: u32| dir.user_name(u).unwrap_or_else(|| format!("#{u}"));
-    let mut out: Vec<String> =
-        new.difference(old).map(|(vm, u)| format!("+ {} may now open {vm}", name(*u))).collect();
-    out.extend(old.difference(new).map(|(vm, u)| format!("- {} may no longer open {vm}", name(*u))));
+    let mut out: Vec<String> = new
+        .difference(old)
+        .map(|(vm, u)| format!("+ {} may now open {vm}", name(*u)))
+        .collect();
+    out.extend(
+        old.difference(new)
+            .map(|(vm, u)| format!("- {} may no longer open {vm}", name(*u))),
+    );
     out
 }
 
@@ -164,7 +215,11 @@ impl Engine {
             Err(e) => {
                 let last = state::last_good_path(&cfg.state_dir);
                 if !last.exists() {
-                    return Err(anyhow!("{e}\npolicy {} rejected and no last good policy in {}; nothing changed", cfg.policy_path.display(), cfg.state_dir.display()));
+                    return Err(anyhow!(
+                        "{e}\npolicy {} rejected and no last good policy in {}; nothing changed",
+                        cfg.policy_path.display(),
+                        cfg.state_dir.display()
+                    ));
                 }
                 log::error!("{e}");
                 log::error!(
@@ -172,16 +227,26 @@ impl Engine {
                     cfg.policy_path.display(),
                     last.display()
                 );
-                (load_policy(&last, &resolver).map_err(|e2| anyhow!("{e}\nthe last good policy is broken too: {e2}"))?, Source::LastGood)
+                (
+                    load_policy(&last, &resolver)
+                        .map_err(|e2| anyhow!("{e}\nthe last good policy is broken too: {e2}"))?,
+                    Source::LastGood,
+                )
             }
         };
         let local = hostaddrs::current().context("listing this machine's addresses")?;
         let now = now_unix();
         let clock = clock_now(cfg.clock_offset_file.as_deref());
-        let scheduled = schedule::scheduled(&loaded.policy, clock, &schedule::zone(&loaded.policy), None);
+        let scheduled =
+            schedule::scheduled(&loaded.policy, clock, &schedule::zone(&loaded.policy), None);
         let temp = grants.active(u64::try_from(clock).unwrap_or(0));
-        let dynamic = Dynamic { temp: &temp, scheduled: scheduled.clone(), console: None };
-        let compiled = compile(&loaded.policy, &local, &dynamic).with_context(|| cfg.policy_path.display().to_string())?;
+        let dynamic = Dynamic {
+            temp: &temp,
+            scheduled: scheduled.clone(),
+            console: None,
+        };
+        let compiled = compile(&loaded.policy, &local, &dynamic)
+            .with_context(|| cfg.policy_path.display().to_string())?;
 
         kernel::ensure_bpffs(&cfg.paths.dir)?;
         let mut kernel = Kernel::load(&cfg.paths)?;
@@ -245,7 +310,10 @@ impl Engine {
 
     fn save_last_good(&self) {
         if let Err(e) = state::save_last_good(&self.cfg.state_dir, &self.loaded.sources) {
-            log::warn!("could not keep a copy of the good policy in {}: {e:#}", self.cfg.state_dir.display());
+            log::warn!(
+                "could not keep a copy of the good policy in {}: {e:#}",
+                self.cfg.state_dir.display()
+            );
         }
     }
 
@@ -254,20 +322,34 @@ impl Engine {
     }
 
     /// Compiles and installs; on error nothing in the kernel changed.
-    fn apply(&mut self, loaded: Option<Loaded>, local: Option<LocalAddrs>) -> anyhow::Result<(Compiled, Compiled)> {
+    fn apply(
+        &mut self,
+        loaded: Option<Loaded>,
+        local: Option<LocalAddrs>,
+    ) -> anyhow::Result<(Compiled, Compiled)> {
         let policy = loaded.as_ref().map_or(&self.loaded.policy, |l| &l.policy);
         let local_ref = local.as_ref().unwrap_or(&self.local);
         let clock = self.clock();
         let scheduled = schedule::scheduled(policy, clock, &schedule::zone(policy), self.console);
         let temp = self.grants.active(u64::try_from(clock).unwrap_or(0));
-        let dynamic = Dynamic { temp: &temp, scheduled: scheduled.clone(), console: self.console };
+        let dynamic = Dynamic {
+            temp: &temp,
+            scheduled: scheduled.clone(),
+            console: self.console,
+        };
         let compiled = compile(policy, local_ref, &dynamic)?;
         self.scheduled = scheduled;
         self.kernel.install(&compiled)?;
         let old = std::mem::replace(&mut self.compiled, compiled.clone());
-        *self.vm_names.write().unwrap_or_else(std::sync::PoisonError::into_inner) = compiled.vm_names.clone();
+        *self
+            .vm_names
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = compiled.vm_names.clone();
         if let Some(l) = loaded {
-            *self.settings.write().unwrap_or_else(std::sync::PoisonError::into_inner) = l.policy.settings.clone();
+            *self
+                .settings
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = l.policy.settings.clone();
             self.loaded = l;
             self.loaded_at = now_unix();
             self.source = Source::File;
@@ -301,7 +383,9 @@ impl Engine {
             if crate::compile::decide(&self.compiled, s.uid, s.dst, s.dport) {
                 continue;
             }
-            let user = Nss.user_name(s.uid).unwrap_or_else(|| format!("#{}", s.uid));
+            let user = Nss
+                .user_name(s.uid)
+                .unwrap_or_else(|| format!("#{}", s.uid));
             match sockdiag::destroy(&s) {
                 Ok(()) => log::warn!(
                     "CLOSED uid={} user={user} dst={} src={}: access ended",
@@ -309,7 +393,10 @@ impl Engine {
                     Endpoint(crate::compile::canonical(s.dst), s.dport),
                     Endpoint(crate::compile::canonical(s.src), s.sport)
                 ),
-                Err(e) => log::error!("could not close a revoked connection of {user} to {}: {e}", Endpoint(s.dst, s.dport)),
+                Err(e) => log::error!(
+                    "could not close a revoked connection of {user} to {}: {e}",
+                    Endpoint(s.dst, s.dport)
+                ),
             }
         }
     }
@@ -321,12 +408,18 @@ impl Engine {
         self.last_resolve = Instant::now();
         let result = loaded.and_then(|l| {
             let sha = l.sha256.clone();
-            self.apply(Some(l), None).map(|(old, new)| (old, new, sha)).map_err(|e| format!("{e:#}"))
+            self.apply(Some(l), None)
+                .map(|(old, new)| (old, new, sha))
+                .map_err(|e| format!("{e:#}"))
         });
         match result {
             Ok((old, new, sha)) => {
                 let changes = diff_lines(&access_pairs(&old), &access_pairs(&new), &Nss);
-                log::info!("reloaded policy {} ({why}): {}", self.cfg.policy_path.display(), self.summary());
+                log::info!(
+                    "reloaded policy {} ({why}): {}",
+                    self.cfg.policy_path.display(),
+                    self.summary()
+                );
                 for line in &changes {
                     log::info!("access change: {line}");
                 }
@@ -343,13 +436,17 @@ impl Engine {
 
     /// Re-reads this machine's addresses and reapplies when they changed.
     pub fn refresh_addresses(&mut self) {
-        let Ok(now) = hostaddrs::current() else { return };
+        let Ok(now) = hostaddrs::current() else {
+            return;
+        };
         if now == self.local {
             return;
         }
         match self.apply(None, Some(now)) {
             Ok(_) => log::info!("this machine's addresses changed; local endpoints updated"),
-            Err(e) => log::error!("this machine's addresses changed but the table could not be updated: {e:#}"),
+            Err(e) => log::error!(
+                "this machine's addresses changed but the table could not be updated: {e:#}"
+            ),
         }
     }
 
@@ -363,17 +460,30 @@ impl Engine {
                 "TAMPERING: spicegate's connect programs are no longer attached to {} (detached or unpinned by someone else); re-attaching",
                 self.cfg.cgroup.display()
             );
-            match self.kernel.install(&self.compiled).and_then(|()| self.kernel.attach(&self.cfg.cgroup)) {
-                Ok(()) => log::error!("TAMPERING: enforcement restored on {}", self.cfg.cgroup.display()),
+            match self
+                .kernel
+                .install(&self.compiled)
+                .and_then(|()| self.kernel.attach(&self.cfg.cgroup))
+            {
+                Ok(()) => log::error!(
+                    "TAMPERING: enforcement restored on {}",
+                    self.cfg.cgroup.display()
+                ),
                 Err(e) => log::error!("TAMPERING: could not restore enforcement: {e:#}"),
             }
         }
         match self.kernel.repin_missing() {
             Ok(names) if !names.is_empty() => {
-                log::error!("TAMPERING: pins of {} were removed by someone else; pinned again in {}", names.join(", "), self.cfg.paths.dir.display());
+                log::error!(
+                    "TAMPERING: pins of {} were removed by someone else; pinned again in {}",
+                    names.join(", "),
+                    self.cfg.paths.dir.display()
+                );
             }
             Ok(_) => {}
-            Err(e) => log::error!("TAMPERING: a map pin was removed and could not be restored: {e:#}"),
+            Err(e) => {
+                log::error!("TAMPERING: a map pin was removed and could not be restored: {e:#}")
+            }
         }
     }
 
@@ -383,7 +493,12 @@ impl Engine {
     pub fn tick(&mut self) {
         self.expire_grants();
         let clock = self.clock();
-        let scheduled = schedule::scheduled(&self.loaded.policy, clock, &schedule::zone(&self.loaded.policy), self.console);
+        let scheduled = schedule::scheduled(
+            &self.loaded.policy,
+            clock,
+            &schedule::zone(&self.loaded.policy),
+            self.console,
+        );
         if scheduled != self.scheduled {
             let old = self.scheduled.clone();
             match self.apply(None, None) {
@@ -403,24 +518,38 @@ impl Engine {
     /// Looks hostnames and group members up again and applies any change.
     fn re_resolve(&mut self) {
         self.last_resolve = Instant::now();
-        let env = Env { dir: &Nss, resolver: &self.resolver };
+        let env = Env {
+            dir: &Nss,
+            resolver: &self.resolver,
+        };
         match policy::parse_sources(&self.loaded.sources, &env) {
             Ok(policy) if policy == self.loaded.policy => {}
             Ok(policy) => {
-                let loaded = Loaded { policy, sources: self.loaded.sources.clone(), sha256: self.loaded.sha256.clone() };
+                let loaded = Loaded {
+                    policy,
+                    sources: self.loaded.sources.clone(),
+                    sha256: self.loaded.sha256.clone(),
+                };
                 let source = self.source;
                 match self.apply(Some(loaded), None) {
                     Ok((old, new)) => {
                         for line in diff_lines(&access_pairs(&old), &access_pairs(&new), &Nss) {
                             log::info!("groups or hostnames changed: {line}");
                         }
-                        log::info!("groups or hostnames changed; policy re-applied: {}", self.summary());
+                        log::info!(
+                            "groups or hostnames changed; policy re-applied: {}",
+                            self.summary()
+                        );
                     }
-                    Err(e) => log::error!("groups or hostnames changed but the table could not be updated: {e:#}"),
+                    Err(e) => log::error!(
+                        "groups or hostnames changed but the table could not be updated: {e:#}"
+                    ),
                 }
                 self.source = source;
             }
-            Err(e) => log::warn!("re-reading groups and hostnames failed; the policy in force stays:\n{e}"),
+            Err(e) => log::warn!(
+                "re-reading groups and hostnames failed; the policy in force stays:\n{e}"
+            ),
         }
     }
 
@@ -429,10 +558,21 @@ impl Engine {
         if uid == self.console {
             return;
         }
-        let name = |u: Option<u32>| u.map_or_else(|| "nobody".to_owned(), |u| Nss.user_name(u).unwrap_or_else(|| format!("#{u}")));
+        let name = |u: Option<u32>| {
+            u.map_or_else(
+                || "nobody".to_owned(),
+                |u| Nss.user_name(u).unwrap_or_else(|| format!("#{u}")),
+            )
+        };
         log::info!("console user: {} -> {}", name(self.console), name(uid));
         self.console = uid;
-        if !self.loaded.policy.vms.values().any(policy::Vm::uses_console) {
+        if !self
+            .loaded
+            .policy
+            .vms
+            .values()
+            .any(policy::Vm::uses_console)
+        {
             return;
         }
         if let Err(e) = self.apply(None, None) {
@@ -453,10 +593,17 @@ impl Engine {
         match self.apply(None, None) {
             Ok(_) => {
                 for g in gone {
-                    log::info!("temporary grant expired: {} ({}) on vm {}", g.user, g.uid, g.vm);
+                    log::info!(
+                        "temporary grant expired: {} ({}) on vm {}",
+                        g.user,
+                        g.uid,
+                        g.vm
+                    );
                 }
             }
-            Err(e) => log::error!("expiring temporary grants failed; they stay in the kernel until the next apply: {e:#}"),
+            Err(e) => log::error!(
+                "expiring temporary grants failed; they stay in the kernel until the next apply: {e:#}"
+            ),
         }
     }
 
@@ -468,7 +615,13 @@ impl Engine {
             Command::Reload { reply } => {
                 let _ = reply.send(self.reload("spicegate reload"));
             }
-            Command::Why { uid, user, addr, port, reply } => {
+            Command::Why {
+                uid,
+                user,
+                addr,
+                port,
+                reply,
+            } => {
                 let clock = self.clock();
                 let ctx = crate::explain::Context {
                     policy: &self.loaded.policy,
@@ -480,44 +633,84 @@ impl Engine {
                 let v = explain(&self.compiled, &ctx, uid, &user, addr, port);
                 let _ = reply.send(serde_json::to_value(v).map_err(|e| e.to_string()));
             }
-            Command::Grant { uid, user, vm, for_secs, by, reply } => {
+            Command::Grant {
+                uid,
+                user,
+                vm,
+                for_secs,
+                by,
+                reply,
+            } => {
                 let _ = reply.send(self.grant(uid, user, vm, for_secs, by));
             }
-            Command::Revoke { uid, user, vm, reply } => {
+            Command::Revoke {
+                uid,
+                user,
+                vm,
+                reply,
+            } => {
                 let _ = reply.send(self.revoke(uid, &user, &vm));
             }
         }
     }
 
-    fn grant(&mut self, uid: u32, user: String, vm: String, for_secs: Option<u64>, by: u32) -> Result<Value, String> {
+    fn grant(
+        &mut self,
+        uid: u32,
+        user: String,
+        vm: String,
+        for_secs: Option<u64>,
+        by: u32,
+    ) -> Result<Value, String> {
         if !self.loaded.policy.vms.contains_key(&vm) {
             let known: Vec<&str> = self.loaded.policy.vms.keys().map(String::as_str).collect();
-            return Err(format!("no vm `{vm}` in the policy (vms: {})", known.join(", ")));
+            return Err(format!(
+                "no vm `{vm}` in the policy (vms: {})",
+                known.join(", ")
+            ));
         }
         let now = u64::try_from(self.clock()).unwrap_or(0);
         let expires = for_secs.map(|s| now.saturating_add(s));
         let before = self.grants.grants.clone();
-        self.grants.upsert(TempGrant { uid, user: user.clone(), vm: vm.clone(), expires, granted_at: now, granted_by: by });
+        self.grants.upsert(TempGrant {
+            uid,
+            user: user.clone(),
+            vm: vm.clone(),
+            expires,
+            granted_at: now,
+            granted_by: by,
+        });
         // Saved first: a grant that could not survive a restart is refused
         // rather than half-applied.
         if let Err(e) = self.grants.save() {
             self.grants.grants = before;
-            return Err(format!("grant refused, nothing changed: cannot save it: {e:#}"));
+            return Err(format!(
+                "grant refused, nothing changed: cannot save it: {e:#}"
+            ));
         }
         if let Err(e) = self.apply(None, None) {
             self.grants.grants = before;
             let _ = self.grants.save();
             return Err(format!("grant not applied, nothing changed: {e:#}"));
         }
-        let until = expires.map_or_else(|| "until revoked".to_owned(), |e| format!("until {}", rfc3339(e)));
-        log::info!("temporary grant: {user} ({uid}) may open vm {vm} {until} (granted by uid {by})");
-        Ok(json!({ "user": user, "uid": uid, "vm": vm, "expires": expires.map(rfc3339), "expires_unix": expires }))
+        let until = expires.map_or_else(
+            || "until revoked".to_owned(),
+            |e| format!("until {}", rfc3339(e)),
+        );
+        log::info!(
+            "temporary grant: {user} ({uid}) may open vm {vm} {until} (granted by uid {by})"
+        );
+        Ok(
+            json!({ "user": user, "uid": uid, "vm": vm, "expires": expires.map(rfc3339), "expires_unix": expires }),
+        )
     }
 
     fn revoke(&mut self, uid: u32, user: &str, vm: &str) -> Result<Value, String> {
         let before = self.grants.grants.clone();
         if !self.grants.remove(uid, vm) {
-            return Err(format!("{user} has no temporary grant on vm `{vm}` (policy grants are changed in the policy file)"));
+            return Err(format!(
+                "{user} has no temporary grant on vm `{vm}` (policy grants are changed in the policy file)"
+            ));
         }
         if let Err(e) = self.apply(None, None) {
             self.grants.grants = before;
@@ -526,8 +719,12 @@ impl Engine {
         // Access is gone in the kernel already; a failed save only means the
         // grant would come back after a restart, so say it loudly.
         if let Err(e) = self.grants.save() {
-            log::error!("temporary grant revoked in the kernel but {e:#}; it would return after a restart: fix the state directory and revoke again");
-            return Err(format!("revoked in the kernel, but not saved (it would return after a restart): {e:#}"));
+            log::error!(
+                "temporary grant revoked in the kernel but {e:#}; it would return after a restart: fix the state directory and revoke again"
+            );
+            return Err(format!(
+                "revoked in the kernel, but not saved (it would return after a restart): {e:#}"
+            ));
         }
         log::info!("temporary grant revoked: {user} ({uid}) on vm {vm}");
         Ok(json!({ "user": user, "uid": uid, "vm": vm }))
@@ -548,10 +745,20 @@ impl Engine {
         let clock = self.clock();
         let tz = schedule::zone(&self.loaded.policy);
         let name = |u: u32| Nss.user_name(u).unwrap_or_else(|| format!("#{u}"));
-        let ids: BTreeMap<&str, u32> = self.compiled.vm_names.iter().map(|(id, n)| (n.as_str(), *id)).collect();
+        let ids: BTreeMap<&str, u32> = self
+            .compiled
+            .vm_names
+            .iter()
+            .map(|(id, n)| (n.as_str(), *id))
+            .collect();
         let mut vms = Vec::new();
         for vm in self.loaded.policy.vms.values() {
-            let eps: Vec<(&(Dest, u16), _)> = self.compiled.endpoints.iter().filter(|(_, i)| i.vm == vm.name).collect();
+            let eps: Vec<(&(Dest, u16), _)> = self
+                .compiled
+                .endpoints
+                .iter()
+                .filter(|(_, i)| i.vm == vm.name)
+                .collect();
             let endpoints: Vec<String> = eps
                 .iter()
                 .map(|((d, p), _)| match d {
@@ -581,13 +788,30 @@ impl Engine {
                 })
                 .unwrap_or_default();
             // Everyone a schedule names, with when their access next changes.
-            let mut named: BTreeSet<u32> = vm.schedules.iter().flat_map(|s| s.allow.iter().flat_map(|g| g.uids.iter().copied())).collect();
-            named.extend(self.console.filter(|_| vm.schedules.iter().any(|s| s.allow.iter().any(|g| g.principal == policy::Principal::Console))));
+            let mut named: BTreeSet<u32> = vm
+                .schedules
+                .iter()
+                .flat_map(|s| s.allow.iter().flat_map(|g| g.uids.iter().copied()))
+                .collect();
+            named.extend(self.console.filter(|_| {
+                vm.schedules.iter().any(|s| {
+                    s.allow
+                        .iter()
+                        .any(|g| g.principal == policy::Principal::Console)
+                })
+            }));
             let windows: Vec<Value> = named
                 .iter()
                 .map(|u| {
                     let open = self.scheduled.contains(&(vm.name.clone(), *u));
-                    let next = schedule::next_change(&self.loaded.policy, &vm.name, *u, clock, &tz, self.console);
+                    let next = schedule::next_change(
+                        &self.loaded.policy,
+                        &vm.name,
+                        *u,
+                        clock,
+                        &tz,
+                        self.console,
+                    );
                     json!({
                         "uid": u, "user": name(*u), "open_now": open,
                         "next_change": next.map(|t| rfc3339(u64::try_from(t).unwrap_or(0))),
@@ -599,11 +823,13 @@ impl Engine {
                 .schedules
                 .iter()
                 .map(|s| {
-                    let who: Vec<String> = s.allow.iter().map(|g| g.principal.to_string()).collect();
+                    let who: Vec<String> =
+                        s.allow.iter().map(|g| g.principal.to_string()).collect();
                     format!("{}: {}", s.describe(), who.join(", "))
                 })
                 .collect();
-            let (allowed, denied, audited) = ids.get(vm.name.as_str()).map_or((0, 0, 0), |id| since(*id));
+            let (allowed, denied, audited) =
+                ids.get(vm.name.as_str()).map_or((0, 0, 0), |id| since(*id));
             vms.push(json!({
                 "name": vm.name,
                 "server": vm.server,
@@ -619,7 +845,14 @@ impl Engine {
         }
         let (_, protect_denied, protect_audited) = since(spicegate_common::NO_VM);
         let now = u64::try_from(clock).unwrap_or(0);
-        let modes: BTreeSet<Mode> = self.loaded.policy.vms.values().map(|v| self.loaded.policy.vm_mode(v)).chain([self.loaded.policy.settings.mode]).collect();
+        let modes: BTreeSet<Mode> = self
+            .loaded
+            .policy
+            .vms
+            .values()
+            .map(|v| self.loaded.policy.vm_mode(v))
+            .chain([self.loaded.policy.settings.mode])
+            .collect();
         let mode = match (modes.contains(&Mode::Enforce), modes.contains(&Mode::Audit)) {
             (true, true) => "mixed",
             (false, true) => "audit",
@@ -683,6 +916,9 @@ mod tests {
         let dir = crate::directory::FakeDirectory::default().user("bob", 1001);
         let old: BTreeSet<(String, u32)> = [("a".to_owned(), 1001), ("b".to_owned(), 7)].into();
         let new: BTreeSet<(String, u32)> = [("a".to_owned(), 1001), ("c".to_owned(), 1001)].into();
-        assert_eq!(diff_lines(&old, &new, &dir), vec!["+ bob may now open c", "- #7 may no longer open b"]);
+        assert_eq!(
+            diff_lines(&old, &new, &dir),
+            vec!["+ bob may now open c", "- #7 may no longer open b"]
+        );
     }
 }

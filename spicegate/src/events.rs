@@ -73,7 +73,11 @@ fn decode_comm(hex: &str) -> String {
     let bytes: Vec<u8> = hex
         .as_bytes()
         .chunks(2)
-        .filter_map(|p| std::str::from_utf8(p).ok().and_then(|s| u8::from_str_radix(s, 16).ok()))
+        .filter_map(|p| {
+            std::str::from_utf8(p)
+                .ok()
+                .and_then(|s| u8::from_str_radix(s, 16).ok())
+        })
         .take_while(|b| *b != 0)
         .collect();
     String::from_utf8_lossy(&bytes)
@@ -149,7 +153,12 @@ pub struct DenySink<D> {
 
 impl<D: Directory> DenySink<D> {
     pub fn new(vm_names: Arc<RwLock<BTreeMap<u32, String>>>, dir: D) -> Self {
-        Self { vm_names, dir, names: Mutex::new(HashMap::new()), events: None }
+        Self {
+            vm_names,
+            dir,
+            names: Mutex::new(HashMap::new()),
+            events: None,
+        }
     }
 
     /// Also publish every record on `tx`.
@@ -159,18 +168,29 @@ impl<D: Directory> DenySink<D> {
     }
 
     fn user(&self, uid: u32) -> String {
-        let mut cache = self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut cache = self
+            .names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Bounded: a flood of distinct uids cannot grow the daemon.
         if cache.len() > 4096 {
             cache.clear();
         }
-        let name = cache.entry(uid).or_insert_with(|| self.dir.user_name(uid)).clone();
+        let name = cache
+            .entry(uid)
+            .or_insert_with(|| self.dir.user_name(uid))
+            .clone();
         name.unwrap_or_else(|| format!("#{uid}"))
     }
 
     /// The record of an event, names resolved.
     pub fn record(&self, ev: &DenyEvent) -> DenyRecord {
-        let vm = self.vm_names.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&ev.vm).cloned();
+        let vm = self
+            .vm_names
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&ev.vm)
+            .cloned();
         let unix = crate::grants::now_unix();
         DenyRecord {
             time: crate::grants::rfc3339(unix),
@@ -229,7 +249,10 @@ mod tests {
         let ev = DenyEvent::parse(msg).expect("parses");
         assert_eq!(ev.addr, "192.168.2.2".parse::<IpAddr>().unwrap());
         assert_eq!(ev.comm, "remote-viewer");
-        let sink = DenySink::new(Arc::new(RwLock::new([(1, "debianx".to_owned())].into())), FakeDirectory::default().user("bob", 1001));
+        let sink = DenySink::new(
+            Arc::new(RwLock::new([(1, "debianx".to_owned())].into())),
+            FakeDirectory::default().user("bob", 1001),
+        );
         assert_eq!(
             sink.render(&ev),
             "DENY uid=1001 user=bob pid=4242 comm=remote-viewer dst=192.168.2.2:20002 vm=debianx suppressed=3"
@@ -238,9 +261,16 @@ mod tests {
 
     #[test]
     fn unknown_uid_ipv6_and_no_vm() {
-        let ev = DenyEvent::parse("deny uid=7 pid=1 dst=::1 port=5 vm=0 suppressed=0 comm=6100").expect("parses");
-        let sink = DenySink::new(Arc::new(RwLock::new(BTreeMap::new())), FakeDirectory::default());
-        assert_eq!(sink.render(&ev), "DENY uid=7 user=#7 pid=1 comm=a dst=[::1]:5 vm=- suppressed=0");
+        let ev = DenyEvent::parse("deny uid=7 pid=1 dst=::1 port=5 vm=0 suppressed=0 comm=6100")
+            .expect("parses");
+        let sink = DenySink::new(
+            Arc::new(RwLock::new(BTreeMap::new())),
+            FakeDirectory::default(),
+        );
+        assert_eq!(
+            sink.render(&ev),
+            "DENY uid=7 user=#7 pid=1 comm=a dst=[::1]:5 vm=- suppressed=0"
+        );
     }
 
     #[test]

@@ -24,7 +24,10 @@ pub struct Verdict {
 /// How the kernel folds a destination, given the table in force.
 pub fn kernel_dest(c: &Compiled, ip: IpAddr) -> Dest {
     let ip = canonical(ip);
-    if ip.is_loopback() || ip.is_unspecified() || c.rules.contains_key(&RuleKey::local(key_addr(ip))) {
+    if ip.is_loopback()
+        || ip.is_unspecified()
+        || c.rules.contains_key(&RuleKey::local(key_addr(ip)))
+    {
         Dest::Local
     } else {
         Dest::Remote(ip)
@@ -41,20 +44,32 @@ pub struct Context<'a> {
     pub console: Option<u32>,
 }
 
-pub fn explain(c: &Compiled, ctx: &Context<'_>, uid: u32, user: &str, ip: IpAddr, port: u16) -> Verdict {
+pub fn explain(
+    c: &Compiled,
+    ctx: &Context<'_>,
+    uid: u32,
+    user: &str,
+    ip: IpAddr,
+    port: u16,
+) -> Verdict {
     let allow_now = decide(c, uid, ip, port);
     let ep = Endpoint(canonical(ip), port);
     let Some(port_rule) = c.rules.get(&RuleKey::port(port)) else {
-        return Verdict { allow: allow_now, vm: None, reason: format!("not guarded: no rule guards port {port}") };
+        return Verdict {
+            allow: allow_now,
+            vm: None,
+            reason: format!("not guarded: no rule guards port {port}"),
+        };
     };
     let dest = kernel_dest(c, ip);
     let info = c.endpoints.get(&(dest, port));
     let everywhere = port_rule.flags & PORT_GUARD_ALL != 0;
-    let local_note = if dest == Dest::Local && !canonical(ip).is_loopback() && !canonical(ip).is_unspecified() {
-        " (a local address: decided as localhost)"
-    } else {
-        ""
-    };
+    let local_note =
+        if dest == Dest::Local && !canonical(ip).is_loopback() && !canonical(ip).is_unspecified() {
+            " (a local address: decided as localhost)"
+        } else {
+            ""
+        };
     let audit_note = " [audit mode: logged, not refused]";
     let Some(info) = info else {
         if everywhere {
@@ -71,13 +86,16 @@ pub fn explain(c: &Compiled, ctx: &Context<'_>, uid: u32, user: &str, ip: IpAddr
         return Verdict {
             allow: allow_now,
             vm: None,
-            reason: format!("not guarded: port {port} is guarded only on other addresses than {ep}"),
+            reason: format!(
+                "not guarded: port {port} is guarded only on other addresses than {ep}"
+            ),
         };
     };
     let vm = Some(info.vm.clone());
     let granted = info.uids.contains(&uid);
     let window = |uid: u32| -> String {
-        match crate::schedule::next_change(ctx.policy, &info.vm, uid, ctx.now, ctx.tz, ctx.console) {
+        match crate::schedule::next_change(ctx.policy, &info.vm, uid, ctx.now, ctx.tz, ctx.console)
+        {
             Some(t) => crate::grants::rfc3339(u64::try_from(t).unwrap_or(0)),
             None => "not within 8 days".into(),
         }
@@ -87,7 +105,13 @@ pub fn explain(c: &Compiled, ctx: &Context<'_>, uid: u32, user: &str, ip: IpAddr
         ctx.policy
             .vms
             .get(&info.vm)
-            .map(|v| v.schedules.iter().map(crate::policy::Schedule::describe).collect::<Vec<_>>().join("; "))
+            .map(|v| {
+                v.schedules
+                    .iter()
+                    .map(crate::policy::Schedule::describe)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
             .unwrap_or_default()
     };
     if granted {
@@ -97,42 +121,91 @@ pub fn explain(c: &Compiled, ctx: &Context<'_>, uid: u32, user: &str, ip: IpAddr
                 .iter()
                 .find(|g| g.uid == uid && g.vm == info.vm)
                 .and_then(|g| g.expires)
-                .map_or_else(|| "until revoked".to_owned(), |e| format!("until {}", crate::grants::rfc3339(e)));
-            return Verdict { allow: true, vm, reason: format!("temporary grant of vm `{}` to {user}, {until}", info.vm) };
+                .map_or_else(
+                    || "until revoked".to_owned(),
+                    |e| format!("until {}", crate::grants::rfc3339(e)),
+                );
+            return Verdict {
+                allow: true,
+                vm,
+                reason: format!("temporary grant of vm `{}` to {user}, {until}", info.vm),
+            };
         }
         let vm_def = ctx.policy.vms.get(&info.vm);
         let via: Vec<String> = vm_def
-            .map(|v| v.allow.iter().filter(|g| g.uids.contains(&uid)).map(|g| format!("`{}`", g.principal)).collect())
+            .map(|v| {
+                v.allow
+                    .iter()
+                    .filter(|g| g.uids.contains(&uid))
+                    .map(|g| format!("`{}`", g.principal))
+                    .collect()
+            })
             .unwrap_or_default();
         if !via.is_empty() {
             return Verdict {
                 allow: true,
                 vm,
-                reason: format!("vm `{}` allows {user} (allow entry {}){local_note}", info.vm, via.join(", ")),
+                reason: format!(
+                    "vm `{}` allows {user} (allow entry {}){local_note}",
+                    info.vm,
+                    via.join(", ")
+                ),
             };
         }
         if info.console_uid == Some(uid) {
             return Verdict {
                 allow: true,
                 vm,
-                reason: format!("vm `{}` allows `@console`, and {user} holds the active session on seat0", info.vm),
+                reason: format!(
+                    "vm `{}` allows `@console`, and {user} holds the active session on seat0",
+                    info.vm
+                ),
             };
         }
         return Verdict {
             allow: true,
             vm,
-            reason: format!("vm `{}` allows {user} by schedule ({}); access ends {}", info.vm, schedules_text(), window(uid)),
+            reason: format!(
+                "vm `{}` allows {user} by schedule ({}); access ends {}",
+                info.vm,
+                schedules_text(),
+                window(uid)
+            ),
         };
     }
-    let audit = if info.mode == crate::policy::Mode::Audit { audit_note } else { "" };
-    let reason = if in_schedule {
-        format!("vm `{}` allows {user} only by schedule ({}), not now; access next begins {}{audit}", info.vm, schedules_text(), window(uid))
-    } else if ctx.policy.vms.get(&info.vm).is_some_and(crate::policy::Vm::allows_console) {
-        format!("vm `{}` ({ep}) allows only `@console` (the active seat0 session user), and {user} is not it{audit}", info.vm)
+    let audit = if info.mode == crate::policy::Mode::Audit {
+        audit_note
     } else {
-        format!("vm `{}` ({ep}) does not allow {user}{local_note}{audit}", info.vm)
+        ""
     };
-    Verdict { allow: allow_now, vm, reason }
+    let reason = if in_schedule {
+        format!(
+            "vm `{}` allows {user} only by schedule ({}), not now; access next begins {}{audit}",
+            info.vm,
+            schedules_text(),
+            window(uid)
+        )
+    } else if ctx
+        .policy
+        .vms
+        .get(&info.vm)
+        .is_some_and(crate::policy::Vm::allows_console)
+    {
+        format!(
+            "vm `{}` ({ep}) allows only `@console` (the active seat0 session user), and {user} is not it{audit}",
+            info.vm
+        )
+    } else {
+        format!(
+            "vm `{}` ({ep}) does not allow {user}{local_note}{audit}",
+            info.vm
+        )
+    };
+    Verdict {
+        allow: allow_now,
+        vm,
+        reason,
+    }
 }
 
 #[cfg(test)]
@@ -148,7 +221,10 @@ mod tests {
 
     #[test]
     fn explains_each_kind_of_decision() {
-        let dir = FakeDirectory::default().user("myself", 1000).user("ralph", 1001).group("bk", &[1002]);
+        let dir = FakeDirectory::default()
+            .user("myself", 1000)
+            .user("ralph", 1001)
+            .group("bk", &[1002]);
         let p = parse(
             "[protect]\nports=[5930, 20001]\n[servers.s]\naddress=\"192.168.2.2\"\n\
              [vms.d]\nserver=\"s\"\nports=[20002]\nallow=[\"myself\", \"@bk\"]\n\
@@ -157,24 +233,65 @@ mod tests {
             &dir,
         )
         .expect("valid");
-        let temp = vec![TempGrant { uid: 7, user: "seven".into(), vm: "w".into(), expires: None, granted_at: 0, granted_by: 0 }];
-        let c = compile(&p, &LocalAddrs::new(), &Dynamic { temp: &temp, ..Dynamic::default() }).expect("compiles");
+        let temp = vec![TempGrant {
+            uid: 7,
+            user: "seven".into(),
+            vm: "w".into(),
+            expires: None,
+            granted_at: 0,
+            granted_by: 0,
+        }];
+        let c = compile(
+            &p,
+            &LocalAddrs::new(),
+            &Dynamic {
+                temp: &temp,
+                ..Dynamic::default()
+            },
+        )
+        .expect("compiles");
         let tz = jiff::tz::TimeZone::UTC;
-        let ctx = Context { policy: &p, temp: &temp, tz: &tz, now: 0, console: None };
-        let why = |uid, user, ip: &str, port| explain(&c, &ctx, uid, user, ip.parse().expect("ip"), port);
+        let ctx = Context {
+            policy: &p,
+            temp: &temp,
+            tz: &tz,
+            now: 0,
+            console: None,
+        };
+        let why =
+            |uid, user, ip: &str, port| explain(&c, &ctx, uid, user, ip.parse().expect("ip"), port);
 
         let v = why(1002, "anne", "192.168.2.2", 20002);
         assert!(v.allow && v.reason.contains("allow entry `@bk`"), "{v:?}");
         let v = why(1001, "ralph", "192.168.2.2", 20002);
-        assert!(!v.allow && v.reason == "vm `d` (192.168.2.2:20002) does not allow ralph", "{v:?}");
+        assert!(
+            !v.allow && v.reason == "vm `d` (192.168.2.2:20002) does not allow ralph",
+            "{v:?}"
+        );
         let v = why(1000, "myself", "10.0.0.1", 20001);
-        assert!(!v.allow && v.reason.starts_with("[protect] guards port 20001"), "{v:?}");
+        assert!(
+            !v.allow && v.reason.starts_with("[protect] guards port 20001"),
+            "{v:?}"
+        );
         let v = why(1000, "myself", "10.0.0.1", 20002);
-        assert!(v.allow && v.reason.starts_with("not guarded: port 20002 is guarded only on other"), "{v:?}");
+        assert!(
+            v.allow
+                && v.reason
+                    .starts_with("not guarded: port 20002 is guarded only on other"),
+            "{v:?}"
+        );
         let v = why(1000, "myself", "10.0.0.1", 22);
-        assert!(v.allow && v.reason == "not guarded: no rule guards port 22", "{v:?}");
+        assert!(
+            v.allow && v.reason == "not guarded: no rule guards port 22",
+            "{v:?}"
+        );
         let v = why(7, "seven", "::1", 5930);
-        assert!(v.allow && v.reason.contains("temporary grant of vm `w` to seven, until revoked"), "{v:?}");
+        assert!(
+            v.allow
+                && v.reason
+                    .contains("temporary grant of vm `w` to seven, until revoked"),
+            "{v:?}"
+        );
         assert_eq!(v.vm.as_deref(), Some("w"));
     }
 }

@@ -36,7 +36,9 @@ pub fn rfc3339(unix: u64) -> String {
 }
 
 pub fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The grants file and its contents.
@@ -51,8 +53,12 @@ impl GrantStore {
     pub fn load(state_dir: &Path) -> anyhow::Result<Self> {
         let path = state_dir.join("grants.json");
         let grants = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .with_context(|| format!("{} is not a valid grants file; fix or remove it", path.display()))?,
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "{} is not a valid grants file; fix or remove it",
+                    path.display()
+                )
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
@@ -67,7 +73,8 @@ impl GrantStore {
 
     /// Adds or replaces the grant of `uid` on `vm`.
     pub fn upsert(&mut self, grant: TempGrant) {
-        self.grants.retain(|g| !(g.uid == grant.uid && g.vm == grant.vm));
+        self.grants
+            .retain(|g| !(g.uid == grant.uid && g.vm == grant.vm));
         self.grants.push(grant);
     }
 
@@ -92,7 +99,11 @@ impl GrantStore {
 
     /// The grants in force at `now`.
     pub fn active(&self, now: u64) -> Vec<TempGrant> {
-        self.grants.iter().filter(|g| !g.expired(now)).cloned().collect()
+        self.grants
+            .iter()
+            .filter(|g| !g.expired(now))
+            .cloned()
+            .collect()
     }
 }
 
@@ -101,7 +112,14 @@ mod tests {
     use super::*;
 
     fn g(uid: u32, vm: &str, expires: Option<u64>) -> TempGrant {
-        TempGrant { uid, user: format!("u{uid}"), vm: vm.into(), expires, granted_at: 0, granted_by: 0 }
+        TempGrant {
+            uid,
+            user: format!("u{uid}"),
+            vm: vm.into(),
+            expires,
+            granted_at: 0,
+            granted_by: 0,
+        }
     }
 
     #[test]

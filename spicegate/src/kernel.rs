@@ -9,8 +9,7 @@
 
 use std::{
     ffi::CString,
-    fs,
-    io,
+    fs, io,
     os::{
         fd::{AsFd, AsRawFd, OwnedFd},
         unix::{ffi::OsStrExt, fs::DirBuilderExt},
@@ -25,8 +24,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use spicegate_common::{
-    COUNTERS_MAP, LAYOUT_VERSION, POLICY_MAP, POLICY_SLOT, PROG_CONNECT4, PROG_CONNECT6, RATE_MAP, RuleKey, RuleValue,
-    VmCounters,
+    COUNTERS_MAP, LAYOUT_VERSION, POLICY_MAP, POLICY_SLOT, PROG_CONNECT4, PROG_CONNECT6, RATE_MAP,
+    RuleKey, RuleValue, VmCounters,
 };
 
 use crate::compile::Compiled;
@@ -75,7 +74,8 @@ impl PinPaths {
 
 /// The cgroup v2 mount point, read from /proc/self/mountinfo.
 pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let info =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     cgroup2_root_from(&info).ok_or_else(|| {
         anyhow!("no cgroup2 filesystem is mounted (see /proc/self/mountinfo); mount one or pass --cgroup PATH")
     })
@@ -103,7 +103,12 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -122,7 +127,10 @@ fn is_bpffs(path: &Path) -> io::Result<bool> {
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    #[expect(clippy::unnecessary_cast, reason = "f_type's width differs between architectures")]
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "f_type is i64 here but narrower on other architectures"
+    )]
     Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }
 
@@ -141,8 +149,14 @@ pub fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
     }
     let default = Path::new(BPFFS_DEFAULT);
     if pin_dir.starts_with(default) && default.is_dir() && !is_bpffs(default)? {
-        nix::mount::mount(Some("bpf"), default, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700"))
-            .with_context(|| format!("mounting bpffs on {BPFFS_DEFAULT}"))?;
+        nix::mount::mount(
+            Some("bpf"),
+            default,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            Some("mode=0700"),
+        )
+        .with_context(|| format!("mounting bpffs on {BPFFS_DEFAULT}"))?;
         log::info!("mounted bpffs on {BPFFS_DEFAULT}");
         return Ok(());
     }
@@ -165,13 +179,17 @@ pub fn lock_pin_dir(paths: &PinPaths) -> anyhow::Result<PinLock> {
         .mode(0o700)
         .create(&paths.dir)
         .with_context(|| format!("creating pin directory {}", paths.dir.display()))?;
-    let dir = fs::File::open(&paths.dir).with_context(|| format!("opening {}", paths.dir.display()))?;
+    let dir =
+        fs::File::open(&paths.dir).with_context(|| format!("opening {}", paths.dir.display()))?;
     let fd: OwnedFd = dir.into();
     // SAFETY: fd is a valid open descriptor.
     if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            bail!("another spicegate daemon is running on pin directory {}", paths.dir.display());
+            bail!(
+                "another spicegate daemon is running on pin directory {}",
+                paths.dir.display()
+            );
         }
         return Err(e).context("locking the pin directory");
     }
@@ -196,22 +214,30 @@ impl Kernel {
     /// happen while no daemon runs are still enforced, but not logged.
     pub fn load(paths: &PinPaths) -> anyhow::Result<Self> {
         if EBPF_OBJECT.is_empty() {
-            bail!("this binary was built with SPICEGATE_SKIP_EBPF=1 and carries no kernel program; rebuild with `cargo xtask build`");
+            bail!(
+                "this binary was built with SPICEGATE_SKIP_EBPF=1 and carries no kernel program; rebuild with `cargo xtask build`"
+            );
         }
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(POLICY_MAP, paths.policy())
             .map_pin_path(RATE_MAP, paths.rate())
             .map_pin_path(COUNTERS_MAP, paths.counters())
             .load(EBPF_OBJECT)
-            .context("loading the eBPF object (is this kernel >= 5.10 with BTF, and are we root?)")?;
+            .context(
+                "loading the eBPF object (is this kernel >= 5.10 with BTF, and are we root?)",
+            )?;
         for name in [PROG_CONNECT4, PROG_CONNECT6] {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?
                 .try_into()?;
-            prog.load().with_context(|| format!("verifying program {name}"))?;
+            prog.load()
+                .with_context(|| format!("verifying program {name}"))?;
         }
-        Ok(Self { ebpf, paths: paths.clone() })
+        Ok(Self {
+            ebpf,
+            paths: paths.clone(),
+        })
     }
 
     /// Atomically replaces the rule table: a fresh inner map is filled
@@ -222,19 +248,30 @@ impl Kernel {
         let mut table = RuleTable::create(capacity, 0)
             .with_context(|| format!("creating a rule table of {capacity} entries"))?;
         for (k, v) in &compiled.rules {
-            table.insert(k, v, 0).context("filling the new rule table")?;
+            table
+                .insert(k, v, 0)
+                .context("filling the new rule table")?;
         }
-        let map = self.ebpf.map_mut(POLICY_MAP).ok_or_else(|| anyhow!("map {POLICY_MAP} missing"))?;
+        let map = self
+            .ebpf
+            .map_mut(POLICY_MAP)
+            .ok_or_else(|| anyhow!("map {POLICY_MAP} missing"))?;
         let mut outer: ArrayOfMaps<&mut MapData, RuleTable> = ArrayOfMaps::try_from(map)?;
-        outer.set(POLICY_SLOT, &table, 0).context("swapping in the new rule table")?;
+        outer
+            .set(POLICY_SLOT, &table, 0)
+            .context("swapping in the new rule table")?;
         Ok(())
     }
 
     /// Attaches connect4 and connect6 to `cgroup` and pins the links,
     /// replacing links a previous daemon pinned (which then detach).
     pub fn attach(&mut self, cgroup: &Path) -> anyhow::Result<()> {
-        let cg = fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-        for (name, pin) in [(PROG_CONNECT4, self.paths.link4()), (PROG_CONNECT6, self.paths.link6())] {
+        let cg = fs::File::open(cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        for (name, pin) in [
+            (PROG_CONNECT4, self.paths.link4()),
+            (PROG_CONNECT6, self.paths.link6()),
+        ] {
             let prog: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)
@@ -248,10 +285,13 @@ impl Kernel {
             let link: FdLink = prog.take_link(id)?.try_into()?;
             let tmp = staging(&pin);
             let _ = fs::remove_file(&tmp);
-            let pinned = link.pin(&tmp).with_context(|| format!("pinning link at {}", tmp.display()))?;
+            let pinned = link
+                .pin(&tmp)
+                .with_context(|| format!("pinning link at {}", tmp.display()))?;
             // rename() over the old pin drops the old link, detaching the
             // previous program only after ours is attached.
-            fs::rename(&tmp, &pin).with_context(|| format!("renaming {} over {}", tmp.display(), pin.display()))?;
+            fs::rename(&tmp, &pin)
+                .with_context(|| format!("renaming {} over {}", tmp.display(), pin.display()))?;
             drop(pinned);
         }
         Ok(())
@@ -260,13 +300,24 @@ impl Kernel {
     /// Pins again any map whose pin someone removed. Returns the names.
     pub fn repin_missing(&self) -> anyhow::Result<Vec<&'static str>> {
         let mut done = Vec::new();
-        for (name, path) in [(POLICY_MAP, self.paths.policy()), (RATE_MAP, self.paths.rate()), (COUNTERS_MAP, self.paths.counters())] {
+        for (name, path) in [
+            (POLICY_MAP, self.paths.policy()),
+            (RATE_MAP, self.paths.rate()),
+            (COUNTERS_MAP, self.paths.counters()),
+        ] {
             if path.exists() {
                 continue;
             }
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.paths.dir)?;
-            let map = self.ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing"))?;
-            map.pin(&path).with_context(|| format!("re-pinning {name} at {}", path.display()))?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.paths.dir)?;
+            let map = self
+                .ebpf
+                .map(name)
+                .ok_or_else(|| anyhow!("map {name} missing"))?;
+            map.pin(&path)
+                .with_context(|| format!("re-pinning {name} at {}", path.display()))?;
             done.push(name);
         }
         Ok(done)
@@ -274,16 +325,21 @@ impl Kernel {
 
     /// Per-VM counters summed over CPUs, read from the kernel now.
     pub fn counters(&self) -> anyhow::Result<std::collections::BTreeMap<u32, VmCounters>> {
-        let map = self.ebpf.map(COUNTERS_MAP).ok_or_else(|| anyhow!("map {COUNTERS_MAP} missing"))?;
+        let map = self
+            .ebpf
+            .map(COUNTERS_MAP)
+            .ok_or_else(|| anyhow!("map {COUNTERS_MAP} missing"))?;
         let table: PerCpuHashMap<&MapData, u32, VmCounters> = PerCpuHashMap::try_from(map)?;
         let mut out = std::collections::BTreeMap::new();
         for entry in table.iter() {
             let (vm, per_cpu) = entry.context("reading counters")?;
-            let sum = per_cpu.iter().fold(VmCounters::default(), |a, c| VmCounters {
-                allowed: a.allowed + c.allowed,
-                denied: a.denied + c.denied,
-                audited: a.audited + c.audited,
-            });
+            let sum = per_cpu
+                .iter()
+                .fold(VmCounters::default(), |a, c| VmCounters {
+                    allowed: a.allowed + c.allowed,
+                    denied: a.denied + c.denied,
+                    audited: a.audited + c.audited,
+                });
             out.insert(vm, sum);
         }
         Ok(out)
@@ -291,14 +347,18 @@ impl Kernel {
 
     /// Hands the aya-log ring buffer to `sink`.
     pub fn logger<T: log::Log>(&mut self, sink: T) -> anyhow::Result<aya_log::EbpfLogger<T>> {
-        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, sink).context("opening the kernel event ring buffer")
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, sink)
+            .context("opening the kernel event ring buffer")
     }
 }
 
 /// Where a new link is pinned before it is renamed over the live one.
 /// bpffs refuses names containing dots (they are reserved).
 fn staging(pin: &Path) -> PathBuf {
-    let mut name = pin.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = pin
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push("_new");
     pin.with_file_name(name)
 }
@@ -311,12 +371,24 @@ fn link_detach(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
         link_fd: u32,
         _pad: [u32; 15],
     }
-    let attr = LinkDetachAttr { link_fd: fd.as_raw_fd() as u32, _pad: [0; 15] };
+    let attr = LinkDetachAttr {
+        link_fd: fd.as_raw_fd() as u32,
+        _pad: [0; 15],
+    };
     // SAFETY: bpf(BPF_LINK_DETACH) reads `size` bytes of a valid attr.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, &attr as *const LinkDetachAttr, size_of::<LinkDetachAttr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &attr as *const LinkDetachAttr,
+            size_of::<LinkDetachAttr>(),
+        )
     };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Where a pinned link is attached, read back from the kernel.
@@ -341,19 +413,36 @@ pub fn link_state(pin: &Path) -> io::Result<LinkState> {
     // struct bpf_link_info: type, id, prog_id, then (8-aligned) the union
     // whose cgroup member starts with cgroup_id.
     let mut info = [0u64; 32];
-    let attr = InfoAttr { bpf_fd: fd.as_raw_fd() as u32, info_len: size_of_val(&info) as u32, info: info.as_mut_ptr() as u64 };
+    let attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
     // SAFETY: the kernel writes at most info_len bytes into `info`.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &attr as *const InfoAttr, size_of::<InfoAttr>()) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoAttr,
+            size_of::<InfoAttr>(),
+        )
+    };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(LinkState { link_id: (info[0] >> 32) as u32, prog_id: info[1] as u32, cgroup_id: info[2] })
+    Ok(LinkState {
+        link_id: (info[0] >> 32) as u32,
+        prog_id: info[1] as u32,
+        cgroup_id: info[2],
+    })
 }
 
 /// Whether both links are pinned and attached to `cgroup` right now.
 pub fn attached(paths: &PinPaths, cgroup: &Path) -> bool {
     use std::os::unix::fs::MetadataExt as _;
-    let Ok(cg) = fs::metadata(cgroup) else { return false };
+    let Ok(cg) = fs::metadata(cgroup) else {
+        return false;
+    };
     [paths.link4(), paths.link6()]
         .iter()
         .all(|pin| link_state(pin).is_ok_and(|s| s.cgroup_id == cg.ino()))
@@ -372,18 +461,27 @@ pub fn unload(paths: &PinPaths) -> anyhow::Result<Unloaded> {
     if !paths.dir.exists() {
         return Ok(done);
     }
-    for pin in [paths.link4(), paths.link6(), staging(&paths.link4()), staging(&paths.link6())] {
+    for pin in [
+        paths.link4(),
+        paths.link6(),
+        staging(&paths.link4()),
+        staging(&paths.link6()),
+    ] {
         if !pin.exists() {
             continue;
         }
-        let link = obj_get(&pin).with_context(|| format!("opening pinned link {}", pin.display()))?;
+        let link =
+            obj_get(&pin).with_context(|| format!("opening pinned link {}", pin.display()))?;
         link_detach(link.as_fd()).with_context(|| format!("detaching {}", pin.display()))?;
         fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
         done.links += 1;
     }
-    for entry in fs::read_dir(&paths.dir).with_context(|| format!("listing {}", paths.dir.display()))? {
+    for entry in
+        fs::read_dir(&paths.dir).with_context(|| format!("listing {}", paths.dir.display()))?
+    {
         let entry = entry?;
-        fs::remove_file(entry.path()).with_context(|| format!("removing {}", entry.path().display()))?;
+        fs::remove_file(entry.path())
+            .with_context(|| format!("removing {}", entry.path().display()))?;
         done.pins += 1;
     }
     fs::remove_dir(&paths.dir).with_context(|| format!("removing {}", paths.dir.display()))?;
@@ -402,9 +500,22 @@ fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         _pad: [u32; 11],
     }
     let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let attr = ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: [0; 11] };
+    let attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: [0; 11],
+    };
     // SAFETY: bpf(BPF_OBJ_GET) reads a valid attr whose path outlives the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr as *const ObjGetAttr, size_of::<ObjGetAttr>()) };
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGetAttr,
+            size_of::<ObjGetAttr>(),
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -423,7 +534,10 @@ mod tests {
 40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 ";
-        assert_eq!(cgroup2_root_from(info), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            cgroup2_root_from(info),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
     }
 
     #[test]
@@ -432,8 +546,14 @@ mod tests {
 50 1 0:40 /user.slice /mnt/bind rw - cgroup2 cgroup2 rw
 29 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate
 ";
-        assert_eq!(cgroup2_root_from(info), Some(PathBuf::from("/sys/fs/cgroup")));
-        assert_eq!(cgroup2_root_from("1 0 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+        assert_eq!(
+            cgroup2_root_from(info),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            cgroup2_root_from("1 0 0:1 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
     }
 
     #[test]
@@ -445,6 +565,9 @@ mod tests {
     #[test]
     fn pin_names_carry_the_layout_version() {
         let p = PinPaths::new("/sys/fs/bpf/x");
-        assert_eq!(p.policy(), PathBuf::from(format!("/sys/fs/bpf/x/policy_v{LAYOUT_VERSION}")));
+        assert_eq!(
+            p.policy(),
+            PathBuf::from(format!("/sys/fs/bpf/x/policy_v{LAYOUT_VERSION}"))
+        );
     }
 }

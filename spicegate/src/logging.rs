@@ -43,6 +43,10 @@ impl Log for StderrLogger {
 pub fn init(verbose: bool) {
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     if log::set_boxed_logger(Box::new(StderrLogger { journal })).is_ok() {
-        log::set_max_level(if verbose { LevelFilter::Debug } else { LevelFilter::Info });
+        log::set_max_level(if verbose {
+            LevelFilter::Debug
+        } else {
+            LevelFilter::Info
+        });
     }
 }

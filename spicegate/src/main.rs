@@ -1,29 +1,9 @@
-//! spicegate: decides which Unix user may open the Spice console of which VM.
-//!
-//! `policy` (what the admin writes) and `compile` (what the kernel gets) are
-//! pure and tested without root; `kernel` is the only module that talks to
-//! bpf(2).
-
-mod cli;
-mod compile;
-mod console;
-mod control;
-mod directory;
-mod engine;
-mod events;
-mod explain;
-mod grants;
-mod hostaddrs;
-mod kernel;
-mod logging;
-mod policy;
-mod schedule;
-mod sockdiag;
-mod state;
+//! The `spicegate` command: see the library for the architecture.
 
 use std::process::ExitCode;
 
 use clap::Parser as _;
+use spicegate::{cli, logging};
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();

@@ -32,7 +32,14 @@ pub struct PolicyError {
 
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.message
+        )
     }
 }
 
@@ -204,11 +211,24 @@ impl Schedule {
     /// `mon,tue 08:00-18:00`, for humans.
     pub fn describe(&self) -> String {
         const NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
-        let days: Vec<&str> = (0..7).filter(|d| self.days & (1 << d) != 0).map(|d| NAMES[d]).collect();
-        let days = if self.days == 0x7f { "every day".to_owned() } else { days.join(",") };
+        let days: Vec<&str> = (0..7)
+            .filter(|d| self.days & (1 << d) != 0)
+            .map(|d| NAMES[d])
+            .collect();
+        let days = if self.days == 0x7f {
+            "every day".to_owned()
+        } else {
+            days.join(",")
+        };
         match self.hours {
             None => days,
-            Some((a, b)) => format!("{days} {:02}:{:02}-{:02}:{:02}", a / 60, a % 60, b / 60, b % 60),
+            Some((a, b)) => format!(
+                "{days} {:02}:{:02}-{:02}:{:02}",
+                a / 60,
+                a % 60,
+                b / 60,
+                b % 60
+            ),
         }
     }
 }
@@ -227,7 +247,10 @@ pub struct Vm {
 impl Vm {
     /// Every uid the `allow` list grants at all times.
     pub fn uids(&self) -> BTreeSet<u32> {
-        self.allow.iter().flat_map(|g| g.uids.iter().copied()).collect()
+        self.allow
+            .iter()
+            .flat_map(|g| g.uids.iter().copied())
+            .collect()
     }
 
     /// Whether `allow` names `@console`.
@@ -237,9 +260,12 @@ impl Vm {
 
     /// Whether anything about this VM depends on the console user.
     pub fn uses_console(&self) -> bool {
-        self.allows_console() || self.schedules.iter().any(|s| s.allow.iter().any(|g| g.principal == Principal::Console))
+        self.allows_console()
+            || self
+                .schedules
+                .iter()
+                .any(|s| s.allow.iter().any(|g| g.principal == Principal::Console))
     }
-
 }
 
 /// `[settings]`.
@@ -261,14 +287,24 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { admins: None, end_sessions: true, timezone: None, resolve_interval: Duration::from_secs(300), mode: Mode::Enforce }
+        Self {
+            admins: None,
+            end_sessions: true,
+            timezone: None,
+            resolve_interval: Duration::from_secs(300),
+            mode: Mode::Enforce,
+        }
     }
 }
 
 impl Settings {
     /// Whether `uid` may change things through the control socket.
     pub fn is_admin(&self, uid: u32) -> bool {
-        uid == 0 || self.admins.as_ref().is_some_and(|(_, uids)| uids.contains(&uid))
+        uid == 0
+            || self
+                .admins
+                .as_ref()
+                .is_some_and(|(_, uids)| uids.contains(&uid))
     }
 }
 
@@ -313,10 +349,18 @@ pub struct SystemResolver;
 impl Resolver for SystemResolver {
     fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, String> {
         use std::net::ToSocketAddrs as _;
-        let mut out: Vec<IpAddr> = (host, 0).to_socket_addrs().map_err(|e| e.to_string())?.map(|sa| sa.ip()).collect();
+        let mut out: Vec<IpAddr> = (host, 0)
+            .to_socket_addrs()
+            .map_err(|e| e.to_string())?
+            .map(|sa| sa.ip())
+            .collect();
         out.sort();
         out.dedup();
-        if out.is_empty() { Err("no addresses".into()) } else { Ok(out) }
+        if out.is_empty() {
+            Err("no addresses".into())
+        } else {
+            Ok(out)
+        }
     }
 }
 
@@ -334,9 +378,17 @@ pub fn dropin_dir(main: &Path) -> PathBuf {
 /// Reads the main file and `policy.d/*.toml` in name order.
 pub fn read_sources(main: &Path) -> Result<Vec<Source>, PolicyErrors> {
     let unreadable = |path: &Path, e: std::io::Error| {
-        PolicyErrors(vec![PolicyError { file: path.to_owned(), line: 0, col: 0, message: format!("cannot read the policy: {e}") }])
+        PolicyErrors(vec![PolicyError {
+            file: path.to_owned(),
+            line: 0,
+            col: 0,
+            message: format!("cannot read the policy: {e}"),
+        }])
     };
-    let mut sources = vec![Source { path: main.to_owned(), text: std::fs::read_to_string(main).map_err(|e| unreadable(main, e))? }];
+    let mut sources = vec![Source {
+        path: main.to_owned(),
+        text: std::fs::read_to_string(main).map_err(|e| unreadable(main, e))?,
+    }];
     let dir = dropin_dir(main);
     if let Ok(entries) = std::fs::read_dir(&dir) {
         let mut files: Vec<PathBuf> = entries
@@ -355,7 +407,13 @@ pub fn read_sources(main: &Path) -> Result<Vec<Source>, PolicyErrors> {
 
 /// Reads and validates a policy (with its policy.d).
 pub fn load(path: &Path, dir: &dyn Directory) -> Result<Policy, PolicyErrors> {
-    parse_sources(&read_sources(path)?, &Env { dir, resolver: &SystemResolver })
+    parse_sources(
+        &read_sources(path)?,
+        &Env {
+            dir,
+            resolver: &SystemResolver,
+        },
+    )
 }
 
 /// Resolver for tests: `*.example.lan` names from a fixed table, nothing else.
@@ -366,7 +424,10 @@ pub struct FakeResolver;
 impl Resolver for FakeResolver {
     fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, String> {
         match host {
-            "mysrv.example.lan" => Ok(vec!["192.0.2.7".parse().expect("ip"), "2001:db8::7".parse().expect("ip")]),
+            "mysrv.example.lan" => Ok(vec![
+                "192.0.2.7".parse().expect("ip"),
+                "2001:db8::7".parse().expect("ip"),
+            ]),
             _ => Err("Name or service not known".into()),
         }
     }
@@ -375,13 +436,25 @@ impl Resolver for FakeResolver {
 /// Validates one policy text (tests: hostnames through [`FakeResolver`]).
 #[cfg(test)]
 pub fn parse(text: &str, path: &Path, dir: &dyn Directory) -> Result<Policy, PolicyErrors> {
-    parse_sources(&[Source { path: path.to_owned(), text: text.to_owned() }], &Env { dir, resolver: &FakeResolver })
+    parse_sources(
+        &[Source {
+            path: path.to_owned(),
+            text: text.to_owned(),
+        }],
+        &Env {
+            dir,
+            resolver: &FakeResolver,
+        },
+    )
 }
 
 /// Validates a main file and its drop-ins together. A name defined twice is
 /// an error naming both places.
 pub fn parse_sources(sources: &[Source], env: &Env<'_>) -> Result<Policy, PolicyErrors> {
-    let mut errs = Errors { sources, list: Vec::new() };
+    let mut errs = Errors {
+        sources,
+        list: Vec::new(),
+    };
     let mut raws = Vec::new();
     for (i, src) in sources.iter().enumerate() {
         match toml::from_str::<RawPolicy>(&src.text) {
@@ -401,7 +474,11 @@ pub fn parse_sources(sources: &[Source], env: &Env<'_>) -> Result<Policy, Policy
     let mut vm_at: BTreeMap<&str, (usize, Range<usize>)> = BTreeMap::new();
     for (i, raw) in &raws {
         for (what, keys, seen) in [
-            ("server", raw.servers.keys().collect::<Vec<_>>(), &mut server_at),
+            (
+                "server",
+                raw.servers.keys().collect::<Vec<_>>(),
+                &mut server_at,
+            ),
             ("vm", raw.vms.keys().collect::<Vec<_>>(), &mut vm_at),
         ] {
             for k in keys {
@@ -410,7 +487,11 @@ pub fn parse_sources(sources: &[Source], env: &Env<'_>) -> Result<Policy, Policy
                     errs.push(
                         *i,
                         &k.span(),
-                        format!("{what} `{}` is also defined at {}:{l}:{c}", k.get_ref(), sources[*j].path.display()),
+                        format!(
+                            "{what} `{}` is also defined at {}:{l}:{c}",
+                            k.get_ref(),
+                            sources[*j].path.display()
+                        ),
                     );
                 } else {
                     seen.insert(k.get_ref().as_str(), (*i, k.span()));
@@ -439,13 +520,25 @@ pub fn parse_sources(sources: &[Source], env: &Env<'_>) -> Result<Policy, Policy
     }
 
     let mut servers = BTreeMap::new();
-    servers.insert(LOCALHOST.to_owned(), Server { name: LOCALHOST.to_owned(), target: ServerTarget::Local, hostnames: vec![] });
+    servers.insert(
+        LOCALHOST.to_owned(),
+        Server {
+            name: LOCALHOST.to_owned(),
+            target: ServerTarget::Local,
+            hostnames: vec![],
+        },
+    );
     let mut defined: BTreeSet<String> = [LOCALHOST.to_owned()].into();
     for (i, raw) in &raws {
         for (name, server) in &raw.servers {
             defined.insert(name.get_ref().clone());
             if name.get_ref() == LOCALHOST {
-                errs.push(*i, &name.span(), "`localhost` is built in (this machine, any local address); pick another name".into());
+                errs.push(
+                    *i,
+                    &name.span(),
+                    "`localhost` is built in (this machine, any local address); pick another name"
+                        .into(),
+                );
                 continue;
             }
             if let Some(s) = server_from_raw(*i, name, server, env, &mut errs) {
@@ -485,7 +578,12 @@ impl Errors<'_> {
     fn push(&mut self, file: usize, span: &Range<usize>, message: String) {
         let src = &self.sources[file];
         let (line, col) = line_col(&src.text, span.start);
-        self.list.push(PolicyError { file: src.path.clone(), line, col, message });
+        self.list.push(PolicyError {
+            file: src.path.clone(),
+            line,
+            col,
+            message,
+        });
     }
 }
 
@@ -503,15 +601,19 @@ fn parse_mode(file: usize, v: &Spanned<String>, errs: &mut Errors<'_>) -> Option
         "enforce" => Some(Mode::Enforce),
         "audit" => Some(Mode::Audit),
         other => {
-            errs.push(file, &v.span(), format!("mode `{other}`: use \"enforce\" or \"audit\""));
+            errs.push(
+                file,
+                &v.span(),
+                format!("mode `{other}`: use \"enforce\" or \"audit\""),
+            );
             None
         }
     }
 }
 
-fn settings_from_raw<'r>(
+fn settings_from_raw(
     file: usize,
-    raw: &'r RawSettings,
+    raw: &RawSettings,
     settings: &mut Settings,
     seen: &mut BTreeMap<&'static str, (usize, Range<usize>)>,
     env: &Env<'_>,
@@ -539,8 +641,16 @@ fn settings_from_raw<'r>(
         let name = group.get_ref().trim().trim_start_matches('@');
         match env.dir.group_members(name) {
             Ok(Some(uids)) => settings.admins = Some((name.to_owned(), uids)),
-            Ok(None) => errs.push(file, &group.span(), format!("unknown admin group `{name}` (looked up through NSS)")),
-            Err(e) => errs.push(file, &group.span(), format!("cannot look up group `{name}`: {e}")),
+            Ok(None) => errs.push(
+                file,
+                &group.span(),
+                format!("unknown admin group `{name}` (looked up through NSS)"),
+            ),
+            Err(e) => errs.push(
+                file,
+                &group.span(),
+                format!("cannot look up group `{name}`: {e}"),
+            ),
         }
     }
     if let Some(tz) = &raw.timezone
@@ -548,7 +658,11 @@ fn settings_from_raw<'r>(
     {
         match jiff::tz::TimeZone::get(tz.get_ref()) {
             Ok(_) => settings.timezone = Some(tz.get_ref().clone()),
-            Err(e) => errs.push(file, &tz.span(), format!("unknown time zone `{}`: {e}", tz.get_ref())),
+            Err(e) => errs.push(
+                file,
+                &tz.span(),
+                format!("unknown time zone `{}`: {e}", tz.get_ref()),
+            ),
         }
     }
     if let Some(iv) = &raw.resolve_interval
@@ -556,7 +670,14 @@ fn settings_from_raw<'r>(
     {
         match humantime::parse_duration(iv.get_ref()) {
             Ok(d) if d >= Duration::from_secs(1) => settings.resolve_interval = d,
-            _ => errs.push(file, &iv.span(), format!("resolve_interval `{}`: a duration of at least 1s, like \"5m\"", iv.get_ref())),
+            _ => errs.push(
+                file,
+                &iv.span(),
+                format!(
+                    "resolve_interval `{}`: a duration of at least 1s, like \"5m\"",
+                    iv.get_ref()
+                ),
+            ),
         }
     }
     if let Some(mode) = &raw.mode
@@ -567,10 +688,18 @@ fn settings_from_raw<'r>(
     }
 }
 
-fn port_spec(file: usize, value: &Spanned<toml::Value>, errs: &mut Errors<'_>) -> Option<std::ops::RangeInclusive<u16>> {
+fn port_spec(
+    file: usize,
+    value: &Spanned<toml::Value>,
+    errs: &mut Errors<'_>,
+) -> Option<std::ops::RangeInclusive<u16>> {
     let span = value.span();
     let bad = |errs: &mut Errors<'_>, what: String| {
-        errs.push(file, &span, format!("{what}: a port is 1-65535, a range is \"LOW-HIGH\" with LOW <= HIGH"));
+        errs.push(
+            file,
+            &span,
+            format!("{what}: a port is 1-65535, a range is \"LOW-HIGH\" with LOW <= HIGH"),
+        );
         None
     };
     let one = |n: i64| u16::try_from(n).ok().filter(|&p| p != 0);
@@ -594,7 +723,13 @@ fn port_spec(file: usize, value: &Spanned<toml::Value>, errs: &mut Errors<'_>) -
     }
 }
 
-fn server_from_raw(file: usize, name: &Spanned<String>, raw: &RawServer, env: &Env<'_>, errs: &mut Errors<'_>) -> Option<Server> {
+fn server_from_raw(
+    file: usize,
+    name: &Spanned<String>,
+    raw: &RawServer,
+    env: &Env<'_>,
+    errs: &mut Errors<'_>,
+) -> Option<Server> {
     let mut literals: Vec<&Spanned<String>> = Vec::new();
     if let Some(a) = &raw.address {
         literals.push(a);
@@ -602,11 +737,22 @@ fn server_from_raw(file: usize, name: &Spanned<String>, raw: &RawServer, env: &E
     if let Some(list) = &raw.addresses {
         literals.extend(list.get_ref().iter());
         if list.get_ref().is_empty() {
-            errs.push(file, &list.span(), format!("server `{}` has an empty `addresses` list", name.get_ref()));
+            errs.push(
+                file,
+                &list.span(),
+                format!("server `{}` has an empty `addresses` list", name.get_ref()),
+            );
         }
     }
     if literals.is_empty() {
-        errs.push(file, &name.span(), format!("server `{}` needs `address = \"...\"` or `addresses = [...]`", name.get_ref()));
+        errs.push(
+            file,
+            &name.span(),
+            format!(
+                "server `{}` needs `address = \"...\"` or `addresses = [...]`",
+                name.get_ref()
+            ),
+        );
         return None;
     }
     let mut addrs = Vec::new();
@@ -620,7 +766,14 @@ fn server_from_raw(file: usize, name: &Spanned<String>, raw: &RawServer, env: &E
         }
         if !is_hostname(text) {
             ok = false;
-            errs.push(file, &lit.span(), format!("server `{}`: `{text}` is neither an IP address nor a hostname", name.get_ref()));
+            errs.push(
+                file,
+                &lit.span(),
+                format!(
+                    "server `{}`: `{text}` is neither an IP address nor a hostname",
+                    name.get_ref()
+                ),
+            );
             continue;
         }
         match env.resolver.resolve(text) {
@@ -630,13 +783,24 @@ fn server_from_raw(file: usize, name: &Spanned<String>, raw: &RawServer, env: &E
             }
             Err(e) => {
                 ok = false;
-                errs.push(file, &lit.span(), format!("server `{}`: hostname `{text}` does not resolve: {e}", name.get_ref()));
+                errs.push(
+                    file,
+                    &lit.span(),
+                    format!(
+                        "server `{}`: hostname `{text}` does not resolve: {e}",
+                        name.get_ref()
+                    ),
+                );
             }
         }
     }
     addrs.sort();
     addrs.dedup();
-    ok.then(|| Server { name: name.get_ref().clone(), target: ServerTarget::Addresses(addrs), hostnames })
+    ok.then(|| Server {
+        name: name.get_ref().clone(),
+        target: ServerTarget::Addresses(addrs),
+        hostnames,
+    })
 }
 
 /// RFC 1123 host names: letters, digits, hyphens and dots.
@@ -644,7 +808,11 @@ fn is_hostname(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
         && s.split('.').all(|l| {
-            !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-') && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
 }
 
@@ -676,9 +844,17 @@ fn vm_from_raw(
         }
     }
     if vm.ports.get_ref().is_empty() {
-        errs.push(file, &vm.ports.span(), format!("vm `{}` has no ports", name.get_ref()));
+        errs.push(
+            file,
+            &vm.ports.span(),
+            format!("vm `{}` has no ports", name.get_ref()),
+        );
     }
-    let allow: Vec<Grantee> = vm.allow.iter().filter_map(|e| grantee(file, e, env.dir, errs)).collect();
+    let allow: Vec<Grantee> = vm
+        .allow
+        .iter()
+        .filter_map(|e| grantee(file, e, env.dir, errs))
+        .collect();
     let mut schedules = Vec::new();
     for s in &vm.schedule {
         if let Some(s) = schedule_from_raw(file, s, env, errs) {
@@ -686,25 +862,57 @@ fn vm_from_raw(
         }
     }
     let mode = vm.mode.as_ref().and_then(|m| parse_mode(file, m, errs));
-    Some(Vm { name: name.get_ref().clone(), server: vm.server.get_ref().clone(), ports: ports.into_iter().collect(), allow, schedules, mode })
+    Some(Vm {
+        name: name.get_ref().clone(),
+        server: vm.server.get_ref().clone(),
+        ports: ports.into_iter().collect(),
+        allow,
+        schedules,
+        mode,
+    })
 }
 
-fn schedule_from_raw(file: usize, raw: &RawSchedule, env: &Env<'_>, errs: &mut Errors<'_>) -> Option<Schedule> {
-    let allow: Vec<Grantee> = raw.allow.get_ref().iter().filter_map(|e| grantee(file, e, env.dir, errs)).collect();
+fn schedule_from_raw(
+    file: usize,
+    raw: &RawSchedule,
+    env: &Env<'_>,
+    errs: &mut Errors<'_>,
+) -> Option<Schedule> {
+    let allow: Vec<Grantee> = raw
+        .allow
+        .get_ref()
+        .iter()
+        .filter_map(|e| grantee(file, e, env.dir, errs))
+        .collect();
     if raw.allow.get_ref().is_empty() {
-        errs.push(file, &raw.allow.span(), "a schedule with an empty `allow` grants nothing; remove it or name someone".into());
+        errs.push(
+            file,
+            &raw.allow.span(),
+            "a schedule with an empty `allow` grants nothing; remove it or name someone".into(),
+        );
     }
     let mut days = 0u8;
     match &raw.days {
         None => days = 0x7f,
         Some(list) => {
             if list.get_ref().is_empty() {
-                errs.push(file, &list.span(), "empty `days`: leave `days` out for every day".into());
+                errs.push(
+                    file,
+                    &list.span(),
+                    "empty `days`: leave `days` out for every day".into(),
+                );
             }
             for d in list.get_ref() {
                 match crate::schedule::parse_day(d.get_ref()) {
                     Some(bit) => days |= 1 << bit,
-                    None => errs.push(file, &d.span(), format!("day `{}`: use mon, tue, wed, thu, fri, sat, sun", d.get_ref())),
+                    None => errs.push(
+                        file,
+                        &d.span(),
+                        format!(
+                            "day `{}`: use mon, tue, wed, thu, fri, sat, sun",
+                            d.get_ref()
+                        ),
+                    ),
                 }
             }
         }
@@ -722,26 +930,48 @@ fn schedule_from_raw(file: usize, raw: &RawSchedule, env: &Env<'_>, errs: &mut E
     Some(Schedule { allow, days, hours })
 }
 
-fn grantee(file: usize, entry: &Spanned<String>, dir: &dyn Directory, errs: &mut Errors<'_>) -> Option<Grantee> {
+fn grantee(
+    file: usize,
+    entry: &Spanned<String>,
+    dir: &dyn Directory,
+    errs: &mut Errors<'_>,
+) -> Option<Grantee> {
     let text = entry.get_ref().trim();
     let span = entry.span();
     if text == "@console" {
-        return Some(Grantee { principal: Principal::Console, uids: BTreeSet::new() });
+        return Some(Grantee {
+            principal: Principal::Console,
+            uids: BTreeSet::new(),
+        });
     }
     if let Some(num) = text.strip_prefix('#') {
         return match num.parse::<u32>() {
-            Ok(uid) if uid != u32::MAX => Some(Grantee { principal: Principal::Uid(uid), uids: [uid].into() }),
+            Ok(uid) if uid != u32::MAX => Some(Grantee {
+                principal: Principal::Uid(uid),
+                uids: [uid].into(),
+            }),
             _ => {
-                errs.push(file, &span, format!("`{text}`: `#` must be followed by a numeric uid"));
+                errs.push(
+                    file,
+                    &span,
+                    format!("`{text}`: `#` must be followed by a numeric uid"),
+                );
                 None
             }
         };
     }
     if let Some(group) = text.strip_prefix('@') {
         return match dir.group_members(group) {
-            Ok(Some(uids)) => Some(Grantee { principal: Principal::Group(group.to_owned()), uids }),
+            Ok(Some(uids)) => Some(Grantee {
+                principal: Principal::Group(group.to_owned()),
+                uids,
+            }),
             Ok(None) => {
-                errs.push(file, &span, format!("unknown group `{group}` (looked up through NSS)"));
+                errs.push(
+                    file,
+                    &span,
+                    format!("unknown group `{group}` (looked up through NSS)"),
+                );
                 None
             }
             Err(e) => {
@@ -755,7 +985,10 @@ fn grantee(file: usize, entry: &Spanned<String>, dir: &dyn Directory, errs: &mut
         return None;
     }
     match dir.user_uid(text) {
-        Ok(Some(uid)) => Some(Grantee { principal: Principal::User(text.to_owned()), uids: [uid].into() }),
+        Ok(Some(uid)) => Some(Grantee {
+            principal: Principal::User(text.to_owned()),
+            uids: [uid].into(),
+        }),
         Ok(None) => {
             errs.push(
                 file,
@@ -789,7 +1022,9 @@ mod tests {
     }
 
     fn err(text: &str) -> String {
-        parse(text, Path::new("p.toml"), &dir()).expect_err("policy should be rejected").to_string()
+        parse(text, Path::new("p.toml"), &dir())
+            .expect_err("policy should be rejected")
+            .to_string()
     }
 
     const SEED: &str = r##"
@@ -818,7 +1053,10 @@ allow = ["ralph"]
         let d = &p.vms["debianx"];
         assert_eq!(d.ports, vec![20002]);
         assert_eq!(d.uids(), [1000, 1002, 1003, 1021].into());
-        assert_eq!(p.servers["mysrv"].target, ServerTarget::Addresses(vec!["192.168.2.2".parse().unwrap()]));
+        assert_eq!(
+            p.servers["mysrv"].target,
+            ServerTarget::Addresses(vec!["192.168.2.2".parse().unwrap()])
+        );
         assert_eq!(p.servers["localhost"].target, ServerTarget::Local);
         assert_eq!(p.vms["winlab"].uids(), [1001].into());
     }
@@ -831,10 +1069,15 @@ allow = ["ralph"]
 
     #[test]
     fn several_addresses_and_ipv6() {
-        let p = ok("[servers.s]\naddresses = [\"10.0.0.1\", \"fd00::1\"]\n[vms.v]\nserver=\"s\"\nports=[1]\n");
+        let p = ok(
+            "[servers.s]\naddresses = [\"10.0.0.1\", \"fd00::1\"]\n[vms.v]\nserver=\"s\"\nports=[1]\n",
+        );
         assert_eq!(
             p.servers["s"].target,
-            ServerTarget::Addresses(vec!["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()])
+            ServerTarget::Addresses(vec![
+                "10.0.0.1".parse().unwrap(),
+                "fd00::1".parse().unwrap()
+            ])
         );
     }
 
@@ -847,9 +1090,14 @@ allow = ["ralph"]
 
     #[test]
     fn unknown_user_and_group_are_errors() {
-        let e = err("[vms.v]\nserver = \"localhost\"\nports = [1]\nallow = [\"nobody-here\", \"@nogroup-here\"]\n");
+        let e = err(
+            "[vms.v]\nserver = \"localhost\"\nports = [1]\nallow = [\"nobody-here\", \"@nogroup-here\"]\n",
+        );
         assert!(e.contains("p.toml:4:10: unknown user `nobody-here`"), "{e}");
-        assert!(e.contains("p.toml:4:25: unknown group `nogroup-here`"), "{e}");
+        assert!(
+            e.contains("p.toml:4:25: unknown group `nogroup-here`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -870,14 +1118,24 @@ allow = ["ralph"]
     #[test]
     fn missing_server() {
         let e = err("[vms.v]\nserver = \"nosuch\"\nports = [1]\n");
-        assert!(e.starts_with("p.toml:2:10: vm `v` names server `nosuch`"), "{e}");
+        assert!(
+            e.starts_with("p.toml:2:10: vm `v` names server `nosuch`"),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_address_and_localhost_redefinition() {
-        let e = err("[servers.localhost]\naddress = \"127.0.0.1\"\n[servers.s]\naddress = \"not an ip\"\n");
+        let e = err(
+            "[servers.localhost]\naddress = \"127.0.0.1\"\n[servers.s]\naddress = \"not an ip\"\n",
+        );
         assert!(e.contains("p.toml:1:10: `localhost` is built in"), "{e}");
-        assert!(e.contains("p.toml:4:11: server `s`: `not an ip` is neither an IP address nor a hostname"), "{e}");
+        assert!(
+            e.contains(
+                "p.toml:4:11: server `s`: `not an ip` is neither an IP address nor a hostname"
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -899,7 +1157,10 @@ allow = ["ralph"]
         assert!(p.settings.is_admin(0) && p.settings.is_admin(1002) && !p.settings.is_admin(1000));
         assert!(ok("").settings.end_sessions);
         let e = err("[settings]\nadmins = \"nogroup-here\"\n");
-        assert!(e.contains("p.toml:2:10: unknown admin group `nogroup-here`"), "{e}");
+        assert!(
+            e.contains("p.toml:2:10: unknown admin group `nogroup-here`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -907,18 +1168,29 @@ allow = ["ralph"]
         let p = ok("[servers.s]\naddress = \"mysrv.example.lan\"\n");
         assert_eq!(
             p.servers["s"].target,
-            ServerTarget::Addresses(vec!["192.0.2.7".parse().unwrap(), "2001:db8::7".parse().unwrap()])
+            ServerTarget::Addresses(vec![
+                "192.0.2.7".parse().unwrap(),
+                "2001:db8::7".parse().unwrap()
+            ])
         );
-        assert_eq!(p.servers["s"].hostnames, vec!["mysrv.example.lan".to_owned()]);
+        assert_eq!(
+            p.servers["s"].hostnames,
+            vec!["mysrv.example.lan".to_owned()]
+        );
         let e = err("[servers.s]\naddresses = [\"10.0.0.1\", \"gone.example.lan\"]\n");
-        assert!(e.contains("p.toml:2:26: server `s`: hostname `gone.example.lan` does not resolve"), "{e}");
+        assert!(
+            e.contains("p.toml:2:26: server `s`: hostname `gone.example.lan` does not resolve"),
+            "{e}"
+        );
     }
 
     #[test]
     fn schedules_modes_and_console() {
-        let p = ok("[settings]\nmode = \"audit\"\ntimezone = \"Europe/Berlin\"\nresolve_interval = \"30s\"\n\
+        let p = ok(
+            "[settings]\nmode = \"audit\"\ntimezone = \"Europe/Berlin\"\nresolve_interval = \"30s\"\n\
                     [vms.v]\nserver = \"localhost\"\nports = [1]\nmode = \"enforce\"\nallow = [\"@console\"]\n\
-                    [[vms.v.schedule]]\nallow = [\"myself\"]\ndays = [\"mon\", \"tue\"]\nhours = \"22:00-06:00\"\n");
+                    [[vms.v.schedule]]\nallow = [\"myself\"]\ndays = [\"mon\", \"tue\"]\nhours = \"22:00-06:00\"\n",
+        );
         let v = &p.vms["v"];
         assert!(v.allows_console() && v.uses_console());
         assert_eq!(v.schedules[0].days, 0b11);
@@ -927,22 +1199,39 @@ allow = ["ralph"]
         assert_eq!(p.settings.mode, Mode::Audit);
         assert_eq!(p.vm_mode(v), Mode::Enforce);
         assert_eq!(p.settings.resolve_interval, Duration::from_secs(30));
-        let e = err("[settings]\nmode = \"off\"\ntimezone = \"Mars/Olympus\"\n[vms.v]\nserver = \"localhost\"\nports = [1]\n\
-                     [[vms.v.schedule]]\nallow = [\"myself\"]\ndays = [\"mo\"]\nhours = \"9-5\"\n");
+        let e = err(
+            "[settings]\nmode = \"off\"\ntimezone = \"Mars/Olympus\"\n[vms.v]\nserver = \"localhost\"\nports = [1]\n\
+                     [[vms.v.schedule]]\nallow = [\"myself\"]\ndays = [\"mo\"]\nhours = \"9-5\"\n",
+        );
         assert!(e.contains("p.toml:2:8: mode `off`"), "{e}");
-        assert!(e.contains("p.toml:3:12: unknown time zone `Mars/Olympus`"), "{e}");
+        assert!(
+            e.contains("p.toml:3:12: unknown time zone `Mars/Olympus`"),
+            "{e}"
+        );
         assert!(e.contains("p.toml:9:9: day `mo`"), "{e}");
         assert!(e.contains("p.toml:10:9: hours `9-5`"), "{e}");
     }
 
     #[test]
     fn dropins_merge_and_clash() {
-        let src = |p: &str, t: &str| Source { path: PathBuf::from(p), text: t.to_owned() };
-        let env = Env { dir: &dir(), resolver: &FakeResolver };
+        let src = |p: &str, t: &str| Source {
+            path: PathBuf::from(p),
+            text: t.to_owned(),
+        };
+        let env = Env {
+            dir: &dir(),
+            resolver: &FakeResolver,
+        };
         let p = parse_sources(
             &[
-                src("main.toml", "[protect]\nports = [5930]\n[vms.a]\nserver = \"localhost\"\nports = [1]\n"),
-                src("policy.d/10-b.toml", "[protect]\nports = [5931]\n[vms.b]\nserver = \"localhost\"\nports = [2]\n"),
+                src(
+                    "main.toml",
+                    "[protect]\nports = [5930]\n[vms.a]\nserver = \"localhost\"\nports = [1]\n",
+                ),
+                src(
+                    "policy.d/10-b.toml",
+                    "[protect]\nports = [5931]\n[vms.b]\nserver = \"localhost\"\nports = [2]\n",
+                ),
             ],
             &env,
         )
@@ -958,8 +1247,16 @@ allow = ["ralph"]
         )
         .expect_err("clash")
         .to_string();
-        assert!(e.contains("policy.d/10-b.toml:2:6: vm `a` is also defined at main.toml:1:6"), "{e}");
-        assert!(e.contains("policy.d/10-b.toml:6:16: setting `end_sessions` is also set at main.toml:5:16"), "{e}");
+        assert!(
+            e.contains("policy.d/10-b.toml:2:6: vm `a` is also defined at main.toml:1:6"),
+            "{e}"
+        );
+        assert!(
+            e.contains(
+                "policy.d/10-b.toml:6:16: setting `end_sessions` is also set at main.toml:5:16"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -16,8 +16,19 @@ use crate::policy::{Policy, Principal, Schedule};
 pub fn parse_day(s: &str) -> Option<u8> {
     let s = s.trim().to_ascii_lowercase();
     let days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
-    let full = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"];
-    days.iter().position(|d| *d == s).or_else(|| full.iter().position(|d| *d == s)).and_then(|i| u8::try_from(i).ok())
+    let full = [
+        "monday",
+        "tuesday",
+        "wednesday",
+        "thursday",
+        "friday",
+        "saturday",
+        "sunday",
+    ];
+    days.iter()
+        .position(|d| *d == s)
+        .or_else(|| full.iter().position(|d| *d == s))
+        .and_then(|i| u8::try_from(i).ok())
 }
 
 /// `"08:00-18:00"` to minutes after midnight. `"22:00-06:00"` runs past
@@ -51,7 +62,9 @@ pub struct LocalTime {
 }
 
 pub fn local_time(unix: i64, tz: &TimeZone) -> LocalTime {
-    let z = Timestamp::from_second(unix).unwrap_or(Timestamp::UNIX_EPOCH).to_zoned(tz.clone());
+    let z = Timestamp::from_second(unix)
+        .unwrap_or(Timestamp::UNIX_EPOCH)
+        .to_zoned(tz.clone());
     let weekday = u8::try_from(z.weekday().to_monday_zero_offset()).unwrap_or(0);
     let minute = u16::try_from(i32::from(z.hour()) * 60 + i32::from(z.minute())).unwrap_or(0);
     LocalTime { weekday, minute }
@@ -84,7 +97,12 @@ pub fn zone(policy: &Policy) -> TimeZone {
 
 /// (vm, uid) pairs granted by schedules at `unix`; `@console` entries grant
 /// the console user, if any.
-pub fn scheduled(policy: &Policy, unix: i64, tz: &TimeZone, console: Option<u32>) -> BTreeSet<(String, u32)> {
+pub fn scheduled(
+    policy: &Policy,
+    unix: i64,
+    tz: &TimeZone,
+    console: Option<u32>,
+) -> BTreeSet<(String, u32)> {
     let t = local_time(unix, tz);
     let mut out = BTreeSet::new();
     for vm in policy.vms.values() {
@@ -106,14 +124,23 @@ pub fn scheduled(policy: &Policy, unix: i64, tz: &TimeZone, console: Option<u32>
 pub fn named_in_schedule(policy: &Policy, vm: &str, uid: u32, console: Option<u32>) -> bool {
     policy.vms.get(vm).is_some_and(|v| {
         v.schedules.iter().any(|s| {
-            s.allow.iter().any(|g| g.uids.contains(&uid) || (g.principal == Principal::Console && console == Some(uid)))
+            s.allow.iter().any(|g| {
+                g.uids.contains(&uid) || (g.principal == Principal::Console && console == Some(uid))
+            })
         })
     })
 }
 
 /// The next instant after `unix` at which the schedule grant of `uid` on
 /// `vm` begins or ends, searched minute by minute over eight days.
-pub fn next_change(policy: &Policy, vm: &str, uid: u32, unix: i64, tz: &TimeZone, console: Option<u32>) -> Option<i64> {
+pub fn next_change(
+    policy: &Policy,
+    vm: &str,
+    uid: u32,
+    unix: i64,
+    tz: &TimeZone,
+    console: Option<u32>,
+) -> Option<i64> {
     let now = scheduled(policy, unix, tz, console).contains(&(vm.to_owned(), uid));
     let mut t = unix - unix.rem_euclid(60) + 60;
     for _ in 0..(8 * 24 * 60) {
@@ -133,14 +160,21 @@ mod tests {
     use crate::{directory::FakeDirectory, policy::parse};
 
     fn policy(text: &str) -> Policy {
-        let dir = FakeDirectory::default().user("maggie", 1).user("anne", 2).user("boss", 3).group("interns", &[4, 5]);
+        let dir = FakeDirectory::default()
+            .user("maggie", 1)
+            .user("anne", 2)
+            .user("boss", 3)
+            .group("interns", &[4, 5]);
         parse(text, Path::new("p.toml"), &dir).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Unix seconds of a civil time in a zone.
     fn at(civil: &str, tz: &TimeZone) -> i64 {
         let dt: jiff::civil::DateTime = civil.parse().expect("civil time");
-        dt.to_zoned(tz.clone()).expect("exists").timestamp().as_second()
+        dt.to_zoned(tz.clone())
+            .expect("exists")
+            .timestamp()
+            .as_second()
     }
 
     const LEAPTEST: &str = r#"
@@ -165,7 +199,10 @@ days = ["fri"]
         let p = policy(LEAPTEST);
         let tz = TimeZone::get("Europe/Berlin").expect("tzdata");
         let who = |civil: &str| -> Vec<u32> {
-            scheduled(&p, at(civil, &tz), &tz, None).into_iter().map(|(_, u)| u).collect()
+            scheduled(&p, at(civil, &tz), &tz, None)
+                .into_iter()
+                .map(|(_, u)| u)
+                .collect()
         };
         // 2026-11-23 is a Monday.
         assert_eq!(who("2026-11-23T00:00"), vec![1]);
@@ -179,7 +216,11 @@ days = ["fri"]
         assert_eq!(who("2026-11-27T22:00"), vec![3]);
         assert_eq!(who("2026-11-28T05:59"), vec![3]);
         assert_eq!(who("2026-11-28T06:00"), Vec::<u32>::new());
-        assert_eq!(who("2026-11-22T03:00"), Vec::<u32>::new(), "Sunday early is not Friday night");
+        assert_eq!(
+            who("2026-11-22T03:00"),
+            Vec::<u32>::new(),
+            "Sunday early is not Friday night"
+        );
     }
 
     #[test]
@@ -187,8 +228,14 @@ days = ["fri"]
         let p = policy(LEAPTEST);
         let tz = TimeZone::get("Europe/Berlin").expect("tzdata");
         let t = at("2026-11-25T07:30", &tz);
-        assert_eq!(next_change(&p, "leaptest", 2, t, &tz, None), Some(at("2026-11-25T08:00", &tz)));
-        assert_eq!(next_change(&p, "leaptest", 2, at("2026-11-25T09:00", &tz), &tz, None), Some(at("2026-11-25T18:00", &tz)));
+        assert_eq!(
+            next_change(&p, "leaptest", 2, t, &tz, None),
+            Some(at("2026-11-25T08:00", &tz))
+        );
+        assert_eq!(
+            next_change(&p, "leaptest", 2, at("2026-11-25T09:00", &tz), &tz, None),
+            Some(at("2026-11-25T18:00", &tz))
+        );
         // DST ends on Sunday 2026-10-25 in Berlin (03:00 -> 02:00); the
         // windows follow local time, so Monday 00:00 local is 23:00 UTC.
         let monday = at("2026-10-26T00:00", &tz);
@@ -204,10 +251,15 @@ days = ["fri"]
 
     #[test]
     fn console_in_schedule() {
-        let p = policy("[vms.v]\nserver=\"localhost\"\nports=[1]\n[[vms.v.schedule]]\nallow=[\"@console\"]\n");
+        let p = policy(
+            "[vms.v]\nserver=\"localhost\"\nports=[1]\n[[vms.v.schedule]]\nallow=[\"@console\"]\n",
+        );
         let tz = TimeZone::UTC;
         assert!(scheduled(&p, 0, &tz, None).is_empty());
-        assert_eq!(scheduled(&p, 0, &tz, Some(1000)), [("v".to_owned(), 1000)].into());
+        assert_eq!(
+            scheduled(&p, 0, &tz, Some(1000)),
+            [("v".to_owned(), 1000)].into()
+        );
     }
 
     #[test]

@@ -41,13 +41,22 @@ pub struct TcpSocket {
 
 fn netlink() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the fd is owned immediately.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: fd was just returned by socket(2).
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
+    let tv = libc::timeval {
+        tv_sec: 2,
+        tv_usec: 0,
+    };
     // SAFETY: valid option value pointer and length.
     unsafe {
         libc::setsockopt(
@@ -92,13 +101,21 @@ fn send(fd: &OwnedFd, msg: &[u8]) -> io::Result<()> {
             size_of::<libc::sockaddr_nl>() as u32,
         )
     };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: buf is valid for buf.len() bytes.
     let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -124,7 +141,15 @@ pub fn tcp_sockets() -> io::Result<Vec<TcpSocket>> {
     let fd = netlink()?;
     let mut out = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        send(&fd, &request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, family, &[0; 48]))?;
+        send(
+            &fd,
+            &request(
+                SOCK_DIAG_BY_FAMILY,
+                NLM_F_REQUEST | NLM_F_DUMP,
+                family,
+                &[0; 48],
+            ),
+        )?;
         let mut buf = vec![0u8; 64 * 1024];
         'dump: loop {
             let n = recv(&fd, &mut buf)?;
@@ -138,7 +163,12 @@ pub fn tcp_sockets() -> io::Result<Vec<TcpSocket>> {
                 match kind {
                     NLMSG_DONE => break 'dump,
                     NLMSG_ERROR => {
-                        let err = i32::from_ne_bytes([buf[at + 16], buf[at + 17], buf[at + 18], buf[at + 19]]);
+                        let err = i32::from_ne_bytes([
+                            buf[at + 16],
+                            buf[at + 17],
+                            buf[at + 18],
+                            buf[at + 19],
+                        ]);
                         return Err(io::Error::from_raw_os_error(-err));
                     }
                     SOCK_DIAG_BY_FAMILY if len >= 16 + 72 => {
@@ -179,13 +209,30 @@ fn parse_msg(m: &[u8]) -> TcpSocket {
         }
         at += (alen + 3) & !3;
     }
-    TcpSocket { family, src, sport, dst, dport, uid, cgroup_id, id }
+    TcpSocket {
+        family,
+        src,
+        sport,
+        dst,
+        dport,
+        uid,
+        cgroup_id,
+        id,
+    }
 }
 
 /// Closes one socket: both ends see the connection reset.
 pub fn destroy(sock: &TcpSocket) -> io::Result<()> {
     let fd = netlink()?;
-    send(&fd, &request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, sock.family, &sock.id))?;
+    send(
+        &fd,
+        &request(
+            SOCK_DESTROY,
+            NLM_F_REQUEST | NLM_F_ACK,
+            sock.family,
+            &sock.id,
+        ),
+    )?;
     let mut buf = [0u8; 512];
     let n = recv(&fd, &mut buf)?;
     if n >= 20 && u16_at(&buf, 4) == NLMSG_ERROR {
@@ -224,7 +271,12 @@ mod tests {
 
     #[test]
     fn request_layout() {
-        let m = request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, libc::AF_INET as u8, &[7; 48]);
+        let m = request(
+            SOCK_DESTROY,
+            NLM_F_REQUEST | NLM_F_ACK,
+            libc::AF_INET as u8,
+            &[7; 48],
+        );
         assert_eq!(m.len(), 72);
         assert_eq!(u32_at(&m, 0), 72);
         assert_eq!(u16_at(&m, 4), SOCK_DESTROY);
@@ -246,7 +298,10 @@ mod tests {
         m[74..76].copy_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
         m[76..84].copy_from_slice(&99u64.to_ne_bytes());
         let s = parse_msg(&m);
-        assert_eq!((s.sport, s.dport, s.uid, s.cgroup_id), (40000, 5930, 1001, Some(99)));
+        assert_eq!(
+            (s.sport, s.dport, s.uid, s.cgroup_id),
+            (40000, 5930, 1001, Some(99))
+        );
         assert_eq!(s.dst, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
     }
 }

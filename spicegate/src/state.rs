@@ -20,8 +20,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = path.with_extension("tmp");
     let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     if let Ok(d) = fs::File::open(dir) {
         let _ = d.sync_all();
     }
@@ -41,12 +44,14 @@ pub fn save_last_good(state_dir: &Path, sources: &[crate::policy::Source]) -> an
     let new = state_dir.join("last-good.new");
     let old = state_dir.join("last-good.old");
     let _ = fs::remove_dir_all(&new);
-    fs::create_dir_all(new.join("policy.d")).with_context(|| format!("creating {}", new.display()))?;
+    fs::create_dir_all(new.join("policy.d"))
+        .with_context(|| format!("creating {}", new.display()))?;
     for (i, s) in sources.iter().enumerate() {
         let target = if i == 0 {
             new.join("policy.toml")
         } else {
-            new.join("policy.d").join(s.path.file_name().unwrap_or_default())
+            new.join("policy.d")
+                .join(s.path.file_name().unwrap_or_default())
         };
         write_atomic(&target, s.text.as_bytes())?;
     }
@@ -54,7 +59,8 @@ pub fn save_last_good(state_dir: &Path, sources: &[crate::policy::Source]) -> an
     if dir.exists() {
         fs::rename(&dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
     }
-    fs::rename(&new, &dir).with_context(|| format!("renaming {} to {}", new.display(), dir.display()))?;
+    fs::rename(&new, &dir)
+        .with_context(|| format!("renaming {} to {}", new.display(), dir.display()))?;
     let _ = fs::remove_dir_all(&old);
     Ok(())
 }

@@ -23,7 +23,11 @@ pub fn check(args: &CheckArgs, socket: &std::path::Path) -> anyhow::Result<ExitC
         Ok(p) => p,
         Err(errs) => {
             eprintln!("{errs}");
-            eprintln!("{}: {} error(s); nothing would be enforced", args.file.display(), errs.0.len());
+            eprintln!(
+                "{}: {} error(s); nothing would be enforced",
+                args.file.display(),
+                errs.0.len()
+            );
             return Ok(ExitCode::FAILURE);
         }
     };
@@ -41,10 +45,10 @@ pub fn check(args: &CheckArgs, socket: &std::path::Path) -> anyhow::Result<ExitC
         let mut old = std::collections::BTreeSet::new();
         for vm in running["vms"].as_array().cloned().unwrap_or_default() {
             for u in vm["users"].as_array().cloned().unwrap_or_default() {
-                if u["temporary"].as_bool() != Some(true) {
-                    if let (Some(name), Some(uid)) = (vm["name"].as_str(), u["uid"].as_u64()) {
-                        old.insert((name.to_owned(), u32::try_from(uid).unwrap_or(u32::MAX)));
-                    }
+                if u["temporary"].as_bool() != Some(true)
+                    && let (Some(name), Some(uid)) = (vm["name"].as_str(), u["uid"].as_u64())
+                {
+                    old.insert((name.to_owned(), u32::try_from(uid).unwrap_or(u32::MAX)));
                 }
             }
         }
@@ -68,7 +72,11 @@ pub fn describe(policy: &policy::Policy, c: &Compiled, dir: &dyn Directory) -> S
     if c.guarded_everywhere.is_empty() {
         let _ = writeln!(out, "guarded on every destination: (none)");
     } else {
-        let _ = writeln!(out, "guarded on every destination: ports {}", ranges(&c.guarded_everywhere));
+        let _ = writeln!(
+            out,
+            "guarded on every destination: ports {}",
+            ranges(&c.guarded_everywhere)
+        );
     }
     for vm in policy.vms.values() {
         let _ = writeln!(out, "vm {} (server {}):", vm.name, vm.server);
@@ -85,7 +93,11 @@ pub fn describe(policy: &policy::Policy, c: &Compiled, dir: &dyn Directory) -> S
                 Dest::Local => format!("localhost:{port} (any local address)"),
                 d => format!("{d}:{port}"),
             };
-            let who = if users.is_empty() { "nobody".to_owned() } else { users.join(", ") };
+            let who = if users.is_empty() {
+                "nobody".to_owned()
+            } else {
+                users.join(", ")
+            };
             let _ = writeln!(out, "  {shown} -> allow {who}");
         }
         for g in &vm.allow {
@@ -116,7 +128,11 @@ fn ranges(ports: &[u16]) -> String {
             i += 1;
             end = ports[i];
         }
-        parts.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
         i += 1;
     }
     parts.join(", ")
@@ -131,16 +147,29 @@ mod tests {
 
     #[test]
     fn describes_the_seed_policy() {
-        let dir = FakeDirectory::default().user("myself", 1000).user("ralph", 1001).group("bookkeeping", &[1002]);
+        let dir = FakeDirectory::default()
+            .user("myself", 1000)
+            .user("ralph", 1001)
+            .group("bookkeeping", &[1002]);
         let text = "[protect]\nports = [\"20001-20010\", 5930]\n[servers.mysrv]\naddress = \"192.168.2.2\"\n\
                     [vms.debianx]\nserver = \"mysrv\"\nports = [20002]\nallow = [\"myself\", \"@bookkeeping\", \"#1021\"]\n\
                     [vms.winlab]\nserver = \"localhost\"\nports = [5930]\nallow = [\"ralph\"]\n";
         let p = policy::parse(text, Path::new("p.toml"), &dir).expect("valid");
-        let c = compile(&p, &LocalAddrs::new(), &crate::compile::Dynamic::default()).expect("compiles");
+        let c =
+            compile(&p, &LocalAddrs::new(), &crate::compile::Dynamic::default()).expect("compiles");
         let out = describe(&p, &c, &dir);
-        assert!(out.contains("guarded on every destination: ports 5930, 20001-20010"), "{out}");
-        assert!(out.contains("192.168.2.2:20002 -> allow myself(1000), #1002, #1021"), "{out}");
-        assert!(out.contains("localhost:5930 (any local address) -> allow ralph(1001)"), "{out}");
+        assert!(
+            out.contains("guarded on every destination: ports 5930, 20001-20010"),
+            "{out}"
+        );
+        assert!(
+            out.contains("192.168.2.2:20002 -> allow myself(1000), #1002, #1021"),
+            "{out}"
+        );
+        assert!(
+            out.contains("localhost:5930 (any local address) -> allow ralph(1001)"),
+            "{out}"
+        );
         assert!(out.contains("@bookkeeping = 1 member(s)"), "{out}");
     }
 }

@@ -10,7 +10,11 @@ use tokio::io::AsyncBufReadExt as _;
 use crate::control::{self, Request};
 
 fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?.block_on(f))
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("async runtime")?
+        .block_on(f))
 }
 
 pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Value> {
@@ -23,7 +27,10 @@ pub struct ReloadArgs {}
 
 pub fn reload(socket: &Path) -> anyhow::Result<ExitCode> {
     let v = call(socket, &Request::Reload)?;
-    println!("policy reloaded: {}", v["summary"].as_str().unwrap_or_default());
+    println!(
+        "policy reloaded: {}",
+        v["summary"].as_str().unwrap_or_default()
+    );
     let changes = v["changes"].as_array().cloned().unwrap_or_default();
     if changes.is_empty() {
         println!("no change in who may open what");
@@ -52,12 +59,19 @@ pub fn status(socket: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
             let paths = crate::kernel::PinPaths::new(&args.pin.pin_dir);
             let pinned = paths.has_links();
             if args.json {
-                println!("{}", serde_json::json!({ "running": false, "attached": pinned, "error": format!("{e:#}") }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "running": false, "attached": pinned, "error": format!("{e:#}") })
+                );
             } else {
                 eprintln!("{e:#}");
                 println!(
                     "daemon: not running; enforcement: {}",
-                    if pinned { "still pinned (decisions as last applied)" } else { "none" }
+                    if pinned {
+                        "still pinned (decisions as last applied)"
+                    } else {
+                        "none"
+                    }
                 );
             }
             return Ok(ExitCode::FAILURE);
@@ -67,12 +81,27 @@ pub fn status(socket: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let s = |p: &str| v.pointer(p).map_or_else(String::new, |x| x.as_str().map_or_else(|| x.to_string(), str::to_owned));
+    let s = |p: &str| {
+        v.pointer(p).map_or_else(String::new, |x| {
+            x.as_str().map_or_else(|| x.to_string(), str::to_owned)
+        })
+    };
     println!("daemon: running (since {})", s("/started_at"));
     println!("attached: {} (cgroup {})", s("/attached"), s("/cgroup"));
     println!("mode: {}", s("/mode"));
-    println!("policy: {} [{}] sha256 {} loaded {}", s("/policy/path"), s("/policy/source"), s("/policy/sha256"), s("/policy/loaded_at"));
-    println!("last reload: {} ok={} {}", s("/last_reload/at"), s("/last_reload/ok"), s("/last_reload/message"));
+    println!(
+        "policy: {} [{}] sha256 {} loaded {}",
+        s("/policy/path"),
+        s("/policy/source"),
+        s("/policy/sha256"),
+        s("/policy/loaded_at")
+    );
+    println!(
+        "last reload: {} ok={} {}",
+        s("/last_reload/at"),
+        s("/last_reload/ok"),
+        s("/last_reload/message")
+    );
     println!(
         "counts: {} vm(s), {} guarded endpoint(s), {} port(s) guarded everywhere, {} grant(s)",
         s("/counts/vms"),
@@ -87,22 +116,39 @@ pub fn status(socket: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_default()
             .iter()
             .map(|u| {
-                let t = if u["temporary"].as_bool() == Some(true) { "*" } else { "" };
+                let t = if u["temporary"].as_bool() == Some(true) {
+                    "*"
+                } else {
+                    ""
+                };
                 format!("{}{t}", u["user"].as_str().unwrap_or("?"))
             })
             .collect();
-        let eps: Vec<String> =
-            vm["endpoints"].as_array().cloned().unwrap_or_default().iter().filter_map(|e| e.as_str().map(str::to_owned)).collect();
+        let eps: Vec<String> = vm["endpoints"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|e| e.as_str().map(str::to_owned))
+            .collect();
         println!(
             "vm {} [{}]: allowed now: {}; connects allowed {} denied {}",
             vm["name"].as_str().unwrap_or("?"),
             eps.join(", "),
-            if users.is_empty() { "nobody".into() } else { users.join(", ") },
+            if users.is_empty() {
+                "nobody".into()
+            } else {
+                users.join(", ")
+            },
             vm["allowed"],
             vm["denied"]
         );
     }
-    for g in v["temporary_grants"].as_array().cloned().unwrap_or_default() {
+    for g in v["temporary_grants"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
         println!(
             "temporary grant: {} on {} until {}",
             g["user"].as_str().unwrap_or("?"),
@@ -132,10 +178,25 @@ pub fn parse_endpoint(s: &str) -> anyhow::Result<(IpAddr, u16)> {
 
 pub fn why(socket: &Path, args: &WhyArgs) -> anyhow::Result<ExitCode> {
     let (addr, port) = parse_endpoint(&args.endpoint)?;
-    let v = call(socket, &Request::Why { user: args.user.clone(), addr, port })?;
+    let v = call(
+        socket,
+        &Request::Why {
+            user: args.user.clone(),
+            addr,
+            port,
+        },
+    )?;
     let allow = v["allow"].as_bool().unwrap_or(false);
-    println!("{}: {}", if allow { "allow" } else { "deny" }, v["reason"].as_str().unwrap_or_default());
-    Ok(if allow { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    println!(
+        "{}: {}",
+        if allow { "allow" } else { "deny" },
+        v["reason"].as_str().unwrap_or_default()
+    );
+    Ok(if allow {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// Arguments of `spicegate grant`.
@@ -154,20 +215,29 @@ pub fn grant(socket: &Path, args: &GrantArgs) -> anyhow::Result<ExitCode> {
     let for_secs = match &args.duration {
         None => None,
         Some(d) => {
-            let dur: Duration =
-                humantime::parse_duration(d).with_context(|| format!("`{d}` is not a duration (try 90s, 30m, 2h, 1d)"))?;
+            let dur: Duration = humantime::parse_duration(d)
+                .with_context(|| format!("`{d}` is not a duration (try 90s, 30m, 2h, 1d)"))?;
             if dur.is_zero() {
                 bail!("--for must be longer than zero");
             }
             Some(dur.as_secs().max(1))
         }
     };
-    let v = call(socket, &Request::Grant { user: args.user.clone(), vm: args.vm.clone(), for_secs })?;
+    let v = call(
+        socket,
+        &Request::Grant {
+            user: args.user.clone(),
+            vm: args.vm.clone(),
+            for_secs,
+        },
+    )?;
     println!(
         "granted: {} may open {} {}",
         v["user"].as_str().unwrap_or("?"),
         v["vm"].as_str().unwrap_or("?"),
-        v["expires"].as_str().map_or_else(|| "until revoked".to_owned(), |e| format!("until {e}"))
+        v["expires"]
+            .as_str()
+            .map_or_else(|| "until revoked".to_owned(), |e| format!("until {e}"))
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -182,8 +252,18 @@ pub struct RevokeArgs {
 }
 
 pub fn revoke(socket: &Path, args: &RevokeArgs) -> anyhow::Result<ExitCode> {
-    let v = call(socket, &Request::Revoke { user: args.user.clone(), vm: args.vm.clone() })?;
-    println!("revoked: {} may no longer open {} (by temporary grant)", v["user"].as_str().unwrap_or("?"), v["vm"].as_str().unwrap_or("?"));
+    let v = call(
+        socket,
+        &Request::Revoke {
+            user: args.user.clone(),
+            vm: args.vm.clone(),
+        },
+    )?;
+    println!(
+        "revoked: {} may no longer open {} (by temporary grant)",
+        v["user"].as_str().unwrap_or("?"),
+        v["vm"].as_str().unwrap_or("?")
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -202,7 +282,10 @@ pub fn events(socket: &Path, args: &EventsArgs) -> anyhow::Result<ExitCode> {
         line.push(b'\n');
         tokio::io::AsyncWriteExt::write_all(&mut stream, &line).await?;
         let mut lines = tokio::io::BufReader::new(stream).lines();
-        let first = lines.next_line().await?.context("the daemon closed the connection")?;
+        let first = lines
+            .next_line()
+            .await?
+            .context("the daemon closed the connection")?;
         let resp: control::Response = serde_json::from_str(&first)?;
         if !resp.ok {
             bail!("{}", resp.error.unwrap_or_default());

@@ -36,13 +36,20 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
             write_man(&cmd, "spicegate", dir)?;
             for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
                 let name = format!("spicegate-{}", sub.get_name());
-                let sub = sub.clone().name(name.clone()).version(cmd.get_version().unwrap_or_default().to_owned());
+                let sub = sub
+                    .clone()
+                    .name(name.clone())
+                    .version(cmd.get_version().unwrap_or_default().to_owned());
                 write_man(&sub, &name, dir)?;
             }
         }
         What::Completions { dir } => {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+            for shell in [
+                clap_complete::Shell::Bash,
+                clap_complete::Shell::Zsh,
+                clap_complete::Shell::Fish,
+            ] {
                 let mut cmd = super::Cli::command();
                 clap_complete::generate_to(shell, &mut cmd, "spicegate", dir)
                     .with_context(|| format!("writing {shell} completions to {}", dir.display()))?;
@@ -55,6 +62,10 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
 /// Section 8: system administration commands.
 fn write_man(cmd: &clap::Command, name: &str, dir: &std::path::Path) -> anyhow::Result<()> {
     let path = dir.join(format!("{name}.8"));
-    let mut out = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    clap_mangen::Man::new(cmd.clone()).section("8").render(&mut out).with_context(|| format!("writing {}", path.display()))
+    let mut out =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    clap_mangen::Man::new(cmd.clone())
+        .section("8")
+        .render(&mut out)
+        .with_context(|| format!("writing {}", path.display()))
 }

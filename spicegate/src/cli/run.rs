@@ -83,23 +83,41 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     tokio::spawn(crate::console::watch(args.logind_bus.clone(), console_tx));
 
     let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
-    tokio::spawn(control::serve(listener, Shared { engine: cmd_tx, settings: engine.settings(), events: events_tx }));
+    tokio::spawn(control::serve(
+        listener,
+        Shared {
+            engine: cmd_tx,
+            settings: engine.settings(),
+            events: events_tx,
+        },
+    ));
 
     log::info!(
         "enforcing policy {}{} on cgroup {}: {}; pins in {}; control socket {}{}",
         args.policy.display(),
-        if engine.source() == Source::LastGood { " (LAST GOOD COPY: the file is broken)" } else { "" },
+        if engine.source() == Source::LastGood {
+            " (LAST GOOD COPY: the file is broken)"
+        } else {
+            ""
+        },
         cgroup.display(),
         engine.summary(),
         paths.dir.display(),
         socket.display(),
-        if adopted { " (took over the pinned enforcement)" } else { "" }
+        if adopted {
+            " (took over the pinned enforcement)"
+        } else {
+            ""
+        }
     );
 
     // Type=notify: systemd considers the unit started only now, with the
     // policy enforced. Outside systemd (no NOTIFY_SOCKET) this is a no-op.
     let status = format!("enforcing {}", engine.summary());
-    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]) {
+    if let Err(e) = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]) {
         log::warn!("could not notify systemd of readiness: {e}");
     }
 

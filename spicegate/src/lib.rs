@@ -1,0 +1,24 @@
+//! spicegate: decides which Unix user may open the Spice console of which VM.
+//!
+//! `policy` (what the admin writes), `schedule` and `compile` (what the
+//! kernel gets) are pure and tested without root; `kernel` and `sockdiag`
+//! are the only modules that talk to the kernel; `engine` owns the kernel
+//! state in the daemon and `control` is its socket. The library exists so
+//! fuzzers and benchmarks can drive the same code as the binary.
+
+pub mod cli;
+pub mod compile;
+pub mod console;
+pub mod control;
+pub mod directory;
+pub mod engine;
+pub mod events;
+pub mod explain;
+pub mod grants;
+pub mod hostaddrs;
+pub mod kernel;
+pub mod logging;
+pub mod policy;
+pub mod schedule;
+pub mod sockdiag;
+pub mod state;
