@@ -1,6 +1,6 @@
 //! `cargo xtask`: the project's own commands. `setup` installs what a fresh
-//! machine lacks, `run` starts the agent on the example policy, `test` runs
-//! every test (root ones included).
+//! machine lacks, `build` builds the binaries, `run` starts the agent on the
+//! example policy, `test` runs every test (root ones included).
 
 mod build;
 mod run;
@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask")]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,24 +21,30 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Install what building and testing need: nightly rust-src,
-    /// bpf-linker 0.10.4, Debian packages. Quick when all is there.
+    /// Install what building and testing need: the nightly toolchain with
+    /// rust-src, bpf-linker 0.10.4, and the Debian packages the tests use.
+    /// Quick when everything is there.
     Setup,
-    /// Build the binaries (the eBPF object is built by spicegate's build.rs).
+    /// Build the binaries (spicegate's build.rs builds the eBPF object) and
+    /// print the path of `spicegate`.
     Build(build::BuildArgs),
     /// Set up, build, and run the agent in the foreground on
-    /// examples/policy.toml, with a demo listener on 127.0.0.1:5930.
+    /// examples/policy.toml with a demo listener on 127.0.0.1:5930; Ctrl-C
+    /// stops and unloads it. Needs root.
     Run(run::RunArgs),
     /// Set up, build, and run every test: unit tests, then the root
-    /// integration tests one at a time (kernel state is shared).
+    /// integration tests one at a time (they share kernel state). Needs
+    /// root.
     Test(test::TestArgs),
 }
 
 fn main() -> ExitCode {
+    // First, while xtask has a single thread.
+    util::ensure_cargo_bin_on_path();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Setup => setup::setup(),
-        Command::Build(a) => build::build(&a).map(|_| ()),
+        Command::Build(a) => build::build(&a).map(|bin| println!("{}", bin.display())),
         Command::Run(a) => run::run(&a),
         Command::Test(a) => test::test(&a),
     };

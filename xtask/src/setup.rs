@@ -1,130 +1,264 @@
-//! `cargo xtask setup`: installs what a fresh machine lacks, quickly when
-//! everything is there already.
+//! `cargo xtask setup`: installs what a fresh machine lacks, and is quick
+//! (a handful of queries, no network) when everything is there already.
 
-use std::process::Command;
+use std::{process::Command, time::Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::util::{Step, is_root, output, run};
+use crate::util::{is_root, output, run};
 
-/// The bpf-linker that uses rustc's own LLVM (newer ones need a system LLVM).
+/// The bpf-linker that links with rustc's own LLVM; newer ones need a
+/// system LLVM this project does not install.
 pub const BPF_LINKER_VERSION: &str = "0.10.4";
 
-/// Debian packages the build, the tests and the benchmarks use.
-pub const PACKAGES: &[&str] = &[
-    "iproute2",   // ip: addresses, network namespaces
-    "passwd",     // useradd/userdel/groupadd for real test users
-    "util-linux", // setpriv, unshare
-    "procps",     // ps, pkill
-    "python3",    // small probes inside the boot test
-    "dbus",       // dbus-daemon: a private bus for the fake logind
-    "iptables",   // benchmarks: the recipe spicegate replaces
-    "nftables",   // benchmarks
-    "gzip",       // man pages in the .deb
+/// Debian packages the integration tests run (package, what for).
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("passwd", "useradd, userdel"),
+    ("util-linux", "setpriv"),
+    ("procps", "ps, pkill"),
+    ("python3", "test helpers"),
 ];
 
-fn installed(pkg: &str) -> bool {
-    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
-        .is_some_and(|s| s.contains("install ok installed"))
+/// Nice to have (inspecting what is loaded), installed when apt has it.
+const OPTIONAL_PACKAGES: &[(&str, &str)] = &[("bpftool", "inspecting loaded programs")];
+
+fn item(name: &str, state: &str) {
+    eprintln!("xtask: {name:<24} {state}");
+}
+
+fn rustup(args: &[&str]) -> Command {
+    let mut cmd = Command::new("rustup");
+    // A missing toolchain must read as missing, not be installed behind
+    // our back with the default profile.
+    cmd.args(args).env("RUSTUP_AUTO_INSTALL", "0");
+    cmd
+}
+
+fn have_rustup() -> bool {
+    output(&mut rustup(&["--version"])).is_some()
+}
+
+fn have_nightly() -> bool {
+    output(&mut rustup(&["toolchain", "list"])).is_some_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("nightly-") || l == "nightly")
+    })
 }
 
 fn have_rust_src() -> bool {
-    output(Command::new("rustup").args([
+    output(&mut rustup(&[
         "component",
         "list",
         "--toolchain",
         "nightly",
         "--installed",
     ]))
-    .is_some_and(|s| s.lines().any(|l| l.starts_with("rust-src")))
+    .is_some_and(|s| s.lines().any(|l| l.trim().starts_with("rust-src")))
 }
 
-fn have_nightly() -> bool {
-    output(Command::new("rustup").args(["toolchain", "list"]))
-        .is_some_and(|s| s.lines().any(|l| l.starts_with("nightly")))
+/// The version line of the bpf-linker on PATH, if any.
+fn bpf_linker_version() -> Option<String> {
+    output(Command::new("bpf-linker").arg("--version")).map(|s| s.trim().to_owned())
 }
 
-pub fn have_bpf_linker() -> bool {
-    output(Command::new("bpf-linker").arg("--version"))
-        .is_some_and(|s| s.contains(BPF_LINKER_VERSION))
+fn have_bpf_linker() -> bool {
+    bpf_linker_version().is_some_and(|v| v.split_whitespace().any(|w| w == BPF_LINKER_VERSION))
 }
 
-/// Verifies the toolchain pieces the eBPF build needs, with a sentence
-/// naming the fix.
+fn dpkg_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+/// Whether apt's package lists offer `pkg` (no network).
+fn apt_has(pkg: &str) -> bool {
+    output(Command::new("apt-cache").args(["policy", pkg])).is_some_and(|s| {
+        s.lines()
+            .any(|l| l.trim().starts_with("Candidate:") && !l.contains("(none)"))
+    })
+}
+
+/// What the eBPF build needs, checked without installing anything; the
+/// error says how to fix it.
 pub fn check_toolchain() -> anyhow::Result<()> {
-    if !have_nightly() || !have_rust_src() {
+    if !have_rustup() {
         bail!(
-            "the nightly toolchain with rust-src is missing: run `cargo xtask setup` (or `rustup component add rust-src --toolchain nightly`)"
+            "rustup is not on PATH: install it from https://rustup.rs, then run `cargo xtask setup`"
+        );
+    }
+    if !have_rust_src() {
+        bail!(
+            "the nightly toolchain with rust-src is missing: run `cargo xtask setup` \
+             (or `rustup component add rust-src --toolchain nightly`)"
         );
     }
     if !have_bpf_linker() {
         bail!(
-            "bpf-linker {BPF_LINKER_VERSION} is missing: run `cargo xtask setup` (or `cargo install bpf-linker@{BPF_LINKER_VERSION} --locked`)"
+            "bpf-linker {BPF_LINKER_VERSION} is missing: run `cargo xtask setup` \
+             (or `cargo install bpf-linker@{BPF_LINKER_VERSION} --locked`)"
         );
     }
     Ok(())
 }
 
 pub fn setup() -> anyhow::Result<()> {
-    let step = Step::new("setup");
+    let start = Instant::now();
+    rust_toolchain()?;
+    bpf_linker()?;
+    debian_packages()?;
+    eprintln!("xtask: setup done ({:.1}s)", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn rust_toolchain() -> anyhow::Result<()> {
+    if !have_rustup() {
+        bail!(
+            "rustup is not installed: install it from https://rustup.rs, then run `cargo xtask setup` again"
+        );
+    }
+    // rust-src listed means nightly is there too: one query in the common case.
+    if have_rust_src() {
+        item("nightly toolchain", "present");
+        item("rust-src (nightly)", "present");
+        return Ok(());
+    }
     if have_nightly() {
-        eprintln!("xtask: nightly toolchain: present");
+        item("nightly toolchain", "present");
     } else {
-        run(Command::new("rustup").args([
+        run(&mut rustup(&[
             "toolchain",
             "install",
             "nightly",
             "--profile",
             "minimal",
         ]))
-        .context("installing the nightly toolchain")?;
-        eprintln!("xtask: nightly toolchain: installed");
+        .context(
+            "could not install the nightly toolchain: check the network, then run \
+             `rustup toolchain install nightly --profile minimal`",
+        )?;
+        item("nightly toolchain", "installed");
     }
-    if have_rust_src() {
-        eprintln!("xtask: nightly rust-src: present");
-    } else {
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))
-        .context("installing rust-src for nightly")?;
-        eprintln!("xtask: nightly rust-src: installed");
-    }
+    run(&mut rustup(&[
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
+    .context(
+        "could not add rust-src to nightly: check the network, then run \
+         `rustup component add rust-src --toolchain nightly`",
+    )?;
+    item("rust-src (nightly)", "installed");
+    Ok(())
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let name = format!("bpf-linker {BPF_LINKER_VERSION}");
     if have_bpf_linker() {
-        eprintln!("xtask: bpf-linker {BPF_LINKER_VERSION}: present");
-    } else {
-        run(Command::new("cargo").args([
-            "install",
-            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-            "--locked",
-            "--force",
-        ]))
-        .context("installing bpf-linker")?;
-        eprintln!("xtask: bpf-linker {BPF_LINKER_VERSION}: installed");
+        item(&name, "present");
+        return Ok(());
     }
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
-    if missing.is_empty() {
-        eprintln!("xtask: Debian packages: present");
-    } else if !is_root() {
+    if let Some(other) = bpf_linker_version() {
+        eprintln!("xtask: found {other}; replacing it with {BPF_LINKER_VERSION}");
+    }
+    run(Command::new("cargo").args([
+        "install",
+        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+        "--locked",
+        // Replaces another version; a no-op cost only when we install anyway.
+        "--force",
+    ]))
+    .with_context(|| {
+        format!(
+            "could not build bpf-linker {BPF_LINKER_VERSION}: fix what cargo reported above, then run \
+             `cargo install bpf-linker@{BPF_LINKER_VERSION} --locked`"
+        )
+    })?;
+    if !have_bpf_linker() {
         bail!(
-            "Debian packages {} are missing and installing them needs root: run `sudo cargo xtask setup`",
+            "bpf-linker {BPF_LINKER_VERSION} was installed but the one found on PATH is {}: \
+             put cargo's bin directory (~/.cargo/bin) first on PATH",
+            bpf_linker_version().unwrap_or_else(|| "none".to_owned())
+        );
+    }
+    item(&name, "installed");
+    Ok(())
+}
+
+fn debian_packages() -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    for &(pkg, what) in PACKAGES {
+        if dpkg_installed(pkg) {
+            item(pkg, "present");
+        } else {
+            eprintln!("xtask: {pkg:<24} missing ({what})");
+            missing.push(pkg);
+        }
+    }
+    // Optional packages absent from the lists are only looked for again
+    // after an `apt-get update` we run anyway: never update just for them.
+    let mut optional = Vec::new();
+    for &(pkg, _) in OPTIONAL_PACKAGES {
+        if dpkg_installed(pkg) {
+            item(pkg, "present");
+        } else {
+            optional.push(pkg);
+        }
+    }
+    let available: Vec<&str> = optional.iter().copied().filter(|p| apt_has(p)).collect();
+    if missing.is_empty() && available.is_empty() {
+        skipped(&optional);
+        return Ok(());
+    }
+    if !is_root() {
+        if missing.is_empty() {
+            for pkg in &available {
+                item(pkg, "not installed (optional; installing needs root)");
+            }
+            skipped(&unavailable(&optional, &available));
+            return Ok(());
+        }
+        bail!(
+            "Debian packages {} are missing and installing them needs root: run `cargo xtask setup` as root",
             missing.join(" ")
         );
-    } else {
-        eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
-        run(Command::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive"))
-        .context("apt-get update")?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))
-        .context("apt-get install")?;
     }
-    step.done();
+    apt_get(&["update"]).context(
+        "`apt-get update` failed: check the network and /etc/apt/sources.list, then run `cargo xtask setup` again",
+    )?;
+    let available: Vec<&str> = optional.iter().copied().filter(|p| apt_has(p)).collect();
+    let mut install = missing.clone();
+    install.extend(&available);
+    let mut args = vec!["install", "-y", "--no-install-recommends"];
+    args.extend(&install);
+    apt_get(&args).context(
+        "`apt-get install` failed: fix what apt reported above, then run `cargo xtask setup` again",
+    )?;
+    for pkg in &install {
+        item(pkg, "installed");
+    }
+    skipped(&unavailable(&optional, &available));
     Ok(())
+}
+
+fn unavailable<'a>(optional: &[&'a str], available: &[&str]) -> Vec<&'a str> {
+    optional
+        .iter()
+        .copied()
+        .filter(|p| !available.contains(p))
+        .collect()
+}
+
+fn skipped(pkgs: &[&str]) {
+    for pkg in pkgs {
+        item(pkg, "not in apt, skipped (optional)");
+    }
+}
+
+fn apt_get(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }

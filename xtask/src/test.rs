@@ -1,21 +1,22 @@
-//! `cargo xtask test`: every test, root ones included.
+//! `cargo xtask test`: every test, the root integration tests included.
 
-use std::process::Command;
+use std::time::Instant;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
-use crate::util::{Step, is_root, run, workspace};
+use crate::util::{Step, cargo, is_root, run};
 
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {
-    /// Skip `cargo xtask setup`.
+    /// Skip `cargo xtask setup` (when you know everything is installed).
     #[arg(long)]
     no_setup: bool,
-    /// Also run rustfmt --check and clippy -D warnings first.
-    #[arg(long, env = "SPICEGATE_LINT")]
+    /// Also run `cargo fmt --check` and `cargo clippy -D warnings` first.
+    #[arg(long, env = "SPICEGATE_LINT", value_parser = clap::builder::BoolishValueParser::new())]
     lint: bool,
-    /// Passed to the integration test run (a test name filter, say).
-    #[arg(last = true)]
+    /// Passed to the integration test binaries, after `--test-threads=1`
+    /// (a test name filter, `--nocapture`, ...).
+    #[arg(last = true, value_name = "TEST_ARGS")]
     args: Vec<String>,
 }
 
@@ -25,67 +26,80 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
             "the integration tests load eBPF programs and create users: run `cargo xtask test` as root"
         );
     }
+    let start = Instant::now();
     if !args.no_setup {
         crate::setup::setup()?;
     }
-    let bin = crate::build::build(&crate::build::BuildArgs { release: false })?;
     let mut failed = Vec::new();
 
     if args.lint {
-        let step = Step::new("rustfmt --check");
-        if run(Command::new("cargo")
-            .current_dir(workspace())
-            .args(["fmt", "--all", "--", "--check"]))
-        .is_err()
-        {
+        let step = Step::start("rustfmt --check");
+        let ok = run(cargo().args(["fmt", "--all", "--", "--check"])).is_ok();
+        if !step.finish(ok) {
             failed.push("rustfmt");
         }
-        step.done();
-        let step = Step::new("clippy");
-        if run(Command::new("cargo").current_dir(workspace()).args([
+        // spicegate-ebpf is linted by nothing here: it only builds for BPF.
+        let step = Step::start("clippy");
+        let ok = run(cargo().args([
             "clippy",
+            "--workspace",
+            "--exclude",
+            "spicegate-ebpf",
             "--all-targets",
             "--",
             "-D",
             "warnings",
         ]))
-        .is_err()
-        {
+        .is_ok();
+        if !step.finish(ok) {
             failed.push("clippy");
         }
-        step.done();
     }
 
-    let step = Step::new("unit tests");
-    if run(Command::new("cargo").current_dir(workspace()).args([
+    let bin = match crate::build::build(&crate::build::BuildArgs { release: false }) {
+        Ok(bin) => bin,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            failed.push("build");
+            return summary(&failed, start);
+        }
+    };
+
+    // Unit tests need no root and run in parallel.
+    let step = Step::start("unit tests");
+    let ok = run(cargo().args([
         "test",
+        "--workspace",
         "--exclude",
         "spicegate-tests",
-        "--workspace",
         "--exclude",
         "spicegate-ebpf",
     ]))
-    .is_err()
-    {
+    .is_ok();
+    if !step.finish(ok) {
         failed.push("unit tests");
     }
-    step.done();
 
-    let step = Step::new("root integration tests");
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(workspace())
-        .args(["test", "-p", "spicegate-tests", "--"])
-        .arg("--test-threads=1")
+    // One test at a time: they share the kernel's cgroup, pins and users.
+    let step = Step::start("root integration tests");
+    let ok = run(cargo()
+        .args(["test", "-p", "spicegate-tests", "--", "--test-threads=1"])
         .args(&args.args)
-        .env("SPICEGATE_BIN", &bin);
-    if run(&mut cmd).context("integration tests").is_err() {
+        .env("SPICEGATE_BIN", &bin))
+    .is_ok();
+    if !step.finish(ok) {
         failed.push("integration tests");
     }
-    step.done();
 
-    if !failed.is_empty() {
-        bail!("failed: {}", failed.join(", "));
+    summary(&failed, start)
+}
+
+fn summary(failed: &[&str], start: Instant) -> anyhow::Result<()> {
+    let secs = start.elapsed().as_secs_f64();
+    if failed.is_empty() {
+        eprintln!("xtask: all passed ({secs:.1}s)");
+        Ok(())
+    } else {
+        bail!("FAILED: {} ({secs:.1}s)", failed.join(", "))
     }
-    eprintln!("xtask: all tests passed");
-    Ok(())
 }
