@@ -203,13 +203,19 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
         Ok(Err(e)) => return Err(format!("read error: {e}")),
         Ok(Ok(_)) => {}
     }
+    parse_request(&line)
+}
+
+/// Validates one request line as read from a client (newline included).
+/// Pure, so the fuzzer drives exactly what the socket does.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     if line.len() > MAX_REQUEST {
         return Err(format!("request larger than {MAX_REQUEST} bytes"));
     }
     if line.last() != Some(&b'\n') {
         return Err("truncated request (no newline)".into());
     }
-    let text = std::str::from_utf8(&line).map_err(|_| "request is not UTF-8".to_owned())?;
+    let text = std::str::from_utf8(line).map_err(|_| "request is not UTF-8".to_owned())?;
     serde_json::from_str(text.trim_end()).map_err(|e| format!("bad request: {e}"))
 }
 

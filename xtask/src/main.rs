@@ -3,6 +3,7 @@
 //! example policy, `test` runs every test (root ones included).
 
 mod build;
+mod fuzz;
 mod run;
 mod setup;
 mod test;
@@ -36,6 +37,9 @@ enum Command {
     /// integration tests one at a time (they share kernel state). Needs
     /// root.
     Test(test::TestArgs),
+    /// Fuzz the policy parser and the control protocol with cargo-fuzz,
+    /// growing fuzz/corpus (which `test` replays).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Command::Build(a) => build::build(&a).map(|bin| println!("{}", bin.display())),
         Command::Run(a) => run::run(&a),
         Command::Test(a) => test::test(&a),
+        Command::Fuzz(a) => fuzz::fuzz(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

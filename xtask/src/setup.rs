@@ -18,6 +18,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "setpriv"),
     ("procps", "ps, pkill"),
     ("python3", "test helpers"),
+    ("dbus", "dbus-daemon: a private bus for the fake logind"),
+    ("iptables", "benchmarks: the recipe spicegate replaces"),
+    ("nftables", "benchmarks"),
+    ("gzip", "man pages in the .deb"),
 ];
 
 /// Nice to have (inspecting what is loaded), installed when apt has it.
