@@ -60,6 +60,8 @@ pub enum Request {
         vm: String,
     },
     Events,
+    /// The VMs the caller may open (now or later), for `list` and `open`.
+    List,
 }
 
 impl Request {
@@ -288,6 +290,7 @@ async fn request_engine(
                 reply,
             }
         }
+        Request::List => Command::List { uid: peer, reply },
         Request::Events => return Err("internal: events are streamed".into()),
     };
     shared

@@ -59,6 +59,10 @@ pub enum Command {
         vm: String,
         reply: Reply<Value>,
     },
+    List {
+        uid: u32,
+        reply: Reply<Value>,
+    },
 }
 
 /// Where the policy in force came from.
@@ -651,6 +655,9 @@ impl Engine {
             } => {
                 let _ = reply.send(self.revoke(uid, &user, &vm));
             }
+            Command::List { uid, reply } => {
+                let _ = reply.send(Ok(self.list(uid)));
+            }
         }
     }
 
@@ -728,6 +735,82 @@ impl Engine {
         }
         log::info!("temporary grant revoked: {user} ({uid}) on vm {vm}");
         Ok(json!({ "user": user, "uid": uid, "vm": vm }))
+    }
+
+    /// `list`: the VMs `uid` may open now or later, and how to reach them.
+    /// Answers for that uid only.
+    pub fn list(&self, uid: u32) -> Value {
+        let clock = self.clock();
+        let tz = schedule::zone(&self.loaded.policy);
+        let mut vms = Vec::new();
+        for vm in self.loaded.policy.vms.values() {
+            let info = self.compiled.endpoints.values().find(|i| i.vm == vm.name);
+            let now = info.is_some_and(|i| i.uids.contains(&uid));
+            let in_schedule =
+                schedule::named_in_schedule(&self.loaded.policy, &vm.name, uid, self.console);
+            let console_vm = vm.uses_console();
+            if !now && !in_schedule && !console_vm {
+                continue;
+            }
+            let via = info.map(|i| {
+                if !i.uids.contains(&uid) {
+                    "none"
+                } else if i.temp_uids.contains(&uid) {
+                    "temporary"
+                } else if vm.uids().contains(&uid) {
+                    "policy"
+                } else if i.console_uid == Some(uid) {
+                    "console"
+                } else {
+                    "schedule"
+                }
+            });
+            let next = in_schedule
+                .then(|| {
+                    schedule::next_change(
+                        &self.loaded.policy,
+                        &vm.name,
+                        uid,
+                        clock,
+                        &tz,
+                        self.console,
+                    )
+                })
+                .flatten();
+            let server = self.loaded.policy.servers.get(&vm.server);
+            let (host, addresses) = match server.map(|s| (&s.target, &s.hostnames)) {
+                Some((policy::ServerTarget::Addresses(a), names)) => (
+                    names
+                        .first()
+                        .cloned()
+                        .or_else(|| a.first().map(ToString::to_string))
+                        .unwrap_or_default(),
+                    a.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                ),
+                _ => ("localhost".to_owned(), vec![]),
+            };
+            vms.push(json!({
+                "name": vm.name,
+                "server": vm.server,
+                "host": host,
+                "addresses": addresses,
+                "port": vm.plain_port(),
+                "tls_port": vm.tls_port,
+                "tls": vm.tls_port.is_some(),
+                "ca_file": vm.ca_file,
+                "allowed_now": now,
+                "via": via,
+                "schedules": vm.schedules.iter().map(policy::Schedule::describe).collect::<Vec<_>>(),
+                "console_only": console_vm && !now && !in_schedule,
+                "next_change": next.map(|t| rfc3339(u64::try_from(t).unwrap_or(0))),
+            }));
+        }
+        json!({
+            "uid": uid,
+            "user": Nss.user_name(uid).unwrap_or_else(|| format!("#{uid}")),
+            "client": self.loaded.policy.settings.client,
+            "vms": vms,
+        })
     }
 
     /// The `status` document. Field names are stable (docs/status.md).

@@ -19,6 +19,9 @@ pub struct Verdict {
     pub vm: Option<String>,
     /// One sentence naming the deciding entry.
     pub reason: String,
+    /// A few words for the person at the keyboard: "not granted",
+    /// "outside mon,tue", "only for the console user".
+    pub short: String,
 }
 
 /// How the kernel folds a destination, given the table in force.
@@ -59,6 +62,7 @@ pub fn explain(
             allow: allow_now,
             vm: None,
             reason: format!("not guarded: no rule guards port {port}"),
+            short: "not guarded".into(),
         };
     };
     let dest = kernel_dest(c, ip);
@@ -81,6 +85,7 @@ pub fn explain(
                     "[protect] guards port {port} on every address and no VM grants {user} {ep}{local_note}{}",
                     if audit { audit_note } else { "" }
                 ),
+                short: format!("port {port} is protected and no VM there is granted to you"),
             };
         }
         return Verdict {
@@ -89,6 +94,7 @@ pub fn explain(
             reason: format!(
                 "not guarded: port {port} is guarded only on other addresses than {ep}"
             ),
+            short: "not guarded".into(),
         };
     };
     let vm = Some(info.vm.clone());
@@ -129,6 +135,7 @@ pub fn explain(
                 allow: true,
                 vm,
                 reason: format!("temporary grant of vm `{}` to {user}, {until}", info.vm),
+                short: format!("granted temporarily, {until}"),
             };
         }
         let vm_def = ctx.policy.vms.get(&info.vm);
@@ -150,6 +157,7 @@ pub fn explain(
                     info.vm,
                     via.join(", ")
                 ),
+                short: "granted".into(),
             };
         }
         if info.console_uid == Some(uid) {
@@ -160,6 +168,7 @@ pub fn explain(
                     "vm `{}` allows `@console`, and {user} holds the active session on seat0",
                     info.vm
                 ),
+                short: "granted to the console user".into(),
             };
         }
         return Verdict {
@@ -171,12 +180,25 @@ pub fn explain(
                 schedules_text(),
                 window(uid)
             ),
+            short: format!("granted until {}", window(uid)),
         };
     }
     let audit = if info.mode == crate::policy::Mode::Audit {
         audit_note
     } else {
         ""
+    };
+    let short = if in_schedule {
+        format!("outside {} (next access {})", schedules_text(), window(uid))
+    } else if ctx
+        .policy
+        .vms
+        .get(&info.vm)
+        .is_some_and(crate::policy::Vm::allows_console)
+    {
+        "only for the console user".to_owned()
+    } else {
+        "not granted".to_owned()
     };
     let reason = if in_schedule {
         format!(
@@ -205,6 +227,7 @@ pub fn explain(
         allow: allow_now,
         vm,
         reason,
+        short,
     }
 }
 

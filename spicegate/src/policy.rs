@@ -87,6 +87,8 @@ struct RawSettings {
     resolve_interval: Option<Spanned<String>>,
     #[serde(default)]
     mode: Option<Spanned<String>>,
+    #[serde(default)]
+    client: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +118,10 @@ struct RawVm {
     schedule: Vec<RawSchedule>,
     #[serde(default)]
     mode: Option<Spanned<String>>,
+    #[serde(default)]
+    tls_port: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -242,9 +248,22 @@ pub struct Vm {
     pub schedules: Vec<Schedule>,
     /// `mode` of the VM; `None` follows `[settings] mode`.
     pub mode: Option<Mode>,
+    /// `tls_port`: which of `ports` is Spice's TLS port (for `spicegate open`).
+    pub tls_port: Option<u16>,
+    /// `ca_file`: CA certificate the client verifies the TLS port with.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Vm {
+    /// The plain (non-TLS) Spice port, if any: the first port that is not
+    /// the TLS port.
+    pub fn plain_port(&self) -> Option<u16> {
+        self.ports
+            .iter()
+            .copied()
+            .find(|p| Some(*p) != self.tls_port)
+    }
+
     /// Every uid the `allow` list grants at all times.
     pub fn uids(&self) -> BTreeSet<u32> {
         self.allow
@@ -283,6 +302,8 @@ pub struct Settings {
     pub resolve_interval: Duration,
     /// Default mode of every VM and of `[protect]` ports.
     pub mode: Mode,
+    /// Spice client `spicegate open` starts, with the URI appended.
+    pub client: Vec<String>,
 }
 
 impl Default for Settings {
@@ -293,6 +314,7 @@ impl Default for Settings {
             timezone: None,
             resolve_interval: Duration::from_secs(300),
             mode: Mode::Enforce,
+            client: vec!["remote-viewer".to_owned()],
         }
     }
 }
@@ -680,6 +702,24 @@ fn settings_from_raw(
             ),
         }
     }
+    if let Some(client) = &raw.client
+        && once("client", client.span(), errs)
+    {
+        let words: Vec<String> = client
+            .get_ref()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        if words.is_empty() {
+            errs.push(
+                file,
+                &client.span(),
+                "client: name the Spice client command, e.g. \"remote-viewer\"".into(),
+            );
+        } else {
+            settings.client = words;
+        }
+    }
     if let Some(mode) = &raw.mode
         && once("mode", mode.span(), errs)
         && let Some(m) = parse_mode(file, mode, errs)
@@ -862,6 +902,24 @@ fn vm_from_raw(
         }
     }
     let mode = vm.mode.as_ref().and_then(|m| parse_mode(file, m, errs));
+    let tls_port = vm.tls_port.as_ref().and_then(|t| {
+        let one = port_spec(file, t, errs)?;
+        let p = *one.start();
+        if one.start() != one.end() {
+            errs.push(file, &t.span(), "tls_port is one port, not a range".into());
+            None
+        } else if !ports.contains(&p) {
+            errs.push(
+                file,
+                &t.span(),
+                format!("tls_port {p} is not one of the VM's ports"),
+            );
+            None
+        } else {
+            Some(p)
+        }
+    });
+    let ca_file = vm.ca_file.as_ref().map(|c| PathBuf::from(c.get_ref()));
     Some(Vm {
         name: name.get_ref().clone(),
         server: vm.server.get_ref().clone(),
@@ -869,6 +927,8 @@ fn vm_from_raw(
         allow,
         schedules,
         mode,
+        tls_port,
+        ca_file,
     })
 }
 
@@ -1255,6 +1315,24 @@ allow = ["ralph"]
             e.contains(
                 "policy.d/10-b.toml:6:16: setting `end_sessions` is also set at main.toml:5:16"
             ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn client_settings_and_tls_port() {
+        let p = ok(
+            "[settings]\nclient = \"spicy --full-screen\"\n[vms.v]\nserver = \"localhost\"\nports = [5900, 5901]\ntls_port = 5901\nca_file = \"/etc/spice/ca.pem\"\n",
+        );
+        assert_eq!(
+            p.settings.client,
+            vec!["spicy".to_owned(), "--full-screen".to_owned()]
+        );
+        assert_eq!(p.vms["v"].tls_port, Some(5901));
+        assert_eq!(p.vms["v"].plain_port(), Some(5900));
+        let e = err("[vms.v]\nserver = \"localhost\"\nports = [5900]\ntls_port = 5901\n");
+        assert!(
+            e.contains("p.toml:4:12: tls_port 5901 is not one of the VM's ports"),
             "{e}"
         );
     }

@@ -94,7 +94,7 @@ pub fn describe(policy: &policy::Policy, c: &Compiled, dir: &dyn Directory) -> S
                 d => format!("{d}:{port}"),
             };
             let who = if users.is_empty() {
-                "nobody".to_owned()
+                "(no one)".to_owned()
             } else {
                 users.join(", ")
             };

@@ -54,6 +54,7 @@ pub struct StatusArgs {
 pub fn status(socket: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let v = match call(socket, &Request::Status) {
         Ok(v) => v,
+        Err(e) if !format!("{e}").contains("daemon is not running") => return Err(e),
         Err(e) => {
             // Not running: still say whether enforcement is pinned.
             let paths = crate::kernel::PinPaths::new(&args.pin.pin_dir);
@@ -136,7 +137,7 @@ pub fn status(socket: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
             vm["name"].as_str().unwrap_or("?"),
             eps.join(", "),
             if users.is_empty() {
-                "nobody".into()
+                "(no one)".into()
             } else {
                 users.join(", ")
             },

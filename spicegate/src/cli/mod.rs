@@ -5,6 +5,7 @@ mod client;
 mod generate;
 mod run;
 mod unload;
+mod user;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -58,6 +59,13 @@ pub enum Command {
     Revoke(client::RevokeArgs),
     /// Stream denied connects live.
     Events(client::EventsArgs),
+    /// Show the VMs you may open now or later, and how they are reached.
+    List(user::ListArgs),
+    /// Open a VM's console with your Spice client (remote-viewer by default).
+    Open(user::OpenArgs),
+    /// Show a desktop notification when one of your connects is refused
+    /// (started with your desktop session).
+    Notify(user::NotifyArgs),
     /// Detach the programs and remove every pin (for uninstalling).
     Unload(unload::UnloadArgs),
     /// Write man pages or shell completions (for packaging).
@@ -76,6 +84,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Grant(a) => client::grant(&socket, &a),
         Command::Revoke(a) => client::revoke(&socket, &a),
         Command::Events(a) => client::events(&socket, &a),
+        Command::List(a) => user::list(&socket, &a),
+        Command::Open(a) => user::open(&socket, &a),
+        Command::Notify(a) => user::notify(&socket, &a),
         Command::Unload(a) => unload::unload(&a),
         Command::Generate(a) => generate::generate(&a),
     }
