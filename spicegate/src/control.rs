@@ -36,7 +36,8 @@ pub const DEFAULT_SOCKET: &str = "/run/spicegate/control.sock";
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// Time a client has to send its request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more are refused with an error.
+/// Connections of non-admin users served at once; more are refused with an
+/// error. Root and the admin group are not counted.
 pub const MAX_CLIENTS: usize = 64;
 
 /// A request, as sent on the wire.
@@ -161,7 +162,22 @@ pub async fn serve(listener: UnixListener, shared: Shared) {
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+        // Root and the admin group are always served, so other users
+        // holding every slot (say, with `events` streams) cannot lock the
+        // admin out of reload or revoke.
+        let admin = stream.peer_cred().is_ok_and(|c| {
+            shared
+                .settings
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_admin(c.uid())
+        });
+        let permit = if admin {
+            None
+        } else {
+            Arc::clone(&slots).try_acquire_owned().ok()
+        };
+        if !admin && permit.is_none() {
             tokio::spawn(async move {
                 let mut s = stream;
                 let _ = write_line(
