@@ -175,16 +175,27 @@ pub fn diff_lines(
     dir: &dyn Directory,
 ) -> Vec<String> {
     let name = |u: u32| dir.user_name(u).unwrap_or_else(|| format!("#{u}"));
-    let mut out: Vec<String> = new
-        .difference(old)
-        .map(|(vm, u)| format!("+ {} may now open {vm}", name(*u)))
+    let gained = new.difference(old).map(|p| ('+', p));
+    let lost = old.difference(new).map(|p| ('-', p));
+    let total = new.difference(old).count() + old.difference(new).count();
+    // A big policy change must not turn into thousands of log lines (or
+    // thousands of user lookups): the first ones, then a count.
+    let mut out: Vec<String> = gained
+        .chain(lost)
+        .take(MAX_DIFF_LINES)
+        .map(|(sign, (vm, u))| match sign {
+            '+' => format!("+ {} may now open {vm}", name(*u)),
+            _ => format!("- {} may no longer open {vm}", name(*u)),
+        })
         .collect();
-    out.extend(
-        old.difference(new)
-            .map(|(vm, u)| format!("- {} may no longer open {vm}", name(*u))),
-    );
+    if total > MAX_DIFF_LINES {
+        out.push(format!("... and {} more changes", total - MAX_DIFF_LINES));
+    }
     out
 }
+
+/// Change lines shown per reload.
+pub const MAX_DIFF_LINES: usize = 50;
 
 pub struct Engine {
     kernel: Kernel,

@@ -114,7 +114,8 @@ impl PinDir {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut all: Vec<std::ffi::OsString> = vec!["--socket".into(), self.socket().into_os_string()];
+        let mut all: Vec<std::ffi::OsString> =
+            vec!["--socket".into(), self.socket().into_os_string()];
         all.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
         spicegate(all)
     }
