@@ -243,8 +243,25 @@ impl Daemon {
         d
     }
 
+    /// Like [`Daemon::start`], with more `run` arguments (test hooks such
+    /// as `--clock-offset-file`).
+    pub fn start_with(
+        policy: &Path,
+        cgroup: Option<&Path>,
+        pin: &PinDir,
+        extra: &[&OsStr],
+    ) -> Self {
+        let d = Self::spawn_with(policy, cgroup, pin, extra);
+        d.wait_for_line("enforcing policy", START_TIMEOUT);
+        d
+    }
+
     /// Like [`Daemon::start`], without waiting.
     pub fn spawn(policy: &Path, cgroup: Option<&Path>, pin: &PinDir) -> Self {
+        Self::spawn_with(policy, cgroup, pin, &[])
+    }
+
+    fn spawn_with(policy: &Path, cgroup: Option<&Path>, pin: &PinDir, extra: &[&OsStr]) -> Self {
         let mut cmd = Command::new(spicegate_bin());
         cmd.arg("--socket").arg(pin.socket());
         cmd.arg("run").arg("--policy").arg(policy);
@@ -253,6 +270,7 @@ impl Daemon {
             cmd.arg("--cgroup").arg(c);
         }
         cmd.arg("--pin-dir").arg(pin.path());
+        cmd.args(extra);
         cmd.env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
