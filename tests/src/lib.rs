@@ -24,6 +24,7 @@ use std::{
 
 pub use cgroup::{TestCgroup, cgroup2_root};
 pub use daemon::{Daemon, DenyLine, PinDir, spicegate, spicegate_bin};
+pub mod logind;
 pub use listener::Listener;
 pub use policy::PolicyFile;
 pub use probe::{Checks, Outcome, Probe, ProbeChild, ProbeResult};

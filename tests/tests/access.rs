@@ -387,3 +387,58 @@ fn run(cmd: &mut Command) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn console_user_follows_logind() {
+    require_root();
+    let ann = TestUser::new();
+    let bob = TestUser::new();
+    let l = Listener::loopback();
+    let p = l.port();
+    let mut logind = spicegate_tests::logind::FakeLogind::start();
+    let policy = PolicyDir::new(&format!(
+        "[vms.lab]\nserver = \"localhost\"\nports = [{p}]\nallow = [\"@console\"]\n"
+    ));
+    std::fs::write(policy.clock(), "0").expect("clock");
+    let cg = TestCgroup::new();
+    let pin = PinDir::new();
+    let extra: [&OsStr; 2] = [
+        OsStr::new("--logind-bus"),
+        OsStr::new(logind.address.as_str()),
+    ];
+    let daemon = Daemon::start_with(&policy.main(), Some(cg.path()), &pin, &extra);
+    let lab = Lab {
+        daemon: Some(daemon),
+        pin,
+        cg,
+        policy,
+    };
+    let within = Duration::from_secs(5);
+
+    // Nobody at the console: nobody gets in.
+    lab.expect(&ann, p, Denied);
+    logind.activate(ann.uid, false, "user");
+    lab.becomes(&ann, p, Allowed, within);
+    lab.expect(&bob, p, Denied);
+    assert_eq!(lab.status()["console_user"]["uid"], ann.uid);
+    // User switch.
+    logind.activate(bob.uid, false, "user");
+    lab.becomes(&ann, p, Denied, within);
+    lab.expect(&bob, p, Allowed);
+    // Remote sessions and greeters never count.
+    logind.activate(ann.uid, true, "user");
+    lab.becomes(&bob, p, Denied, within);
+    lab.expect(&ann, p, Denied);
+    logind.activate(ann.uid, false, "greeter");
+    std::thread::sleep(Duration::from_secs(3));
+    lab.expect(&ann, p, Denied);
+    // Logout, then logind gone: fail closed.
+    logind.activate(ann.uid, false, "user");
+    lab.becomes(&ann, p, Allowed, within);
+    logind.logout();
+    lab.becomes(&ann, p, Denied, within);
+    logind.activate(ann.uid, false, "user");
+    lab.becomes(&ann, p, Allowed, within);
+    logind.vanish();
+    lab.becomes(&ann, p, Denied, Duration::from_secs(8));
+}
