@@ -2,6 +2,7 @@
 //! machine lacks, `build` builds the binaries, `run` starts the agent on the
 //! example policy, `test` runs every test (root ones included).
 
+mod bench;
 mod build;
 mod fuzz;
 mod run;
@@ -40,6 +41,11 @@ enum Command {
     /// Fuzz the policy parser and the control protocol with cargo-fuzz,
     /// growing fuzz/corpus (which `test` replays).
     Fuzz(fuzz::FuzzArgs),
+    /// Measure spicegate against no filter, iptables owner rules and an
+    /// nftables set (connect cost, bulk throughput, apply time, daemon
+    /// start and memory, deny storm) and write docs/benchmarks.md. Needs
+    /// root; 4-6 minutes, `--quick` for a short check.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +58,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run::run(&a),
         Command::Test(a) => test::test(&a),
         Command::Fuzz(a) => fuzz::fuzz(&a),
+        Command::Bench(a) => bench::bench(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
