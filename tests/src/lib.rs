@@ -10,6 +10,7 @@
 //! `--test-threads=1`, as root, through `cargo xtask test`.
 
 mod cgroup;
+mod client;
 mod daemon;
 mod listener;
 mod policy;
@@ -23,11 +24,14 @@ use std::{
 };
 
 pub use cgroup::{TestCgroup, cgroup2_root};
+pub use client::{CliOutput, CliStream, ctl_as, raw_request, spicegate_cmd};
 pub use daemon::{Daemon, DenyLine, PinDir, spicegate, spicegate_bin};
 pub mod logind;
 pub use listener::Listener;
 pub use policy::PolicyFile;
-pub use probe::{Checks, Outcome, Probe, ProbeChild, ProbeResult};
+pub use probe::{
+    Batch, Checks, HeldConnection, Outcome, Probe, ProbeChild, ProbeLoop, ProbeResult,
+};
 pub use users::{TestGroup, TestUser, unused_uid};
 
 /// Panics unless the test runs as root: every test of this crate changes

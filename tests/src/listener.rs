@@ -25,6 +25,17 @@ impl Listener {
     /// An IPv6 unspecified address (`[::]`) is explicitly dual-stack, so
     /// IPv4 and IPv4-mapped destinations reach it too.
     pub fn bind(addr: &str) -> Self {
+        Self::start(addr, false)
+    }
+
+    /// IPv4 loopback listener with a fresh port that keeps every accepted
+    /// connection open until it is dropped, so a client can hold an
+    /// established connection (to see whether a revocation ends it).
+    pub fn loopback_keeping_connections() -> Self {
+        Self::start("127.0.0.1:0", true)
+    }
+
+    fn start(addr: &str, keep: bool) -> Self {
         let addr: SocketAddr = addr
             .parse()
             .unwrap_or_else(|e| panic!("listener address {addr}: {e}"));
@@ -36,8 +47,10 @@ impl Listener {
         let thread = std::thread::Builder::new()
             .name(format!("accept {addr}"))
             .spawn(move || {
+                let mut kept = Vec::new();
                 while !stop2.load(Ordering::Relaxed) {
                     match listener.accept() {
+                        Ok((conn, _)) if keep => kept.push(conn),
                         Ok((conn, _)) => drop(conn),
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(_) => break,

@@ -119,6 +119,49 @@ impl Probe {
         self.arg("--interval-ms").arg(ms.to_string())
     }
 
+    /// Connects once and holds the connection open, at most `secs`
+    /// seconds, reporting when it ends; run it with [`Probe::hold`].
+    fn hold_for(self, secs: u64) -> Self {
+        self.arg("--hold").arg(secs.to_string())
+    }
+
+    /// Starts it with `--hold SECS` and waits for the connect. Panics unless
+    /// the connect succeeds: a held connection needs a granted user.
+    pub fn hold(self, secs: u64) -> HeldConnection {
+        let what = self.describe();
+        let mut child = self.hold_for(secs).spawn();
+        let mut c = child.child.take().expect("freshly spawned");
+        let out = c.stdout.take().expect("probe stdout is piped");
+        let err = c.stderr.take().expect("probe stderr is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+                let Ok(line) = line else { break };
+                if tx.send((line, Instant::now())).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut held = HeldConnection {
+            child: Some(c),
+            pid: child.pid,
+            what,
+            lines: rx,
+            err: Some(err),
+            _reader: reader,
+        };
+        match held.next_line(Duration::from_secs(10)) {
+            Some((l, _)) if l == "ok" => held,
+            other => {
+                let stderr = held.stderr();
+                panic!(
+                    "sg-probe --hold {}: expected `ok`, got {other:?}; stderr: {stderr}",
+                    held.what
+                )
+            }
+        }
+    }
+
     /// "alice (uid 1001) -> 127.0.0.1:4000 [--v6-socket]"
     pub fn describe(&self) -> String {
         let flags: Vec<&str> = self
@@ -250,6 +293,61 @@ impl Drop for ProbeChild {
     }
 }
 
+/// An established connection held by `sg-probe --hold` (see
+/// [`Probe::hold`]). Drop kills and reaps the probe.
+#[derive(Debug)]
+pub struct HeldConnection {
+    child: Option<Child>,
+    pub pid: u32,
+    what: String,
+    lines: std::sync::mpsc::Receiver<(String, Instant)>,
+    err: Option<std::process::ChildStderr>,
+    _reader: std::thread::JoinHandle<()>,
+}
+
+impl HeldConnection {
+    fn next_line(&mut self, timeout: Duration) -> Option<(String, Instant)> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
+    /// Waits at most `timeout` for the connection to end; returns the
+    /// probe's line (`closed eof after MS`, `closed ERRNO NAME after MS`)
+    /// and when it was read, or `None` while it is still open.
+    pub fn wait_closed(&mut self, timeout: Duration) -> Option<(String, Instant)> {
+        let got = self.next_line(timeout)?;
+        if !got.0.starts_with("closed ") {
+            panic!("sg-probe --hold {}: unexpected line {:?}", self.what, got.0);
+        }
+        Some(got)
+    }
+
+    /// The probe's stderr after killing it (for failure messages).
+    fn stderr(&mut self) -> String {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let mut s = String::new();
+        if let Some(mut e) = self.err.take() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn describe(&self) -> &str {
+        &self.what
+    }
+}
+
+impl Drop for HeldConnection {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct ProbeResult {
     pub pid: u32,
@@ -268,6 +366,67 @@ impl ProbeResult {
             .enumerate()
             .filter(|(_, o)| *o != expected)
             .collect()
+    }
+}
+
+/// A probe run again and again, in batches on its own thread, until
+/// [`ProbeLoop::finish`]: load that runs for as long as something else
+/// (reloads) takes. Drop stops it.
+#[derive(Debug)]
+pub struct ProbeLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Batch>>>,
+}
+
+/// One run of a [`ProbeLoop`]: when it started and ended, what it got.
+#[derive(Debug)]
+pub struct Batch {
+    pub started: Instant,
+    pub ended: Instant,
+    pub result: ProbeResult,
+}
+
+impl ProbeLoop {
+    pub fn start(probe: Probe) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut batches = Vec::new();
+            while !stop2.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let result = probe.run();
+                batches.push(Batch {
+                    started,
+                    ended: Instant::now(),
+                    result,
+                });
+            }
+            batches
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Lets the running batch end and returns every batch.
+    pub fn finish(mut self) -> Vec<Batch> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let t = self.thread.take().expect("finished once");
+        t.join()
+            .unwrap_or_else(|_| panic!("a probe loop panicked (see its message above)"))
+    }
+}
+
+impl Drop for ProbeLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            eprintln!("[harness] a probe loop panicked");
+        }
     }
 }
 

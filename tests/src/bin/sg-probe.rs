@@ -4,6 +4,7 @@
 //! ```text
 //! sg-probe [--cgroup DIR] [--uid N --gid N] --connect ADDR:PORT
 //!          [--v6-socket] [--fastopen] [--count N] [--interval-ms MS]
+//!          [--hold SECS]
 //! ```
 //!
 //! Order of setup matters: the cgroup is joined first (that needs root), then
@@ -18,6 +19,14 @@
 //!
 //! Output on stdout: one line per attempt, `ok` or `err <errno> <NAME>`,
 //! flushed at once so a reader sees attempts as they happen.
+//!
+//! `--hold SECS` makes one connect and, when it succeeds, keeps the
+//! connection open and blocks reading it, to see whether something (a
+//! revocation) ends it: after `ok` it prints `closed eof after <ms>` when
+//! the peer closes, `closed <errno> <NAME> after <ms>` when the read fails
+//! (ECONNABORTED when the socket is destroyed, ECONNRESET on a reset), or
+//! `open after <ms>` when SECS pass with the connection intact. Data the
+//! peer sends is read and ignored. The exit code is that of the connect.
 //!
 //! Exit codes:
 //! - 0: every attempt succeeded;
@@ -50,12 +59,13 @@ struct Args {
     fastopen: bool,
     count: u32,
     interval: Duration,
+    hold: Option<Duration>,
 }
 
 fn usage(msg: &str) -> ! {
     eprintln!("sg-probe: {msg}");
     eprintln!(
-        "usage: sg-probe [--cgroup DIR] [--uid N --gid N] --connect ADDR:PORT [--v6-socket] [--fastopen] [--count N] [--interval-ms MS]"
+        "usage: sg-probe [--cgroup DIR] [--uid N --gid N] --connect ADDR:PORT [--v6-socket] [--fastopen] [--count N] [--interval-ms MS] [--hold SECS]"
     );
     exit(EXIT_SETUP)
 }
@@ -74,6 +84,7 @@ fn parse_args() -> Args {
     let mut fastopen = false;
     let mut count = 1;
     let mut interval = Duration::ZERO;
+    let mut hold = None;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = |name: &str| {
@@ -115,6 +126,13 @@ fn parse_args() -> Args {
                         .unwrap_or_else(|_| usage("bad --interval-ms")),
                 )
             }
+            "--hold" => {
+                hold = Some(Duration::from_secs(
+                    value("--hold")
+                        .parse()
+                        .unwrap_or_else(|_| usage("bad --hold")),
+                ))
+            }
             "--v6-socket" => v6_socket = true,
             "--fastopen" => fastopen = true,
             other => usage(&format!("unknown argument {other}")),
@@ -126,6 +144,9 @@ fn parse_args() -> Args {
     if uid.is_some() != gid.is_some() {
         usage("--uid and --gid go together");
     }
+    if hold.is_some() && (count != 1 || fastopen) {
+        usage("--hold makes exactly one plain connect");
+    }
     Args {
         cgroup,
         uid,
@@ -135,6 +156,7 @@ fn parse_args() -> Args {
         fastopen,
         count,
         interval,
+        hold,
     }
 }
 
@@ -210,8 +232,8 @@ fn sockaddr(
     }
 }
 
-/// One attempt; `Ok` or the errno.
-fn attempt(args: &Args) -> Result<(), i32> {
+/// One attempt; the connected socket or the errno.
+fn attempt(args: &Args) -> Result<OwnedFd, i32> {
     let (ss, len, family) = sockaddr(args.connect, args.v6_socket);
     // SAFETY: socket() has no memory arguments.
     let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
@@ -241,7 +263,45 @@ fn attempt(args: &Args) -> Result<(), i32> {
     if rc < 0 {
         Err(last_os_error().raw_os_error().unwrap_or(0))
     } else {
-        Ok(())
+        Ok(sock)
+    }
+}
+
+/// Blocks reading `sock` until the connection ends or `limit` passes, and
+/// says which.
+fn hold(sock: &OwnedFd, limit: Duration) -> String {
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = limit.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return format!("open after {}", start.elapsed().as_millis());
+        }
+        let tv = libc::timeval {
+            tv_sec: left.as_secs() as libc::time_t,
+            tv_usec: left.subsec_micros().max(1) as libc::suseconds_t,
+        };
+        // SAFETY: valid option value pointer and length.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            );
+        }
+        // SAFETY: buf is valid for its length.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let ms = start.elapsed().as_millis();
+        match n {
+            0 => return format!("closed eof after {ms}"),
+            n if n > 0 => {}
+            _ => match last_os_error().raw_os_error().unwrap_or(0) {
+                libc::EINTR | libc::EAGAIN => {}
+                errno => return format!("closed {errno} {} after {ms}", errno_name(errno)),
+            },
+        }
     }
 }
 
@@ -259,6 +319,9 @@ fn errno_name(errno: i32) -> &'static str {
         libc::EOPNOTSUPP => "EOPNOTSUPP",
         libc::EINPROGRESS => "EINPROGRESS",
         libc::EINTR => "EINTR",
+        libc::ECONNABORTED => "ECONNABORTED",
+        libc::ECONNRESET => "ECONNRESET",
+        libc::EPIPE => "EPIPE",
         _ => "OTHER",
     }
 }
@@ -282,8 +345,12 @@ fn main() {
         if i > 0 && !args.interval.is_zero() {
             std::thread::sleep(args.interval);
         }
+        let mut held = None;
         let line = match attempt(&args) {
-            Ok(()) => "ok".to_owned(),
+            Ok(sock) => {
+                held = Some(sock);
+                "ok".to_owned()
+            }
             Err(errno) => {
                 if errno == libc::EPERM {
                     denied = true;
@@ -296,6 +363,10 @@ fn main() {
         // A closed stdout must not change the exit code's meaning.
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
+        if let (Some(limit), Some(sock)) = (args.hold, &held) {
+            let _ = writeln!(out, "{}", hold(sock, limit));
+            let _ = out.flush();
+        }
     }
     exit(if other {
         EXIT_OTHER
