@@ -4,6 +4,7 @@
 
 mod bench;
 mod build;
+mod deb;
 mod fuzz;
 mod run;
 mod setup;
@@ -46,6 +47,9 @@ enum Command {
     /// start and memory, deny storm) and write docs/benchmarks.md. Needs
     /// root; 4-6 minutes, `--quick` for a short check.
     Bench(bench::BenchArgs),
+    /// Build the Debian package (release build, unit, policy template, man
+    /// pages, completions, docs) into target/debian/ and print its path.
+    Deb(deb::DebArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         Command::Test(a) => test::test(&a),
         Command::Fuzz(a) => fuzz::fuzz(&a),
         Command::Bench(a) => bench::bench(&a),
+        Command::Deb(a) => deb::deb(&a).map(|deb| println!("{}", deb.display())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

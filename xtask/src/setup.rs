@@ -22,6 +22,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "benchmarks: the recipe spicegate replaces"),
     ("nftables", "benchmarks"),
     ("gzip", "man pages in the .deb"),
+    ("binutils", "strip: the binary in the .deb"),
+    ("systemd", "systemd-analyze verify of the unit in the .deb"),
+    ("debootstrap", "the boot test's Debian"),
+    ("systemd-container", "systemd-nspawn: the boot test"),
 ];
 
 /// Nice to have (inspecting what is loaded), installed when apt has it.
