@@ -1,0 +1,195 @@
+#!/bin/bash
+# The boot test's scenario, run inside the booted container by the oneshot
+# unit spicegate-boottest.service (see tests/tests/service.rs). Every check
+# appends `PASS name` or `FAIL name: why` to /out/results; the last line is
+# END. Whatever happens, the journal is saved and the container powers off.
+set -u
+
+OUT=/out
+RESULTS=$OUT/results
+PORT=47123
+OK_UID=1001   # granted by the test policy
+NO_UID=1002   # never granted
+B_VERSION=$(cat $OUT/b-version)
+: > "$RESULTS"
+trap 'journalctl -b --no-pager > $OUT/journal.txt 2>&1; echo END >> "$RESULTS"; systemctl poweroff --no-block' EXIT
+
+pass() { echo "PASS $1" >> "$RESULTS"; }
+fail() { echo "FAIL $1: $2" >> "$RESULTS"; echo "FAIL $1: $2" >&2; }
+# check NAME COMMAND...: passes when the command succeeds.
+check() {
+    local name=$1 out
+    shift
+    if out=$("$@" 2>&1); then pass "$name"; else fail "$name" "$(echo "$out" | tail -n 3 | tr '\n' ' ')"; fi
+}
+# expect NAME WANT GOT
+expect() {
+    if [ "$2" = "$3" ]; then pass "$1"; else fail "$1" "want '$2', got '$3'"; fi
+}
+# The outcome of one connect to the test port as a uid.
+connect_as() {
+    setpriv --reuid="$1" --regid="$1" --clear-groups \
+        bash -c "exec 3<>/dev/tcp/127.0.0.1/$PORT" 2>/dev/null && echo allow || echo deny
+}
+mainpid() { systemctl show -p MainPID --value spicegate.service; }
+# Waits up to 15 s for the unit to be active with a main PID other than $1.
+wait_new_daemon() {
+    local i pid
+    for i in $(seq 150); do
+        pid=$(mainpid)
+        if [ "$(systemctl is-active spicegate.service)" = active ] && [ "$pid" != 0 ] && [ "$pid" != "$1" ]; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    return 1
+}
+# The test policy: guards PORT on this machine, grants the given uids.
+policy() {
+    local allow="" u
+    for u in "$@"; do allow="$allow\"#$u\", "; done
+    cat > /etc/spicegate/policy.toml <<EOF
+[protect]
+ports = [$PORT]
+
+[vms.boottest]
+server = "localhost"
+ports = [$PORT]
+allow = [${allow%, }]
+EOF
+}
+
+# Probe loops: one process per uid connecting every 5 ms until /tmp/stop
+# exists; it exits 0 only when every attempt had the expected outcome.
+cat > /tmp/probe.py <<'EOF'
+import os, socket, sys, time
+port, stop, want = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+n = {"allow": 0, "deny": 0, "other": 0}
+while not os.path.exists(stop):
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", port))
+        n["allow"] += 1
+    except PermissionError:
+        n["deny"] += 1
+    except OSError as e:
+        n["other"] += 1
+        print("error:", e, flush=True)
+    finally:
+        s.close()
+    time.sleep(0.005)
+print(" ".join(f"{k}={v}" for k, v in n.items()))
+sys.exit(0 if n[want] >= 20 and sum(n.values()) == n[want] else 1)
+EOF
+PROBES=()
+probes_start() {
+    rm -f /tmp/stop
+    PROBES=()
+    setpriv --reuid=$OK_UID --regid=$OK_UID --clear-groups python3 /tmp/probe.py $PORT /tmp/stop allow > /tmp/probe.ok 2>&1 &
+    PROBES+=($!)
+    setpriv --reuid=$NO_UID --regid=$NO_UID --clear-groups python3 /tmp/probe.py $PORT /tmp/stop deny > /tmp/probe.no 2>&1 &
+    PROBES+=($!)
+    sleep 0.3
+}
+# probes_stop PHASE: stops the loops and checks that neither saw a change.
+probes_stop() {
+    sleep 0.3
+    touch /tmp/stop
+    if wait "${PROBES[0]}"; then pass "$1-granted-allowed-throughout"; else fail "$1-granted-allowed-throughout" "$(cat /tmp/probe.ok | tr '\n' ' ')"; fi
+    if wait "${PROBES[1]}"; then pass "$1-ungranted-denied-throughout"; else fail "$1-ungranted-denied-throughout" "$(cat /tmp/probe.no | tr '\n' ' ')"; fi
+    echo "$1: granted $(tail -n 1 /tmp/probe.ok); ungranted $(tail -n 1 /tmp/probe.no)"
+}
+
+# A listener that accepts and closes, on this container's own loopback.
+cat > /tmp/listen.py <<'EOF'
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(512)
+while True:
+    s.accept()[0].close()
+EOF
+
+set -x
+useradd -M -u $OK_UID sg-ok
+useradd -M -u $NO_UID sg-no
+python3 /tmp/listen.py $PORT &
+sleep 0.3
+
+# --- install: enabled, started (Type=notify: active only once enforcing),
+# and the shipped policy guards nothing.
+check install dpkg -i $OUT/spicegate-a.deb
+expect install-enabled enabled "$(systemctl is-enabled spicegate.service)"
+expect install-ready "notify active running" \
+    "$(systemctl show -p Type --value spicegate.service) $(systemctl is-active spicegate.service) $(systemctl show -p SubState --value spicegate.service)"
+check install-status-says-enforcing sh -c "systemctl show -p StatusText --value spicegate.service | grep -q '^enforcing'"
+expect install-locks-nobody-out allow "$(connect_as $NO_UID)"
+check install-conffile sh -c "dpkg-query -W -f='\${Conffiles}' spicegate | grep -q /etc/spicegate/policy.toml"
+check install-man-page test -s /usr/share/man/man8/spicegate-run.8.gz
+check install-completions test -s /usr/share/bash-completion/completions/spicegate -a -s /usr/share/zsh/vendor-completions/_spicegate -a -s /usr/share/fish/vendor_completions.d/spicegate.fish
+check install-docs test -s /usr/share/doc/spicegate/copyright -a -s /usr/share/doc/spicegate/policy.md
+check install-capabilities sh -c "grep -q '^CapEff:.*000000c000001000' /proc/$(mainpid)/status"
+
+# --- a policy, applied with systemctl reload.
+policy $OK_UID
+check reload systemctl reload spicegate.service
+expect granted-allowed allow "$(connect_as $OK_UID)"
+expect ungranted-denied deny "$(connect_as $NO_UID)"
+check status-cli spicegate status
+sleep 0.5
+check journal-warning-has-deny sh -c "journalctl -u spicegate.service -p warning --no-pager | grep -q 'DENY uid=$NO_UID user=sg-no'"
+check journal-info-is-not-warning sh -c "! journalctl -u spicegate.service -p warning --no-pager | grep -q 'enforcing policy'"
+
+# --- reload applies a changed policy, and refuses a broken one.
+policy $NO_UID
+check reload-changed systemctl reload spicegate.service
+expect reload-changed-revokes deny "$(connect_as $OK_UID)"
+expect reload-changed-grants allow "$(connect_as $NO_UID)"
+echo 'this is [not a policy' > /etc/spicegate/policy.toml
+check reload-broken-fails sh -c "! systemctl reload spicegate.service"
+expect reload-broken-keeps-old allow "$(connect_as $NO_UID)"
+policy $OK_UID
+check reload-back systemctl reload spicegate.service
+
+# --- restart: no gap.
+pid=$(mainpid)
+probes_start
+check restart systemctl restart spicegate.service
+check restart-new-daemon wait_new_daemon "$pid"
+probes_stop restart
+
+# --- kill -9: systemd restarts it (Restart=on-failure); no gap meanwhile.
+pid=$(mainpid)
+probes_start
+kill -9 "$pid"
+check kill9-restarted wait_new_daemon "$pid"
+probes_stop kill9
+check kill9-counted sh -c "[ \$(systemctl show -p NRestarts --value spicegate.service) -ge 1 ]"
+
+# --- upgrade to a rebuilt package with a higher version: the new daemon
+# takes over, the admin's policy stays, no gap.
+pid=$(mainpid)
+probes_start
+check upgrade dpkg -i $OUT/spicegate-b.deb
+check upgrade-new-daemon wait_new_daemon "$pid"
+probes_stop upgrade
+expect upgrade-version "$B_VERSION" "$(dpkg-query -W -f='${Version}' spicegate)"
+check upgrade-keeps-policy grep -q "#$OK_UID" /etc/spicegate/policy.toml
+check upgrade-keeps-pins test -e /sys/fs/bpf/spicegate/policy_v1
+
+# --- remove: stopped and unloaded, configuration and state kept.
+check remove dpkg -r spicegate
+expect remove-stopped inactive "$(systemctl is-active spicegate.service)"
+check remove-unloaded test ! -e /sys/fs/bpf/spicegate
+expect remove-enforces-nothing allow "$(connect_as $NO_UID)"
+check remove-binary-gone test ! -e /usr/sbin/spicegate
+check remove-keeps-config test -f /etc/spicegate/policy.toml
+check remove-keeps-state test -d /var/lib/spicegate
+
+# --- purge: configuration, state and the enable link gone.
+check purge dpkg -P spicegate
+check purge-config-gone test ! -e /etc/spicegate
+check purge-state-gone test ! -e /var/lib/spicegate
+check purge-enable-link-gone test ! -L /etc/systemd/system/multi-user.target.wants/spicegate.service
+check purge-unknown-to-dpkg sh -c "! dpkg-query -W spicegate"
