@@ -1,8 +1,13 @@
 #!/bin/bash
 # The boot test's scenario, run inside the booted container by the oneshot
-# unit spicegate-boottest.service (see tests/tests/service.rs). Every check
-# appends `PASS name` or `FAIL name: why` to /out/results; the last line is
-# END. Whatever happens, the journal is saved and the container powers off.
+# unit spicegate-boottest.service (see tests/tests/service.rs), once per
+# boot: /out/stage says which. `install` installs the package and sets a
+# policy; the harness then boots the container again (with a fresh bpffs,
+# as a real reboot has) and `reboot` checks that enforcement is there from
+# boot on, then restarts, kills, upgrades, removes and purges. Every check
+# appends `PASS name` or `FAIL name: why` to /out/results; each stage ends
+# with `END stage`.
+# Whatever happens, the journal is saved and the container powers off.
 set -u
 
 OUT=/out
@@ -11,8 +16,8 @@ PORT=47123
 OK_UID=1001   # granted by the test policy
 NO_UID=1002   # never granted
 B_VERSION=$(cat $OUT/b-version)
-: > "$RESULTS"
-trap 'journalctl -b --no-pager > $OUT/journal.txt 2>&1; echo END >> "$RESULTS"; systemctl poweroff --no-block' EXIT
+STAGE=$(cat $OUT/stage)
+trap 'journalctl -b --no-pager > $OUT/journal-$STAGE.txt 2>&1; echo "END $STAGE" >> "$RESULTS"; systemctl poweroff --no-block' EXIT
 
 pass() { echo "PASS $1" >> "$RESULTS"; }
 fail() { echo "FAIL $1: $2" >> "$RESULTS"; echo "FAIL $1: $2" >&2; }
@@ -112,10 +117,12 @@ while True:
 EOF
 
 set -x
-useradd -M -u $OK_UID sg-ok
-useradd -M -u $NO_UID sg-no
 python3 /tmp/listen.py $PORT &
 sleep 0.3
+
+if [ "$STAGE" = install ]; then
+useradd -M -u $OK_UID sg-ok
+useradd -M -u $NO_UID sg-no
 
 # --- install: enabled, started (Type=notify: active only once enforcing),
 # and the shipped policy guards nothing.
@@ -141,6 +148,19 @@ sleep 0.5
 check journal-warning-has-deny sh -c "journalctl -u spicegate.service -p warning --no-pager | grep -q 'DENY uid=$NO_UID user=sg-no'"
 check journal-info-is-not-warning sh -c "! journalctl -u spicegate.service -p warning --no-pager | grep -q 'enforcing policy'"
 
+exit 0
+fi
+
+# --- after a reboot: enforcing from boot on, ready before logins are
+# allowed, and started afresh (the pins did not survive the reboot).
+expect boot-active active "$(systemctl is-active spicegate.service)"
+ready=$(systemctl show -p ActiveEnterTimestampMonotonic --value spicegate.service)
+logins=$(systemctl show -p ExecMainStartTimestampMonotonic --value systemd-user-sessions.service)
+check boot-ready-before-logins test "$ready" -gt 0 -a "$ready" -le "$logins"
+check boot-fresh-start sh -c "! journalctl -b -u spicegate.service --no-pager | grep -q 'took over'"
+expect boot-granted-allowed allow "$(connect_as $OK_UID)"
+expect boot-ungranted-denied deny "$(connect_as $NO_UID)"
+
 # --- reload applies a changed policy, and refuses a broken one.
 policy $NO_UID
 check reload-changed systemctl reload spicegate.service
@@ -162,7 +182,8 @@ probes_stop restart
 # --- kill -9: systemd restarts it (Restart=on-failure); no gap meanwhile.
 pid=$(mainpid)
 probes_start
-kill -9 "$pid"
+# Never `kill -9 0`: that would be this script's own process group.
+check kill9-sent sh -c "[ '$pid' -gt 0 ] && kill -9 '$pid'"
 check kill9-restarted wait_new_daemon "$pid"
 probes_stop kill9
 check kill9-counted sh -c "[ \$(systemctl show -p NRestarts --value spicegate.service) -ge 1 ]"

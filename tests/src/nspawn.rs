@@ -332,10 +332,31 @@ impl Container {
             .unwrap_or_else(|e| panic!("linking {}: {e}", link.display()));
     }
 
+    /// Replaces the container's bpffs with a fresh one, as a reboot would:
+    /// whatever was pinned is gone.
+    pub fn fresh_bpffs(&mut self) {
+        let dir = self.dir.join("bpffs");
+        assert!(umount(&dir), "unmounting {}", dir.display());
+        self.bpffs_mounted = false;
+        mount("bpf", &dir, "bpf", "mode=0700");
+        self.bpffs_mounted = true;
+    }
+
     /// Boots the container with systemd as PID 1 and waits until it powers
-    /// itself off, or kills it after `timeout`.
+    /// itself off, or kills it after `timeout`. May be called again after
+    /// that: the tree keeps what the previous boot changed.
     pub fn boot(&mut self, timeout: Duration) -> Boot {
         self.make_cgroups();
+        // What the previous boot left (nspawn's payload/ and supervisor/).
+        for cg in &self.cgroups {
+            for e in fs::read_dir(cg).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir())
+                    && let Err(e) = remove_cgroup_tree(&e.path())
+                {
+                    panic!("clearing the container's cgroup: {e}");
+                }
+            }
+        }
         let console_path = self.dir.join("console.log");
         let console = fs::File::create(&console_path).expect("creating console.log");
         let mut cmd = Command::new("systemd-nspawn");
