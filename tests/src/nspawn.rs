@@ -549,6 +549,16 @@ impl Drop for Container {
                 eprintln!("[nspawn] LEFTOVER cgroup: {e}");
             }
         }
+        // nspawn's lock on the image directory, left behind when it was
+        // killed.
+        if let Ok(meta) = fs::metadata(self.root()) {
+            use std::os::unix::fs::MetadataExt as _;
+            let _ = fs::remove_file(format!(
+                "/run/systemd/nspawn/locks/inode-{}:{}",
+                meta.dev(),
+                meta.ino()
+            ));
+        }
         if self.root_mounted && !umount(&self.root()) {
             eprintln!("[nspawn] LEFTOVER mount {}", self.root().display());
             return;
