@@ -28,6 +28,7 @@ pub use client::{CliOutput, CliStream, ctl_as, raw_request, spicegate_cmd};
 pub use daemon::{Daemon, DenyLine, PinDir, spicegate, spicegate_bin};
 pub mod logind;
 pub mod nspawn;
+pub mod spice;
 pub use listener::Listener;
 pub use policy::PolicyFile;
 pub use probe::{
