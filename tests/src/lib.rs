@@ -26,6 +26,7 @@ use std::{
 pub use cgroup::{TestCgroup, cgroup2_root};
 pub use client::{CliOutput, CliStream, ctl_as, raw_request, spicegate_cmd};
 pub use daemon::{Daemon, DenyLine, PinDir, spicegate, spicegate_bin};
+pub mod bypass;
 pub mod desktop;
 pub mod logind;
 pub mod nspawn;
