@@ -392,6 +392,12 @@ impl Engine {
         };
         let scope = sockdiag::cgroup_ids(&self.cfg.cgroup);
         for s in sockets {
+            // A socket no process holds (inode 0: an orphan finishing its
+            // close, or a time-wait entry) carries no one's access; its
+            // reported uid is 0 and closing it would only log noise.
+            if s.inode == 0 {
+                continue;
+            }
             if s.cgroup_id.is_some_and(|id| !scope.contains(&id)) {
                 continue;
             }

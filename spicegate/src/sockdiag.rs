@@ -35,6 +35,9 @@ pub struct TcpSocket {
     /// The socket's owner (`sk_uid`: the fsuid that created it).
     pub uid: u32,
     pub cgroup_id: Option<u64>,
+    /// The socket's inode; 0 for sockets no process holds any more
+    /// (orphans closing down, time-wait entries, reported with uid 0).
+    pub inode: u32,
     /// Raw `inet_diag_sockid`, echoed back to destroy exactly this socket.
     id: [u8; 48],
 }
@@ -193,6 +196,7 @@ fn parse_msg(m: &[u8]) -> TcpSocket {
     let src = addr(family, &m[8..24]);
     let dst = addr(family, &m[24..40]);
     let uid = u32_at(m, 64);
+    let inode = u32_at(m, 68);
     // Attributes after the 72-byte inet_diag_msg.
     let mut cgroup_id = None;
     let mut at = 72;
@@ -217,6 +221,7 @@ fn parse_msg(m: &[u8]) -> TcpSocket {
         dport,
         uid,
         cgroup_id,
+        inode,
         id,
     }
 }
@@ -294,13 +299,14 @@ mod tests {
         m[8..12].copy_from_slice(&[127, 0, 0, 1]);
         m[24..28].copy_from_slice(&[127, 0, 0, 2]);
         m[64..68].copy_from_slice(&1001u32.to_ne_bytes());
+        m[68..72].copy_from_slice(&4242u32.to_ne_bytes());
         m[72..74].copy_from_slice(&12u16.to_ne_bytes());
         m[74..76].copy_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
         m[76..84].copy_from_slice(&99u64.to_ne_bytes());
         let s = parse_msg(&m);
         assert_eq!(
-            (s.sport, s.dport, s.uid, s.cgroup_id),
-            (40000, 5930, 1001, Some(99))
+            (s.sport, s.dport, s.uid, s.inode, s.cgroup_id),
+            (40000, 5930, 1001, 4242, Some(99))
         );
         assert_eq!(s.dst, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
     }

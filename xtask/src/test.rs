@@ -81,9 +81,17 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
     }
 
     // One test at a time: they share the kernel's cgroup, pins and users.
+    // Every test file runs even after one fails, so one run shows all.
     let step = Step::start("root integration tests");
     let ok = run(cargo()
-        .args(["test", "-p", "spicegate-tests", "--", "--test-threads=1"])
+        .args([
+            "test",
+            "--no-fail-fast",
+            "-p",
+            "spicegate-tests",
+            "--",
+            "--test-threads=1",
+        ])
         .args(&args.args)
         .env("SPICEGATE_BIN", &bin))
     .is_ok();
