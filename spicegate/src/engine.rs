@@ -476,6 +476,34 @@ impl Engine {
     /// the "small scheduled job checking the rights settings" of the
     /// iptables days, built in.
     pub fn watchdog(&mut self) {
+        // Pins first: re-attaching pins the links into the same directory.
+        match self.kernel.repin_missing() {
+            Ok(names) if !names.is_empty() => {
+                log::error!(
+                    "TAMPERING: pins of {} were removed by someone else; pinned again in {}",
+                    names.join(", "),
+                    self.cfg.paths.dir.display()
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                log::error!("TAMPERING: a map pin was removed and could not be restored: {e:#}")
+            }
+        }
+        match self.kernel.table_intact() {
+            Ok(true) => {}
+            Ok(false) => {
+                log::error!(
+                    "TAMPERING: the rule table in {} was emptied or replaced by someone else; installing the policy again",
+                    self.cfg.paths.policy().display()
+                );
+                match self.kernel.install(&self.compiled) {
+                    Ok(()) => log::error!("TAMPERING: rule table restored"),
+                    Err(e) => log::error!("TAMPERING: could not restore the rule table: {e:#}"),
+                }
+            }
+            Err(e) => log::error!("TAMPERING: cannot read the policy slot: {e:#}"),
+        }
         if !kernel::attached(&self.cfg.paths, &self.cfg.cgroup) {
             log::error!(
                 "TAMPERING: spicegate's connect programs are no longer attached to {} (detached or unpinned by someone else); re-attaching",
@@ -491,19 +519,6 @@ impl Engine {
                     self.cfg.cgroup.display()
                 ),
                 Err(e) => log::error!("TAMPERING: could not restore enforcement: {e:#}"),
-            }
-        }
-        match self.kernel.repin_missing() {
-            Ok(names) if !names.is_empty() => {
-                log::error!(
-                    "TAMPERING: pins of {} were removed by someone else; pinned again in {}",
-                    names.join(", "),
-                    self.cfg.paths.dir.display()
-                );
-            }
-            Ok(_) => {}
-            Err(e) => {
-                log::error!("TAMPERING: a map pin was removed and could not be restored: {e:#}")
             }
         }
     }

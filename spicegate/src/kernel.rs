@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{ArrayOfMaps, HashMap, MapData, PerCpuHashMap},
+    maps::{ArrayOfMaps, HashMap, IterableMap, MapData, PerCpuHashMap},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use spicegate_common::{
@@ -202,6 +202,8 @@ type RuleTable = HashMap<MapData, RuleKey, RuleValue>;
 pub struct Kernel {
     ebpf: Ebpf,
     paths: PinPaths,
+    /// Kernel id of the rule table this daemon put in the policy slot.
+    table_id: Option<u32>,
 }
 
 impl Kernel {
@@ -237,11 +239,13 @@ impl Kernel {
         Ok(Self {
             ebpf,
             paths: paths.clone(),
+            table_id: None,
         })
     }
 
     /// Atomically replaces the rule table: a fresh inner map is filled
-    /// completely, then swapped into the policy slot with one update. On any
+    /// completely, frozen (no `bpf()` write can change it afterwards, root's
+    /// included), then swapped into the policy slot with one update. On any
     /// error the table in force stays as it was.
     pub fn install(&mut self, compiled: &Compiled) -> anyhow::Result<()> {
         let capacity = compiled.capacity();
@@ -252,15 +256,36 @@ impl Kernel {
                 .insert(k, v, 0)
                 .context("filling the new rule table")?;
         }
+        let data = IterableMap::map(&table);
+        map_freeze(data.fd().as_fd()).context("freezing the new rule table")?;
+        let id = data.info().context("reading the new rule table's id")?.id();
+        let mut outer = self.outer()?;
+        outer
+            .set(POLICY_SLOT, &table, 0)
+            .context("swapping in the new rule table")?;
+        self.table_id = Some(id);
+        Ok(())
+    }
+
+    fn outer(&mut self) -> anyhow::Result<ArrayOfMaps<&mut MapData, RuleTable>> {
         let map = self
             .ebpf
             .map_mut(POLICY_MAP)
             .ok_or_else(|| anyhow!("map {POLICY_MAP} missing"))?;
-        let mut outer: ArrayOfMaps<&mut MapData, RuleTable> = ArrayOfMaps::try_from(map)?;
-        outer
-            .set(POLICY_SLOT, &table, 0)
-            .context("swapping in the new rule table")?;
-        Ok(())
+        Ok(ArrayOfMaps::try_from(map)?)
+    }
+
+    /// Whether the policy slot still holds the table this daemon installed
+    /// (someone with `bpf()` rights could have emptied or replaced it; an
+    /// empty slot lets every connect through).
+    pub fn table_intact(&mut self) -> anyhow::Result<bool> {
+        let want = self.table_id;
+        let outer = self.outer()?;
+        match outer.get(&POLICY_SLOT, 0) {
+            Ok(table) => Ok(Some(IterableMap::map(&table).info()?.id()) == want),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e).context("reading the policy slot"),
+        }
     }
 
     /// Attaches connect4 and connect6 to `cgroup` and pins the links,
@@ -361,6 +386,35 @@ fn staging(pin: &Path) -> PathBuf {
         .unwrap_or_default();
     name.push("_new");
     pin.with_file_name(name)
+}
+
+/// Makes a map read-only for `bpf()` callers (BPF_MAP_FREEZE); the
+/// program, which only reads it, is unaffected.
+fn map_freeze(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    const BPF_MAP_FREEZE: libc::c_long = 22;
+    #[repr(C)]
+    struct FreezeAttr {
+        map_fd: u32,
+        _pad: [u32; 15],
+    }
+    let attr = FreezeAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: [0; 15],
+    };
+    // SAFETY: bpf(BPF_MAP_FREEZE) reads `size` bytes of a valid attr.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_FREEZE,
+            &attr as *const FreezeAttr,
+            size_of::<FreezeAttr>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Forcibly detaches a link, even if some process still holds it open.

@@ -538,7 +538,10 @@ impl Rng {
 // ------------------------------------------------------------------- bpf(2)
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_ATTACH: libc::c_long = 8;
@@ -853,6 +856,75 @@ pub fn clear_outer_map_slot(pin: &Path, key: u32) -> io::Result<()> {
         flags: 0,
     };
     bpf(BPF_MAP_DELETE_ELEM, &mut attr).map(|_| ())
+}
+
+/// Opens a map by its kernel id (BPF_MAP_GET_FD_BY_ID).
+fn map_by_id(id: u32) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct Attr {
+        map_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let mut attr = Attr {
+        map_id: id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    bpf(BPF_MAP_GET_FD_BY_ID, &mut attr).map(fd_from)
+}
+
+/// What root could try with `bpftool map update`: copy `from_uid`'s first
+/// grant in the rule table in force (slot 0 of the array-of-maps pinned at
+/// `pin`) to `to_uid`. Rule keys are 24 bytes (kind, pad, port, uid, addr),
+/// values 8. Returns the result of the write, Ok(false) if `from_uid` has
+/// no grant to copy.
+pub fn copy_grant_in_table(pin: &Path, from_uid: u32, to_uid: u32) -> io::Result<bool> {
+    const KIND_GRANT: u8 = 3;
+    let id = outer_map_slot(pin, 0)?.ok_or_else(|| io::Error::other("policy slot is empty"))?;
+    let table = map_by_id(id)?;
+    let mut key = [0u8; 24];
+    let mut next = [0u8; 24];
+    let mut first = true;
+    loop {
+        let mut attr = MapElemAttr {
+            map_fd: table.as_raw_fd() as u32,
+            _pad0: 0,
+            key: if first { 0 } else { key.as_ptr() as u64 },
+            value: next.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        first = false;
+        key = next;
+        let uid = u32::from_ne_bytes([key[4], key[5], key[6], key[7]]);
+        if key[0] != KIND_GRANT || uid != from_uid {
+            continue;
+        }
+        let mut value = [0u8; 8];
+        let mut attr = MapElemAttr {
+            map_fd: table.as_raw_fd() as u32,
+            _pad0: 0,
+            key: key.as_ptr() as u64,
+            value: value.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)?;
+        let mut forged = key;
+        forged[4..8].copy_from_slice(&to_uid.to_ne_bytes());
+        let mut attr = MapElemAttr {
+            map_fd: table.as_raw_fd() as u32,
+            _pad0: 0,
+            key: forged.as_ptr() as u64,
+            value: value.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        return bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| true);
+    }
 }
 
 /// Ids of the programs attached to `cgroup` for `attach_type`: those

@@ -40,9 +40,9 @@ use spicegate_tests::{
     bypass::{
         AttachMode, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BinCopy, Bypass,
         CgroupAttachment, ChildCgroup, Expect, Matrix, NetNs, Rng, TmpfsMount, allow_all_insns,
-        allows_setuid, cgroup_prog_ids, clear_outer_map_slot, connect_progs, detach_pinned_link,
-        link_local_addrs, load_connect_prog, outer_map_slot, pin_files, pinned, rewrite_port_insns,
-        run_daemon_to_exit, status_json,
+        allows_setuid, cgroup_prog_ids, clear_outer_map_slot, connect_progs, copy_grant_in_table,
+        detach_pinned_link, link_local_addrs, load_connect_prog, outer_map_slot, pin_files, pinned,
+        rewrite_port_insns, run_daemon_to_exit, status_json,
     },
     cgroup2_root, interface_addrs, require_root, spicegate_cmd, wait_until,
 };
@@ -1558,11 +1558,7 @@ fn missing_cgroup_fails_clearly_and_leaves_no_links() {
 
 /// What a tampering case did to the running daemon's pins or links.
 fn tamper(what: &str, act: impl FnOnce(&Lab)) {
-    tamper_within(what, REPAIR_DEADLINE, act);
-}
-
-/// [`tamper`] with its own deadline for the repair.
-fn tamper_within(what: &str, deadline: Duration, act: impl FnOnce(&Lab)) {
+    let deadline = REPAIR_DEADLINE;
     let (alice, dave, l, lab) = simple_lab();
     let p = l.port();
     let mut m = Matrix::new();
@@ -1666,24 +1662,20 @@ fn tampering_policy_map_pin_removed_is_repaired() {
 
 #[test]
 fn tampering_whole_pin_directory_removed_is_repaired() {
-    // The watchdog's first pass cannot pin the new links into the missing
-    // directory (it re-creates it only when re-pinning the maps, after the
-    // attach); the second pass, a second later, succeeds.
-    tamper_within(
-        "rm -r of the pin directory",
-        Duration::from_millis(3500),
-        |lab| {
-            fs::remove_dir_all(lab.pin.path())
-                .unwrap_or_else(|e| panic!("rm -r {}: {e}", lab.pin.path().display()));
-        },
-    );
+    // The watchdog re-creates the directory when it pins the maps again,
+    // before it re-attaches, so one pass repairs everything.
+    tamper("rm -r of the pin directory", |lab| {
+        fs::remove_dir_all(lab.pin.path())
+            .unwrap_or_else(|e| panic!("rm -r {}: {e}", lab.pin.path().display()));
+    });
 }
 
 /// Root empties the policy slot of the pinned outer map (what `bpftool map
 /// delete pinned .../policy_vN key 0 0 0 0` does). The kernel program finds
-/// no table and lets everything through; the watchdog must notice.
+/// no table and lets everything through until the watchdog, within a
+/// second, notices the slot no longer holds the table it installed and
+/// installs it again.
 #[test]
-#[ignore = "daemon bug: an emptied policy slot fails open and the watchdog does not notice (links and pins are intact); run with --ignored"]
 fn tampering_policy_slot_emptied_is_repaired() {
     tamper("BPF_MAP_DELETE_ELEM of the policy slot", |lab| {
         let pin = pinned(lab.pin.path(), "policy").expect("policy map pinned");
@@ -1692,6 +1684,31 @@ fn tampering_policy_slot_emptied_is_repaired() {
         let after = outer_map_slot(&pin, 0).expect("reading the policy slot");
         eprintln!("[test] policy slot 0: inner map {before:?} -> {after:?}");
     });
+}
+
+/// Root writes a grant for dave straight into the rule table in force
+/// (`bpftool map update` on the inner map). The table is frozen when it is
+/// installed, so the kernel refuses the write and dave stays refused.
+#[test]
+fn tampering_a_grant_written_into_the_table_is_refused_by_the_kernel() {
+    let (alice, dave, l, lab) = simple_lab();
+    let p = l.port();
+    let pin = pinned(lab.pin.path(), "policy").expect("policy map pinned");
+    let r = copy_grant_in_table(&pin, alice.uid, dave.uid);
+    eprintln!("[test] copying alice's grant to dave in the table in force: {r:?}");
+    match r {
+        Err(e) => assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EPERM),
+            "the write must fail because the table is frozen, got {e}"
+        ),
+        Ok(true) => panic!("the kernel accepted a write into the table in force"),
+        Ok(false) => panic!("no grant of alice's found in the table in force"),
+    }
+    let d = lab.b().as_user(&dave).connect(v4(p)).run().outcome();
+    let a = lab.b().as_user(&alice).connect(v4(p)).run().outcome();
+    assert_eq!(d, Outcome::Denied, "dave after the forged write");
+    assert_eq!(a, Outcome::Allowed, "alice after the forged write");
 }
 
 /// Signal-driven stop while a reload runs: also old-or-new.
