@@ -121,6 +121,11 @@ fn unescape_mountinfo(s: &str) -> String {
 }
 
 fn is_bpffs(path: &Path) -> io::Result<bool> {
+    Ok(fs_magic(path)? == BPF_FS_MAGIC)
+}
+
+/// The filesystem type (`f_type` of statfs) `path` lives on.
+fn fs_magic(path: &Path) -> io::Result<i64> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: c is a valid NUL-terminated path, st a valid out-pointer.
@@ -131,7 +136,26 @@ fn is_bpffs(path: &Path) -> io::Result<bool> {
         clippy::unnecessary_cast,
         reason = "f_type is i64 here but narrower on other architectures"
     )]
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+    Ok(st.f_type as i64)
+}
+
+/// Checks that `cgroup` is a cgroup v2 directory the programs can attach to,
+/// before anything is loaded or pinned.
+pub fn check_cgroup(cgroup: &Path) -> anyhow::Result<()> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    match fs_magic(cgroup) {
+        Ok(CGROUP2_SUPER_MAGIC) if cgroup.is_dir() => Ok(()),
+        Ok(_) => bail!(
+            "{} is not a cgroup v2 directory; pass --cgroup a directory under the cgroup2 mount ({})",
+            cgroup.display(),
+            cgroup2_root().map_or_else(|e| format!("{e:#}"), |p| p.display().to_string())
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
+            "cgroup {} does not exist; create it (mkdir) or leave out --cgroup to guard the whole machine",
+            cgroup.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("cgroup {}", cgroup.display())),
+    }
 }
 
 /// Makes sure the pin directory can live on bpffs: mounts bpffs on

@@ -1548,12 +1548,67 @@ fn missing_cgroup_fails_clearly_and_leaves_no_links() {
         "the daemon created the missing cgroup {}",
         missing.display()
     );
+    assert_failed_start_left_nothing(&pin);
+}
+
+/// A start that fails leaves no pins, no pin directory and no socket behind
+/// (when nothing was enforced from that pin directory before).
+fn assert_failed_start_left_nothing(pin: &PinDir) {
     let files = pin_files(pin.path());
-    eprintln!("[test] pin dir after the failed start: {files:?}");
-    assert!(
-        !files.iter().any(|f| f.starts_with("connect")),
-        "links pinned although nothing could be attached: {files:?}"
+    eprintln!(
+        "[test] pin dir after the failed start: exists {}, {files:?}",
+        pin.path().exists()
     );
+    assert!(
+        files.is_empty(),
+        "a failed start left pins in {}: {files:?}",
+        pin.path().display()
+    );
+    assert!(
+        !pin.socket().exists(),
+        "a failed start left its control socket {}",
+        pin.socket().display()
+    );
+}
+
+/// Pointing --cgroup at a directory that is not a cgroup, or starting on a
+/// broken policy with nothing in force, fails before anything is loaded or
+/// left behind.
+#[test]
+fn failed_starts_name_the_problem_and_leave_nothing_behind() {
+    require_root();
+    let l = Listener::dual_stack();
+    let policy = PolicyFile::new(&localhost_vm("winlab", l.port(), &["root"]));
+    let pin = PinDir::new();
+    let not_a_cgroup = std::env::temp_dir();
+    let run = run_daemon_to_exit(
+        &pin,
+        policy.path(),
+        Some(&not_a_cgroup),
+        pin.path(),
+        Duration::from_secs(30),
+    );
+    assert!(
+        run.code().is_some_and(|c| c != 0) && run.text().contains("not a cgroup v2 directory"),
+        "--cgroup {}: {run}",
+        not_a_cgroup.display()
+    );
+    assert_failed_start_left_nothing(&pin);
+
+    let broken = PolicyFile::new("[protect]\nports = [\"70000\"]\n");
+    let cg = TestCgroup::new();
+    let run = run_daemon_to_exit(
+        &pin,
+        broken.path(),
+        Some(cg.path()),
+        pin.path(),
+        Duration::from_secs(30),
+    );
+    assert!(
+        run.code().is_some_and(|c| c != 0) && run.text().contains("70000"),
+        "broken policy: {run}"
+    );
+    assert_failed_start_left_nothing(&pin);
 }
 
 /// What a tampering case did to the running daemon's pins or links.

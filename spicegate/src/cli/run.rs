@@ -57,11 +57,20 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         Some(p) => p,
         None => kernel::cgroup2_root()?,
     };
+    kernel::check_cgroup(&cgroup)?;
     let paths = PinPaths::new(&args.pin.pin_dir);
     kernel::ensure_bpffs(&paths.dir)?;
+    let fresh_dir = !paths.dir.exists();
     let _lock = kernel::lock_pin_dir(&paths)?;
-    let listener = control::bind(&socket).await?;
     let adopted = paths.has_links();
+    let mut undo = FailedStart {
+        socket: None,
+        paths: &paths,
+        unload: !adopted,
+        fresh_dir,
+    };
+    let listener = control::bind(&socket).await?;
+    undo.socket = Some(&socket);
 
     let mut engine = Engine::start(Config {
         policy_path: args.policy.clone(),
@@ -111,6 +120,9 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         }
     );
 
+    // From here on, enforcement is in force and stays when the daemon stops.
+    std::mem::forget(undo);
+
     // Type=notify: systemd considers the unit started only now, with the
     // policy enforced. Outside systemd (no NOTIFY_SOCKET) this is a no-op.
     let status = format!("enforcing {}", engine.summary());
@@ -158,6 +170,38 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         paths.dir.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a start that failed half-way would leave behind: its control
+/// socket, and pins no program enforces with. Pins that were in force before
+/// this start (a previous daemon's links) are left alone: enforcement stays.
+struct FailedStart<'a> {
+    socket: Option<&'a std::path::Path>,
+    paths: &'a PinPaths,
+    /// Nothing enforced from this pin directory before this start.
+    unload: bool,
+    /// The pin directory did not exist before this start.
+    fresh_dir: bool,
+}
+
+impl Drop for FailedStart<'_> {
+    fn drop(&mut self) {
+        if let Some(socket) = self.socket {
+            let _ = std::fs::remove_file(socket);
+        }
+        if self.unload {
+            match kernel::unload(self.paths) {
+                Ok(_) if !self.fresh_dir => {
+                    let _ = std::fs::create_dir(&self.paths.dir);
+                }
+                Ok(_) => {}
+                Err(e) => log::error!(
+                    "could not remove what the failed start left in {}: {e:#}",
+                    self.paths.dir.display()
+                ),
+            }
+        }
+    }
 }
 
 /// Reads every queued kernel record. aya-log panics on a record it cannot
