@@ -275,11 +275,7 @@ impl Kernel {
         let capacity = compiled.capacity();
         let mut table = RuleTable::create(capacity, 0)
             .with_context(|| format!("creating a rule table of {capacity} entries"))?;
-        for (k, v) in &compiled.rules {
-            table
-                .insert(k, v, 0)
-                .context("filling the new rule table")?;
-        }
+        fill(&mut table, compiled).context("filling the new rule table")?;
         let data = IterableMap::map(&table);
         map_freeze(data.fd().as_fd()).context("freezing the new rule table")?;
         let id = data.info().context("reading the new rule table's id")?.id();
@@ -410,6 +406,113 @@ fn staging(pin: &Path) -> PathBuf {
         .unwrap_or_default();
     name.push("_new");
     pin.with_file_name(name)
+}
+
+/// Entries per BPF_MAP_UPDATE_BATCH call: large enough that syscall costs
+/// vanish, small enough to keep the two staging arrays in cache.
+const BATCH: usize = 4096;
+
+/// Fills a fresh table with every rule: in batches where the kernel has
+/// BPF_MAP_UPDATE_BATCH for hash maps (5.6+), one update per entry if not.
+/// A large table is filled by two threads at once (the kernel locks the
+/// hash map per bucket, so they do not wait for each other).
+fn fill(table: &mut RuleTable, compiled: &Compiled) -> anyhow::Result<()> {
+    let fd = IterableMap::map(table).fd().as_fd().as_raw_fd();
+    let rules = compiled.rules.as_slice();
+    let result = if rules.len() < PARALLEL_FILL {
+        fill_part(fd, rules)
+    } else {
+        let (a, b) = rules.split_at(rules.len() / 2);
+        std::thread::scope(|s| {
+            let other = s.spawn(|| fill_part(fd, b));
+            let mine = fill_part(fd, a);
+            let other = other
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the filling thread panicked")));
+            mine.and(other)
+        })
+    };
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | ENOTSUPP)) => {
+            log::debug!("BPF_MAP_UPDATE_BATCH unavailable ({e}); filling one by one");
+            for (k, v) in rules {
+                table.insert(k, v, 0)?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e).context("BPF_MAP_UPDATE_BATCH"),
+    }
+}
+
+/// From how many entries [`fill`] uses a second thread.
+const PARALLEL_FILL: usize = 16 * 1024;
+
+fn fill_part(fd: i32, rules: &[(RuleKey, RuleValue)]) -> io::Result<()> {
+    let mut keys: Vec<RuleKey> = Vec::with_capacity(BATCH);
+    let mut values: Vec<RuleValue> = Vec::with_capacity(BATCH);
+    for chunk in rules.chunks(BATCH) {
+        keys.clear();
+        values.clear();
+        for (k, v) in chunk {
+            keys.push(*k);
+            values.push(*v);
+        }
+        map_update_batch(fd, &keys, &values)?;
+    }
+    Ok(())
+}
+
+/// The kernel's ENOTSUPP (524), which libc does not name.
+const ENOTSUPP: i32 = 524;
+
+/// Inserts `keys[i] -> values[i]` with one bpf(BPF_MAP_UPDATE_BATCH).
+fn map_update_batch(fd: i32, keys: &[RuleKey], values: &[RuleValue]) -> io::Result<()> {
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    debug_assert_eq!(keys.len(), values.len());
+    let mut done = 0;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: (keys.len() - done) as u32,
+            map_fd: fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: keys and values point at `count` contiguous repr(C)
+        // entries of the map's key and value sizes; the kernel writes back
+        // only `count`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if attr.count == 0 {
+            return Err(io::Error::other("BPF_MAP_UPDATE_BATCH made no progress"));
+        }
+        done += attr.count as usize;
+    }
+    Ok(())
 }
 
 /// Makes a map read-only for `bpf()` callers (BPF_MAP_FREEZE); the

@@ -181,7 +181,58 @@ pub struct Server {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grantee {
     pub principal: Principal,
-    pub uids: BTreeSet<u32>,
+    pub uids: Uids,
+}
+
+/// The uids one `allow` entry stands for, sorted and without duplicates.
+/// A user or `#uid` is one uid, kept inline: a policy of 100,000 of them
+/// costs no allocation per entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Uids {
+    #[default]
+    None,
+    One(u32),
+    Many(Box<[u32]>),
+}
+
+impl Uids {
+    pub fn as_slice(&self) -> &[u32] {
+        match self {
+            Self::None => &[],
+            Self::One(u) => std::slice::from_ref(u),
+            Self::Many(v) => v,
+        }
+    }
+    pub fn iter(&self) -> std::slice::Iter<'_, u32> {
+        self.as_slice().iter()
+    }
+    pub fn contains(&self, uid: &u32) -> bool {
+        self.as_slice().binary_search(uid).is_ok()
+    }
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+}
+
+impl From<BTreeSet<u32>> for Uids {
+    fn from(set: BTreeSet<u32>) -> Self {
+        match set.len() {
+            0 => Self::None,
+            1 => Self::One(set.into_iter().next().unwrap_or_default()),
+            _ => Self::Many(set.into_iter().collect()),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Uids {
+    type Item = &'a u32;
+    type IntoIter = std::slice::Iter<'a, u32>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
 }
 
 /// Enforce (refuse what is not granted) or audit (log it, refuse nothing).
@@ -1001,14 +1052,14 @@ fn grantee(
     if text == "@console" {
         return Some(Grantee {
             principal: Principal::Console,
-            uids: BTreeSet::new(),
+            uids: Uids::None,
         });
     }
     if let Some(num) = text.strip_prefix('#') {
         return match num.parse::<u32>() {
             Ok(uid) if uid != u32::MAX => Some(Grantee {
                 principal: Principal::Uid(uid),
-                uids: [uid].into(),
+                uids: Uids::One(uid),
             }),
             _ => {
                 errs.push(
@@ -1024,7 +1075,7 @@ fn grantee(
         return match dir.group_members(group) {
             Ok(Some(uids)) => Some(Grantee {
                 principal: Principal::Group(group.to_owned()),
-                uids,
+                uids: uids.into(),
             }),
             Ok(None) => {
                 errs.push(
@@ -1047,7 +1098,7 @@ fn grantee(
     match dir.user_uid(text) {
         Ok(Some(uid)) => Some(Grantee {
             principal: Principal::User(text.to_owned()),
-            uids: [uid].into(),
+            uids: Uids::One(uid),
         }),
         Ok(None) => {
             errs.push(
