@@ -172,6 +172,22 @@ pub fn load_policy(path: &Path, resolver: &dyn Resolver) -> Result<Loaded, Strin
     })
 }
 
+/// How long after a reload the freed heap is handed back: reloads in quick
+/// succession (an admin's edit-reload loop, a script) reuse it instead of
+/// faulting fresh pages in each time (~20-30 ms at 100,000 grants).
+const TRIM_DELAY: Duration = Duration::from_secs(2);
+
+/// Hands the heap glibc keeps after a big parse or table build back to the
+/// kernel. Without it a daemon that once parsed a 100,000-grant policy keeps
+/// the peak of that parse resident for good.
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks glibc's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Who may open which VM: (vm, uid) pairs, for diffs.
 pub fn access_pairs(c: &Compiled) -> BTreeSet<(String, u32)> {
     c.endpoints
@@ -289,6 +305,8 @@ pub struct Engine {
     /// Schedule grants in force.
     scheduled: BTreeSet<(String, u32)>,
     last_resolve: Instant,
+    /// When to hand freed heap back to the kernel (see [`TRIM_DELAY`]).
+    trim_at: Option<Instant>,
     /// How long the steps of the last apply took, for `--verbose` logs.
     phases: Vec<(&'static str, Duration)>,
 }
@@ -296,7 +314,20 @@ pub struct Engine {
 impl Engine {
     /// Validates the policy (falling back to the last good one), loads the
     /// program against the pinned maps, installs the table and attaches.
-    pub fn start(cfg: Config) -> anyhow::Result<Self> {
+    /// Everything `start` needs from the policy, the state directory and
+    /// the machine, compiled; nothing in the kernel yet.
+    #[allow(clippy::type_complexity, reason = "one private call site")]
+    fn prepare(
+        cfg: &Config,
+    ) -> anyhow::Result<(
+        GrantStore,
+        CachingResolver,
+        Loaded,
+        Source,
+        LocalAddrs,
+        BTreeSet<(String, u32)>,
+        Compiled,
+    )> {
         let grants = GrantStore::load(&cfg.state_dir)?;
         let resolver = CachingResolver::default();
         let (loaded, source) = match load_policy(&cfg.policy_path, &resolver) {
@@ -324,7 +355,6 @@ impl Engine {
             }
         };
         let local = hostaddrs::current().context("listing this machine's addresses")?;
-        let now = now_unix();
         let clock = clock_now(cfg.clock_offset_file.as_deref());
         let scheduled =
             schedule::scheduled(&loaded.policy, clock, &schedule::zone(&loaded.policy), None);
@@ -337,8 +367,27 @@ impl Engine {
         let compiled = compile(&loaded.policy, &local, &dynamic)
             .with_context(|| cfg.policy_path.display().to_string())?;
 
-        kernel::ensure_bpffs(&cfg.paths.dir)?;
-        let mut kernel = Kernel::load(&cfg.paths)?;
+        Ok((grants, resolver, loaded, source, local, scheduled, compiled))
+    }
+
+    pub fn start(cfg: Config) -> anyhow::Result<Self> {
+        // Loading the program (BTF, the verifier) and reading the policy
+        // are independent: done side by side, they cost the longer of the
+        // two instead of the sum.
+        let (kernel, prepared) = std::thread::scope(|s| {
+            let kernel = s.spawn(|| -> anyhow::Result<Kernel> {
+                kernel::ensure_bpffs(&cfg.paths.dir)?;
+                Kernel::load(&cfg.paths)
+            });
+            let prepared = Self::prepare(&cfg);
+            let kernel = kernel
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("loading the program panicked")));
+            (kernel, prepared)
+        });
+        let (grants, resolver, loaded, source, local, scheduled, compiled) = prepared?;
+        let mut kernel = kernel?;
+        let now = now_unix();
         // Table first, links second: a fresh attach never runs without its
         // table, and on adoption the old links see the new table at once.
         kernel.install(&compiled)?;
@@ -365,6 +414,7 @@ impl Engine {
             console: None,
             scheduled,
             last_resolve: Instant::now(),
+            trim_at: None,
             phases: Vec::new(),
         };
         if engine.source == Source::File {
@@ -524,6 +574,7 @@ impl Engine {
                 let t = Instant::now();
                 let changes = access_diff(&old, &self.compiled, &Nss);
                 drop(old);
+                self.trim_at = Some(Instant::now() + TRIM_DELAY);
                 self.phases.push(("diff", t.elapsed()));
                 log::info!(
                     "reloaded policy {} ({why}) in {} ms: {}",
@@ -625,6 +676,10 @@ impl Engine {
     /// re-resolution of hostnames and groups. Everything is computed from the
     /// clock now, so a clock jump or a DST change takes effect at once.
     pub fn tick(&mut self) {
+        if self.trim_at.is_some_and(|t| Instant::now() >= t) {
+            self.trim_at = None;
+            release_free_memory();
+        }
         self.expire_grants();
         let clock = self.clock();
         let scheduled = schedule::scheduled(

@@ -101,6 +101,8 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         },
     ));
 
+    // Loading BTF and parsing the policy peak far above what stays live.
+    crate::engine::release_free_memory();
     log::info!(
         "enforcing policy {}{} on cgroup {}: {}; pins in {}; control socket {}{}",
         args.policy.display(),
