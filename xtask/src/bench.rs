@@ -112,8 +112,11 @@ pub struct DaemonResult {
     pub start_ms: Vec<f64>,
     /// VmRSS half a second after each start said `enforcing policy`.
     pub rss_start_kib: Vec<u64>,
-    /// VmRSS after the measurements and the reloads.
+    /// VmRSS after the measurements and the reloads, once the daemon has
+    /// settled (it hands freed heap back 2 s after a reload).
     pub rss_end_kib: u64,
+    /// VmHWM: the highest VmRSS of the last daemon, reached during a reload.
+    pub rss_peak_kib: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -458,7 +461,10 @@ fn run_spicegate(
             "spicegate reload",
         )?;
     }
+    // spicegate returns freed heap to the kernel 2 s after a reload.
+    std::thread::sleep(Duration::from_millis(2500));
     dr.rss_end_kib = d.rss_kib()?;
+    dr.rss_peak_kib = d.status_kib("VmHWM")?;
 
     if storm_here {
         *storm = Some(deny_storm(&d, workers, ctx.targets, layout, p.storm_ms)?);

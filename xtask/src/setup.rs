@@ -26,8 +26,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ("systemd", "systemd-analyze verify of the unit in the .deb"),
     ("debootstrap", "the boot test's Debian"),
     ("systemd-container", "systemd-nspawn: the boot test"),
-    ("dunst", "a real notification daemon for the `spicegate notify` test"),
-    ("desktop-file-utils", "desktop-file-validate of the autostart entry"),
+    (
+        "dunst",
+        "a real notification daemon for the `spicegate notify` test",
+    ),
+    (
+        "desktop-file-utils",
+        "desktop-file-validate of the autostart entry",
+    ),
     ("qemu-system-x86", "the Spice e2e test's VM (with Spice)"),
     ("virt-viewer", "remote-viewer: the Spice e2e client"),
     ("xvfb", "an X display for remote-viewer"),

@@ -516,12 +516,17 @@ impl Daemon {
 
     /// VmRSS in KiB.
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        self.status_kib("VmRSS")
+    }
+
+    /// A `Vm...:` line of /proc/PID/status, in KiB.
+    pub fn status_kib(&self, field: &str) -> anyhow::Result<u64> {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .ok_or_else(|| anyhow!("no VmRSS in /proc/{}/status", self.pid()))
+            .ok_or_else(|| anyhow!("no {field} in /proc/{}/status", self.pid()))
     }
 
     /// utime + stime in clock ticks.

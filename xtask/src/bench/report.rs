@@ -171,7 +171,7 @@ pub fn render(
         p.batch_ms, p.rounds, p.stream_ms, p.stream_rounds, p.applies
     );
     s.push_str(
-        "| grants | system | connect() granted | connect() unguarded | connect() denied | bulk stream | apply new policy | start → enforcing | daemon VmRSS (start / after reloads) |\n\
+        "| grants | system | connect() granted | connect() unguarded | connect() denied | bulk stream | apply new policy | start → enforcing | daemon VmRSS (start / after reloads / peak) |\n\
          |---:|---|---|---|---|---|---|---|---|\n",
     );
     let cells: Vec<String> = control
@@ -213,9 +213,10 @@ pub fn render(
                 (
                     range_ms(&r.daemon.start_ms),
                     format!(
-                        "{:.1} MB / {:.1} MB",
+                        "{:.1} MB / {:.1} MB / {:.1} MB",
                         mb(r.daemon.rss_start_kib.iter().copied().max().unwrap_or(0)),
-                        mb(r.daemon.rss_end_kib)
+                        mb(r.daemon.rss_end_kib),
+                        mb(r.daemon.rss_peak_kib)
                     ),
                 )
             } else {
@@ -344,10 +345,11 @@ fn targets(
         out.push((
             mb(rss) < 20.0,
             format!(
-                "daemon RSS < 20 MB at {} grants: {:.1} MB after start, {:.1} MB after reloads",
+                "daemon RSS < 20 MB at {} grants: {:.1} MB after start, {:.1} MB settled after reloads (peak during a reload {:.1} MB: the old and the new policy side by side)",
                 r.layout.grants,
                 mb(r.daemon.rss_start_kib.iter().copied().max().unwrap_or(0)),
-                mb(r.daemon.rss_end_kib)
+                mb(r.daemon.rss_end_kib),
+                mb(r.daemon.rss_peak_kib)
             ),
         ));
     }
