@@ -84,35 +84,33 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
     let addr: [u8; 16] = unsafe { core::mem::transmute(words) };
 
     // Fast path: a port nobody guards costs two lookups and nothing else.
-    let Some(port_rule) = SPICEGATE_POLICY.get_value_ptr_mut(POLICY_SLOT, &RuleKey::port(port))
-    else {
+    // One lookup of the table in force; an empty slot (no daemon ever
+    // installed one) decides nothing.
+    let Some(rules) = SPICEGATE_POLICY.get(POLICY_SLOT) else {
         return ALLOW;
     };
-    // SAFETY: values of the rule table are never written by the kernel and
-    // the daemon never updates an entry of a table once it is installed.
+    let Some(port_rule) = rules.get_ptr(RuleKey::port(port)) else {
+        return ALLOW;
+    };
     let port_flags = unsafe { (*port_rule).flags };
 
-    let endpoint = if is_local(&words, &addr) {
+    let endpoint = if is_local(rules, &words, &addr) {
         LOCAL_ADDR
     } else {
         addr
     };
-    let endpoint_rule =
-        SPICEGATE_POLICY.get_value_ptr_mut(POLICY_SLOT, &RuleKey::endpoint(endpoint, port));
+    // A grant exists only for a guarded endpoint: look it up first, so the
+    // granted path costs one lookup less.
+    let uid = bpf_get_current_uid_gid() as u32;
+    if let Some(grant) = rules.get_ptr(RuleKey::grant(uid, endpoint, port)) {
+        count(unsafe { (*grant).vm }, Outcome::Allowed);
+        return ALLOW;
+    }
+    let endpoint_rule = rules.get_ptr(RuleKey::endpoint(endpoint, port));
     if port_flags & PORT_GUARD_ALL == 0 && endpoint_rule.is_none() {
         return ALLOW;
     }
 
-    let uid = bpf_get_current_uid_gid() as u32;
-    if let Some(grant) =
-        SPICEGATE_POLICY.get_value_ptr_mut(POLICY_SLOT, &RuleKey::grant(uid, endpoint, port))
-    {
-        // SAFETY: as above.
-        count(unsafe { (*grant).vm }, Outcome::Allowed);
-        return ALLOW;
-    }
-
-    // SAFETY: as above.
     let (vm, audit) = match endpoint_rule {
         Some(rule) => unsafe { ((*rule).vm, (*rule).flags & ENDPOINT_AUDIT != 0) },
         None => (NO_VM, port_flags & PORT_AUDIT != 0),
@@ -165,7 +163,7 @@ const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 /// Loopback, unspecified, or marked local by the daemon. Word compares keep
 /// this free of memcmp, which BPF cannot call.
 #[inline(always)]
-fn is_local(words: &[u32; 4], addr: &[u8; 16]) -> bool {
+fn is_local(rules: &Rules, words: &[u32; 4], addr: &[u8; 16]) -> bool {
     if words[0] == 0 && words[1] == 0 {
         if words[2] == V4_MAPPED_PREFIX {
             let first_octet = words[3].to_ne_bytes()[0];
@@ -176,9 +174,7 @@ fn is_local(words: &[u32; 4], addr: &[u8; 16]) -> bool {
             return true; // :: and ::1
         }
     }
-    SPICEGATE_POLICY
-        .get_value_ptr_mut(POLICY_SLOT, &RuleKey::local(*addr))
-        .is_some()
+    rules.get_ptr(RuleKey::local(*addr)).is_some()
 }
 
 /// Logs a denial through aya-log, at most RATE_BURST per uid per window.

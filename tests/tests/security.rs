@@ -1551,6 +1551,50 @@ fn missing_cgroup_fails_clearly_and_leaves_no_links() {
     assert_failed_start_left_nothing(&pin);
 }
 
+/// No cgroup2 filesystem mounted at all (the daemon started in a mount
+/// namespace where every cgroup2 mount was unmounted; the host keeps its
+/// own): a clear error and nothing loaded or left behind.
+#[test]
+fn no_cgroup2_mounted_fails_clearly_and_leaves_nothing() {
+    require_root();
+    let l = Listener::dual_stack();
+    let policy = PolicyFile::new(&localhost_vm("winlab", l.port(), &["root"]));
+    let pin = PinDir::new();
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "for m in $(findmnt -rn -t cgroup2 -o TARGET); do umount -l \"$m\" || exit 99; done; \
+             findmnt -rn -t cgroup2 && exit 98; exec \"$@\"",
+        )
+        .arg("sh")
+        .arg(spicegate_tests::spicegate_bin())
+        .arg("--socket")
+        .arg(pin.socket())
+        .args(["run", "--policy"])
+        .arg(policy.path())
+        .arg("--state-dir")
+        .arg(pin.state_dir())
+        .arg("--pin-dir")
+        .arg(pin.path())
+        .env_remove("JOURNAL_STREAM");
+    let run = spicegate_tests::bypass::run_to_exit(cmd, Duration::from_secs(30));
+    eprintln!("[harness] {run}");
+    assert!(
+        !matches!(run.code(), Some(98 | 99)),
+        "could not unmount cgroup2 in a private mount namespace: {run}"
+    );
+    assert!(
+        run.code().is_some_and(|c| c != 0)
+            && run.text().contains("no cgroup2 filesystem is mounted"),
+        "spicegate run without a cgroup2 mount: {run}"
+    );
+    assert!(
+        cgroup2_root().exists(),
+        "the host's cgroup2 mount must be untouched"
+    );
+    assert_failed_start_left_nothing(&pin);
+}
+
 /// A start that fails leaves no pins, no pin directory and no socket behind
 /// (when nothing was enforced from that pin directory before).
 fn assert_failed_start_left_nothing(pin: &PinDir) {
