@@ -962,6 +962,18 @@ impl Engine {
                     )
                 })
                 .flatten();
+            // A temporary grant ends at its expiry, whatever the schedule.
+            let next = if via == Some("temporary") {
+                self.grants
+                    .active(u64::try_from(clock).unwrap_or(0))
+                    .iter()
+                    .filter(|g| g.uid == uid && g.vm == vm.name)
+                    .filter_map(|g| g.expires)
+                    .max()
+                    .and_then(|t| i64::try_from(t).ok())
+            } else {
+                next
+            };
             let server = self.loaded.policy.servers.get(&vm.server);
             let (host, addresses) = match server.map(|s| (&s.target, &s.hostnames)) {
                 Some((policy::ServerTarget::Addresses(a), names)) => (

@@ -456,9 +456,17 @@ allow = ["#{nobody}"]
         entry(&doc, "hidden"),
         &json!({"allowed_now": true, "via": "temporary", "console_only": false}),
     );
-    eprintln!(
-        "[test] a temporary grant's end in `list`: next_change = {}",
-        entry(&doc, "hidden")["next_change"]
+    let end = entry(&doc, "hidden")["next_change"].clone();
+    eprintln!("[test] a temporary grant's end in `list`: next_change = {end}");
+    assert!(
+        end.as_str()
+            .is_some_and(|t| t.ends_with('Z') || t.contains('+')),
+        "a temporary grant's `list` entry names when it ends: {doc:#}"
+    );
+    let text = lab.ok_as(&bob, &["list"]).stdout;
+    assert!(
+        text.contains("open now (until "),
+        "bob's `list` says until when the grant holds: {text}"
     );
     assert_eq!(
         lab.outcome(&bob, p(3)),
