@@ -40,6 +40,55 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// error. Root and the admin group are not counted.
 pub const MAX_CLIENTS: usize = 64;
 
+/// Connections one non-admin user may hold at once (a notify agent, a few
+/// `list`/`why` calls, an `events` stream), so that one user cannot take
+/// every slot from the others.
+pub const MAX_PER_USER: usize = 8;
+
+/// Open connections per uid; an entry goes when its last connection does.
+#[derive(Debug, Default)]
+struct PerUser(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
+
+/// One connection counted in [`PerUser`]; uncounted on drop.
+struct UserSlot {
+    table: Arc<PerUser>,
+    uid: u32,
+}
+
+impl PerUser {
+    fn take(self: &Arc<Self>, uid: u32) -> Option<UserSlot> {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(uid).or_default();
+        if *n >= MAX_PER_USER {
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot {
+            table: Arc::clone(self),
+            uid,
+        })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut m = self
+            .table
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
+}
+
 /// A request, as sent on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
@@ -153,6 +202,7 @@ pub struct Shared {
 /// Accepts connections forever.
 pub async fn serve(listener: UnixListener, shared: Shared) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let per_user = Arc::new(PerUser::default());
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -165,28 +215,35 @@ pub async fn serve(listener: UnixListener, shared: Shared) {
         // Root and the admin group are always served, so other users
         // holding every slot (say, with `events` streams) cannot lock the
         // admin out of reload or revoke.
-        let admin = stream.peer_cred().is_ok_and(|c| {
-            shared
+        let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+        let admin = uid != u32::MAX
+            && shared
                 .settings
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .is_admin(c.uid())
-        });
+                .is_admin(uid);
         let permit = if admin {
-            None
+            Ok(None)
         } else {
-            Arc::clone(&slots).try_acquire_owned().ok()
+            match per_user.take(uid) {
+                None => Err(format!(
+                    "busy: you already have {MAX_PER_USER} connections to spicegate open; close one and try again"
+                )),
+                Some(user_slot) => Arc::clone(&slots)
+                    .try_acquire_owned()
+                    .map(|p| Some((p, user_slot)))
+                    .map_err(|_| "busy: too many control clients; try again".to_owned()),
+            }
         };
-        if !admin && permit.is_none() {
-            tokio::spawn(async move {
-                let mut s = stream;
-                let _ = write_line(
-                    &mut s,
-                    &Response::err("busy: too many control clients; try again"),
-                )
-                .await;
-            });
-            continue;
+        let permit = match permit {
+            Ok(p) => p,
+            Err(why) => {
+                tokio::spawn(async move {
+                    let mut s = stream;
+                    let _ = write_line(&mut s, &Response::err(why)).await;
+                });
+                continue;
+            }
         };
         let shared = shared.clone();
         tokio::spawn(async move {

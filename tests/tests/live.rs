@@ -590,6 +590,54 @@ fn control_socket_survives_garbage() {
     lab.expect(&u, l.port(), Allowed);
 }
 
+/// A user holding many control connections (idle ones, say) gets a "busy"
+/// answer past its own share, and another user is still served.
+#[test]
+fn one_user_cannot_take_every_control_slot() {
+    use std::os::unix::process::CommandExt as _;
+    require_root();
+    let (hog, other) = (TestUser::new(), TestUser::new());
+    let l = Listener::loopback();
+    let lab = Lab::start(&vm("v", l.port(), &[&other.name]));
+    // Nine connections, the ninth's answer printed; the rest held until
+    // stdin closes (the daemon drops idle ones after its request timeout).
+    let script = "import socket,sys\n\
+                  s=[socket.socket(socket.AF_UNIX) for _ in range(9)]\n\
+                  [c.connect(sys.argv[1]) for c in s]\n\
+                  s[8].settimeout(3)\n\
+                  print(s[8].recv(4096).decode().strip(), flush=True)\n\
+                  sys.stdin.read()\n";
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(lab.pin.socket())
+        .uid(hog.uid)
+        .gid(hog.gid)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("reading the ninth answer");
+    eprintln!("[test] {}'s ninth connection: {first}", hog.name);
+    let served = spicegate_tests::ctl_as(&lab.pin, &other, &["list"]);
+    drop(child.stdin.take());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        first.contains("\"ok\":false") && first.contains("already have 8 connections"),
+        "the ninth connection of one user must be turned away: {first}"
+    );
+    assert_eq!(
+        served.code,
+        Some(0),
+        "another user is served while the first holds 8: {served}"
+    );
+    assert_eq!(lab.status()["running"], true);
+}
+
 #[test]
 fn commands_fail_clearly_without_a_daemon() {
     require_root();
