@@ -64,6 +64,16 @@ pub const KIND_GRANT: u8 = 3;
 /// [`RuleKey::kind`]: `addr` is an address of this machine (a "local"
 /// address): connects to it are decided as connects to [`LOCAL_ADDR`].
 pub const KIND_LOCAL: u8 = 4;
+/// [`RuleKey::kind`] of the one entry that lists the prefix lengths of the
+/// local networks in the table (local routes such as AnyIP `ip route add
+/// local 198.18.0.0/24 dev lo`). Its value packs up to [`MAX_LOCAL_NET_LENS`]
+/// lengths (IPv6 terms, 0..=128, IPv4 as 96 + its length) one per byte of
+/// [`RuleValue::vm`], how many in [`RuleValue::flags`]. Each local network
+/// is a [`KIND_LOCAL`] entry with its masked address and its length in
+/// [`RuleKey::port`] (0 for single addresses).
+pub const KIND_LOCAL_NETS: u8 = 5;
+/// How many distinct local network prefix lengths the program checks.
+pub const MAX_LOCAL_NET_LENS: usize = 4;
 
 /// [`KIND_PORT`] flag: the port is guarded on every destination address.
 pub const PORT_GUARD_ALL: u32 = 1 << 0;
@@ -143,6 +153,27 @@ impl RuleKey {
             addr,
         }
     }
+    /// Key of a [`KIND_LOCAL`] entry for a local network: `addr` masked to
+    /// its first `len` bits (IPv6 terms).
+    pub const fn local_net(addr: [u8; 16], len: u16) -> Self {
+        Self {
+            kind: KIND_LOCAL,
+            _pad: 0,
+            port: len,
+            uid: 0,
+            addr,
+        }
+    }
+    /// Key of the [`KIND_LOCAL_NETS`] entry.
+    pub const fn local_nets() -> Self {
+        Self {
+            kind: KIND_LOCAL_NETS,
+            _pad: 0,
+            port: 0,
+            uid: 0,
+            addr: [0; 16],
+        }
+    }
     /// Key of a [`KIND_LOCAL`] entry.
     pub const fn local(addr: [u8; 16]) -> Self {
         Self {
@@ -199,6 +230,24 @@ pub struct VmCounters {
 const _: () = assert!(core::mem::size_of::<VmCounters>() == 24);
 
 /// Maps an IPv4 address (network order octets) to its IPv4-mapped IPv6 form.
+/// `addr` with all but its first `len` bits cleared.
+pub const fn mask_addr(addr: [u8; 16], len: u16) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        let bits = len as i32 - (i as i32) * 8;
+        out[i] = if bits >= 8 {
+            addr[i]
+        } else if bits <= 0 {
+            0
+        } else {
+            addr[i] & (0xffu8 << (8 - bits))
+        };
+        i += 1;
+    }
+    out
+}
+
 pub const fn mapped_v4(octets: [u8; 4]) -> [u8; 16] {
     [
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],

@@ -17,9 +17,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use spicegate_common::{
-    COUNTERS_MAP_ENTRIES, ENDPOINT_AUDIT, LOCAL_ADDR, NO_VM, POLICY_SLOT, PORT_AUDIT,
-    PORT_GUARD_ALL, RATE_BURST, RATE_MAP_ENTRIES, RATE_WINDOW_NS, RateState, RuleKey, RuleValue,
-    VmCounters,
+    COUNTERS_MAP_ENTRIES, ENDPOINT_AUDIT, LOCAL_ADDR, MAX_LOCAL_NET_LENS, NO_VM, POLICY_SLOT,
+    PORT_AUDIT, PORT_GUARD_ALL, RATE_BURST, RATE_MAP_ENTRIES, RATE_WINDOW_NS, RateState, RuleKey,
+    RuleValue, VmCounters,
 };
 
 /// Template for the inner rule table; the daemon creates the real ones, sized
@@ -174,7 +174,42 @@ fn is_local(rules: &Rules, words: &[u32; 4], addr: &[u8; 16]) -> bool {
             return true; // :: and ::1
         }
     }
-    rules.get_ptr(RuleKey::local(*addr)).is_some()
+    if rules.get_ptr(RuleKey::local(*addr)).is_some() {
+        return true;
+    }
+    // Local networks (AnyIP routes): for each prefix length the table
+    // lists, the address masked to it.
+    let Some(nets) = rules.get_ptr(RuleKey::local_nets()) else {
+        return false;
+    };
+    let (lens, count) = unsafe { ((*nets).vm.to_ne_bytes(), (*nets).flags) };
+    let mut i = 0;
+    while i < MAX_LOCAL_NET_LENS {
+        if i as u32 >= count {
+            break;
+        }
+        let len = lens[i] as u32;
+        let mut masked = [0u32; 4];
+        let mut w = 0;
+        while w < 4 {
+            let bits = len.saturating_sub(w as u32 * 32);
+            masked[w] = if bits >= 32 {
+                words[w]
+            } else if bits == 0 {
+                0
+            } else {
+                // The words hold network byte order: mask in host order.
+                words[w] & u32::to_be(u32::MAX << (32 - bits))
+            };
+            w += 1;
+        }
+        let net: [u8; 16] = unsafe { core::mem::transmute(masked) };
+        if rules.get_ptr(RuleKey::local_net(net, len as u16)).is_some() {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
 /// Logs a denial through aya-log, at most RATE_BURST per uid per window.

@@ -8,8 +8,8 @@ use std::{
 };
 
 use spicegate_common::{
-    ENDPOINT_AUDIT, LOCAL_ADDR, NO_VM, PORT_AUDIT, PORT_GUARD_ALL, PORT_GUARD_ENDPOINTS, RuleKey,
-    RuleValue, mapped_v4,
+    ENDPOINT_AUDIT, LOCAL_ADDR, MAX_LOCAL_NET_LENS, NO_VM, PORT_AUDIT, PORT_GUARD_ALL,
+    PORT_GUARD_ENDPOINTS, RuleKey, RuleValue, mapped_v4, mask_addr,
 };
 
 use crate::{
@@ -21,9 +21,81 @@ use crate::{
 /// before anything changes. Four million entries is ~300 MB of kernel memory.
 pub const MAX_ENTRIES: usize = 4_000_000;
 
-/// Addresses of this machine (from the interfaces). Loopback and unspecified
-/// addresses are always local and need not be listed.
-pub type LocalAddrs = BTreeSet<IpAddr>;
+/// What reaches this machine's own listeners: its interface addresses, and
+/// the networks its `local` routes cover (AnyIP: `ip route add local
+/// 198.18.0.0/24 dev lo`). Loopback and unspecified addresses are always
+/// local and need not be listed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalAddrs {
+    addrs: BTreeSet<IpAddr>,
+    /// (network address, prefix length in its own family), shorter than a
+    /// single address.
+    nets: BTreeSet<(IpAddr, u8)>,
+}
+
+impl LocalAddrs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert(&mut self, ip: IpAddr) -> bool {
+        self.addrs.insert(canonical(ip))
+    }
+
+    /// A local route's destination; a full-length one is an address.
+    pub fn insert_net(&mut self, ip: IpAddr, len: u8) {
+        let ip = canonical(ip);
+        let full = if ip.is_ipv4() { 32 } else { 128 };
+        if ip.is_loopback() {
+            // 127.0.0.0/8 and ::1: the program folds them without a table.
+        } else if len >= full {
+            self.addrs.insert(ip);
+        } else {
+            let masked = match ip {
+                IpAddr::V4(v4) => IpAddr::V4(
+                    (u32::from(v4) & u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)).into(),
+                ),
+                IpAddr::V6(v6) => IpAddr::V6(
+                    (u128::from(v6) & u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0))
+                        .into(),
+                ),
+            };
+            self.nets.insert((masked, len));
+        }
+    }
+
+    /// The single addresses.
+    pub fn iter(&self) -> impl Iterator<Item = &IpAddr> {
+        self.addrs.iter()
+    }
+
+    /// The networks, as (address, prefix length in IPv6 terms).
+    pub fn nets_v6(&self) -> impl Iterator<Item = ([u8; 16], u16)> + '_ {
+        self.nets.iter().map(|(ip, len)| {
+            let len = u16::from(*len) + if ip.is_ipv4() { 96 } else { 0 };
+            (mask_addr(key_addr(*ip), len), len)
+        })
+    }
+
+    /// Whether `ip` is one of the addresses or in one of the networks.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.addrs.contains(&ip) || {
+            let key = key_addr(ip);
+            self.nets_v6().any(|(net, len)| mask_addr(key, len) == net)
+        }
+    }
+}
+
+impl<const N: usize> From<[IpAddr; N]> for LocalAddrs {
+    fn from(ips: [IpAddr; N]) -> Self {
+        let mut l = Self::new();
+        for ip in ips {
+            l.insert(ip);
+        }
+        l
+    }
+}
 
 /// Where a destination lands after folding: a remote address or "this machine".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -163,6 +235,11 @@ pub enum CompileError {
         "the policy needs {needed} kernel entries, more than the limit of {limit}; split it across fewer users or endpoints"
     )]
     TooLarge { needed: usize, limit: usize },
+    #[error(
+        "this machine's `local` routes have {} different prefix lengths ({lens}), more than the {max} spicegate can fold into localhost; merge them (`ip route show table local type local`)",
+        lens.split(", ").count()
+    )]
+    TooManyLocalNets { lens: String, max: usize },
 }
 
 /// The 16-byte form the kernel compares: IPv4 mapped into IPv6.
@@ -184,7 +261,7 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 /// Whether a connect to `ip` lands on this machine.
 pub fn is_local(ip: IpAddr, local: &LocalAddrs) -> bool {
     let ip = canonical(ip);
-    ip.is_loopback() || ip.is_unspecified() || local.iter().any(|l| canonical(*l) == ip)
+    ip.is_loopback() || ip.is_unspecified() || local.contains(ip)
 }
 
 /// Folds a destination the way the kernel program does.
@@ -357,11 +434,42 @@ pub fn compile(
     // Only needed when something is guarded; the kernel's fast path never
     // looks them up otherwise.
     if !port_flags.is_empty() {
-        for ip in local {
+        for ip in local.iter() {
             let ip = canonical(*ip);
             if !(ip.is_loopback() || ip.is_unspecified()) {
                 rules.insert(RuleKey::local(key_addr(ip)), RuleValue::default());
             }
+        }
+        let mut lens: Vec<u16> = Vec::new();
+        for (net, len) in local.nets_v6() {
+            rules.insert(RuleKey::local_net(net, len), RuleValue::default());
+            if !lens.contains(&len) {
+                lens.push(len);
+            }
+        }
+        if !lens.is_empty() {
+            lens.sort_unstable_by(|a, b| b.cmp(a));
+            if lens.len() > MAX_LOCAL_NET_LENS {
+                return Err(CompileError::TooManyLocalNets {
+                    lens: lens
+                        .iter()
+                        .map(|l| l.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    max: MAX_LOCAL_NET_LENS,
+                });
+            }
+            let mut packed = [0u8; 4];
+            for (slot, len) in packed.iter_mut().zip(&lens) {
+                *slot = u8::try_from(*len).unwrap_or(u8::MAX);
+            }
+            rules.insert(
+                RuleKey::local_nets(),
+                RuleValue {
+                    vm: u32::from_ne_bytes(packed),
+                    flags: lens.len() as u32,
+                },
+            );
         }
     }
     let rules = rules.seal();
@@ -383,17 +491,38 @@ pub fn compile(
 /// What the kernel decides, computed from the table the way the kernel
 /// program does. Used to find established connections a new table would
 /// refuse, and by tests.
+/// Whether the program folds `ip` into localhost with this table: the
+/// built-in loopback and unspecified ranges, a [`RuleKey::local`] address,
+/// or a local network of one of the lengths the table lists.
+pub fn table_is_local(c: &Compiled, ip: IpAddr) -> bool {
+    let ip = canonical(ip);
+    if ip.is_loopback() || ip.is_unspecified() {
+        return true;
+    }
+    let key = key_addr(ip);
+    if c.rules.contains_key(&RuleKey::local(key)) {
+        return true;
+    }
+    let Some(nets) = c.rules.get(&RuleKey::local_nets()) else {
+        return false;
+    };
+    nets.vm
+        .to_ne_bytes()
+        .iter()
+        .take(nets.flags as usize)
+        .map(|len| u16::from(*len))
+        .any(|len| {
+            c.rules
+                .contains_key(&RuleKey::local_net(mask_addr(key, len), len))
+        })
+}
+
 pub fn decide(c: &Compiled, uid: u32, ip: IpAddr, port: u16) -> bool {
     let Some(port_rule) = c.rules.get(&RuleKey::port(port)) else {
         return true;
     };
     let mapped = canonical(ip);
-    // The kernel only knows locals through KIND_LOCAL entries (and the
-    // built-in loopback/unspecified ranges).
-    let kernel_local = mapped.is_loopback()
-        || mapped.is_unspecified()
-        || c.rules.contains_key(&RuleKey::local(key_addr(mapped)));
-    let addr = if kernel_local {
+    let addr = if table_is_local(c, mapped) {
         LOCAL_ADDR
     } else {
         key_addr(mapped)
@@ -442,6 +571,52 @@ allow = ["ralph"]
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip literal")
+    }
+
+    #[test]
+    fn local_networks_fold_into_localhost() {
+        let mut local = LocalAddrs::new();
+        local.insert_net(ip("198.18.7.9"), 24);
+        local.insert_net(ip("2001:db8:7::"), 64);
+        local.insert_net(ip("127.0.0.0"), 8); // built in: not listed
+        local.insert_net(ip("10.1.1.1"), 32); // a single address
+        let c = compile(&policy(SEED), &local, &Dynamic::default()).expect("compiles");
+        // winlab on localhost:5930 allows ralph (1001) only.
+        for a in [
+            "198.18.7.1",
+            "198.18.7.255",
+            "::ffff:198.18.7.77",
+            "2001:db8:7::1",
+            "2001:db8:7:0:ffff:ffff:ffff:ffff",
+            "10.1.1.1",
+        ] {
+            assert!(table_is_local(&c, ip(a)), "{a} is local");
+            assert!(!decide(&c, 1000, ip(a), 5930), "{a}:5930 is winlab's");
+            assert!(decide(&c, 1001, ip(a), 5930), "{a}:5930 ralph");
+        }
+        for a in [
+            "198.18.8.1",
+            "2001:db8:8::1",
+            "10.1.1.2",
+            "::ffff:198.18.6.255",
+        ] {
+            assert!(!table_is_local(&c, ip(a)), "{a} is not local");
+        }
+        assert_eq!(
+            c.rules.get(&RuleKey::local_nets()).map(|v| v.flags),
+            Some(2),
+            "two prefix lengths: /120 (v4 /24) and /64"
+        );
+    }
+
+    #[test]
+    fn more_local_network_lengths_than_the_program_checks_are_refused() {
+        let mut local = LocalAddrs::new();
+        for len in [16u8, 20, 24, 28, 30] {
+            local.insert_net(ip("198.18.0.0"), len);
+        }
+        let e = compile(&policy(SEED), &local, &Dynamic::default()).expect_err("5 lengths");
+        assert!(e.to_string().contains("5 different prefix lengths"), "{e}");
     }
 
     #[test]

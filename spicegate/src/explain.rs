@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use spicegate_common::{PORT_GUARD_ALL, RuleKey};
 
 use crate::{
-    compile::{Compiled, Dest, canonical, decide, key_addr},
+    compile::{Compiled, Dest, canonical, decide},
     events::Endpoint,
     grants::TempGrant,
     policy::Policy,
@@ -26,14 +26,10 @@ pub struct Verdict {
 
 /// How the kernel folds a destination, given the table in force.
 pub fn kernel_dest(c: &Compiled, ip: IpAddr) -> Dest {
-    let ip = canonical(ip);
-    if ip.is_loopback()
-        || ip.is_unspecified()
-        || c.rules.contains_key(&RuleKey::local(key_addr(ip)))
-    {
+    if crate::compile::table_is_local(c, ip) {
         Dest::Local
     } else {
-        Dest::Remote(ip)
+        Dest::Remote(canonical(ip))
     }
 }
 

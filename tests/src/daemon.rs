@@ -256,13 +256,49 @@ impl Daemon {
         d
     }
 
+    /// Like [`Daemon::start_with`], with the daemon in the named network
+    /// namespace (`nsenter --net`, which changes nothing else: the daemon
+    /// still sees the host's bpffs and cgroups).
+    pub fn start_in_netns(
+        policy: &Path,
+        cgroup: Option<&Path>,
+        pin: &PinDir,
+        netns: &str,
+        extra: &[&OsStr],
+    ) -> Self {
+        let d = Self::spawn_cmd(
+            {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{netns}"))
+                    .arg("--")
+                    .arg(spicegate_bin());
+                c
+            },
+            policy,
+            cgroup,
+            pin,
+            extra,
+        );
+        d.wait_for_line("enforcing policy", START_TIMEOUT);
+        d
+    }
+
     /// Like [`Daemon::start`], without waiting.
     pub fn spawn(policy: &Path, cgroup: Option<&Path>, pin: &PinDir) -> Self {
         Self::spawn_with(policy, cgroup, pin, &[])
     }
 
     fn spawn_with(policy: &Path, cgroup: Option<&Path>, pin: &PinDir, extra: &[&OsStr]) -> Self {
-        let mut cmd = Command::new(spicegate_bin());
+        Self::spawn_cmd(Command::new(spicegate_bin()), policy, cgroup, pin, extra)
+    }
+
+    fn spawn_cmd(
+        mut cmd: Command,
+        policy: &Path,
+        cgroup: Option<&Path>,
+        pin: &PinDir,
+        extra: &[&OsStr],
+    ) -> Self {
         cmd.arg("--socket").arg(pin.socket());
         cmd.arg("run").arg("--policy").arg(policy);
         cmd.arg("--state-dir").arg(pin.state_dir());

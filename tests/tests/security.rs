@@ -77,6 +77,29 @@ impl Lab {
         }
     }
 
+    /// Like [`Lab::start`], with the daemon in network namespace `ns`,
+    /// re-reading its addresses and routes every second.
+    fn start_in(ns: &NetNs, policy: &str) -> Self {
+        require_root();
+        eprintln!("[test] policy (daemon in netns {}):\n{policy}", ns.name());
+        let policy = PolicyFile::new(policy);
+        let cg = TestCgroup::new();
+        let pin = PinDir::new();
+        let daemon = Daemon::start_in_netns(
+            policy.path(),
+            Some(cg.path()),
+            &pin,
+            ns.name(),
+            &["--addr-interval".as_ref(), "1".as_ref()],
+        );
+        Self {
+            daemon: Some(daemon),
+            pin,
+            cg,
+            policy,
+        }
+    }
+
     /// sg-bypass inside this lab's cgroup.
     fn b(&self) -> Bypass {
         Bypass::new(BYPASS).cgroup(&self.cg)
@@ -300,13 +323,80 @@ fn ipv4_compatible_and_translated_ipv6_forms_never_reach_the_listener() {
     m.finish();
 }
 
-/// Destinations that are local only through a `local` route (AnyIP: `ip
-/// route add local PREFIX dev lo`) or only inside another network namespace
-/// reach a listener there, but they are not addresses of this host's
-/// interfaces, so spicegate does not fold them into "localhost". Shown in
-/// the test's own namespace: on a port in `[protect]` the ungranted user is
-/// refused (asserted); on a port guarded only as a localhost VM the result
-/// is reported as a limitation.
+/// AnyIP: `ip route add local NET dev lo` makes every address of NET reach
+/// this machine's own listeners, like 127.0.0.1. The daemon reads the
+/// `local` routes of its network namespace and folds those networks into
+/// localhost, so a port guarded only as a localhost VM is guarded on them
+/// too, IPv4, IPv4-mapped and IPv6, and a route added while it runs is
+/// picked up within its address interval. Shown with the daemon in the
+/// test's own namespace, where the test adds the routes (the host's routing
+/// is not touched).
+#[test]
+fn anyip_local_routes_are_folded_into_localhost() {
+    require_root();
+    let alice = TestUser::new();
+    let dave = TestUser::new();
+    let ns = NetNs::new();
+    ns.ip(&["route", "add", "local", "198.18.7.0/24", "dev", "lo"]);
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "local",
+        "2001:db8:7::/64",
+        "dev",
+        "lo",
+    ]);
+    let l = ns.listener("[::]:0");
+    let q = l.port();
+    let lab = Lab::start_in(&ns, &localhost_vm("vmonly", q, &[&alice.name]));
+    let mut m = Matrix::new();
+    let at = |u: &TestUser, dst: &str, mapped: bool| {
+        let b = lab.b().netns(&ns).as_user(u).connect(dst);
+        if mapped { b.v6_socket() } else { b }
+    };
+    for (dst, mapped) in [
+        (format!("127.0.0.1:{q}"), false),
+        (format!("198.18.7.5:{q}"), false),
+        (format!("198.18.7.200:{q}"), true),
+        (format!("[2001:db8:7::5]:{q}"), false),
+        (format!("[2001:db8:7:0:ffff::1]:{q}"), false),
+    ] {
+        both(
+            &mut m,
+            &format!("AnyIP {dst}{}", if mapped { " (mapped)" } else { "" }),
+            &alice,
+            &dave,
+            |u| at(u, &dst, mapped),
+        );
+    }
+    // A route added while the daemon runs.
+    ns.ip(&["route", "add", "local", "198.19.3.0/28", "dev", "lo"]);
+    let late = format!("198.19.3.9:{q}");
+    let folded = wait_until(Duration::from_secs(5), || {
+        at(&dave, &late, false).run().outcome() == Outcome::Denied
+    });
+    m.note(format!(
+        "AnyIP route added at run time: dave refused on {late}: {folded}"
+    ));
+    if !folded {
+        m.fail(format!(
+            "a local route added at run time was not folded within 5 s ({late})"
+        ));
+    }
+    both(&mut m, "AnyIP added at run time", &alice, &dave, |u| {
+        at(u, &late, false)
+    });
+    m.finish();
+}
+
+/// Destinations that are local only inside another network namespace (its
+/// own AnyIP routes and addresses) reach a listener in that namespace only,
+/// never this machine's Spice ports; the daemon, in the host namespace, does
+/// not fold them into "localhost". On a port in `[protect]` the ungranted
+/// user is refused there too (asserted); on a port guarded only as a
+/// localhost VM the result is reported (what such a namespace reaches is
+/// its own listeners, which its creator already controls).
 #[test]
 fn local_route_and_other_namespace_addresses_on_protect_and_vm_ports() {
     require_root();
