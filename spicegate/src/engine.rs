@@ -1155,6 +1155,9 @@ impl Engine {
             "version": env!("CARGO_PKG_VERSION"),
             "running": true,
             "attached": kernel::attached(&self.cfg.paths, &self.cfg.cgroup),
+            // The policy slot holds the table this daemon installed (the
+            // watchdog puts it back within a second if not).
+            "table_in_force": self.kernel.table_intact().unwrap_or(false),
             "mode": mode,
             "console_user": self.console.map(|u| json!({ "uid": u, "user": name(u) })),
             "time_zone": tz.iana_name().unwrap_or("system"),

@@ -298,9 +298,13 @@ impl Kernel {
     /// Whether the policy slot still holds the table this daemon installed
     /// (someone with `bpf()` rights could have emptied or replaced it; an
     /// empty slot lets every connect through).
-    pub fn table_intact(&mut self) -> anyhow::Result<bool> {
+    pub fn table_intact(&self) -> anyhow::Result<bool> {
         let want = self.table_id;
-        let outer = self.outer()?;
+        let map = self
+            .ebpf
+            .map(POLICY_MAP)
+            .ok_or_else(|| anyhow!("map {POLICY_MAP} missing"))?;
+        let outer: ArrayOfMaps<&MapData, RuleTable> = ArrayOfMaps::try_from(map)?;
         match outer.get(&POLICY_SLOT, 0) {
             Ok(table) => Ok(Some(IterableMap::map(&table).info()?.id()) == want),
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),

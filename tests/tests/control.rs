@@ -801,6 +801,7 @@ fn status_json_fields() {
     let s0 = lab.status();
     assert_eq!(s0["running"], true, "{s0}");
     assert_eq!(s0["attached"], true, "{s0}");
+    assert_eq!(s0["table_in_force"], true, "{s0}");
     let sha = s0["policy"]["sha256"].as_str().unwrap_or_default();
     assert!(
         sha.len() == 64 && sha.chars().all(|c| c.is_ascii_hexdigit()),

@@ -89,6 +89,7 @@ pub fn status(socket: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
     };
     println!("daemon: running (since {})", s("/started_at"));
     println!("attached: {} (cgroup {})", s("/attached"), s("/cgroup"));
+    println!("rule table in force: {}", s("/table_in_force"));
     println!("mode: {}", s("/mode"));
     println!(
         "policy: {} [{}] sha256 {} loaded {}",
