@@ -93,8 +93,10 @@ impl Drop for UserSlot {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    Status,
-    Reload,
+    // Braces, not unit variants: serde's unknown-field check only applies
+    // to struct variants, and `{"cmd":"status","junk":1}` must be refused.
+    Status {},
+    Reload {},
     Why {
         user: String,
         addr: IpAddr,
@@ -109,16 +111,16 @@ pub enum Request {
         user: String,
         vm: String,
     },
-    Events,
+    Events {},
     /// The VMs the caller may open (now or later), for `list` and `open`.
-    List,
+    List {},
 }
 
 impl Request {
     fn needs_admin(&self) -> bool {
         matches!(
             self,
-            Self::Status | Self::Reload | Self::Grant { .. } | Self::Revoke { .. }
+            Self::Status {} | Self::Reload {} | Self::Grant { .. } | Self::Revoke { .. }
         )
     }
 }
@@ -310,7 +312,7 @@ async fn handle(mut stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
             Response::err("permission denied: only root and the policy's admin group may do this");
         return write_line(&mut stream, &resp).await;
     }
-    if matches!(req, Request::Events) {
+    if matches!(req, Request::Events {}) {
         return stream_events(stream, shared, if admin { None } else { Some(peer) }).await;
     }
     let resp = match request_engine(req, peer, admin, shared).await {
@@ -328,8 +330,8 @@ async fn request_engine(
 ) -> Result<Value, String> {
     let (reply, rx) = oneshot::channel();
     let cmd = match req {
-        Request::Status => Command::Status { reply },
-        Request::Reload => Command::Reload { reply },
+        Request::Status {} => Command::Status { reply },
+        Request::Reload {} => Command::Reload { reply },
         Request::Why { user, addr, port } => {
             let uid = resolve_user(&user, &Nss)?;
             if !admin && uid != peer {
@@ -363,8 +365,8 @@ async fn request_engine(
                 reply,
             }
         }
-        Request::List => Command::List { uid: peer, reply },
-        Request::Events => return Err("internal: events are streamed".into()),
+        Request::List {} => Command::List { uid: peer, reply },
+        Request::Events {} => return Err("internal: events are streamed".into()),
     };
     shared
         .engine
@@ -485,11 +487,28 @@ mod tests {
                 .is_err()
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"format_disk"}"#).is_err());
+        for junk in [
+            r#"{"cmd":"status","x":1}"#,
+            r#"{"cmd":"reload","policy":"/tmp/evil.toml"}"#,
+            r#"{"cmd":"list","uid":0}"#,
+            r#"{"cmd":"events","all":true}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<Request>(junk).is_err(),
+                "{junk} must be refused, not read as a plain request"
+            );
+        }
+        for plain in ["status", "reload", "list", "events"] {
+            assert!(
+                serde_json::from_str::<Request>(&format!(r#"{{"cmd":"{plain}"}}"#)).is_ok(),
+                "{plain}"
+            );
+        }
         assert_eq!(
-            serde_json::to_string(&Request::Status).expect("json"),
+            serde_json::to_string(&Request::Status {}).expect("json"),
             r#"{"cmd":"status"}"#
         );
-        assert!(Request::Reload.needs_admin() && !Request::Events.needs_admin());
+        assert!(Request::Reload {}.needs_admin() && !Request::Events {}.needs_admin());
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub fn check(args: &CheckArgs, socket: &std::path::Path) -> anyhow::Result<ExitC
     };
     print!("{}", describe(&policy, &compiled, &Nss));
     if args.diff {
-        let running = super::client::call(socket, &crate::control::Request::Status)?;
+        let running = super::client::call(socket, &crate::control::Request::Status {})?;
         let mut old = std::collections::BTreeSet::new();
         for vm in running["vms"].as_array().cloned().unwrap_or_default() {
             for u in vm["users"].as_array().cloned().unwrap_or_default() {

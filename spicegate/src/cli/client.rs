@@ -26,7 +26,7 @@ pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Value> {
 pub struct ReloadArgs {}
 
 pub fn reload(socket: &Path) -> anyhow::Result<ExitCode> {
-    let v = call(socket, &Request::Reload)?;
+    let v = call(socket, &Request::Reload {})?;
     println!(
         "policy reloaded: {}",
         v["summary"].as_str().unwrap_or_default()
@@ -52,7 +52,7 @@ pub struct StatusArgs {
 }
 
 pub fn status(socket: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
-    let v = match call(socket, &Request::Status) {
+    let v = match call(socket, &Request::Status {}) {
         Ok(v) => v,
         Err(e) if !format!("{e}").contains("daemon is not running") => return Err(e),
         Err(e) => {
@@ -280,7 +280,7 @@ pub struct EventsArgs {
 pub fn events(socket: &Path, args: &EventsArgs) -> anyhow::Result<ExitCode> {
     block_on(async {
         let mut stream = control::connect(socket).await?;
-        let mut line = serde_json::to_vec(&Request::Events)?;
+        let mut line = serde_json::to_vec(&Request::Events {})?;
         line.push(b'\n');
         tokio::io::AsyncWriteExt::write_all(&mut stream, &line).await?;
         let mut lines = tokio::io::BufReader::new(stream).lines();

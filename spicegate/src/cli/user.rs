@@ -25,7 +25,7 @@ pub struct ListArgs {
 }
 
 pub fn list(socket: &Path, args: &ListArgs) -> anyhow::Result<ExitCode> {
-    let v = call(socket, &Request::List)?;
+    let v = call(socket, &Request::List {})?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
@@ -105,7 +105,7 @@ pub struct OpenArgs {
 }
 
 pub fn open(socket: &Path, args: &OpenArgs) -> anyhow::Result<ExitCode> {
-    let v = call(socket, &Request::List)?;
+    let v = call(socket, &Request::List {})?;
     let vms = v["vms"].as_array().cloned().unwrap_or_default();
     let Some(vm) = vms.iter().find(|x| x["name"].as_str() == Some(&args.vm)) else {
         bail!(
@@ -186,7 +186,7 @@ async fn follow(
     every: Duration,
 ) -> anyhow::Result<()> {
     let mut stream = control::connect(socket).await?;
-    let mut line = serde_json::to_vec(&Request::Events)?;
+    let mut line = serde_json::to_vec(&Request::Events {})?;
     line.push(b'\n');
     tokio::io::AsyncWriteExt::write_all(&mut stream, &line).await?;
     let mut lines = tokio::io::BufReader::new(stream).lines();
