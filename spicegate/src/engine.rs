@@ -305,6 +305,7 @@ pub struct Engine {
     /// Schedule grants in force.
     scheduled: BTreeSet<(String, u32)>,
     last_resolve: Instant,
+    last_good: state::LastGoodWriter,
     /// When to hand freed heap back to the kernel (see [`TRIM_DELAY`]).
     trim_at: Option<Instant>,
     /// How long the steps of the last apply took, for `--verbose` logs.
@@ -393,6 +394,7 @@ impl Engine {
         kernel.install(&compiled)?;
         kernel.attach(&cfg.cgroup)?;
         let counters_at_start = kernel.counters().unwrap_or_default();
+        let last_good = state::LastGoodWriter::new(cfg.state_dir.clone());
 
         let settings = Arc::new(RwLock::new(loaded.policy.settings.clone()));
         let vm_names = Arc::new(RwLock::new(compiled.vm_names.clone()));
@@ -414,6 +416,7 @@ impl Engine {
             console: None,
             scheduled,
             last_resolve: Instant::now(),
+            last_good,
             trim_at: None,
             phases: Vec::new(),
         };
@@ -449,12 +452,7 @@ impl Engine {
     }
 
     fn save_last_good(&self) {
-        if let Err(e) = state::save_last_good(&self.cfg.state_dir, &self.loaded.sources) {
-            log::warn!(
-                "could not keep a copy of the good policy in {}: {e:#}",
-                self.cfg.state_dir.display()
-            );
-        }
+        self.last_good.save(self.loaded.sources.clone());
     }
 
     fn clock(&self) -> i64 {

@@ -273,9 +273,12 @@ impl Kernel {
     /// error the table in force stays as it was.
     pub fn install(&mut self, compiled: &Compiled) -> anyhow::Result<()> {
         let capacity = compiled.capacity();
+        let t0 = std::time::Instant::now();
         let mut table = RuleTable::create(capacity, 0)
             .with_context(|| format!("creating a rule table of {capacity} entries"))?;
+        let t1 = std::time::Instant::now();
         fill(&mut table, compiled).context("filling the new rule table")?;
+        let t2 = std::time::Instant::now();
         let data = IterableMap::map(&table);
         map_freeze(data.fd().as_fd()).context("freezing the new rule table")?;
         let id = data.info().context("reading the new rule table's id")?.id();
@@ -284,6 +287,13 @@ impl Kernel {
             .set(POLICY_SLOT, &table, 0)
             .context("swapping in the new rule table")?;
         self.table_id = Some(id);
+        log::debug!(
+            "installed table {id} of {} entries (capacity {capacity}): create {:.1} ms, fill {:.1} ms, freeze and swap {:.1} ms",
+            compiled.rules.len(),
+            (t1 - t0).as_secs_f64() * 1e3,
+            (t2 - t1).as_secs_f64() * 1e3,
+            t2.elapsed().as_secs_f64() * 1e3
+        );
         Ok(())
     }
 

@@ -9,6 +9,56 @@ use std::{
 
 use anyhow::Context as _;
 
+/// Keeps the last good policy on its own thread, so that the fsyncs of a
+/// large policy are not part of the reload an admin waits for. Copies are
+/// written in order (a burst of reloads writes only the newest), and
+/// dropping the writer waits for the pending one.
+pub struct LastGoodWriter {
+    tx: Option<std::sync::mpsc::Sender<Vec<crate::policy::Source>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LastGoodWriter {
+    pub fn new(state_dir: PathBuf) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<crate::policy::Source>>();
+        let thread = std::thread::Builder::new()
+            .name("last-good".into())
+            .spawn(move || {
+                while let Ok(mut sources) = rx.recv() {
+                    while let Ok(newer) = rx.try_recv() {
+                        sources = newer;
+                    }
+                    if let Err(e) = save_last_good(&state_dir, &sources) {
+                        log::warn!(
+                            "could not keep a copy of the good policy in {}: {e:#}",
+                            state_dir.display()
+                        );
+                    }
+                }
+            })
+            .ok();
+        Self {
+            tx: Some(tx),
+            thread,
+        }
+    }
+
+    pub fn save(&self, sources: Vec<crate::policy::Source>) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(sources);
+        }
+    }
+}
+
+impl Drop for LastGoodWriter {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/spicegate";
 
