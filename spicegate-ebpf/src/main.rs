@@ -17,7 +17,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use spicegate_common::{
-    COUNTERS_MAP_ENTRIES, ENDPOINT_AUDIT, LOCAL_ADDR, MAX_LOCAL_NET_LENS, NO_VM, POLICY_SLOT,
+    COUNTERS_MAP_ENTRIES, ENDPOINT_AUDIT, KIND_ENDPOINT, KIND_GRANT, KIND_LOCAL, KIND_LOCAL_NETS,
+    KIND_PORT, MAX_LOCAL_NET_LENS, NO_VM, POLICY_SLOT,
     PORT_AUDIT, PORT_GUARD_ALL, RATE_BURST, RATE_MAP_ENTRIES, RATE_WINDOW_NS, RateState, RuleKey,
     RuleValue, VmCounters,
 };
@@ -89,24 +90,25 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
     let Some(rules) = SPICEGATE_POLICY.get(POLICY_SLOT) else {
         return ALLOW;
     };
-    let Some(port_rule) = rules.get_ptr(RuleKey::port(port)) else {
+    let Some(port_rule) = rules.get_ptr(key(KIND_PORT, port, 0, &[0; 4])) else {
         return ALLOW;
     };
     let port_flags = unsafe { (*port_rule).flags };
 
-    let endpoint = if is_local(rules, &words, &addr) {
-        LOCAL_ADDR
+    // LOCAL_ADDR (`::`) is all zeroes.
+    let endpoint = if is_local(rules, &words) {
+        [0u32; 4]
     } else {
-        addr
+        words
     };
     // A grant exists only for a guarded endpoint: look it up first, so the
     // granted path costs one lookup less.
     let uid = bpf_get_current_uid_gid() as u32;
-    if let Some(grant) = rules.get_ptr(RuleKey::grant(uid, endpoint, port)) {
+    if let Some(grant) = rules.get_ptr(key(KIND_GRANT, port, uid, &endpoint)) {
         count(unsafe { (*grant).vm }, Outcome::Allowed);
         return ALLOW;
     }
-    let endpoint_rule = rules.get_ptr(RuleKey::endpoint(endpoint, port));
+    let endpoint_rule = rules.get_ptr(key(KIND_ENDPOINT, port, 0, &endpoint));
     if port_flags & PORT_GUARD_ALL == 0 && endpoint_rule.is_none() {
         return ALLOW;
     }
@@ -158,12 +160,30 @@ fn count(vm: u32, outcome: Outcome) {
 }
 
 /// `::ffff:0:0/96` prefix word, in memory (network) order.
+/// A [`RuleKey`] written as three 64-bit words, so that building it needs
+/// no `memset` subprogram call (which zeroing a 24-byte struct otherwise
+/// compiles to). The BPF target is little-endian: kind, pad, port and uid
+/// fill the first word; `addr` (network byte order words) the other two.
+#[inline(always)]
+fn key(kind: u8, port: u16, uid: u32, addr: &[u32; 4]) -> RuleKey {
+    let w = [
+        u64::from(kind) | (u64::from(port) << 16) | (u64::from(uid) << 32),
+        u64::from(addr[0]) | (u64::from(addr[1]) << 32),
+        u64::from(addr[2]) | (u64::from(addr[3]) << 32),
+    ];
+    // SAFETY: RuleKey is repr(C), 24 bytes, with no padding the words
+    // leave undefined and no invalid bit patterns.
+    unsafe { core::mem::transmute::<[u64; 3], RuleKey>(w) }
+}
+
+const _: () = assert!(core::mem::size_of::<RuleKey>() == 24);
+
 const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Loopback, unspecified, or marked local by the daemon. Word compares keep
 /// this free of memcmp, which BPF cannot call.
 #[inline(always)]
-fn is_local(rules: &Rules, words: &[u32; 4], addr: &[u8; 16]) -> bool {
+fn is_local(rules: &Rules, words: &[u32; 4]) -> bool {
     if words[0] == 0 && words[1] == 0 {
         if words[2] == V4_MAPPED_PREFIX {
             let first_octet = words[3].to_ne_bytes()[0];
@@ -174,12 +194,12 @@ fn is_local(rules: &Rules, words: &[u32; 4], addr: &[u8; 16]) -> bool {
             return true; // :: and ::1
         }
     }
-    if rules.get_ptr(RuleKey::local(*addr)).is_some() {
+    if rules.get_ptr(key(KIND_LOCAL, 0, 0, words)).is_some() {
         return true;
     }
     // Local networks (AnyIP routes): for each prefix length the table
     // lists, the address masked to it.
-    let Some(nets) = rules.get_ptr(RuleKey::local_nets()) else {
+    let Some(nets) = rules.get_ptr(key(KIND_LOCAL_NETS, 0, 0, &[0; 4])) else {
         return false;
     };
     let (lens, count) = unsafe { ((*nets).vm.to_ne_bytes(), (*nets).flags) };
@@ -203,8 +223,7 @@ fn is_local(rules: &Rules, words: &[u32; 4], addr: &[u8; 16]) -> bool {
             };
             w += 1;
         }
-        let net: [u8; 16] = unsafe { core::mem::transmute(masked) };
-        if rules.get_ptr(RuleKey::local_net(net, len as u16)).is_some() {
+        if rules.get_ptr(key(KIND_LOCAL, len as u16, 0, &masked)).is_some() {
             return true;
         }
         i += 1;
