@@ -18,9 +18,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use spicegate_common::{
     COUNTERS_MAP_ENTRIES, ENDPOINT_AUDIT, KIND_ENDPOINT, KIND_GRANT, KIND_LOCAL, KIND_LOCAL_NETS,
-    KIND_PORT, MAX_LOCAL_NET_LENS, NO_VM, POLICY_SLOT,
-    PORT_AUDIT, PORT_GUARD_ALL, RATE_BURST, RATE_MAP_ENTRIES, RATE_WINDOW_NS, RateState, RuleKey,
-    RuleValue, VmCounters,
+    KIND_PORT, MAX_LOCAL_NET_LENS, NO_VM, POLICY_SLOT, PORT_AUDIT, PORT_GUARD_ALL, RATE_BURST,
+    RATE_MAP_ENTRIES, RATE_WINDOW_NS, RateState, RuleKey, RuleValue, VmCounters,
 };
 
 /// Template for the inner rule table; the daemon creates the real ones, sized
@@ -223,7 +222,10 @@ fn is_local(rules: &Rules, words: &[u32; 4]) -> bool {
             };
             w += 1;
         }
-        if rules.get_ptr(key(KIND_LOCAL, len as u16, 0, &masked)).is_some() {
+        if rules
+            .get_ptr(key(KIND_LOCAL, len as u16, 0, &masked))
+            .is_some()
+        {
             return true;
         }
         i += 1;
