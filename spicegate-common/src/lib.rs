@@ -17,14 +17,80 @@ pub const POLICY_MAP: &str = "SPICEGATE_POLICY";
 /// The only slot of [`POLICY_MAP`].
 pub const POLICY_SLOT: u32 = 0;
 
-/// Per-uid rate-limit state for deny events (`LRU_HASH`, [`RateState`]).
+/// Per-uid rate-limit state for deny events (`ARRAY` of [`RATE_SLOTS`]
+/// [`RateState`]s): slot `uid` for every uid below [`RATE_LOW_UIDS`] (the
+/// range of real accounts), and one shared slot, [`RATE_SHARED_SLOT`], for
+/// every other uid the policy does not name. An array, not an LRU: no flood
+/// of distinct uids can evict a real account's state.
 ///
-/// Written by the kernel program only; the daemon never writes it.
+/// Written by the kernel program only.
 pub const RATE_MAP: &str = "SPICEGATE_RATE";
 
-/// Capacity of [`RATE_MAP`]. LRU, so a flood of distinct uids evicts old
-/// entries instead of growing anything.
-pub const RATE_MAP_ENTRIES: u32 = 4096;
+/// uids below this one each have their own rate-limit slot.
+pub const RATE_LOW_UIDS: u32 = 65_536;
+/// The slot shared by every uid at or above [`RATE_LOW_UIDS`] that the
+/// policy does not name (subordinate uid ranges, user namespaces).
+pub const RATE_SHARED_SLOT: u32 = RATE_LOW_UIDS;
+/// Capacity of [`RATE_MAP`].
+pub const RATE_SLOTS: u32 = RATE_LOW_UIDS + 1;
+
+/// Rate-limit state of the uids at or above [`RATE_LOW_UIDS`] that the
+/// policy names (`HASH`, uid -> [`RateState`]). The daemon inserts an
+/// entry for each such uid; the kernel only updates entries that exist, so
+/// nobody outside the policy can add or evict one.
+pub const RATE_NAMED_MAP: &str = "SPICEGATE_RATE_NAMED";
+/// Capacity of [`RATE_NAMED_MAP`].
+pub const RATE_NAMED_ENTRIES: u32 = 65_536;
+
+/// Per-CPU counters of denials that were not logged (`PERCPU_ARRAY` of
+/// `u64`, indexed by the `DROP_*` constants). Written by the kernel, read
+/// by the daemon for `status`, the events stream and the summary lines.
+pub const DROPS_MAP: &str = "SPICEGATE_DROPS";
+/// [`DROPS_MAP`] index: denials the rate limit kept out of the log.
+pub const DROP_RATE_LIMITED: u32 = 0;
+/// [`DROPS_MAP`] index: DENY records the aya-log ring had no room for.
+pub const DROP_LOG_RING: u32 = 1;
+/// [`DROPS_MAP`] index: flood records ([`FloodRecord`]) the flood ring had
+/// no room for.
+pub const DROP_FLOOD_RING: u32 = 2;
+/// Entries of [`DROPS_MAP`].
+pub const DROP_KINDS: u32 = 4;
+
+/// Ring buffer (not pinned) of the denials the rate limit kept out of the
+/// log, as [`FloodRecord`]s, so the daemon can summarize them (how many, from
+/// how many uids, which uids, which programs). Submitted without a wake-up:
+/// the daemon drains it on a timer.
+pub const FLOOD_MAP: &str = "SPICEGATE_FLOOD";
+/// Size of [`FLOOD_MAP`] in bytes (a power of two, a multiple of the page).
+pub const FLOOD_RING_BYTES: u32 = 1 << 20;
+
+/// Room the program keeps free in aya-log's ring before it writes a DENY
+/// record (records are at most 512 bytes): a record that would not fit is
+/// counted in [`DROP_LOG_RING`] instead of vanishing.
+pub const LOG_RING_HEADROOM: u64 = 1024;
+/// Size of aya-log's ring (`aya-log-ebpf`'s `AYA_LOGS`, 128 KiB).
+pub const LOG_RING_BYTES: u64 = 1 << 17;
+
+/// One denial the rate limit kept out of the log.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloodRecord {
+    /// Real uid of the connecting process.
+    pub uid: u32,
+    /// VM id of the endpoint, or [`NO_VM`].
+    pub vm: u32,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// 1 when the connect was a `bind` (reserved; 0 today).
+    pub op: u8,
+    /// 1 in audit mode.
+    pub audit: u8,
+    pub _pad: u32,
+    /// The process name, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<FloodRecord>() == 32);
 
 /// Per-VM connect counters (`PERCPU_HASH`, vm id -> [`VmCounters`]),
 /// pinned so they outlive daemon restarts. Written by the kernel program,
@@ -43,15 +109,25 @@ pub const PROG_CONNECT4: &str = "spicegate_connect4";
 /// Name of the connect6 program in the object file.
 pub const PROG_CONNECT6: &str = "spicegate_connect6";
 
-/// Deny events logged per uid per [`RATE_WINDOW_NS`]; the rest are counted
+/// Deny events logged per uid per [`RATE_WINDOW_NS`] (each uid below
+/// [`RATE_LOW_UIDS`] and each uid the policy names); the rest are counted
 /// and the count is reported with the next logged event of that uid.
 pub const RATE_BURST: u32 = 5;
 /// Length of one rate-limit window.
 pub const RATE_WINDOW_NS: u64 = 10_000_000_000;
+/// Deny events logged per [`RATE_SHARED_WINDOW_NS`] for all the uids of
+/// the shared slot together.
+pub const RATE_SHARED_BURST: u32 = 10;
+/// Window of the shared slot.
+pub const RATE_SHARED_WINDOW_NS: u64 = 1_000_000_000;
 
 /// Layout version of the pinned objects. Part of the pin names, so a daemon
 /// never adopts maps whose layout it does not understand.
-pub const LAYOUT_VERSION: u32 = 1;
+///
+/// - 1: rate limit in an LRU of 4,096 uids.
+/// - 2: rate limit in an array (one slot per uid below 65,536 and a shared
+///   one) plus a map of named uids; per-CPU drop counters.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// [`RuleKey::kind`]: "is this port guarded at all, and how". Key has only
 /// `port` set. Value flags: [`PORT_GUARD_ALL`], [`PORT_GUARD_ENDPOINTS`].
@@ -262,4 +338,6 @@ mod pod {
     unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::RateState {}
     unsafe impl aya::Pod for super::VmCounters {}
+    // SAFETY: repr(C), integers and a byte array, no implicit padding.
+    unsafe impl aya::Pod for super::FloodRecord {}
 }

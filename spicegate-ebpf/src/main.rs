@@ -8,18 +8,23 @@
 #![no_main]
 
 use aya_ebpf::{
-    btf_maps::{ArrayOfMaps, HashMap, LruHashMap, PerCpuHashMap},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_NO_WAKEUP},
+    btf_maps::{Array, ArrayOfMaps, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
     },
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
 };
+use aya_log_ebpf::macro_support::AYA_LOGS;
 use aya_log_ebpf::warn;
 use spicegate_common::{
-    COUNTERS_MAP_ENTRIES, ENDPOINT_AUDIT, KIND_ENDPOINT, KIND_GRANT, KIND_LOCAL, KIND_LOCAL_NETS,
-    KIND_PORT, MAX_LOCAL_NET_LENS, NO_VM, POLICY_SLOT, PORT_AUDIT, PORT_GUARD_ALL, RATE_BURST,
-    RATE_MAP_ENTRIES, RATE_WINDOW_NS, RateState, RuleKey, RuleValue, VmCounters,
+    COUNTERS_MAP_ENTRIES, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_RATE_LIMITED,
+    ENDPOINT_AUDIT, FLOOD_RING_BYTES, FloodRecord, KIND_ENDPOINT, KIND_GRANT, KIND_LOCAL,
+    KIND_LOCAL_NETS, KIND_PORT, LOG_RING_BYTES, LOG_RING_HEADROOM, MAX_LOCAL_NET_LENS, NO_VM,
+    POLICY_SLOT, PORT_AUDIT, PORT_GUARD_ALL, RATE_BURST, RATE_LOW_UIDS, RATE_NAMED_ENTRIES,
+    RATE_SHARED_BURST, RATE_SHARED_SLOT, RATE_SHARED_WINDOW_NS, RATE_SLOTS, RATE_WINDOW_NS,
+    RateState, RuleKey, RuleValue, VmCounters,
 };
 
 /// Template for the inner rule table; the daemon creates the real ones, sized
@@ -29,9 +34,23 @@ type Rules = HashMap<RuleKey, RuleValue, 1>;
 #[btf_map]
 static SPICEGATE_POLICY: ArrayOfMaps<Rules, 1> = ArrayOfMaps::new();
 
+/// Rate-limit state: one slot per uid below RATE_LOW_UIDS, one shared.
 #[btf_map]
-static SPICEGATE_RATE: LruHashMap<u32, RateState, { RATE_MAP_ENTRIES as usize }> =
-    LruHashMap::new();
+static SPICEGATE_RATE: Array<RateState, { RATE_SLOTS as usize }> = Array::new();
+
+/// Rate-limit state of the high uids the policy names (filled by the
+/// daemon; the program never inserts).
+#[btf_map]
+static SPICEGATE_RATE_NAMED: HashMap<u32, RateState, { RATE_NAMED_ENTRIES as usize }> =
+    HashMap::new();
+
+/// Denials not logged, per CPU, by reason (DROP_*).
+#[btf_map]
+static SPICEGATE_DROPS: PerCpuArray<u64, { DROP_KINDS as usize }> = PerCpuArray::new();
+
+/// Denials the rate limit kept out of the log, for the daemon's summaries.
+#[btf_map]
+static SPICEGATE_FLOOD: RingBuf<FloodRecord, { FLOOD_RING_BYTES as usize }> = RingBuf::new();
 
 #[btf_map]
 static SPICEGATE_COUNTERS: PerCpuHashMap<u32, VmCounters, { COUNTERS_MAP_ENTRIES as usize }> =
@@ -233,7 +252,37 @@ fn is_local(rules: &Rules, words: &[u32; 4]) -> bool {
     false
 }
 
-/// Logs a denial through aya-log, at most RATE_BURST per uid per window.
+/// The rate-limit slot of `uid` and its budget per window.
+#[inline(always)]
+fn rate_slot(uid: u32) -> Option<(*mut RateState, u32, u64)> {
+    if uid < RATE_LOW_UIDS {
+        return SPICEGATE_RATE
+            .get_ptr_mut(uid)
+            .map(|s| (s, RATE_BURST, RATE_WINDOW_NS));
+    }
+    if let Some(s) = SPICEGATE_RATE_NAMED.get_ptr_mut(uid) {
+        return Some((s, RATE_BURST, RATE_WINDOW_NS));
+    }
+    SPICEGATE_RATE
+        .get_ptr_mut(RATE_SHARED_SLOT)
+        .map(|s| (s, RATE_SHARED_BURST, RATE_SHARED_WINDOW_NS))
+}
+
+/// Adds one to this CPU's drop counter `which`.
+#[inline(always)]
+fn count_drop(which: u32) {
+    if let Some(c) = SPICEGATE_DROPS.get_ptr_mut(which) {
+        // SAFETY: this CPU's slot of a per-CPU array; preemption is off.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Logs a denial through aya-log within the uid's budget (RATE_BURST per
+/// RATE_WINDOW_NS for real accounts and named uids, RATE_SHARED_BURST per
+/// RATE_SHARED_WINDOW_NS for all other uids together). A denial over
+/// budget is counted and handed to the flood ring for the daemon's
+/// summary; a record no ring has room for is counted too. Nothing is
+/// dropped without a count.
 #[inline(always)]
 fn report_denial(
     ctx: &SockAddrContext,
@@ -244,38 +293,35 @@ fn report_denial(
     audit: bool,
 ) {
     let now = unsafe { bpf_ktime_get_ns() };
-    let suppressed = match SPICEGATE_RATE.get_ptr_mut(uid) {
-        Some(state) => {
-            // SAFETY: the pointer is to a live LRU entry; racing CPUs can at
-            // worst miscount by a few events, never overflow a buffer.
-            let state = unsafe { &mut *state };
-            if now.wrapping_sub(state.window_start) >= RATE_WINDOW_NS {
-                state.window_start = now;
-                state.logged = 1;
-                let s = state.suppressed;
-                state.suppressed = 0;
-                s
-            } else if state.logged < RATE_BURST {
-                state.logged += 1;
-                let s = state.suppressed;
-                state.suppressed = 0;
-                s
-            } else {
-                state.suppressed = state.suppressed.saturating_add(1);
-                return;
-            }
-        }
-        None => {
-            let fresh = RateState {
-                window_start: now,
-                logged: 1,
-                suppressed: 0,
-            };
-            // A full LRU evicts the oldest uid; failure only loses rate state.
-            let _ = SPICEGATE_RATE.insert(uid, fresh, 0);
-            0
-        }
+    let Some((state, burst, window)) = rate_slot(uid) else {
+        return;
     };
+    // SAFETY: a live array or hash slot; racing CPUs can at worst miscount
+    // by a few events, never overflow a buffer.
+    let state = unsafe { &mut *state };
+    let suppressed = if now.wrapping_sub(state.window_start) >= window {
+        state.window_start = now;
+        state.logged = 1;
+        let s = state.suppressed;
+        state.suppressed = 0;
+        s
+    } else if state.logged < burst {
+        state.logged += 1;
+        let s = state.suppressed;
+        state.suppressed = 0;
+        s
+    } else {
+        state.suppressed = state.suppressed.saturating_add(1);
+        count_drop(DROP_RATE_LIMITED);
+        report_flood(uid, port, vm, audit);
+        return;
+    };
+    // aya-log drops a record silently when its ring is full: check for room
+    // first, so such a loss is counted.
+    if AYA_LOGS.query(u64::from(BPF_RB_AVAIL_DATA)) + LOG_RING_HEADROOM > LOG_RING_BYTES {
+        count_drop(DROP_LOG_RING);
+        return;
+    }
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
     warn!(
@@ -290,6 +336,27 @@ fn report_denial(
         u8::from(audit),
         &comm[..]
     );
+}
+
+/// Hands a denial the rate limit kept out of the log to the daemon's
+/// summary, without waking it (it drains the ring on a timer).
+#[inline(always)]
+fn report_flood(uid: u32, port: u16, vm: u32, audit: bool) {
+    let Some(mut entry) = SPICEGATE_FLOOD.reserve(0) else {
+        count_drop(DROP_FLOOD_RING);
+        return;
+    };
+    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+    entry.write(FloodRecord {
+        uid,
+        vm,
+        port,
+        op: 0,
+        audit: u8::from(audit),
+        _pad: 0,
+        comm,
+    });
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
 }
 
 #[cfg(not(test))]

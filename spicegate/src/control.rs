@@ -20,13 +20,13 @@ use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
-    sync::{Semaphore, broadcast, mpsc, oneshot},
+    sync::{Semaphore, broadcast, oneshot},
 };
 
 use crate::{
+    denials::StreamItem,
     directory::{Directory, Nss},
-    engine::Command,
-    events::DenyRecord,
+    engine::{Command, Loader},
     policy::Settings,
 };
 
@@ -196,9 +196,13 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 /// What every connection handler shares.
 #[derive(Clone)]
 pub struct Shared {
-    pub engine: mpsc::Sender<Command>,
+    /// The engine thread's queue. Unbounded, but every sender is a counted
+    /// connection or a daemon thread, so it holds a bounded number.
+    pub engine: std::sync::mpsc::Sender<Command>,
+    /// Reads the policy for `reload`, on a blocking-pool thread.
+    pub loader: Arc<Loader>,
     pub settings: Arc<RwLock<Settings>>,
-    pub events: broadcast::Sender<DenyRecord>,
+    pub events: broadcast::Sender<StreamItem>,
 }
 
 /// Accepts connections forever.
@@ -331,7 +335,17 @@ async fn request_engine(
     let (reply, rx) = oneshot::channel();
     let cmd = match req {
         Request::Status {} => Command::Status { reply },
-        Request::Reload {} => Command::Reload { reply },
+        Request::Reload {} => {
+            // Parsing waits on NSS and DNS: not on the engine's thread.
+            let loader = Arc::clone(&shared.loader);
+            let loaded = tokio::task::spawn_blocking(move || loader.load())
+                .await
+                .map_err(|_| "reading the policy failed (the reader panicked)".to_owned())?;
+            Command::Reload {
+                loaded: Box::new(loaded),
+                reply,
+            }
+        }
         Request::Why { user, addr, port } => {
             let uid = resolve_user(&user, &Nss)?;
             if !admin && uid != peer {
@@ -371,7 +385,6 @@ async fn request_engine(
     shared
         .engine
         .send(cmd)
-        .await
         .map_err(|_| "the daemon is shutting down".to_owned())?;
     rx.await
         .map_err(|_| "the daemon is shutting down".to_owned())?
@@ -400,7 +413,14 @@ async fn stream_events(
             }
             ev = rx.recv() => match ev {
                 Ok(ev) => {
-                    if only_uid.is_some_and(|u| u != ev.uid) {
+                    // A user sees their own denials, and no counts of
+                    // anyone else's.
+                    let mine = match (&ev, only_uid) {
+                        (_, None) => true,
+                        (StreamItem::Deny(d), Some(u)) => d.uid == u,
+                        (StreamItem::Skipped { .. }, Some(_)) => false,
+                    };
+                    if !mine {
                         continue;
                     }
                     let mut line = serde_json::to_vec(&ev)?;
@@ -408,7 +428,8 @@ async fn stream_events(
                     tokio::time::timeout(REQUEST_TIMEOUT, wr.write_all(&line)).await.context("client too slow")??;
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
-                    let note = serde_json::json!({ "lagged": n });
+                    // This subscriber read too slowly: say how many it missed.
+                    let note = StreamItem::Skipped { skipped: n };
                     let mut line = serde_json::to_vec(&note)?;
                     line.push(b'\n');
                     tokio::time::timeout(REQUEST_TIMEOUT, wr.write_all(&line)).await.context("client too slow")??;

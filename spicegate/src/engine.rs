@@ -3,11 +3,10 @@
 
 use std::{
     borrow::Cow,
-    cell::RefCell,
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock, mpsc},
     time::{Duration, Instant},
 };
 
@@ -18,15 +17,15 @@ use spicegate_common::VmCounters;
 use tokio::sync::oneshot;
 
 use crate::{
+    background::{ResolveJob, Sweeper},
     compile::{Compiled, Dest, Dynamic, LocalAddrs, compile},
     directory::{Directory, Nss},
-    events::Endpoint,
     explain::explain,
     grants::{GrantStore, TempGrant, now_unix, rfc3339},
     hostaddrs,
     kernel::{self, Kernel, PinPaths},
     policy::{self, Env, Mode, Policy, Resolver, Settings, Source as PolicySource},
-    schedule, sockdiag, state,
+    schedule, state,
 };
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
@@ -36,7 +35,9 @@ pub enum Command {
     Status {
         reply: Reply<Value>,
     },
+    /// Apply a policy read by a [`Loader`] off the engine thread.
     Reload {
+        loaded: Box<Result<Loaded, String>>,
         reply: Reply<Value>,
     },
     Why {
@@ -64,6 +65,22 @@ pub enum Command {
         uid: u32,
         reply: Reply<Value>,
     },
+    /// SIGHUP: apply a policy read off the engine thread.
+    Sighup {
+        loaded: Box<Result<Loaded, String>>,
+    },
+    /// The console user changed (logind watcher).
+    Console(Option<u32>),
+    /// This machine's addresses as the address watcher read them.
+    Addresses(LocalAddrs),
+    /// The policy in force, its names resolved again by the resolver
+    /// thread (for the policy with this digest).
+    Resolved {
+        sha256: String,
+        policy: Box<Policy>,
+    },
+    /// Stop the engine thread.
+    Stop,
 }
 
 /// Where the policy in force came from.
@@ -99,30 +116,32 @@ pub fn clock_now(offset_file: Option<&Path>) -> i64 {
 /// resolving (and reports it), but refuses a name it never resolved.
 #[derive(Default)]
 pub struct CachingResolver {
-    last: RefCell<HashMap<String, Vec<IpAddr>>>,
-    failing: RefCell<BTreeSet<String>>,
+    last: Mutex<HashMap<String, Vec<IpAddr>>>,
+    failing: Mutex<BTreeSet<String>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Resolver for CachingResolver {
     fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, String> {
         match policy::SystemResolver.resolve(host) {
             Ok(addrs) => {
-                if self.failing.borrow_mut().remove(host) {
+                if locked(&self.failing).remove(host) {
                     log::info!("hostname {host} resolves again: {addrs:?}");
                 }
-                self.last
-                    .borrow_mut()
-                    .insert(host.to_owned(), addrs.clone());
+                locked(&self.last).insert(host.to_owned(), addrs.clone());
                 Ok(addrs)
             }
-            Err(e) => match self.last.borrow().get(host) {
+            Err(e) => match locked(&self.last).get(host).cloned() {
                 Some(addrs) => {
-                    if self.failing.borrow_mut().insert(host.to_owned()) {
+                    if locked(&self.failing).insert(host.to_owned()) {
                         log::warn!(
                             "hostname {host} no longer resolves ({e}); keeping its last addresses {addrs:?}"
                         );
                     }
-                    Ok(addrs.clone())
+                    Ok(addrs)
                 }
                 None => Err(e),
             },
@@ -292,19 +311,25 @@ pub struct Engine {
     source: Source,
     loaded_at: u64,
     local: LocalAddrs,
-    compiled: Compiled,
+    compiled: Arc<Compiled>,
     grants: GrantStore,
     vm_names: Arc<RwLock<BTreeMap<u32, String>>>,
     settings: Arc<RwLock<Settings>>,
     last_reload: Value,
     started_at: u64,
     counters_at_start: BTreeMap<u32, VmCounters>,
-    resolver: CachingResolver,
+    resolver: Arc<CachingResolver>,
+    /// What the resolver thread re-resolves (the sources in force).
+    resolve_job: Arc<Mutex<ResolveJob>>,
+    sweeper: Sweeper,
+    /// The denial log's counters (set once the pipeline runs).
+    denial_stats: Option<Arc<crate::denials::Stats>>,
+    /// Kernel drop counters when this daemon started.
+    drops_at_start: kernel::KernelDrops,
     /// uid of the active seat0 session, from the logind watcher.
     console: Option<u32>,
     /// Schedule grants in force.
     scheduled: BTreeSet<(String, u32)>,
-    last_resolve: Instant,
     last_good: state::LastGoodWriter,
     /// When to hand freed heap back to the kernel (see [`TRIM_DELAY`]).
     trim_at: Option<Instant>,
@@ -322,7 +347,7 @@ impl Engine {
         cfg: &Config,
     ) -> anyhow::Result<(
         GrantStore,
-        CachingResolver,
+        Arc<CachingResolver>,
         Loaded,
         Source,
         LocalAddrs,
@@ -330,8 +355,8 @@ impl Engine {
         Compiled,
     )> {
         let grants = GrantStore::load(&cfg.state_dir)?;
-        let resolver = CachingResolver::default();
-        let (loaded, source) = match load_policy(&cfg.policy_path, &resolver) {
+        let resolver = Arc::new(CachingResolver::default());
+        let (loaded, source) = match load_policy(&cfg.policy_path, &*resolver) {
             Ok(l) => (l, Source::File),
             Err(e) => {
                 let last = state::last_good_path(&cfg.state_dir);
@@ -349,7 +374,7 @@ impl Engine {
                     last.display()
                 );
                 (
-                    load_policy(&last, &resolver)
+                    load_policy(&last, &*resolver)
                         .map_err(|e2| anyhow!("{e}\nthe last good policy is broken too: {e2}"))?,
                     Source::LastGood,
                 )
@@ -393,11 +418,36 @@ impl Engine {
         // table, and on adoption the old links see the new table at once.
         kernel.install(&compiled)?;
         kernel.attach(&cfg.cgroup)?;
+        // An upgrade from a release with another pin layout: its links ran
+        // beside ours until now (a connect had to pass both); ours are in
+        // force, so they go.
+        match kernel::retire_legacy(&cfg.paths) {
+            Ok(gone) if !gone.is_empty() => log::info!(
+                "upgraded the pinned enforcement to layout v{}: removed the previous release's {}",
+                spicegate_common::LAYOUT_VERSION,
+                gone.join(", ")
+            ),
+            Ok(_) => {}
+            Err(e) => log::error!(
+                "could not remove the previous release's pins from {} (they keep enforcing its last table beside ours): {e:#}",
+                cfg.paths.dir.display()
+            ),
+        }
+        if let Err(e) = kernel.name_uids(named_uids(&loaded.policy, &compiled)) {
+            log::warn!("could not give the policy's uids their own denial budget: {e:#}");
+        }
         let counters_at_start = kernel.counters().unwrap_or_default();
+        let drops_at_start = kernel.drops().unwrap_or_default();
         let last_good = state::LastGoodWriter::new(cfg.state_dir.clone());
 
         let settings = Arc::new(RwLock::new(loaded.policy.settings.clone()));
         let vm_names = Arc::new(RwLock::new(compiled.vm_names.clone()));
+        let resolve_job = Arc::new(Mutex::new(ResolveJob {
+            sources: loaded.sources.clone(),
+            sha256: loaded.sha256.clone(),
+            interval: loaded.policy.settings.resolve_interval,
+        }));
+        let sweeper = Sweeper::start(cfg.cgroup.clone())?;
         let engine = Self {
             kernel,
             cfg,
@@ -405,7 +455,7 @@ impl Engine {
             source,
             loaded_at: now,
             local,
-            compiled,
+            compiled: Arc::new(compiled),
             grants,
             vm_names,
             settings,
@@ -413,9 +463,12 @@ impl Engine {
             started_at: now,
             counters_at_start,
             resolver,
+            resolve_job,
+            sweeper,
+            denial_stats: None,
+            drops_at_start,
             console: None,
             scheduled,
-            last_resolve: Instant::now(),
             last_good,
             trim_at: None,
             phases: Vec::new(),
@@ -438,6 +491,18 @@ impl Engine {
     }
     pub fn source(&self) -> Source {
         self.source
+    }
+    /// The resolver reloads parse with (shared with the resolver thread).
+    pub fn resolver(&self) -> Arc<CachingResolver> {
+        Arc::clone(&self.resolver)
+    }
+    /// The denial log's counters, for `status`.
+    pub fn set_denial_stats(&mut self, stats: Arc<crate::denials::Stats>) {
+        self.denial_stats = Some(stats);
+    }
+    /// What the resolver thread works on.
+    pub fn resolve_job(&self) -> Arc<Mutex<ResolveJob>> {
+        Arc::clone(&self.resolve_job)
     }
 
     pub fn summary(&self) -> String {
@@ -464,7 +529,7 @@ impl Engine {
         &mut self,
         loaded: Option<Loaded>,
         local: Option<LocalAddrs>,
-    ) -> anyhow::Result<Compiled> {
+    ) -> anyhow::Result<Arc<Compiled>> {
         let policy = loaded.as_ref().map_or(&self.loaded.policy, |l| &l.policy);
         let local_ref = local.as_ref().unwrap_or(&self.local);
         let clock = self.clock();
@@ -481,13 +546,16 @@ impl Engine {
         self.scheduled = scheduled;
         let t = Instant::now();
         self.kernel.install(&compiled)?;
+        if let Err(e) = self.kernel.name_uids(named_uids(policy, &compiled)) {
+            log::warn!("could not give the policy's uids their own denial budget: {e:#}");
+        }
         self.phases.push(("install", t.elapsed()));
         let t = Instant::now();
         *self
             .vm_names
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = compiled.vm_names.clone();
-        let old = std::mem::replace(&mut self.compiled, compiled);
+        let old = std::mem::replace(&mut self.compiled, Arc::new(compiled));
         if let Some(l) = loaded {
             *self
                 .settings
@@ -497,6 +565,11 @@ impl Engine {
             self.loaded_at = now_unix();
             self.source = Source::File;
             self.save_last_good();
+            *locked(&self.resolve_job) = ResolveJob {
+                sources: self.loaded.sources.clone(),
+                sha256: self.loaded.sha256.clone(),
+                interval: self.loaded.policy.settings.resolve_interval,
+            };
         }
         if let Some(l) = local {
             self.local = l;
@@ -508,59 +581,21 @@ impl Engine {
         Ok(old)
     }
 
-    /// Closes established connections the table in force refuses (unless
-    /// `end_sessions = false`). Only sockets of the attached cgroup subtree.
+    /// Has the sweeper close established connections the table in force
+    /// refuses (unless `end_sessions = false`), now and once more a second
+    /// later. Returns at once.
     fn sweep(&self) {
-        if !self.loaded.policy.settings.end_sessions {
-            return;
-        }
-        let sockets = match sockdiag::tcp_sockets() {
-            Ok(s) => s,
-            Err(e) => {
-                log::warn!("cannot list connections to close revoked ones: {e}");
-                return;
-            }
-        };
-        let scope = sockdiag::cgroup_ids(&self.cfg.cgroup);
-        for s in sockets {
-            // A socket no process holds (inode 0: an orphan finishing its
-            // close, or a time-wait entry) carries no one's access; its
-            // reported uid is 0 and closing it would only log noise.
-            if s.inode == 0 {
-                continue;
-            }
-            if s.cgroup_id.is_some_and(|id| !scope.contains(&id)) {
-                continue;
-            }
-            if crate::compile::decide(&self.compiled, s.uid, s.dst, s.dport) {
-                continue;
-            }
-            let user = Nss
-                .user_name(s.uid)
-                .unwrap_or_else(|| format!("#{}", s.uid));
-            match sockdiag::destroy(&s) {
-                Ok(()) => log::warn!(
-                    "CLOSED uid={} user={user} dst={} src={}: access ended",
-                    s.uid,
-                    Endpoint(crate::compile::canonical(s.dst), s.dport),
-                    Endpoint(crate::compile::canonical(s.src), s.sport)
-                ),
-                Err(e) => log::error!(
-                    "could not close a revoked connection of {user} to {}: {e}",
-                    Endpoint(s.dst, s.dport)
-                ),
-            }
+        if self.loaded.policy.settings.end_sessions {
+            self.sweeper.sweep(Arc::clone(&self.compiled));
         }
     }
 
     /// `reload` and SIGHUP.
-    pub fn reload(&mut self, why: &str) -> Result<Value, String> {
+    /// `loaded` was read and parsed off this thread (see [`Loader`]).
+    pub fn reload(&mut self, why: &str, loaded: Result<Loaded, String>) -> Result<Value, String> {
         let now = now_unix();
         let start = Instant::now();
         self.phases.clear();
-        let loaded = load_policy(&self.cfg.policy_path, &self.resolver);
-        self.phases.push(("parse", start.elapsed()));
-        self.last_resolve = Instant::now();
         let result = loaded.and_then(|l| {
             let sha = l.sha256.clone();
             self.apply(Some(l), None)
@@ -602,11 +637,9 @@ impl Engine {
         }
     }
 
-    /// Re-reads this machine's addresses and reapplies when they changed.
-    pub fn refresh_addresses(&mut self) {
-        let Ok(now) = hostaddrs::current() else {
-            return;
-        };
+    /// This machine's addresses as the watcher read them; reapplies when
+    /// they changed.
+    pub fn addresses(&mut self, now: LocalAddrs) {
         if now == self.local {
             return;
         }
@@ -697,21 +730,17 @@ impl Engine {
                 Err(e) => log::error!("schedule change not applied: {e:#}"),
             }
         }
-        if self.last_resolve.elapsed() >= self.loaded.policy.settings.resolve_interval {
-            self.re_resolve();
-        }
     }
 
-    /// Looks hostnames and group members up again and applies any change.
-    fn re_resolve(&mut self) {
-        self.last_resolve = Instant::now();
-        let env = Env {
-            dir: &Nss,
-            resolver: &self.resolver,
-        };
-        match policy::parse_sources(&self.loaded.sources, &env) {
-            Ok(policy) if policy == self.loaded.policy => {}
-            Ok(policy) => {
+    /// The resolver thread's result: applies it when names changed and it
+    /// was made for the policy still in force.
+    fn resolved(&mut self, sha256: &str, policy: Policy) {
+        if sha256 != self.loaded.sha256 {
+            return;
+        }
+        match policy {
+            policy if policy == self.loaded.policy => {}
+            policy => {
                 let loaded = Loaded {
                     policy,
                     sources: self.loaded.sources.clone(),
@@ -734,9 +763,6 @@ impl Engine {
                 }
                 self.source = source;
             }
-            Err(e) => log::warn!(
-                "re-reading groups and hostnames failed; the policy in force stays:\n{e}"
-            ),
         }
     }
 
@@ -799,9 +825,16 @@ impl Engine {
             Command::Status { reply } => {
                 let _ = reply.send(Ok(self.status()));
             }
-            Command::Reload { reply } => {
-                let _ = reply.send(self.reload("spicegate reload"));
+            Command::Reload { loaded, reply } => {
+                let _ = reply.send(self.reload("spicegate reload", *loaded));
             }
+            Command::Sighup { loaded } => {
+                let _ = self.reload("SIGHUP", *loaded);
+            }
+            Command::Console(uid) => self.set_console(uid),
+            Command::Addresses(local) => self.addresses(local),
+            Command::Resolved { sha256, policy } => self.resolved(&sha256, *policy),
+            Command::Stop => {}
             Command::Why {
                 uid,
                 user,
@@ -1181,11 +1214,100 @@ impl Engine {
                 "kernel_entries": self.compiled.rules.len(),
             },
             "protect_denied": protect_denied,
+            // Denials not logged since this daemon started, by reason.
+            "drops": crate::denials::DropCounts::new(
+                self.kernel.drops().unwrap_or_default().since(self.drops_at_start),
+                self.denial_stats.as_deref().unwrap_or(&crate::denials::Stats::default()),
+            ),
             "protect_audited": protect_audited,
             "vms": vms,
             "temporary_grants": temporary,
         })
     }
+}
+
+/// Reads and parses the policy file, off the engine thread (NSS and DNS
+/// may hang); the engine only applies the result.
+pub struct Loader {
+    pub path: PathBuf,
+    pub resolver: Arc<CachingResolver>,
+}
+
+impl Loader {
+    pub fn load(&self) -> Result<Loaded, String> {
+        load_policy(&self.path, &*self.resolver)
+    }
+}
+
+/// Every uid the policy or the table names (policy principals, grants,
+/// schedules, temporary grants): the ones whose denials keep a budget of
+/// their own in the kernel.
+fn named_uids<'a>(policy: &'a Policy, compiled: &'a Compiled) -> impl Iterator<Item = u32> + 'a {
+    fn high(u: &u32) -> bool {
+        *u >= spicegate_common::RATE_LOW_UIDS
+    }
+    let from_vms = policy.vms.values().flat_map(|vm| {
+        vm.uids()
+            .into_iter()
+            .chain(
+                vm.schedules
+                    .iter()
+                    .flat_map(|s| s.allow.iter().flat_map(|g| g.uids.iter().copied())),
+            )
+            .filter(high)
+            .collect::<Vec<u32>>()
+    });
+    let from_table = compiled
+        .endpoints
+        .values()
+        .flat_map(|i| i.uids.iter().copied().filter(high));
+    from_vms.chain(from_table)
+}
+
+/// Timer periods of the engine thread.
+pub struct Timers {
+    /// Grant expiry, schedule windows, console: within a second.
+    pub expiry: Duration,
+    /// Pins, links and the table in force checked.
+    pub watchdog: Duration,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Self {
+            expiry: Duration::from_millis(250),
+            watchdog: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The engine thread: commands and timers, nothing else. Whatever waits on
+/// the outside world (the event log, NSS, DNS, netlink dumps) runs on other
+/// threads and reaches it as a [`Command`], so a flood of denials or a hung
+/// name service cannot delay an expiry.
+pub fn run(mut engine: Engine, rx: &mpsc::Receiver<Command>, timers: &Timers) {
+    let mut next_expiry = Instant::now();
+    let mut next_watchdog = Instant::now() + timers.watchdog;
+    loop {
+        let now = Instant::now();
+        if now >= next_expiry {
+            engine.tick();
+            next_expiry = Instant::now() + timers.expiry;
+        }
+        if now >= next_watchdog {
+            engine.watchdog();
+            next_watchdog = Instant::now() + timers.watchdog;
+        }
+        let wait = next_expiry
+            .min(next_watchdog)
+            .saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(Command::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Ok(cmd) => engine.handle(cmd),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    }
+    drop(engine);
 }
 
 #[cfg(test)]

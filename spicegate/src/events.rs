@@ -6,13 +6,11 @@
 //! `DENY uid=1001 user=bob pid=4242 comm=remote-viewer dst=192.168.2.2:20002 vm=debianx suppressed=0`
 
 use std::{
-    collections::{BTreeMap, HashMap},
     fmt,
     net::{IpAddr, Ipv6Addr},
-    sync::{Arc, Mutex, RwLock},
 };
 
-use crate::{compile::canonical, directory::Directory};
+use crate::compile::canonical;
 
 /// One denial as the kernel reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +84,16 @@ fn decode_comm(hex: &str) -> String {
         .collect()
 }
 
+/// A kernel `comm` (NUL-padded bytes) as printable text, like
+/// [`decode_comm`].
+pub fn comm_name(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end])
+        .chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect()
+}
+
 /// Formats a destination as `a.b.c.d:port` or `[v6]:port`.
 pub struct Endpoint(pub IpAddr, pub u16);
 
@@ -141,107 +149,27 @@ impl DenyRecord {
     }
 }
 
-/// Receives aya-log records from the kernel, writes DENY lines and
-/// publishes them to `spicegate events` subscribers.
-pub struct DenySink<D> {
-    /// VM names of the policy in force, by id.
-    pub vm_names: Arc<RwLock<BTreeMap<u32, String>>>,
-    dir: D,
-    names: Mutex<HashMap<u32, Option<String>>>,
-    events: Option<tokio::sync::broadcast::Sender<DenyRecord>>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl<D: Directory> DenySink<D> {
-    pub fn new(vm_names: Arc<RwLock<BTreeMap<u32, String>>>, dir: D) -> Self {
-        Self {
-            vm_names,
-            dir,
-            names: Mutex::new(HashMap::new()),
-            events: None,
-        }
-    }
-
-    /// Also publish every record on `tx`.
-    pub fn with_events(mut self, tx: tokio::sync::broadcast::Sender<DenyRecord>) -> Self {
-        self.events = Some(tx);
-        self
-    }
-
-    fn user(&self, uid: u32) -> String {
-        let mut cache = self
-            .names
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Bounded: a flood of distinct uids cannot grow the daemon.
-        if cache.len() > 4096 {
-            cache.clear();
-        }
-        let name = cache
-            .entry(uid)
-            .or_insert_with(|| self.dir.user_name(uid))
-            .clone();
-        name.unwrap_or_else(|| format!("#{uid}"))
-    }
-
-    /// The record of an event, names resolved.
-    pub fn record(&self, ev: &DenyEvent) -> DenyRecord {
-        let vm = self
-            .vm_names
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&ev.vm)
-            .cloned();
-        let unix = crate::grants::now_unix();
+    fn record(ev: &DenyEvent, user: &str, vm: Option<&str>) -> String {
         DenyRecord {
-            time: crate::grants::rfc3339(unix),
-            unix,
+            time: String::new(),
+            unix: 0,
             uid: ev.uid,
-            user: self.user(ev.uid),
+            user: user.to_owned(),
             pid: ev.pid,
             comm: ev.comm.clone(),
             addr: ev.addr.to_string(),
             port: ev.port,
             dst: Endpoint(ev.addr, ev.port).to_string(),
-            vm,
+            vm: vm.map(str::to_owned),
             suppressed: ev.suppressed,
             audit: ev.audit,
         }
+        .line()
     }
-
-    /// The line logged for an event.
-    #[cfg(test)]
-    pub fn render(&self, ev: &DenyEvent) -> String {
-        self.record(ev).line()
-    }
-}
-
-impl<D: Directory + Send + Sync> log::Log for DenySink<D> {
-    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-        true
-    }
-
-    fn log(&self, record: &log::Record<'_>) {
-        let msg = record.args().to_string();
-        match DenyEvent::parse(&msg) {
-            Some(ev) => {
-                let rec = self.record(&ev);
-                log::warn!("{}", rec.line());
-                if let Some(tx) = &self.events {
-                    // No subscribers is fine; slow ones lag and are told so.
-                    let _ = tx.send(rec);
-                }
-            }
-            None => log::info!("kernel: {msg}"),
-        }
-    }
-
-    fn flush(&self) {}
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::directory::FakeDirectory;
 
     #[test]
     fn parses_and_renders_a_kernel_record() {
@@ -249,12 +177,8 @@ mod tests {
         let ev = DenyEvent::parse(msg).expect("parses");
         assert_eq!(ev.addr, "192.168.2.2".parse::<IpAddr>().unwrap());
         assert_eq!(ev.comm, "remote-viewer");
-        let sink = DenySink::new(
-            Arc::new(RwLock::new([(1, "debianx".to_owned())].into())),
-            FakeDirectory::default().user("bob", 1001),
-        );
         assert_eq!(
-            sink.render(&ev),
+            record(&ev, "bob", Some("debianx")),
             "DENY uid=1001 user=bob pid=4242 comm=remote-viewer dst=192.168.2.2:20002 vm=debianx suppressed=3"
         );
     }
@@ -263,12 +187,8 @@ mod tests {
     fn unknown_uid_ipv6_and_no_vm() {
         let ev = DenyEvent::parse("deny uid=7 pid=1 dst=::1 port=5 vm=0 suppressed=0 comm=6100")
             .expect("parses");
-        let sink = DenySink::new(
-            Arc::new(RwLock::new(BTreeMap::new())),
-            FakeDirectory::default(),
-        );
         assert_eq!(
-            sink.render(&ev),
+            record(&ev, "#7", None),
             "DENY uid=7 user=#7 pid=1 comm=a dst=[::1]:5 vm=- suppressed=0"
         );
     }
@@ -277,6 +197,7 @@ mod tests {
     fn hostile_comm_cannot_forge_fields() {
         // "a b\nDENY" in hex
         assert_eq!(decode_comm("6120620a44454e59"), "a?b?DENY");
+        assert_eq!(comm_name(b"a b\nDENY\0\0\0\0\0\0\0\0"), "a?b?DENY");
         assert!(DenyEvent::parse("hello").is_none());
         assert!(DenyEvent::parse("deny uid=x").is_none());
     }

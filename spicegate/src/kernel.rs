@@ -20,15 +20,20 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{ArrayOfMaps, HashMap, IterableMap, MapData, PerCpuHashMap},
+    maps::{ArrayOfMaps, HashMap, IterableMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use spicegate_common::{
-    COUNTERS_MAP, LAYOUT_VERSION, POLICY_MAP, POLICY_SLOT, PROG_CONNECT4, PROG_CONNECT6, RATE_MAP,
-    RuleKey, RuleValue, VmCounters,
+    COUNTERS_MAP, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_RATE_LIMITED, DROPS_MAP,
+    FLOOD_MAP, LAYOUT_VERSION, POLICY_MAP, POLICY_SLOT, PROG_CONNECT4, PROG_CONNECT6,
+    RATE_LOW_UIDS, RATE_MAP, RATE_NAMED_ENTRIES, RATE_NAMED_MAP, RateState, RuleKey, RuleValue,
+    VmCounters,
 };
 
 use crate::compile::Compiled;
+
+/// `BPF_NOEXIST`: insert only when the key is absent.
+const BPF_NOEXIST: u64 = 1;
 
 /// The kernel object, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spicegate"));
@@ -60,16 +65,84 @@ impl PinPaths {
     pub fn counters(&self) -> PathBuf {
         self.file("counters")
     }
+    pub fn rate_named(&self) -> PathBuf {
+        self.file("rate_named")
+    }
+    pub fn drops(&self) -> PathBuf {
+        self.file("drops")
+    }
     pub fn link4(&self) -> PathBuf {
         self.file("connect4")
     }
     pub fn link6(&self) -> PathBuf {
         self.file("connect6")
     }
-    /// Whether a previous daemon left enforcement pinned here.
+    /// Whether a previous daemon left enforcement pinned here, in this
+    /// layout or an older one.
     pub fn has_links(&self) -> bool {
-        self.link4().exists() || self.link6().exists()
+        self.link4().exists() || self.link6().exists() || !self.legacy_links().is_empty()
     }
+
+    /// Links pinned by a daemon of another layout version (an older
+    /// release), which are still enforcing until [`retire_legacy`] removes
+    /// them.
+    pub fn legacy_links(&self) -> Vec<PathBuf> {
+        self.legacy_pins()
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("connect4_v") || n.starts_with("connect6_v"))
+            })
+            .collect()
+    }
+
+    /// Every pin of another layout version.
+    fn legacy_pins(&self) -> Vec<PathBuf> {
+        let current = format!("_v{LAYOUT_VERSION}");
+        let staging = format!("_v{LAYOUT_VERSION}_new");
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.contains("_v") && !n.ends_with(&current) && !n.ends_with(&staging)
+                })
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+/// After this daemon's links are attached: detaches the links an older
+/// release pinned and removes its map pins. Until then both programs ran
+/// side by side, and a connect had to pass both, so the upgrade had no
+/// unguarded moment. Returns the names removed.
+pub fn retire_legacy(paths: &PinPaths) -> anyhow::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for pin in paths.legacy_links() {
+        let link = obj_get(&pin).with_context(|| format!("opening old link {}", pin.display()))?;
+        link_detach(link.as_fd()).with_context(|| format!("detaching {}", pin.display()))?;
+        fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
+        removed.push(
+            pin.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+    }
+    for pin in paths.legacy_pins() {
+        fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
+        removed.push(
+            pin.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+    }
+    Ok(removed)
 }
 
 /// The cgroup v2 mount point, read from /proc/self/mountinfo.
@@ -247,6 +320,8 @@ impl Kernel {
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(POLICY_MAP, paths.policy())
             .map_pin_path(RATE_MAP, paths.rate())
+            .map_pin_path(RATE_NAMED_MAP, paths.rate_named())
+            .map_pin_path(DROPS_MAP, paths.drops())
             .map_pin_path(COUNTERS_MAP, paths.counters())
             .load(EBPF_OBJECT)
             .context(
@@ -362,6 +437,8 @@ impl Kernel {
         for (name, path) in [
             (POLICY_MAP, self.paths.policy()),
             (RATE_MAP, self.paths.rate()),
+            (RATE_NAMED_MAP, self.paths.rate_named()),
+            (DROPS_MAP, self.paths.drops()),
             (COUNTERS_MAP, self.paths.counters()),
         ] {
             if path.exists() {
@@ -404,10 +481,116 @@ impl Kernel {
         Ok(out)
     }
 
+    /// Denials the kernel did not log, summed over CPUs (since the maps
+    /// were created).
+    pub fn drops(&self) -> anyhow::Result<KernelDrops> {
+        let map = self
+            .ebpf
+            .map(DROPS_MAP)
+            .ok_or_else(|| anyhow!("map {DROPS_MAP} missing"))?;
+        read_drops(&PerCpuArray::try_from(map)?)
+    }
+
+    /// Gives each uid at or above the low range that the policy names its
+    /// own rate-limit slot, so a flood from other high uids cannot silence
+    /// its denials. Entries are only added (the map is bounded); returns how
+    /// many uids did not fit.
+    pub fn name_uids(&mut self, uids: impl Iterator<Item = u32>) -> anyhow::Result<usize> {
+        let map = self
+            .ebpf
+            .map_mut(RATE_NAMED_MAP)
+            .ok_or_else(|| anyhow!("map {RATE_NAMED_MAP} missing"))?;
+        let mut named: HashMap<&mut MapData, u32, RateState> = HashMap::try_from(map)?;
+        let mut full = 0;
+        for uid in uids.filter(|u| *u >= RATE_LOW_UIDS) {
+            match named.insert(uid, RateState::default(), BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
+                    full += 1;
+                }
+                Err(e) => return Err(e).context("naming a uid for the rate limit"),
+            }
+        }
+        if full > 0 {
+            log::warn!(
+                "{full} named uid(s) at or above {RATE_LOW_UIDS} share the flood budget: the map of named uids is full ({RATE_NAMED_ENTRIES})"
+            );
+        }
+        Ok(full)
+    }
+
+    /// The ring of denials the rate limit kept out of the log.
+    pub fn take_flood_ring(&mut self) -> anyhow::Result<RingBuf<aya::maps::MapData>> {
+        let map = self
+            .ebpf
+            .take_map(FLOOD_MAP)
+            .ok_or_else(|| anyhow!("map {FLOOD_MAP} missing"))?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
     /// Hands the aya-log ring buffer to `sink`.
     pub fn logger<T: log::Log>(&mut self, sink: T) -> anyhow::Result<aya_log::EbpfLogger<T>> {
         aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, sink)
             .context("opening the kernel event ring buffer")
+    }
+}
+
+fn read_drops<T: std::borrow::Borrow<MapData>>(
+    table: &PerCpuArray<T, u64>,
+) -> anyhow::Result<KernelDrops> {
+    let mut sums = [0u64; DROP_KINDS as usize];
+    for (i, sum) in sums.iter_mut().enumerate() {
+        let per_cpu = table
+            .get(&(i as u32), 0)
+            .context("reading the drop counters")?;
+        *sum = per_cpu.iter().fold(0u64, |a, c| a.saturating_add(*c));
+    }
+    Ok(KernelDrops {
+        rate_limited: sums[DROP_RATE_LIMITED as usize],
+        log_ring_full: sums[DROP_LOG_RING as usize],
+        flood_ring_full: sums[DROP_FLOOD_RING as usize],
+    })
+}
+
+/// The pinned drop counters, opened on their own for the event writer
+/// thread (the engine keeps the loaded object).
+pub struct DropsReader(PerCpuArray<MapData, u64>);
+
+impl DropsReader {
+    pub fn open(paths: &PinPaths) -> anyhow::Result<Self> {
+        let data = MapData::from_pin(paths.drops())
+            .with_context(|| format!("opening {}", paths.drops().display()))?;
+        let map = aya::maps::Map::PerCpuArray(data);
+        Ok(Self(PerCpuArray::try_from(map)?))
+    }
+
+    pub fn read(&self) -> anyhow::Result<KernelDrops> {
+        read_drops(&self.0)
+    }
+}
+
+/// Denials the kernel did not log, by reason, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KernelDrops {
+    /// Kept out of the log by the rate limit (each is in a summary line).
+    pub rate_limited: u64,
+    /// The aya-log ring had no room for the DENY record.
+    pub log_ring_full: u64,
+    /// The flood ring had no room for the summary record.
+    pub flood_ring_full: u64,
+}
+
+impl KernelDrops {
+    pub fn since(self, then: Self) -> Self {
+        Self {
+            rate_limited: self.rate_limited.saturating_sub(then.rate_limited),
+            log_ring_full: self.log_ring_full.saturating_sub(then.log_ring_full),
+            flood_ring_full: self.flood_ring_full.saturating_sub(then.flood_ring_full),
+        }
     }
 }
 
@@ -656,12 +839,14 @@ pub fn unload(paths: &PinPaths) -> anyhow::Result<Unloaded> {
     if !paths.dir.exists() {
         return Ok(done);
     }
-    for pin in [
+    let mut links = vec![
         paths.link4(),
         paths.link6(),
         staging(&paths.link4()),
         staging(&paths.link6()),
-    ] {
+    ];
+    links.extend(paths.legacy_links());
+    for pin in links {
         if !pin.exists() {
             continue;
         }

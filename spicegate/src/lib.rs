@@ -6,10 +6,12 @@
 //! state in the daemon and `control` is its socket. The library exists so
 //! fuzzers and benchmarks can drive the same code as the binary.
 
+pub mod background;
 pub mod cli;
 pub mod compile;
 pub mod console;
 pub mod control;
+pub mod denials;
 pub mod directory;
 pub mod engine;
 pub mod events;

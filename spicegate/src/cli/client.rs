@@ -295,8 +295,15 @@ pub fn events(socket: &Path, args: &EventsArgs) -> anyhow::Result<ExitCode> {
         while let Some(l) = lines.next_line().await? {
             if args.json {
                 println!("{l}");
-            } else if let Ok(rec) = serde_json::from_str::<crate::events::DenyRecord>(&l) {
-                println!("{} {}", rec.time, rec.line());
+            } else if let Ok(item) = serde_json::from_str::<crate::denials::StreamItem>(&l) {
+                match item {
+                    crate::denials::StreamItem::Deny(rec) => {
+                        println!("{} {}", rec.time, rec.line())
+                    }
+                    crate::denials::StreamItem::Skipped { skipped } => println!(
+                        "SKIPPED {skipped} denial(s) not shown (rate limit, full buffers or a slow reader; see `spicegate status`)"
+                    ),
+                }
             } else {
                 println!("{l}");
             }

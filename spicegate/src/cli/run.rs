@@ -1,17 +1,17 @@
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{os::fd::AsRawFd as _, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, anyhow};
+use anyhow::Context as _;
 use tokio::{
-    io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
-    sync::{broadcast, mpsc},
+    sync::broadcast,
 };
 
 use crate::{
+    background,
     control::{self, Shared},
+    denials,
     directory::Nss,
-    engine::{Config, Engine, Source},
-    events::DenySink,
+    engine::{Command, Config, Engine, Loader, Source, Timers},
     kernel::{self, PinPaths},
     state::DEFAULT_STATE_DIR,
 };
@@ -80,22 +80,48 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         clock_offset_file: args.clock_offset_file.clone(),
     })?;
 
+    // Denials: read and written on threads of their own, bounded at every
+    // step (see denials.rs); a flood never reaches the engine.
     let (events_tx, _) = broadcast::channel(1024);
-    let sink = DenySink::new(engine.vm_names(), Nss).with_events(events_tx.clone());
-    let logger = engine.kernel_mut().logger(sink)?;
-    // SAFETY: the logger owns its ring buffer fd and returns the same one
-    // until it is dropped, which happens only with the AsyncFd.
-    let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
-        .map_err(|e| anyhow!("polling the event ring buffer: {e}"))?;
+    let stats = Arc::new(denials::Stats::default());
+    let (sink, queue) = denials::queue(&stats);
+    let mut logger = engine.kernel_mut().logger(sink)?;
+    let logger_fd = logger.as_raw_fd();
+    let flood = engine.kernel_mut().take_flood_ring()?;
+    let drops = kernel::DropsReader::open(&paths)?;
+    let pipeline = denials::Pipeline::start(
+        logger_fd,
+        move || logger.flush(),
+        flood,
+        queue,
+        Arc::clone(&stats),
+        denials::WriterConfig {
+            vm_names: engine.vm_names(),
+            dir: Nss,
+            events: events_tx.clone(),
+            drops: Box::new(move || drops.read().ok()),
+        },
+    )?;
+    engine.set_denial_stats(Arc::clone(&stats));
 
     let (console_tx, mut console_rx) = tokio::sync::watch::channel(None);
     tokio::spawn(crate::console::watch(args.logind_bus.clone(), console_tx));
 
-    let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
+    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
+    let loader = Arc::new(Loader {
+        path: args.policy.clone(),
+        resolver: engine.resolver(),
+    });
+    background::watch_addresses(
+        Duration::from_secs(args.addr_interval.max(1)),
+        cmd_tx.clone(),
+    )?;
+    background::watch_names(engine.resolve_job(), engine.resolver(), cmd_tx.clone())?;
     tokio::spawn(control::serve(
         listener,
         Shared {
-            engine: cmd_tx,
+            engine: cmd_tx.clone(),
+            loader: Arc::clone(&loader),
             settings: engine.settings(),
             events: events_tx,
         },
@@ -135,36 +161,35 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         log::warn!("could not notify systemd of readiness: {e}");
     }
 
+    let engine_thread = std::thread::Builder::new()
+        .name("sg-engine".into())
+        .spawn(move || crate::engine::run(engine, &cmd_rx, &Timers::default()))
+        .context("starting the engine thread")?;
+
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
-    let mut addr_tick = tokio::time::interval(Duration::from_secs(args.addr_interval.max(1)));
-    let mut watchdog_tick = tokio::time::interval(Duration::from_secs(1));
-    // Grants expire and schedule windows open and close within a second.
-    let mut expiry_tick = tokio::time::interval(Duration::from_millis(250));
-
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = sighup.recv() => { let _ = engine.reload("SIGHUP"); }
-            Some(cmd) = cmd_rx.recv() => engine.handle(cmd),
-            _ = addr_tick.tick() => engine.refresh_addresses(),
-            _ = watchdog_tick.tick() => engine.watchdog(),
-            _ = expiry_tick.tick() => engine.tick(),
+            _ = sighup.recv() => {
+                let (loader, tx) = (Arc::clone(&loader), cmd_tx.clone());
+                tokio::task::spawn_blocking(move || {
+                    let loaded = Box::new(loader.load());
+                    let _ = tx.send(Command::Sighup { loaded });
+                });
+            }
             Ok(()) = console_rx.changed() => {
                 let uid = *console_rx.borrow_and_update();
-                engine.set_console(uid);
-            }
-            guard = logger.readable_mut() => {
-                let mut guard = guard.context("waiting for kernel events")?;
-                drain(guard.get_inner_mut());
-                guard.clear_ready();
+                let _ = cmd_tx.send(Command::Console(uid));
             }
         }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    drain(logger.get_mut());
+    let _ = cmd_tx.send(Command::Stop);
+    let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
+    pipeline.stop();
     let _ = std::fs::remove_file(&socket);
     log::info!(
         "stopping: enforcement stays in force (pinned in {}); `spicegate unload --pin-dir {}` removes it",
@@ -203,14 +228,5 @@ impl Drop for FailedStart<'_> {
                 ),
             }
         }
-    }
-}
-
-/// Reads every queued kernel record. aya-log panics on a record it cannot
-/// decode; a bad record must cost one log line, not the daemon.
-fn drain<T: log::Log>(logger: &mut aya_log::EbpfLogger<T>) {
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| logger.flush()));
-    if result.is_err() {
-        log::error!("a kernel event record could not be decoded and was skipped");
     }
 }

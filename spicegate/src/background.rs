@@ -1,0 +1,187 @@
+//! The engine's helpers that wait on the outside world, each on its own
+//! thread so the engine (timers, grants, the control socket's commands)
+//! never does: closing revoked connections (sock_diag), watching this
+//! machine's addresses (rtnetlink), and resolving the policy's names again
+//! (NSS, DNS). They hand their results to the engine as [`Command`]s.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex, mpsc},
+    time::Duration,
+};
+
+use crate::{
+    compile::Compiled,
+    directory::{Directory as _, Nss},
+    engine::{CachingResolver, Command},
+    events::Endpoint,
+    policy::{self, Env, Source as PolicySource},
+    sockdiag,
+};
+
+/// How long after a sweep it runs once more: a connect that passed the
+/// hook just before a table swap can reach SYN_SENT only after the first
+/// sweep's dump.
+pub const RESWEEP_AFTER: Duration = Duration::from_secs(1);
+
+/// Closes established connections the table in force refuses.
+pub struct Sweeper {
+    tx: mpsc::Sender<Arc<Compiled>>,
+}
+
+impl Sweeper {
+    /// Starts the sweeper for sockets of `cgroup`'s subtree.
+    pub fn start(cgroup: PathBuf) -> anyhow::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Arc<Compiled>>();
+        std::thread::Builder::new()
+            .name("sg-sweeper".into())
+            .spawn(move || {
+                let mut pending: Option<Arc<Compiled>> = None;
+                loop {
+                    // The newest table wins; older ones queued behind it are
+                    // superseded.
+                    let table = match pending.take() {
+                        Some(t) => t,
+                        None => match rx.recv() {
+                            Ok(t) => t,
+                            Err(_) => return,
+                        },
+                    };
+                    let table = rx.try_iter().last().unwrap_or(table);
+                    sweep(&cgroup, &table);
+                    match rx.recv_timeout(RESWEEP_AFTER) {
+                        Ok(newer) => pending = Some(newer),
+                        Err(mpsc::RecvTimeoutError::Timeout) => sweep(&cgroup, &table),
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+            })?;
+        Ok(Self { tx })
+    }
+
+    /// Sweeps against `table` now, and once more a second later. Returns at
+    /// once.
+    pub fn sweep(&self, table: Arc<Compiled>) {
+        let _ = self.tx.send(table);
+    }
+}
+
+/// One pass: closes every client socket of the subtree whose connect the
+/// table refuses now.
+fn sweep(cgroup: &std::path::Path, table: &Compiled) {
+    let sockets = match sockdiag::tcp_sockets() {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("cannot list connections to close revoked ones: {e}");
+            return;
+        }
+    };
+    let scope = sockdiag::cgroup_ids(cgroup);
+    for s in sockets {
+        // A socket no process holds (inode 0: an orphan finishing its
+        // close, or a time-wait entry) carries no one's access; its
+        // reported uid is 0 and closing it would only log noise.
+        if s.inode == 0 {
+            continue;
+        }
+        if s.cgroup_id.is_some_and(|id| !scope.contains(&id)) {
+            continue;
+        }
+        if crate::compile::decide(table, s.uid, s.dst, s.dport) {
+            continue;
+        }
+        let user = Nss
+            .user_name(s.uid)
+            .unwrap_or_else(|| format!("#{}", s.uid));
+        match sockdiag::destroy(&s) {
+            Ok(()) => log::warn!(
+                "CLOSED uid={} user={user} dst={} src={}: access ended",
+                s.uid,
+                Endpoint(crate::compile::canonical(s.dst), s.dport),
+                Endpoint(crate::compile::canonical(s.src), s.sport)
+            ),
+            Err(e) => log::error!(
+                "could not close a revoked connection of {user} to {}: {e}",
+                Endpoint(s.dst, s.dport)
+            ),
+        }
+    }
+}
+
+/// Re-reads this machine's addresses every `interval` and tells the engine
+/// (which compares them with the ones in force).
+pub fn watch_addresses(interval: Duration, engine: mpsc::Sender<Command>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("sg-addrs".into())
+        .spawn(move || {
+            let mut last = None;
+            loop {
+                std::thread::sleep(interval);
+                let Ok(now) = crate::hostaddrs::current() else {
+                    continue;
+                };
+                if last.as_ref() == Some(&now) {
+                    continue;
+                }
+                last = Some(now.clone());
+                if engine.send(Command::Addresses(now)).is_err() {
+                    return;
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// What the resolver thread resolves: the sources of the policy in force.
+#[derive(Default)]
+pub struct ResolveJob {
+    pub sources: Vec<PolicySource>,
+    pub sha256: String,
+    pub interval: Duration,
+}
+
+/// Resolves the hostnames and groups of the policy in force again every
+/// `resolve_interval`, and hands the result to the engine.
+pub fn watch_names(
+    job: Arc<Mutex<ResolveJob>>,
+    resolver: Arc<CachingResolver>,
+    engine: mpsc::Sender<Command>,
+) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("sg-resolver".into())
+        .spawn(move || {
+            loop {
+                let interval = job
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .interval
+                    .max(Duration::from_secs(1));
+                std::thread::sleep(interval);
+                let (sources, sha256) = {
+                    let j = job
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    (j.sources.clone(), j.sha256.clone())
+                };
+                let env = Env {
+                    dir: &Nss,
+                    resolver: &*resolver,
+                };
+                match policy::parse_sources(&sources, &env) {
+                    Ok(policy) => {
+                        let cmd = Command::Resolved {
+                            sha256,
+                            policy: Box::new(policy),
+                        };
+                        if engine.send(cmd).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => log::warn!(
+                        "re-reading groups and hostnames failed; the policy in force stays:\n{e}"
+                    ),
+                }
+            }
+        })?;
+    Ok(())
+}
