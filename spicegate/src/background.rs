@@ -133,11 +133,13 @@ pub fn watch_addresses(interval: Duration, engine: mpsc::Sender<Command>) -> any
 }
 
 /// What the resolver thread resolves: the sources of the policy in force.
-#[derive(Default)]
 pub struct ResolveJob {
     pub sources: Vec<PolicySource>,
     pub sha256: String,
     pub interval: Duration,
+    /// When these sources were resolved last (a reload resolves them, so
+    /// the next re-resolution is an interval after it).
+    pub resolved_at: std::time::Instant,
 }
 
 /// Resolves the hostnames and groups of the policy in force again every
@@ -150,19 +152,19 @@ pub fn watch_names(
     std::thread::Builder::new()
         .name("sg-resolver".into())
         .spawn(move || {
+            let mut last = std::time::Instant::now();
             loop {
-                let interval = job
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .interval
-                    .max(Duration::from_secs(1));
-                std::thread::sleep(interval);
+                std::thread::sleep(Duration::from_millis(250));
                 let (sources, sha256) = {
                     let j = job
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if last.max(j.resolved_at).elapsed() < j.interval {
+                        continue;
+                    }
                     (j.sources.clone(), j.sha256.clone())
                 };
+                last = std::time::Instant::now();
                 let env = Env {
                     dir: &Nss,
                     resolver: &*resolver,

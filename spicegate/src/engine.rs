@@ -446,6 +446,7 @@ impl Engine {
             sources: loaded.sources.clone(),
             sha256: loaded.sha256.clone(),
             interval: loaded.policy.settings.resolve_interval,
+            resolved_at: Instant::now(),
         }));
         let sweeper = Sweeper::start(cfg.cgroup.clone())?;
         let engine = Self {
@@ -569,6 +570,7 @@ impl Engine {
                 sources: self.loaded.sources.clone(),
                 sha256: self.loaded.sha256.clone(),
                 interval: self.loaded.policy.settings.resolve_interval,
+                resolved_at: Instant::now(),
             };
         }
         if let Some(l) = local {

@@ -301,6 +301,8 @@ pub struct Kernel {
     paths: PinPaths,
     /// Kernel id of the rule table this daemon put in the policy slot.
     table_id: Option<u32>,
+    /// uids this daemon put in the map of named uids.
+    named: std::collections::HashSet<u32>,
 }
 
 impl Kernel {
@@ -339,6 +341,7 @@ impl Kernel {
             ebpf,
             paths: paths.clone(),
             table_id: None,
+            named: std::collections::HashSet::new(),
         })
     }
 
@@ -503,10 +506,18 @@ impl Kernel {
         let mut named: HashMap<&mut MapData, u32, RateState> = HashMap::try_from(map)?;
         let mut full = 0;
         for uid in uids.filter(|u| *u >= RATE_LOW_UIDS) {
+            if self.named.contains(&uid) {
+                continue;
+            }
             match named.insert(uid, RateState::default(), BPF_NOEXIST) {
-                Ok(()) => {}
+                Ok(()) => {
+                    self.named.insert(uid);
+                }
                 Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+                {
+                    self.named.insert(uid);
+                }
                 Err(aya::maps::MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
                 {

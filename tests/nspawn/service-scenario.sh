@@ -1,10 +1,13 @@
 #!/bin/bash
 # The boot test's scenario, run inside the booted container by the oneshot
 # unit spicegate-boottest.service (see tests/tests/service.rs), once per
-# boot: /out/stage says which. `install` installs the package and sets a
-# policy; the harness then boots the container again (with a fresh bpffs,
-# as a real reboot has) and `reboot` checks that enforcement is there from
-# boot on, then restarts, kills, upgrades, removes and purges. Every check
+# boot: /out/stage says which. `install` installs the previous release
+# (tests/nspawn/previous-release), sets a policy, and upgrades it to the
+# package of the tree under test while probe loops run; the harness then
+# boots the container again (with a fresh bpffs, as a real reboot has) and
+# `reboot` checks that enforcement is there from boot on, then restarts,
+# kills, upgrades to a rebuilt package, removes and purges: everything
+# after the release upgrade runs the package under test. Every check
 # appends `PASS name` or `FAIL name: why` to /out/results; each stage ends
 # with `END stage`.
 # Whatever happens, the journal is saved and the container powers off.
@@ -15,7 +18,16 @@ RESULTS=$OUT/results
 PORT=47123
 OK_UID=1001   # granted by the test policy
 NO_UID=1002   # never granted
-B_VERSION=$(cat $OUT/b-version)
+PREV_VERSION=$(cat $OUT/prev-version)  # spicegate-prev.deb, the previous release
+A_VERSION=$(cat $OUT/a-version)        # spicegate-a.deb, the tree under test
+B_VERSION=$(cat $OUT/b-version)        # spicegate-b.deb, the same rebuilt, higher
+# The pin directory: the unit's ExecStart= passes no --pin-dir, so the
+# daemon's default (DEFAULT_PIN_DIR in spicegate/src/cli/mod.rs).
+PINS=/sys/fs/bpf/spicegate
+# The pinned layout's suffix in the previous release and in the tree under
+# test: move them along with tests/nspawn/previous-release.
+OLD_LAYOUT=_v1
+NEW_LAYOUT=_v2
 STAGE=$(cat $OUT/stage)
 trap 'journalctl -b --no-pager > $OUT/journal-$STAGE.txt 2>&1; echo "END $STAGE" >> "$RESULTS"; systemctl poweroff --no-block' EXIT
 
@@ -37,6 +49,12 @@ connect_as() {
         bash -c "exec 3<>/dev/tcp/127.0.0.1/$PORT" 2>/dev/null && echo allow || echo deny
 }
 mainpid() { systemctl show -p MainPID --value spicegate.service; }
+# The names of the pins under PINS that match a glob, on one line.
+pins_named() { find "$PINS" -mindepth 1 -name "$1" -printf '%P ' 2>/dev/null; }
+# check_pinned NAME PIN: passes when PIN is pinned under PINS.
+check_pinned() {
+    if [ -e "$PINS/$2" ]; then pass "$1"; else fail "$1" "no $2 in $PINS: $(pins_named '*')"; fi
+}
 # Waits up to 15 s for the unit to be active with a main PID other than $1.
 wait_new_daemon() {
     local i pid
@@ -124,9 +142,10 @@ if [ "$STAGE" = install ]; then
 useradd -M -u $OK_UID sg-ok
 useradd -M -u $NO_UID sg-no
 
-# --- install: enabled, started (Type=notify: active only once enforcing),
-# and the shipped policy guards nothing.
-check install dpkg -i $OUT/spicegate-a.deb
+# --- install of the previous release: enabled, started (Type=notify:
+# active only once enforcing), and the shipped policy guards nothing.
+check install dpkg -i $OUT/spicegate-prev.deb
+expect install-is-previous-release "$PREV_VERSION" "$(dpkg-query -W -f='${Version}' spicegate)"
 expect install-enabled enabled "$(systemctl is-enabled spicegate.service)"
 expect install-ready "notify active running" \
     "$(systemctl show -p Type --value spicegate.service) $(systemctl is-active spicegate.service) $(systemctl show -p SubState --value spicegate.service)"
@@ -148,11 +167,45 @@ sleep 0.5
 check journal-warning-has-deny sh -c "journalctl -u spicegate.service -p warning --no-pager | grep -q 'DENY uid=$NO_UID user=sg-no'"
 check journal-info-is-not-warning sh -c "! journalctl -u spicegate.service -p warning --no-pager | grep -q 'enforcing policy'"
 
+# --- upgrade from the previous release to the package under test: the new
+# daemon takes over with no gap, even where the pinned layout changed, and
+# leaves nothing of the old layout pinned; the admin's policy stays.
+echo "pins of the previous release: $(pins_named '*')"
+check_pinned install-old-layout-pinned "connect4$OLD_LAYOUT"
+pid=$(mainpid)
+probes_start
+check release-upgrade dpkg -i $OUT/spicegate-a.deb
+check release-upgrade-new-daemon wait_new_daemon "$pid"
+probes_stop release-upgrade
+echo "pins after the upgrade: $(pins_named '*')"
+expect release-upgrade-version "$A_VERSION" "$(dpkg-query -W -f='${Version}' spicegate)"
+expect release-upgrade-runs-new-binary /usr/sbin/spicegate "$(readlink /proc/$(mainpid)/exe)"
+check release-upgrade-status-says-enforcing sh -c "systemctl show -p StatusText --value spicegate.service | grep -q '^enforcing'"
+check release-upgrade-capabilities sh -c "grep -q '^CapEff:.*000000c000001000' /proc/$(mainpid)/status"
+check release-upgrade-keeps-policy grep -q "#$OK_UID" /etc/spicegate/policy.toml
+# Nothing of the old layout stays pinned (the new daemon gets 5 s to
+# remove it), and exactly the new layout's two links are.
+for i in $(seq 50); do
+    [ -z "$(pins_named "*$OLD_LAYOUT")" ] && break
+    sleep 0.1
+done
+left=$(pins_named "*$OLD_LAYOUT")
+if [ -z "$left" ]; then pass upgrade-old-pins-gone; else fail upgrade-old-pins-gone "still pinned in $PINS: $left"; fi
+n=$(pins_named "connect*$NEW_LAYOUT" | wc -w)
+if [ "$n" = 2 ]; then
+    pass upgrade-new-links-pinned
+else
+    fail upgrade-new-links-pinned "want 2 connect*$NEW_LAYOUT pins, found $n in $PINS: $(pins_named '*')"
+fi
+expect release-upgrade-granted-allowed allow "$(connect_as $OK_UID)"
+expect release-upgrade-ungranted-denied deny "$(connect_as $NO_UID)"
+
 exit 0
 fi
 
-# --- after a reboot: enforcing from boot on, ready before logins are
-# allowed, and started afresh (the pins did not survive the reboot).
+# --- after a reboot, on the package under test: enforcing from boot on,
+# ready before logins are allowed, and started afresh (the pins did not
+# survive the reboot).
 expect boot-active active "$(systemctl is-active spicegate.service)"
 ready=$(systemctl show -p ActiveEnterTimestampMonotonic --value spicegate.service)
 logins=$(systemctl show -p ExecMainStartTimestampMonotonic --value systemd-user-sessions.service)
@@ -160,6 +213,10 @@ check boot-ready-before-logins test "$ready" -gt 0 -a "$ready" -le "$logins"
 check boot-fresh-start sh -c "! journalctl -b -u spicegate.service --no-pager | grep -q 'took over'"
 expect boot-granted-allowed allow "$(connect_as $OK_UID)"
 expect boot-ungranted-denied deny "$(connect_as $NO_UID)"
+check boot-capabilities sh -c "grep -q '^CapEff:.*000000c000001000' /proc/$(mainpid)/status"
+check boot-status-cli spicegate status
+sleep 0.5
+check boot-journal-warning-has-deny sh -c "journalctl -b -u spicegate.service -p warning --no-pager | grep -q 'DENY uid=$NO_UID user=sg-no'"
 
 # --- reload applies a changed policy, and refuses a broken one.
 policy $NO_UID
@@ -197,12 +254,12 @@ check upgrade-new-daemon wait_new_daemon "$pid"
 probes_stop upgrade
 expect upgrade-version "$B_VERSION" "$(dpkg-query -W -f='${Version}' spicegate)"
 check upgrade-keeps-policy grep -q "#$OK_UID" /etc/spicegate/policy.toml
-check upgrade-keeps-pins test -e /sys/fs/bpf/spicegate/policy_v1
+check_pinned upgrade-keeps-pins "policy$NEW_LAYOUT"
 
 # --- remove: stopped and unloaded, configuration and state kept.
 check remove dpkg -r spicegate
 expect remove-stopped inactive "$(systemctl is-active spicegate.service)"
-check remove-unloaded test ! -e /sys/fs/bpf/spicegate
+check remove-unloaded test ! -e "$PINS"
 expect remove-enforces-nothing allow "$(connect_as $NO_UID)"
 check remove-binary-gone test ! -e /usr/sbin/spicegate
 check remove-keeps-config test -f /etc/spicegate/policy.toml

@@ -264,7 +264,7 @@ fn broken_policy_at_start_enforces_the_last_good_one() {
         wait_until(Duration::from_secs(10), || d.has_exited().is_some()),
         "daemon started on a broken policy"
     );
-    assert!(!pin.path().join("connect4_v1").exists());
+    assert!(!pin.path().join("connect4_v2").exists());
 }
 
 #[test]

@@ -111,6 +111,18 @@ pub fn status(socket: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
         s("/counts/ports_guarded_everywhere"),
         s("/counts/grants")
     );
+    if let Ok(d) = serde_json::from_value::<crate::denials::DropCounts>(v["drops"].clone()) {
+        println!(
+            "denial log: {} DENY line(s), {} SUPPRESSED summary line(s); not logged one by one: {} rate-limited, {} over the line budget, {} lost (kernel ring full), {} lost (daemon queue full); {} summary record(s) lost (flood ring full)",
+            d.logged,
+            d.summaries,
+            d.rate_limited,
+            d.over_budget,
+            d.log_ring_full,
+            d.queue_full,
+            d.flood_ring_full
+        );
+    }
     for vm in v["vms"].as_array().cloned().unwrap_or_default() {
         let users: Vec<String> = vm["users"]
             .as_array()

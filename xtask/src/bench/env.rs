@@ -506,6 +506,19 @@ impl Daemon {
         }
     }
 
+    /// Lines written so far.
+    pub fn line_count(&self) -> usize {
+        self.lines().len()
+    }
+
+    /// When the first line containing `pattern` was read.
+    pub fn line_at(&self, pattern: &str) -> Option<Instant> {
+        self.lines()
+            .iter()
+            .find(|(_, l)| l.contains(pattern))
+            .map(|(at, _)| *at)
+    }
+
     /// DENY lines written so far.
     pub fn deny_lines(&self) -> usize {
         self.lines()

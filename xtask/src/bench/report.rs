@@ -255,6 +255,30 @@ pub fn render(
             mb(st.rss_after_kib)
         );
     }
+    if let Some(u) = storm.and_then(|st| st.uids.as_ref()) {
+        let _ = writeln!(
+            s,
+            "\nDeny storm from {} uids (spicegate, same daemon): sg-flood cycling `setresuid` through uids {}.. on both CPUs for {:.1} s: \
+             {} connects refused ({:.0}/s); daemon CPU {:.1} %; {:.1} log lines/s (DENY and SUPPRESSED together); \
+             `status` p50/p99 {:.1}/{:.1} ms during the storm, {:.1}/{:.1} ms without; \
+             a temporary grant that expired mid-storm was out of the kernel {:.0} ms after its expiry; \
+             daemon VmRSS {:.1} MB before, {:.1} MB after.",
+            u.uids,
+            crate::bench::STORM_FIRST_UID,
+            u.secs,
+            u.connects,
+            u.connects as f64 / u.secs,
+            u.cpu_percent,
+            u.lines_per_sec,
+            u.status_storm_ms.0,
+            u.status_storm_ms.1,
+            u.status_quiet_ms.0,
+            u.status_quiet_ms.1,
+            u.grant_late_ms,
+            mb(u.rss_before_kib),
+            mb(u.rss_after_kib)
+        );
+    }
     s.push_str("\nTargets:\n\n");
     for (met, line) in targets(control, results, storm) {
         let _ = writeln!(s, "- **{}** {line}", if met { "met:" } else { "MISSED:" });
@@ -402,6 +426,38 @@ fn targets(
                 st.rss_before_kib, st.rss_after_kib
             ),
         ));
+        if let Some(u) = &st.uids {
+            out.push((
+                u.cpu_percent <= 25.0,
+                format!("uid storm: daemon CPU <= 25 %: {:.1} %", u.cpu_percent),
+            ));
+            out.push((
+                u.lines_per_sec <= 50.0,
+                format!(
+                    "uid storm: at most 50 log lines/s: {:.1}/s",
+                    u.lines_per_sec
+                ),
+            ));
+            out.push((
+                u.status_storm_ms.1 <= 100.0,
+                format!(
+                    "uid storm: status p99 <= 100 ms: {:.1} ms",
+                    u.status_storm_ms.1
+                ),
+            ));
+            out.push((
+                u.grant_late_ms <= 1000.0,
+                format!(
+                    "uid storm: a grant ends no more than 1 s late: {:.0} ms",
+                    u.grant_late_ms
+                ),
+            ));
+            let grew = u.rss_after_kib.saturating_sub(u.rss_before_kib);
+            out.push((
+                grew <= 4096,
+                format!("uid storm: memory flat: VmRSS +{grew} KiB (4 MiB allowed)"),
+            ));
+        }
         let bound = storm_line_bound(st.secs);
         out.push((
             st.deny_lines <= bound,
