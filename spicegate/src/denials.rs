@@ -18,7 +18,8 @@
 //! second, `{"skipped": N}` for those left out.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
+    fmt,
     os::fd::{AsRawFd as _, RawFd},
     sync::{
         Arc, Mutex, RwLock,
@@ -44,8 +45,6 @@ pub const LINE_BUDGET: u64 = 40;
 pub const QUEUE: usize = 1024;
 /// How often the reader drains the flood ring (its records wake nobody).
 const FLOOD_POLL: Duration = Duration::from_millis(100);
-/// Distinct uids tallied per second; more are counted as "at least".
-const MAX_TALLY_UIDS: usize = 100_000;
 /// Distinct program names kept per summary.
 const MAX_TALLY_COMMS: usize = 16;
 /// Names of uids at or above 65,536 kept (cleared when full); uids below
@@ -125,46 +124,85 @@ pub enum Item {
     Other(String),
 }
 
-/// Denials left out of the log in one second.
-#[derive(Debug, Default)]
+/// Bits of the distinct-uid bitmap: uids are counted exactly when they
+/// lie within any span of this many (a subordinate range is 65,536).
+const UID_BITS: usize = 1 << 20;
+
+/// Denials left out of the log in one second: cheap to add to (the reader
+/// adds every flood record), bounded in size whatever the uids.
 pub struct Tally {
     pub denials: u64,
-    uids: HashSet<u32>,
-    uids_overflow: bool,
+    /// One bit per uid modulo [`UID_BITS`].
+    seen: Box<[u64]>,
+    distinct: u64,
+    /// Some uid collided with another one modulo [`UID_BITS`].
+    approximate: bool,
     min_uid: Option<u32>,
     max_uid: Option<u32>,
-    comms: BTreeMap<String, u64>,
+    /// Programs, by their raw 16-byte name, at most [`MAX_TALLY_COMMS`].
+    comms: Vec<([u8; 16], u64)>,
     other_comms: u64,
 }
 
-impl Tally {
-    pub fn add(&mut self, uid: u32, comm: &str) {
-        self.denials += 1;
-        if self.uids.len() < MAX_TALLY_UIDS {
-            self.uids.insert(uid);
-        } else if !self.uids.contains(&uid) {
-            self.uids_overflow = true;
+impl Default for Tally {
+    fn default() -> Self {
+        Self {
+            denials: 0,
+            seen: vec![0u64; UID_BITS / 64].into_boxed_slice(),
+            distinct: 0,
+            approximate: false,
+            min_uid: None,
+            max_uid: None,
+            comms: Vec::new(),
+            other_comms: 0,
         }
-        self.min_uid = Some(self.min_uid.map_or(uid, |m| m.min(uid)));
-        self.max_uid = Some(self.max_uid.map_or(uid, |m| m.max(uid)));
-        if let Some(n) = self.comms.get_mut(comm) {
-            *n += 1;
+    }
+}
+
+impl fmt::Debug for Tally {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl Tally {
+    pub fn add(&mut self, uid: u32, comm: &[u8; 16]) {
+        self.denials += 1;
+        let bit = uid as usize % UID_BITS;
+        let (w, m) = (bit / 64, 1u64 << (bit % 64));
+        if self.seen[w] & m == 0 {
+            self.seen[w] |= m;
+            self.distinct += 1;
+        }
+        let (lo, hi) = (
+            self.min_uid.map_or(uid, |m| m.min(uid)),
+            self.max_uid.map_or(uid, |m| m.max(uid)),
+        );
+        self.approximate |= (hi - lo) as usize >= UID_BITS;
+        self.min_uid = Some(lo);
+        self.max_uid = Some(hi);
+        self.add_comm(comm, 1);
+    }
+
+    fn add_comm(&mut self, comm: &[u8; 16], n: u64) {
+        if let Some((_, c)) = self.comms.iter_mut().find(|(k, _)| k == comm) {
+            *c += n;
         } else if self.comms.len() < MAX_TALLY_COMMS {
-            self.comms.insert(comm.to_owned(), 1);
+            self.comms.push((*comm, n));
         } else {
-            self.other_comms += 1;
+            self.other_comms += n;
         }
     }
 
-    fn merge(&mut self, other: Tally) {
+    fn merge(&mut self, other: &Tally) {
+        if other.denials == 0 {
+            return;
+        }
         self.denials += other.denials;
-        self.uids_overflow |= other.uids_overflow;
-        for u in other.uids {
-            if self.uids.len() < MAX_TALLY_UIDS {
-                self.uids.insert(u);
-            } else if !self.uids.contains(&u) {
-                self.uids_overflow = true;
-            }
+        self.distinct = 0;
+        for (a, b) in self.seen.iter_mut().zip(other.seen.iter()) {
+            *a |= *b;
+            self.distinct += u64::from(a.count_ones());
         }
         for m in [other.min_uid, self.min_uid].into_iter().flatten() {
             self.min_uid = Some(self.min_uid.map_or(m, |x| x.min(m)));
@@ -172,34 +210,52 @@ impl Tally {
         for m in [other.max_uid, self.max_uid].into_iter().flatten() {
             self.max_uid = Some(self.max_uid.map_or(m, |x| x.max(m)));
         }
-        for (c, n) in other.comms {
-            if let Some(x) = self.comms.get_mut(&c) {
-                *x += n;
-            } else if self.comms.len() < MAX_TALLY_COMMS {
-                self.comms.insert(c, n);
-            } else {
-                self.other_comms += n;
-            }
+        self.approximate |= other.approximate
+            || self
+                .min_uid
+                .zip(self.max_uid)
+                .is_some_and(|(lo, hi)| (hi - lo) as usize >= UID_BITS);
+        for (c, n) in &other.comms {
+            self.add_comm(c, *n);
         }
         self.other_comms += other.other_comms;
     }
 
-    /// `uids=N uid_range=A-B comm=x(n),y(m)`.
+    /// Empties the tally, keeping its memory.
+    fn clear(&mut self) {
+        if self.denials > 0 {
+            self.seen.fill(0);
+        }
+        self.denials = 0;
+        self.distinct = 0;
+        self.approximate = false;
+        self.min_uid = None;
+        self.max_uid = None;
+        self.comms.clear();
+        self.other_comms = 0;
+    }
+
+    /// `uids=N uid_range=A-B comm=x(n),y(m)` (`uids~N` when uids more than
+    /// [`UID_BITS`] apart may have been counted as one).
     fn describe(&self) -> String {
         let range = match (self.min_uid, self.max_uid) {
             (Some(a), Some(b)) => format!("{a}-{b}"),
             _ => "-".to_owned(),
         };
-        let mut comms: Vec<(&String, &u64)> = self.comms.iter().collect();
-        comms.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let mut comms: Vec<(String, u64)> = self
+            .comms
+            .iter()
+            .map(|(c, n)| (crate::events::comm_name(c), *n))
+            .collect();
+        comms.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         let mut comm: Vec<String> = comms.iter().map(|(c, n)| format!("{c}({n})")).collect();
         if self.other_comms > 0 {
             comm.push(format!("others({})", self.other_comms));
         }
         format!(
-            "uids={}{} uid_range={range} comm={}",
-            if self.uids_overflow { ">=" } else { "" },
-            self.uids.len(),
+            "uids{}{} uid_range={range} comm={}",
+            if self.approximate { "~" } else { "=" },
+            self.distinct,
             if comm.is_empty() {
                 "-".to_owned()
             } else {
@@ -207,6 +263,15 @@ impl Tally {
             }
         )
     }
+}
+
+/// A comm as the kernel's 16 NUL-padded bytes.
+fn comm_bytes(comm: &str) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (o, b) in out.iter_mut().zip(comm.bytes().take(15)) {
+        *o = b;
+    }
+    out
 }
 
 /// aya-log's sink on the reader thread: parses and queues, nothing else.
@@ -285,21 +350,18 @@ impl Pipeline {
                                 "a kernel event record could not be decoded and was skipped"
                             );
                         }
-                        let mut local = Tally::default();
                         let mut n = 0u64;
+                        let mut t = tally
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
                         while let Some(item) = flood.next() {
                             n += 1;
                             if let Some(rec) = flood_record(&item) {
-                                local.add(rec.uid, &crate::events::comm_name(&rec.comm));
+                                t.add(rec.uid, &rec.comm);
                             }
                         }
-                        if n > 0 {
-                            stats.flood_records.fetch_add(n, Ordering::Relaxed);
-                            tally
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .merge(local);
-                        }
+                        drop(t);
+                        stats.flood_records.fetch_add(n, Ordering::Relaxed);
                         if stopping {
                             break;
                         }
@@ -404,6 +466,8 @@ struct Writer<D> {
     tally: Arc<Mutex<Tally>>,
     /// Denials over the line budget this second.
     over: Tally,
+    /// An empty tally, swapped with the reader's each second.
+    spare: Tally,
     lines_this_second: u64,
     last_drops: KernelDrops,
     last_queue_full: u64,
@@ -422,6 +486,7 @@ impl<D: Directory + Clone> Writer<D> {
             stats,
             tally,
             over: Tally::default(),
+            spare: Tally::default(),
             lines_this_second: 0,
             last_drops,
             last_queue_full: 0,
@@ -465,7 +530,7 @@ impl<D: Directory> Writer<D> {
         };
         if self.lines_this_second >= LINE_BUDGET {
             self.stats.over_budget.fetch_add(1, Ordering::Relaxed);
-            self.over.add(ev.uid, &ev.comm);
+            self.over.add(ev.uid, &comm_bytes(&ev.comm));
             return;
         }
         self.lines_this_second += 1;
@@ -510,15 +575,19 @@ impl<D: Directory> Writer<D> {
         let queue_full = self.stats.queue_full.load(Ordering::Relaxed);
         let q = queue_full.saturating_sub(self.last_queue_full);
         self.last_queue_full = queue_full;
-        let mut tally = std::mem::take(
+        // Swap the reader's tally for this second's empty one, so the
+        // reader waits on the lock only for a pointer swap.
+        std::mem::swap(
             &mut *self
                 .tally
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
+            &mut self.spare,
         );
-        let over = std::mem::take(&mut self.over);
-        let over_n = over.denials;
-        tally.merge(over);
+        let mut tally = std::mem::take(&mut self.spare);
+        let over_n = self.over.denials;
+        tally.merge(&self.over);
+        self.over.clear();
         // Counted from the records tallied this second (so the counts of
         // uids and programs add up to it), plus what no ring or queue could
         // take. The kernel's own count of the second is printed beside it.
@@ -528,6 +597,8 @@ impl<D: Directory> Writer<D> {
             .saturating_add(k.log_ring_full)
             .saturating_add(q);
         if left_out == 0 && k.rate_limited == 0 {
+            tally.clear();
+            self.spare = tally;
             return;
         }
         log::warn!(
@@ -542,6 +613,8 @@ impl<D: Directory> Writer<D> {
             .cfg
             .events
             .send(StreamItem::Skipped { skipped: left_out });
+        tally.clear();
+        self.spare = tally;
     }
 }
 
@@ -553,27 +626,32 @@ mod tests {
     fn tally_describes_uids_ranges_and_programs() {
         let mut t = Tally::default();
         for uid in 100_000..100_300 {
-            t.add(uid, "flood");
+            t.add(uid, &comm_bytes("flood"));
         }
-        t.add(7, "curl");
+        t.add(7, &comm_bytes("curl"));
         let mut u = Tally::default();
-        u.add(200_000, "flood");
-        t.merge(u);
-        assert_eq!(t.denials, 302);
+        u.add(200_000, &comm_bytes("flood"));
+        u.add(100_000, &comm_bytes("flood"));
+        t.merge(&u);
+        assert_eq!(t.denials, 303);
         assert_eq!(
             t.describe(),
-            "uids=302 uid_range=7-200000 comm=flood(301),curl(1)"
+            "uids=302 uid_range=7-200000 comm=flood(302),curl(1)"
         );
+        t.clear();
+        assert_eq!(t.describe(), "uids=0 uid_range=- comm=-");
     }
 
     #[test]
-    fn tally_is_bounded() {
+    fn tally_is_bounded_and_says_when_it_approximates() {
         let mut t = Tally::default();
         for i in 0..(MAX_TALLY_COMMS as u32 + 5) {
-            t.add(i, &format!("c{i}"));
+            t.add(i, &comm_bytes(&format!("c{i}")));
         }
         assert_eq!(t.comms.len(), MAX_TALLY_COMMS);
         assert!(t.describe().ends_with("others(5)"));
+        t.add(5 + UID_BITS as u32, &comm_bytes("c0"));
+        assert!(t.describe().starts_with("uids~"), "{}", t.describe());
     }
 
     #[test]

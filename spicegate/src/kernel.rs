@@ -386,18 +386,22 @@ impl Kernel {
     /// Whether the policy slot still holds the table this daemon installed
     /// (someone with `bpf()` rights could have emptied or replaced it; an
     /// empty slot lets every connect through).
+    ///
+    /// Reads the inner map's id straight from the slot: turning it into a
+    /// file descriptor (BPF_MAP_GET_FD_BY_ID) would need CAP_SYS_ADMIN,
+    /// which the service does not have.
     pub fn table_intact(&self) -> anyhow::Result<bool> {
         let want = self.table_id;
         let map = self
             .ebpf
             .map(POLICY_MAP)
             .ok_or_else(|| anyhow!("map {POLICY_MAP} missing"))?;
-        let outer: ArrayOfMaps<&MapData, RuleTable> = ArrayOfMaps::try_from(map)?;
-        match outer.get(&POLICY_SLOT, 0) {
-            Ok(table) => Ok(Some(IterableMap::map(&table).info()?.id()) == want),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
-            Err(e) => Err(e).context("reading the policy slot"),
-        }
+        let fd = match map {
+            aya::maps::Map::ArrayOfMaps(data) => data.fd().as_fd().as_raw_fd(),
+            _ => bail!("map {POLICY_MAP} is not an array of maps"),
+        };
+        let id = map_lookup_u32(fd, POLICY_SLOT).context("reading the policy slot")?;
+        Ok(id.is_some() && id == want)
     }
 
     /// Attaches connect4 and connect6 to `cgroup` and pins the links,
@@ -721,6 +725,47 @@ fn map_update_batch(fd: i32, keys: &[RuleKey], values: &[RuleValue]) -> io::Resu
         done += attr.count as usize;
     }
     Ok(())
+}
+
+/// The `u32` value at `key` of a map (for an array of maps: the id of the
+/// inner map in that slot); `None` for an empty slot.
+fn map_lookup_u32(fd: i32, key: u32) -> io::Result<Option<u32>> {
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    #[repr(C)]
+    struct LookupAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut value = 0u32;
+    let attr = LookupAttr {
+        map_fd: fd as u32,
+        _pad: 0,
+        key: &raw const key as u64,
+        value: &raw mut value as u64,
+        flags: 0,
+    };
+    // SAFETY: key and value point at 4-byte locals that outlive the call,
+    // the key and value sizes of an array of maps.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_ELEM,
+            &attr as *const LookupAttr,
+            size_of::<LookupAttr>(),
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENOENT) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(Some(value))
 }
 
 /// Makes a map read-only for `bpf()` callers (BPF_MAP_FREEZE); the

@@ -215,6 +215,10 @@ expect boot-granted-allowed allow "$(connect_as $OK_UID)"
 expect boot-ungranted-denied deny "$(connect_as $NO_UID)"
 check boot-capabilities sh -c "grep -q '^CapEff:.*000000c000001000' /proc/$(mainpid)/status"
 check boot-status-cli spicegate status
+# The hardened service (no CAP_SYS_ADMIN) still reads its own table back,
+# and its watchdog does not cry tampering.
+check boot-table-in-force sh -c "spicegate status | grep -q '^rule table in force: true'"
+check boot-no-false-tampering sh -c "! journalctl -b -u spicegate.service --no-pager | grep -q TAMPERING"
 sleep 0.5
 check boot-journal-warning-has-deny sh -c "journalctl -b -u spicegate.service -p warning --no-pager | grep -q 'DENY uid=$NO_UID user=sg-no'"
 

@@ -98,6 +98,8 @@ const REQUIRED: &[&str] = &[
     "boot-ungranted-denied",
     "boot-capabilities",
     "boot-status-cli",
+    "boot-table-in-force",
+    "boot-no-false-tampering",
     "boot-journal-warning-has-deny",
     "reload-changed-revokes",
     "reload-changed-grants",
