@@ -187,3 +187,61 @@ pub fn watch_names(
         })?;
     Ok(())
 }
+
+/// What the name logger writes.
+enum NameJob {
+    /// One line per change of `diff`, each after `prefix`.
+    Changes {
+        prefix: &'static str,
+        diff: crate::diff::Diff,
+    },
+    /// `console user: A -> B`.
+    Console { from: Option<u32>, to: Option<u32> },
+}
+
+/// Writes the log lines that name users, on its own thread: looking a
+/// name up may wait on NSS (LDAP, SSSD), which the engine never does.
+#[derive(Clone)]
+pub struct NameLog {
+    tx: mpsc::Sender<NameJob>,
+}
+
+impl NameLog {
+    pub fn start() -> anyhow::Result<Self> {
+        let (tx, rx) = mpsc::channel::<NameJob>();
+        std::thread::Builder::new()
+            .name("sg-namelog".into())
+            .spawn(move || {
+                let name = |u: Option<u32>| {
+                    u.map_or_else(
+                        || "nobody".to_owned(),
+                        |u| Nss.user_name(u).unwrap_or_else(|| format!("#{u}")),
+                    )
+                };
+                for job in rx {
+                    match job {
+                        NameJob::Changes { prefix, diff } => {
+                            for line in diff.lines(&Nss) {
+                                log::info!("{prefix}{line}");
+                            }
+                        }
+                        NameJob::Console { from, to } => {
+                            log::info!("console user: {} -> {}", name(from), name(to));
+                        }
+                    }
+                }
+            })?;
+        Ok(Self { tx })
+    }
+
+    /// Logs `prefix` + each change line.
+    pub fn changes(&self, prefix: &'static str, diff: crate::diff::Diff) {
+        if !diff.is_empty() {
+            let _ = self.tx.send(NameJob::Changes { prefix, diff });
+        }
+    }
+
+    pub fn console(&self, from: Option<u32>, to: Option<u32>) {
+        let _ = self.tx.send(NameJob::Console { from, to });
+    }
+}

@@ -326,6 +326,25 @@ async fn handle(mut stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
     write_line(&mut stream, &resp).await
 }
 
+/// Runs a blocking lookup (NSS) on tokio's blocking pool: the thread that
+/// serves the socket never waits on the name service.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| "internal error: a lookup panicked".to_owned())
+}
+
+/// Whether `who` (`name` or `#uid`) names the peer itself. Asks NSS only
+/// for the peer's own entry, never for the other name: a user asking about
+/// someone else is refused before anything about that someone is looked up.
+async fn is_self(who: &str, peer: u32) -> Result<bool, String> {
+    if let Some(num) = who.strip_prefix('#') {
+        return Ok(num.parse::<u32>().is_ok_and(|u| u == peer));
+    }
+    let who = who.to_owned();
+    blocking(move || Nss.user_name(peer).is_some_and(|n| n == who)).await
+}
+
 async fn request_engine(
     req: Request,
     peer: u32,
@@ -333,61 +352,128 @@ async fn request_engine(
     shared: &Shared,
 ) -> Result<Value, String> {
     let (reply, rx) = oneshot::channel();
-    let cmd = match req {
-        Request::Status {} => Command::Status { reply },
+    let resolve = |user: &str| {
+        let user = user.to_owned();
+        async move { blocking(move || resolve_user(&user, &Nss)).await? }
+    };
+    let (cmd, names) = match req {
+        Request::Status {} => (Command::Status { reply }, true),
         Request::Reload {} => {
             // Parsing waits on NSS and DNS: not on the engine's thread.
             let loader = Arc::clone(&shared.loader);
-            let loaded = tokio::task::spawn_blocking(move || loader.load())
-                .await
-                .map_err(|_| "reading the policy failed (the reader panicked)".to_owned())?;
-            Command::Reload {
-                loaded: Box::new(loaded),
-                reply,
-            }
+            let loaded = blocking(move || loader.load()).await?;
+            (
+                Command::Reload {
+                    loaded: Box::new(loaded),
+                    reply,
+                },
+                false,
+            )
         }
         Request::Why { user, addr, port } => {
-            let uid = resolve_user(&user, &Nss)?;
-            if !admin && uid != peer {
+            if !admin && !is_self(&user, peer).await? {
                 return Err("permission denied: you may only ask about yourself".into());
             }
-            Command::Why {
-                uid,
-                user,
-                addr,
-                port,
-                reply,
-            }
+            let uid = resolve(&user).await?;
+            (
+                Command::Why {
+                    uid,
+                    user,
+                    addr,
+                    port,
+                    reply,
+                },
+                false,
+            )
         }
         Request::Grant { user, vm, for_secs } => {
-            let uid = resolve_user(&user, &Nss)?;
-            Command::Grant {
-                uid,
-                user,
-                vm,
-                for_secs,
-                by: peer,
-                reply,
-            }
+            let uid = resolve(&user).await?;
+            (
+                Command::Grant {
+                    uid,
+                    user,
+                    vm,
+                    for_secs,
+                    by: peer,
+                    reply,
+                },
+                false,
+            )
         }
         Request::Revoke { user, vm } => {
-            let uid = resolve_user(&user, &Nss)?;
-            Command::Revoke {
-                uid,
-                user,
-                vm,
-                reply,
-            }
+            let uid = resolve(&user).await?;
+            (
+                Command::Revoke {
+                    uid,
+                    user,
+                    vm,
+                    reply,
+                },
+                false,
+            )
         }
-        Request::List {} => Command::List { uid: peer, reply },
+        Request::List {} => (Command::List { uid: peer, reply }, true),
         Request::Events {} => return Err("internal: events are streamed".into()),
     };
     shared
         .engine
         .send(cmd)
         .map_err(|_| "the daemon is shutting down".to_owned())?;
-    rx.await
-        .map_err(|_| "the daemon is shutting down".to_owned())?
+    let mut v = rx
+        .await
+        .map_err(|_| "the daemon is shutting down".to_owned())??;
+    if names {
+        v = blocking(move || {
+            fill_user_names(&mut v, &Nss, &mut std::collections::HashMap::new());
+            v
+        })
+        .await?;
+    }
+    if let Some(diff) = v.get_mut("diff").map(Value::take) {
+        let diff: crate::diff::Diff = serde_json::from_value(diff)
+            .map_err(|e| format!("internal error: reading the diff: {e}"))?;
+        let lines = blocking(move || diff.lines(&Nss)).await?;
+        if let Some(o) = v.as_object_mut() {
+            o.remove("diff");
+            o.insert("changes".into(), Value::from(lines));
+        }
+    }
+    Ok(v)
+}
+
+/// Fills every `"user": null` next to a `"uid"` in an answer with that
+/// uid's name (`#UID` without a passwd entry). The engine leaves names out:
+/// looking them up may wait on NSS.
+pub fn fill_user_names(
+    v: &mut Value,
+    dir: &dyn Directory,
+    cache: &mut std::collections::HashMap<u32, String>,
+) {
+    match v {
+        Value::Object(o) => {
+            if let (Some(uid), Some(Value::Null)) = (
+                o.get("uid")
+                    .and_then(Value::as_u64)
+                    .and_then(|u| u32::try_from(u).ok()),
+                o.get("user"),
+            ) {
+                let name = cache
+                    .entry(uid)
+                    .or_insert_with(|| dir.user_name(uid).unwrap_or_else(|| format!("#{uid}")))
+                    .clone();
+                o.insert("user".into(), Value::String(name));
+            }
+            for (_, x) in o.iter_mut() {
+                fill_user_names(x, dir, cache);
+            }
+        }
+        Value::Array(a) => {
+            for x in a {
+                fill_user_names(x, dir, cache);
+            }
+        }
+        _ => {}
+    }
 }
 
 async fn stream_events(
@@ -530,6 +616,21 @@ mod tests {
             r#"{"cmd":"status"}"#
         );
         assert!(Request::Reload {}.needs_admin() && !Request::Events {}.needs_admin());
+    }
+
+    #[test]
+    fn fills_names_where_the_engine_left_them_out() {
+        let dir = crate::directory::FakeDirectory::default().user("bob", 1001);
+        let mut v = serde_json::json!({
+            "console_user": { "uid": 1001, "user": null },
+            "vms": [{ "users": [{ "uid": 7, "user": null }, { "uid": 1001, "user": "kept" }] }],
+            "uid": 1001, "user": null,
+        });
+        fill_user_names(&mut v, &dir, &mut std::collections::HashMap::new());
+        assert_eq!(v["console_user"]["user"], "bob");
+        assert_eq!(v["vms"][0]["users"][0]["user"], "#7");
+        assert_eq!(v["vms"][0]["users"][1]["user"], "kept");
+        assert_eq!(v["user"], "bob");
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! and timers send it [`Command`]s; no one else touches the maps.
 
 use std::{
-    borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     path::{Path, PathBuf},
@@ -17,9 +16,10 @@ use spicegate_common::VmCounters;
 use tokio::sync::oneshot;
 
 use crate::{
-    background::{ResolveJob, Sweeper},
+    background::{NameLog, ResolveJob, Sweeper},
     compile::{Compiled, Dest, Dynamic, LocalAddrs, compile},
-    directory::{Directory, Nss},
+    diff::Diff,
+    directory::Nss,
     explain::explain,
     grants::{GrantStore, TempGrant, now_unix, rfc3339},
     hostaddrs,
@@ -207,103 +207,6 @@ pub fn release_free_memory() {
     }
 }
 
-/// Who may open which VM: (vm, uid) pairs, for diffs.
-pub fn access_pairs(c: &Compiled) -> BTreeSet<(String, u32)> {
-    c.endpoints
-        .values()
-        .flat_map(|i| i.uids.iter().map(|u| (i.vm.clone(), *u)))
-        .collect()
-}
-
-/// Human lines for what changed between two access sets.
-pub fn diff_lines(
-    old: &BTreeSet<(String, u32)>,
-    new: &BTreeSet<(String, u32)>,
-    dir: &dyn Directory,
-) -> Vec<String> {
-    let gained = new.difference(old).map(|(vm, u)| (vm.as_str(), *u));
-    let lost = old.difference(new).map(|(vm, u)| (vm.as_str(), *u));
-    let total = new.difference(old).count() + old.difference(new).count();
-    render_diff(gained, lost, total, dir)
-}
-
-/// Who may open each VM now, by VM name (the union over its endpoints).
-fn vm_access(c: &Compiled) -> BTreeMap<&str, Cow<'_, BTreeSet<u32>>> {
-    let mut m: BTreeMap<&str, Cow<'_, BTreeSet<u32>>> = BTreeMap::new();
-    for i in c.endpoints.values() {
-        match m.entry(i.vm.as_str()) {
-            std::collections::btree_map::Entry::Vacant(e) => {
-                e.insert(Cow::Borrowed(&i.uids));
-            }
-            std::collections::btree_map::Entry::Occupied(mut e) => {
-                if !i.uids.is_subset(e.get()) {
-                    e.get_mut().to_mut().extend(&i.uids);
-                }
-            }
-        }
-    }
-    m
-}
-
-/// [`diff_lines`] of two compiled tables, VM by VM: VMs whose users did not
-/// change cost one set comparison, so a one-grant change to a 100,000-grant
-/// policy is cheap.
-pub fn access_diff(old: &Compiled, new: &Compiled, dir: &dyn Directory) -> Vec<String> {
-    let (o, n) = (vm_access(old), vm_access(new));
-    let empty = BTreeSet::new();
-    let (mut gained, mut lost, mut total) = (Vec::new(), Vec::new(), 0usize);
-    let names: BTreeSet<&str> = o.keys().chain(n.keys()).copied().collect();
-    for vm in names {
-        let a = o.get(vm).map_or(&empty, |c| c.as_ref());
-        let b = n.get(vm).map_or(&empty, |c| c.as_ref());
-        if a == b {
-            continue;
-        }
-        for u in b.difference(a) {
-            total += 1;
-            if gained.len() < MAX_DIFF_LINES {
-                gained.push((vm, *u));
-            }
-        }
-        for u in a.difference(b) {
-            total += 1;
-            if lost.len() < MAX_DIFF_LINES {
-                lost.push((vm, *u));
-            }
-        }
-    }
-    render_diff(gained.into_iter(), lost.into_iter(), total, dir)
-}
-
-/// "+ user may now open vm" / "- user may no longer open vm" lines, gains
-/// first, at most [`MAX_DIFF_LINES`] of them and then a count.
-fn render_diff<'a>(
-    gained: impl Iterator<Item = (&'a str, u32)>,
-    lost: impl Iterator<Item = (&'a str, u32)>,
-    total: usize,
-    dir: &dyn Directory,
-) -> Vec<String> {
-    let name = |u: u32| dir.user_name(u).unwrap_or_else(|| format!("#{u}"));
-    // A big policy change must not turn into thousands of log lines (or
-    // thousands of user lookups): the first ones, then a count.
-    let mut out: Vec<String> = gained
-        .map(|p| ('+', p))
-        .chain(lost.map(|p| ('-', p)))
-        .take(MAX_DIFF_LINES)
-        .map(|(sign, (vm, u))| match sign {
-            '+' => format!("+ {} may now open {vm}", name(u)),
-            _ => format!("- {} may no longer open {vm}", name(u)),
-        })
-        .collect();
-    if total > MAX_DIFF_LINES {
-        out.push(format!("... and {} more changes", total - MAX_DIFF_LINES));
-    }
-    out
-}
-
-/// Change lines shown per reload.
-pub const MAX_DIFF_LINES: usize = 50;
-
 pub struct Engine {
     kernel: Kernel,
     cfg: Config,
@@ -322,6 +225,8 @@ pub struct Engine {
     /// What the resolver thread re-resolves (the sources in force).
     resolve_job: Arc<Mutex<ResolveJob>>,
     sweeper: Sweeper,
+    /// Writes the log lines that name users (NSS) off this thread.
+    names: NameLog,
     /// The denial log's counters (set once the pipeline runs).
     denial_stats: Option<Arc<crate::denials::Stats>>,
     /// Kernel drop counters when this daemon started.
@@ -466,6 +371,7 @@ impl Engine {
             resolver,
             resolve_job,
             sweeper,
+            names: NameLog::start()?,
             denial_stats: None,
             drops_at_start,
             console: None,
@@ -607,7 +513,7 @@ impl Engine {
         match result {
             Ok((old, sha)) => {
                 let t = Instant::now();
-                let changes = access_diff(&old, &self.compiled, &Nss);
+                let diff = Diff::of_tables(&old, &self.compiled);
                 drop(old);
                 self.trim_at = Some(Instant::now() + TRIM_DELAY);
                 self.phases.push(("diff", t.elapsed()));
@@ -625,11 +531,11 @@ impl Engine {
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
-                for line in &changes {
-                    log::info!("access change: {line}");
-                }
+                self.names.changes("access change: ", diff.clone());
                 self.last_reload = json!({ "at": rfc3339(now), "at_unix": now, "ok": true, "message": format!("reloaded ({why})") });
-                Ok(json!({ "summary": self.summary(), "changes": changes, "sha256": sha }))
+                // The control handler renders `diff` as `changes` lines
+                // (names need NSS, which this thread does not wait on).
+                Ok(json!({ "summary": self.summary(), "diff": diff, "sha256": sha }))
             }
             Err(e) => {
                 log::error!("reload refused ({why}), the previous policy stays in force:\n{e}");
@@ -724,11 +630,9 @@ impl Engine {
         if scheduled != self.scheduled {
             let old = self.scheduled.clone();
             match self.apply(None, None) {
-                Ok(_) => {
-                    for line in diff_lines(&old, &scheduled, &Nss) {
-                        log::info!("schedule: {line}");
-                    }
-                }
+                Ok(_) => self
+                    .names
+                    .changes("schedule: ", Diff::of_pairs(&old, &scheduled)),
                 Err(e) => log::error!("schedule change not applied: {e:#}"),
             }
         }
@@ -751,9 +655,10 @@ impl Engine {
                 let source = self.source;
                 match self.apply(Some(loaded), None) {
                     Ok(old) => {
-                        for line in access_diff(&old, &self.compiled, &Nss) {
-                            log::info!("groups or hostnames changed: {line}");
-                        }
+                        self.names.changes(
+                            "groups or hostnames changed: ",
+                            Diff::of_tables(&old, &self.compiled),
+                        );
                         log::info!(
                             "groups or hostnames changed; policy re-applied: {}",
                             self.summary()
@@ -773,13 +678,7 @@ impl Engine {
         if uid == self.console {
             return;
         }
-        let name = |u: Option<u32>| {
-            u.map_or_else(
-                || "nobody".to_owned(),
-                |u| Nss.user_name(u).unwrap_or_else(|| format!("#{u}")),
-            )
-        };
-        log::info!("console user: {} -> {}", name(self.console), name(uid));
+        self.names.console(self.console, uid);
         self.console = uid;
         if !self
             .loaded
@@ -802,10 +701,11 @@ impl Engine {
             return;
         }
         let gone = self.grants.expire(now);
-        if let Err(e) = self.grants.save() {
-            log::error!("could not save temporary grants: {e:#}");
-        }
-        match self.apply(None, None) {
+        // Access ends first; the file follows on the writer's thread (an
+        // expired grant left in it is dropped when it is read).
+        let applied = self.apply(None, None);
+        self.grants.save_in_background();
+        match applied {
             Ok(_) => {
                 for g in gone {
                     log::info!(
@@ -1037,7 +937,8 @@ impl Engine {
         }
         json!({
             "uid": uid,
-            "user": Nss.user_name(uid).unwrap_or_else(|| format!("#{uid}")),
+            // Filled in by the control handler (NSS is not asked here).
+            "user": Value::Null,
             "client": self.loaded.policy.settings.client,
             "vms": vms,
         })
@@ -1057,7 +958,9 @@ impl Engine {
         };
         let clock = self.clock();
         let tz = schedule::zone(&self.loaded.policy);
-        let name = |u: u32| Nss.user_name(u).unwrap_or_else(|| format!("#{u}"));
+        // Names are filled in by the control handler, off this thread
+        // (see control::fill_user_names).
+        let name = |_: u32| Value::Null;
         let ids: BTreeMap<&str, u32> = self
             .compiled
             .vm_names
@@ -1310,71 +1213,4 @@ pub fn run(mut engine: Engine, rx: &mpsc::Receiver<Command>, timers: &Timers) {
         }
     }
     drop(engine);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn diff_names_gains_and_losses() {
-        let dir = crate::directory::FakeDirectory::default().user("bob", 1001);
-        let old: BTreeSet<(String, u32)> = [("a".to_owned(), 1001), ("b".to_owned(), 7)].into();
-        let new: BTreeSet<(String, u32)> = [("a".to_owned(), 1001), ("c".to_owned(), 1001)].into();
-        assert_eq!(
-            diff_lines(&old, &new, &dir),
-            vec!["+ bob may now open c", "- #7 may no longer open b"]
-        );
-    }
-
-    /// (vm, port, uids) of each endpoint.
-    type Endpoints<'a> = &'a [(&'a str, u16, &'a [u32])];
-
-    fn compiled(vms: Endpoints<'_>) -> Compiled {
-        let mut c = Compiled::default();
-        for (vm, port, uids) in vms {
-            c.endpoints.insert(
-                (crate::compile::Dest::Local, *port),
-                crate::compile::EndpointInfo {
-                    vm: (*vm).to_owned(),
-                    uids: uids.iter().copied().collect(),
-                    temp_uids: BTreeSet::new(),
-                    scheduled_uids: BTreeSet::new(),
-                    console_uid: None,
-                    mode: crate::policy::Mode::Enforce,
-                },
-            );
-        }
-        c
-    }
-
-    #[test]
-    fn access_diff_matches_the_pairwise_diff() {
-        let dir = crate::directory::FakeDirectory::default().user("bob", 1001);
-        let cases: [(Endpoints<'_>, Endpoints<'_>); 4] = [
-            (
-                &[("a", 1, &[1001]), ("b", 2, &[7])],
-                &[("a", 1, &[1001]), ("c", 3, &[1001])],
-            ),
-            (&[("a", 1, &[1, 2, 3])], &[("a", 1, &[1, 2, 3])]),
-            // A VM on two endpoints: the union counts.
-            (&[("a", 1, &[1]), ("a", 2, &[2])], &[("a", 1, &[1, 2])]),
-            (&[], &[("z", 9, &[5, 6]), ("y", 8, &[1001])]),
-        ];
-        for (old, new) in cases {
-            let (o, n) = (compiled(old), compiled(new));
-            assert_eq!(
-                access_diff(&o, &n, &dir),
-                diff_lines(&access_pairs(&o), &access_pairs(&n), &dir),
-                "{old:?} -> {new:?}"
-            );
-        }
-        let many: Vec<u32> = (0..200).collect();
-        let lines = access_diff(&compiled(&[]), &compiled(&[("v", 1, &many)]), &dir);
-        assert_eq!(lines.len(), MAX_DIFF_LINES + 1);
-        assert_eq!(
-            lines.last().map(String::as_str),
-            Some("... and 150 more changes")
-        );
-    }
 }

@@ -46,6 +46,43 @@ pub fn now_unix() -> u64 {
 pub struct GrantStore {
     path: PathBuf,
     pub grants: Vec<TempGrant>,
+    writer: GrantWriter,
+}
+
+type SaveJob = (Vec<u8>, Option<std::sync::mpsc::Sender<Result<(), String>>>);
+
+/// Writes the grants file on its own thread, in order: the engine hands an
+/// expiry's copy over and goes on (an fsync never delays the end of
+/// access), while `grant` and `revoke` wait for theirs so that a failure is
+/// reported. Ordered, so an older copy never lands after a newer one.
+#[derive(Debug)]
+struct GrantWriter {
+    tx: std::sync::mpsc::Sender<SaveJob>,
+}
+
+impl GrantWriter {
+    fn start(path: PathBuf) -> anyhow::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<SaveJob>();
+        std::thread::Builder::new()
+            .name("sg-grants".into())
+            .spawn(move || {
+                for (bytes, reply) in rx {
+                    let r = crate::state::write_atomic(&path, &bytes).map_err(|e| format!("{e:#}"));
+                    match reply {
+                        Some(tx) => {
+                            let _ = tx.send(r);
+                        }
+                        None => {
+                            if let Err(e) = r {
+                                log::error!("could not save temporary grants: {e}");
+                            }
+                        }
+                    }
+                }
+            })
+            .context("starting the grants writer")?;
+        Ok(Self { tx })
+    }
 }
 
 impl GrantStore {
@@ -62,13 +99,38 @@ impl GrantStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        Ok(Self { path, grants })
+        let writer = GrantWriter::start(path.clone())?;
+        Ok(Self {
+            path,
+            grants,
+            writer,
+        })
     }
 
-    /// Writes the store atomically (temp file, fsync, rename).
+    /// Writes the store atomically (temp file, fsync, rename) and waits
+    /// for it.
     pub fn save(&self) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec_pretty(&self.grants)?;
-        crate::state::write_atomic(&self.path, &bytes)
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.writer
+            .tx
+            .send((bytes, Some(tx)))
+            .map_err(|_| anyhow::anyhow!("the grants writer stopped"))?;
+        rx.recv()
+            .map_err(|_| anyhow::anyhow!("the grants writer stopped"))?
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("saving {}", self.path.display()))
+    }
+
+    /// Hands a copy of the store to the writer and returns at once (errors
+    /// are logged).
+    pub fn save_in_background(&self) {
+        match serde_json::to_vec_pretty(&self.grants) {
+            Ok(bytes) => {
+                let _ = self.writer.tx.send((bytes, None));
+            }
+            Err(e) => log::error!("could not save temporary grants: {e}"),
+        }
     }
 
     /// Adds or replaces the grant of `uid` on `vm`.

@@ -12,6 +12,7 @@ pub mod compile;
 pub mod console;
 pub mod control;
 pub mod denials;
+pub mod diff;
 pub mod directory;
 pub mod engine;
 pub mod events;

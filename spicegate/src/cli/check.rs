@@ -52,8 +52,8 @@ pub fn check(args: &CheckArgs, socket: &std::path::Path) -> anyhow::Result<ExitC
                 }
             }
         }
-        let new = crate::engine::access_pairs(&compiled);
-        let lines = crate::engine::diff_lines(&old, &new, &Nss);
+        let new = crate::diff::access_pairs(&compiled);
+        let lines = crate::diff::diff_lines(&old, &new, &Nss);
         println!("compared with the running policy:");
         if lines.is_empty() {
             println!("no change in who may open what");
