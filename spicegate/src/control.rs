@@ -24,6 +24,7 @@ use tokio::{
 };
 
 use crate::{
+    accounts::{Accounts, Bucket},
     denials::StreamItem,
     directory::{Directory, Nss},
     engine::{Command, Loader},
@@ -40,35 +41,41 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// error. Root and the admin group are not counted.
 pub const MAX_CLIENTS: usize = 64;
 
-/// Connections one non-admin user may hold at once (a notify agent, a few
-/// `list`/`why` calls, an `events` stream), so that one user cannot take
-/// every slot from the others.
+/// Connections one non-admin account may hold at once (a notify agent, a
+/// few `list`/`why` calls, an `events` stream), so that one user cannot take
+/// every slot from the others. An account's subordinate uids count as the
+/// account, and uids of no account share one such quota (see accounts.rs).
 pub const MAX_PER_USER: usize = 8;
 
-/// Open connections per uid; an entry goes when its last connection does.
+/// Open connections per account; an entry goes when its last connection
+/// does.
 #[derive(Debug, Default)]
-struct PerUser(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
+struct PerUser {
+    open: std::sync::Mutex<std::collections::HashMap<Bucket, usize>>,
+    accounts: Accounts,
+}
 
 /// One connection counted in [`PerUser`]; uncounted on drop.
 struct UserSlot {
     table: Arc<PerUser>,
-    uid: u32,
+    bucket: Bucket,
 }
 
 impl PerUser {
     fn take(self: &Arc<Self>, uid: u32) -> Option<UserSlot> {
+        let bucket = self.accounts.bucket(uid);
         let mut m = self
-            .0
+            .open
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = m.entry(uid).or_default();
+        let n = m.entry(bucket.clone()).or_default();
         if *n >= MAX_PER_USER {
             return None;
         }
         *n += 1;
         Some(UserSlot {
             table: Arc::clone(self),
-            uid,
+            bucket,
         })
     }
 }
@@ -77,13 +84,13 @@ impl Drop for UserSlot {
     fn drop(&mut self) {
         let mut m = self
             .table
-            .0
+            .open
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = m.get_mut(&self.uid) {
+        if let Some(n) = m.get_mut(&self.bucket) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                m.remove(&self.uid);
+                m.remove(&self.bucket);
             }
         }
     }
@@ -233,7 +240,7 @@ pub async fn serve(listener: UnixListener, shared: Shared) {
         } else {
             match per_user.take(uid) {
                 None => Err(format!(
-                    "busy: you already have {MAX_PER_USER} connections to spicegate open; close one and try again"
+                    "busy: you already have {MAX_PER_USER} connections to spicegate open (counting the uids of your subordinate range); close one and try again"
                 )),
                 Some(user_slot) => Arc::clone(&slots)
                     .try_acquire_owned()

@@ -227,6 +227,9 @@ pub struct Engine {
     sweeper: Sweeper,
     /// Writes the log lines that name users (NSS) off this thread.
     names: NameLog,
+    /// Whether only root can change the state directory and the grants
+    /// file; if not, neither is read or written.
+    state_ok: Result<(), String>,
     /// The denial log's counters (set once the pipeline runs).
     denial_stats: Option<Arc<crate::denials::Stats>>,
     /// Kernel drop counters when this daemon started.
@@ -251,6 +254,7 @@ impl Engine {
     fn prepare(
         cfg: &Config,
     ) -> anyhow::Result<(
+        Result<(), String>,
         GrantStore,
         Arc<CachingResolver>,
         Loaded,
@@ -259,13 +263,22 @@ impl Engine {
         BTreeSet<(String, u32)>,
         Compiled,
     )> {
-        let grants = GrantStore::load(&cfg.state_dir)?;
+        let state_ok = trusted_state_dir(&cfg.state_dir);
+        let grants = match &state_ok {
+            Ok(()) => GrantStore::load(&cfg.state_dir)?,
+            Err(e) => {
+                log::error!(
+                    "STATE UNTRUSTED: {e}; temporary grants and the last good copy of the policy are off until it is fixed and the daemon restarted"
+                );
+                GrantStore::empty(&cfg.state_dir)?
+            }
+        };
         let resolver = Arc::new(CachingResolver::default());
         let (loaded, source) = match load_policy(&cfg.policy_path, &*resolver) {
             Ok(l) => (l, Source::File),
             Err(e) => {
                 let last = state::last_good_path(&cfg.state_dir);
-                if !last.exists() {
+                if !last.exists() || state_ok.is_err() {
                     return Err(anyhow!(
                         "{e}\npolicy {} rejected and no last good policy in {}; nothing changed",
                         cfg.policy_path.display(),
@@ -298,7 +311,9 @@ impl Engine {
         let compiled = compile(&loaded.policy, &local, &dynamic)
             .with_context(|| cfg.policy_path.display().to_string())?;
 
-        Ok((grants, resolver, loaded, source, local, scheduled, compiled))
+        Ok((
+            state_ok, grants, resolver, loaded, source, local, scheduled, compiled,
+        ))
     }
 
     pub fn start(cfg: Config) -> anyhow::Result<Self> {
@@ -316,7 +331,7 @@ impl Engine {
                 .unwrap_or_else(|_| Err(anyhow!("loading the program panicked")));
             (kernel, prepared)
         });
-        let (grants, resolver, loaded, source, local, scheduled, compiled) = prepared?;
+        let (state_ok, grants, resolver, loaded, source, local, scheduled, compiled) = prepared?;
         let mut kernel = kernel?;
         let now = now_unix();
         // Table first, links second: a fresh attach never runs without its
@@ -372,6 +387,7 @@ impl Engine {
             resolve_job,
             sweeper,
             names: NameLog::start()?,
+            state_ok,
             denial_stats: None,
             drops_at_start,
             console: None,
@@ -424,7 +440,9 @@ impl Engine {
     }
 
     fn save_last_good(&self) {
-        self.last_good.save(self.loaded.sources.clone());
+        if self.state_ok.is_ok() {
+            self.last_good.save(self.loaded.sources.clone());
+        }
     }
 
     fn clock(&self) -> i64 {
@@ -704,7 +722,9 @@ impl Engine {
         // Access ends first; the file follows on the writer's thread (an
         // expired grant left in it is dropped when it is read).
         let applied = self.apply(None, None);
-        self.grants.save_in_background();
+        if self.state_ok.is_ok() {
+            self.grants.save_in_background();
+        }
         match applied {
             Ok(_) => {
                 for g in gone {
@@ -787,11 +807,24 @@ impl Engine {
         for_secs: Option<u64>,
         by: u32,
     ) -> Result<Value, String> {
+        if let Err(e) = &self.state_ok {
+            return Err(format!(
+                "grant refused: temporary grants are off because {e}; fix it and restart the daemon"
+            ));
+        }
         if !self.loaded.policy.vms.contains_key(&vm) {
             let known: Vec<&str> = self.loaded.policy.vms.keys().map(String::as_str).collect();
             return Err(format!(
                 "no vm `{vm}` in the policy (vms: {})",
                 known.join(", ")
+            ));
+        }
+        if let Some(s) = for_secs
+            && !(1..=crate::grants::MAX_GRANT_SECS).contains(&s)
+        {
+            return Err(format!(
+                "a temporary grant lasts from 1 second to 10 years ({} s), not {s} s; for longer, put the user in the policy",
+                crate::grants::MAX_GRANT_SECS
             ));
         }
         let now = u64::try_from(self.clock()).unwrap_or(0);
@@ -903,7 +936,7 @@ impl Engine {
                     .filter(|g| g.uid == uid && g.vm == vm.name)
                     .filter_map(|g| g.expires)
                     .max()
-                    .and_then(|t| i64::try_from(t).ok())
+                    .map(|t| i64::try_from(t).unwrap_or(i64::MAX))
             } else {
                 next
             };
@@ -1129,6 +1162,23 @@ impl Engine {
             "temporary_grants": temporary,
         })
     }
+}
+
+/// Creates the state directory (mode 0700) when missing, and checks that
+/// only root can change it and the grants file in it.
+fn trusted_state_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create the state directory {}: {e}", dir.display()))?;
+    crate::trust::check(dir, "state directory")?;
+    let grants = dir.join("grants.json");
+    if grants.exists() {
+        crate::trust::check(&grants, "grants file")?;
+    }
+    Ok(())
 }
 
 /// Reads and parses the policy file, off the engine thread (NSS and DNS

@@ -30,9 +30,22 @@ impl TempGrant {
     }
 }
 
-/// RFC 3339 UTC time of unix seconds, for display and JSON.
+/// The longest temporary grant: ten years (of 365.25 days). Longer ones are
+/// refused (they are policy, not temporary), which also keeps every expiry
+/// far inside what the arithmetic and the formatting below can hold.
+pub const MAX_GRANT_SECS: u64 = 10 * 36_525 * 864;
+
+/// 9999-12-31T23:59:59Z, the last second RFC 3339 can write.
+const MAX_RFC3339: u64 = 253_402_300_799;
+
+/// RFC 3339 UTC time of unix seconds, for display and JSON. Never panics:
+/// a time past year 9999 (only a hand-edited grants file can hold one) is
+/// written as the last second of 9999.
 pub fn rfc3339(unix: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(unix)).to_string()
+    humantime::format_rfc3339_seconds(
+        UNIX_EPOCH + std::time::Duration::from_secs(unix.min(MAX_RFC3339)),
+    )
+    .to_string()
 }
 
 pub fn now_unix() -> u64 {
@@ -86,6 +99,17 @@ impl GrantWriter {
 }
 
 impl GrantStore {
+    /// An empty store that is never read (an untrusted state directory).
+    pub fn empty(state_dir: &Path) -> anyhow::Result<Self> {
+        let path = state_dir.join("grants.json");
+        let writer = GrantWriter::start(path.clone())?;
+        Ok(Self {
+            path,
+            grants: Vec::new(),
+            writer,
+        })
+    }
+
     /// Loads `DIR/grants.json`; a missing file is an empty store.
     pub fn load(state_dir: &Path) -> anyhow::Result<Self> {
         let path = state_dir.join("grants.json");
@@ -166,6 +190,16 @@ impl GrantStore {
             .filter(|g| !g.expired(now))
             .cloned()
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod rfc3339_tests {
+    #[test]
+    fn formats_any_u64_without_panicking() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(u64::MAX), "9999-12-31T23:59:59Z");
+        assert_eq!(super::rfc3339(253_402_300_800), "9999-12-31T23:59:59Z");
     }
 }
 

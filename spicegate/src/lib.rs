@@ -6,6 +6,7 @@
 //! state in the daemon and `control` is its socket. The library exists so
 //! fuzzers and benchmarks can drive the same code as the binary.
 
+pub mod accounts;
 pub mod background;
 pub mod cli;
 pub mod compile;
@@ -25,3 +26,4 @@ pub mod policy;
 pub mod schedule;
 pub mod sockdiag;
 pub mod state;
+pub mod trust;

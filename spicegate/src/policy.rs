@@ -475,6 +475,15 @@ pub fn read_sources(main: &Path) -> Result<Vec<Source>, PolicyErrors> {
             sources.push(Source { path: f, text });
         }
     }
+    let files: Vec<PathBuf> = sources.iter().map(|s| s.path.clone()).collect();
+    crate::trust::check_policy(&files, &dir).map_err(|message| {
+        PolicyErrors(vec![PolicyError {
+            file: main.to_owned(),
+            line: 0,
+            col: 0,
+            message,
+        }])
+    })?;
     Ok(sources)
 }
 

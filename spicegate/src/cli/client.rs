@@ -234,6 +234,11 @@ pub fn grant(socket: &Path, args: &GrantArgs) -> anyhow::Result<ExitCode> {
             if dur.is_zero() {
                 bail!("--for must be longer than zero");
             }
+            if dur.as_secs() > crate::grants::MAX_GRANT_SECS {
+                bail!(
+                    "--for {d} is longer than 10 years: a temporary grant lasts at most 10y; for longer, put the user in the policy"
+                );
+            }
             Some(dur.as_secs().max(1))
         }
     };

@@ -1,0 +1,358 @@
+//! Root integration tests for what an ordinary user could still do around
+//! the connect hook: crash the daemon with an absurd request, hog the
+//! control socket through a subordinate uid range, learn about other users
+//! through `why`, or grant himself every VM through a policy file others
+//! can write. Each fails on a daemon without the matching fix.
+//!
+//! Run as root, one test at a time: `cargo xtask test`.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    os::unix::fs::{PermissionsExt as _, chown},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use serde_json::Value;
+use spicegate_tests::{
+    Daemon, Listener, PinDir, TestCgroup, TestUser, ctl_as, raw_request, require_root,
+};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A policy directory of its own (mode 0755, root's), with `policy.d`.
+struct PolicyDir(PathBuf);
+
+impl PolicyDir {
+    fn new(main: &str) -> Self {
+        let d = std::env::temp_dir().join(format!(
+            "sg-holes-{}-{}",
+            std::process::id(),
+            spicegate_tests::next_id()
+        ));
+        fs::create_dir_all(d.join("policy.d")).expect("mkdir");
+        for p in [&d, &d.join("policy.d")] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        let me = Self(d);
+        fs::write(me.main(), main).expect("writing the policy");
+        me.chmod(&me.main(), 0o644);
+        me
+    }
+    fn main(&self) -> PathBuf {
+        self.0.join("policy.toml")
+    }
+    fn dropins(&self) -> PathBuf {
+        self.0.join("policy.d")
+    }
+    fn chmod(&self, p: &Path, mode: u32) {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", p.display()));
+    }
+}
+
+impl Drop for PolicyDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn vm_policy(port: u16, allow: &[&str]) -> String {
+    let allow: Vec<String> = allow.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "[vms.v]\nserver = \"localhost\"\nports = [{port}]\nallow = [{}]\n",
+        allow.join(", ")
+    )
+}
+
+fn status(pin: &PinDir) -> Value {
+    let out = pin.ctl(["status", "--json"]);
+    assert!(out.status.success(), "status failed: {}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("status JSON")
+}
+
+// ---- 4. bad requests never take the daemon down --------------------------
+
+#[test]
+fn absurd_grant_durations_are_refused_and_old_ones_do_not_crash_the_daemon() {
+    require_root();
+    let user = TestUser::new();
+    let l = Listener::loopback();
+    let policy = PolicyDir::new(&vm_policy(l.port(), &[]));
+    let cg = TestCgroup::new();
+    let pin = PinDir::new();
+    // A grants file as a daemon without the bound could have saved it.
+    let state = pin.state_dir();
+    fs::create_dir_all(&state).expect("state dir");
+    fs::write(
+        state.join("grants.json"),
+        format!(
+            r#"[{{"uid":{},"user":"{}","vm":"v","expires":18446744073709551615,"granted_at":0,"granted_by":0}}]"#,
+            user.uid, user.name
+        ),
+    )
+    .expect("writing grants.json");
+    let daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+
+    // The grantee's own commands, and status, work with that grant.
+    let list = ctl_as(&pin, &user, &["list", "--json"]);
+    assert_eq!(list.code, Some(0), "list with a far-future grant: {list}");
+    assert!(list.stdout.contains("9999-12-31T23:59:59Z"), "{list}");
+    let why = ctl_as(
+        &pin,
+        &user,
+        &["why", &user.name, &format!("127.0.0.1:{}", l.port())],
+    );
+    assert_eq!(why.code, Some(0), "why with a far-future grant: {why}");
+    let st = status(&pin);
+    assert_eq!(st["temporary_grants"][0]["expires"], "9999-12-31T23:59:59Z");
+
+    // New absurd durations are refused, by the CLI and on the wire.
+    let out = pin.ctl(["grant", &user.name, "v", "--for", "10000y"]);
+    assert!(!out.status.success(), "--for 10000y must be refused");
+    assert!(
+        text(&out.stderr).contains("longer than 10 years"),
+        "{}",
+        text(&out.stderr)
+    );
+    for secs in ["18446744073709551615", "315576001", "0"] {
+        let answer = raw_request(
+            &pin.socket(),
+            format!(
+                r#"{{"cmd":"grant","user":"{}","vm":"v","for_secs":{secs}}}
+"#,
+                user.name
+            )
+            .as_bytes(),
+            false,
+            std::time::Duration::from_secs(5),
+        );
+        assert!(
+            answer.contains(r#""ok":false"#) && answer.contains("1 second to 10 years"),
+            "for_secs {secs}: {answer}"
+        );
+    }
+    // Ten years exactly is fine.
+    let out = pin.ctl(["grant", &user.name, "v", "--for", "3652days"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(status(&pin)["running"], true);
+    drop(daemon);
+}
+
+// ---- 5. the control socket: order of checks, fairness ---------------------
+
+#[test]
+fn why_about_someone_else_is_refused_before_they_are_looked_up() {
+    require_root();
+    let user = TestUser::new();
+    let l = Listener::loopback();
+    let policy = PolicyDir::new(&vm_policy(l.port(), &[]));
+    let cg = TestCgroup::new();
+    let pin = PinDir::new();
+    let _daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+    let dst = format!("127.0.0.1:{}", l.port());
+    for who in ["no-such-user-sg-holes", "root", "#0"] {
+        let out = ctl_as(&pin, &user, &["why", who, &dst]);
+        assert!(
+            out.code != Some(0) && out.stderr.contains("permission denied"),
+            "why {who} as {}: {out}",
+            user.name
+        );
+    }
+    for me in [user.name.clone(), format!("#{}", user.uid)] {
+        let out = ctl_as(&pin, &user, &["why", &me, &dst]);
+        assert!(
+            !out.stderr.contains("permission denied"),
+            "why {me} as {}: {out}",
+            user.name
+        );
+    }
+}
+
+/// /etc/subuid with one more range; restored on drop.
+struct SubuidFile {
+    original: Option<Vec<u8>>,
+}
+
+const SUBUID: &str = "/etc/subuid";
+
+impl SubuidFile {
+    fn add(owner: &str, start: u32, count: u32) -> Self {
+        let original = fs::read(SUBUID).ok();
+        let mut text = original.clone().unwrap_or_default();
+        if !text.is_empty() && !text.ends_with(b"\n") {
+            text.push(b'\n');
+        }
+        text.extend_from_slice(format!("{owner}:{start}:{count}\n").as_bytes());
+        fs::write(SUBUID, text).expect("writing /etc/subuid");
+        Self { original }
+    }
+}
+
+impl Drop for SubuidFile {
+    fn drop(&mut self) {
+        let r = match &self.original {
+            Some(b) => fs::write(SUBUID, b),
+            None => fs::remove_file(SUBUID),
+        };
+        if let Err(e) = r {
+            eprintln!("[test] LEFTOVER: could not restore {SUBUID}: {e}");
+        }
+    }
+}
+
+/// Forks one process per uid, each opening `per` connections and holding
+/// them until stdin closes; prints how many answers said `busy`.
+const HOG: &str = r#"
+import os, socket, sys
+path, uids, per = sys.argv[1], [int(u) for u in sys.argv[2].split(",")], int(sys.argv[3])
+r, w = os.pipe()
+kids = []
+for u in uids:
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.setgroups([]); os.setresgid(u, u, u); os.setresuid(u, u, u)
+        socks = []
+        for _ in range(per):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            socks.append(s)
+        busy = 0
+        for s in socks:
+            s.settimeout(0.2)
+            try:
+                if b"busy" in s.recv(4096):
+                    busy += 1
+            except socket.timeout:
+                pass
+        os.write(w, b"%d\n" % busy)
+        sys.stdin.read()
+        os._exit(0)
+    kids.append(pid)
+os.close(w)
+f = os.fdopen(r)
+busy = sum(int(f.readline()) for _ in uids)
+print(busy, flush=True)
+sys.stdin.read()
+"#;
+
+#[test]
+fn a_subordinate_uid_range_counts_as_its_owner_on_the_control_socket() {
+    require_root();
+    let (hog, other) = (TestUser::new(), TestUser::new());
+    let l = Listener::loopback();
+    let policy = PolicyDir::new(&vm_policy(l.port(), &[&other.name]));
+    let cg = TestCgroup::new();
+    let pin = PinDir::new();
+    let _daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+    let first = 3_000_000 + spicegate_tests::next_id() * 65_536;
+    let _subuid = SubuidFile::add(&hog.name, first, 65_536);
+    // Eight uids of the hog's range, eight connections each: all 64 slots
+    // for non-admins if each uid counted on its own.
+    let uids: Vec<String> = (0..8).map(|k| (first + k).to_string()).collect();
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(HOG)
+        .arg(pin.socket())
+        .arg(uids.join(","))
+        .arg("8")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut busy = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut busy)
+        .expect("reading the hog's count");
+    let served = ctl_as(&pin, &other, &["list"]);
+    drop(child.stdin.take());
+    let _ = child.kill();
+    let _ = child.wait();
+    let busy: u32 = busy.trim().parse().expect("a count");
+    eprintln!("[test] the hog's range got {busy} busy answers of 64");
+    assert!(
+        busy >= 56,
+        "the hog's 8 subordinate uids held {} connections; at most 8 for the whole range",
+        64 - busy
+    );
+    assert_eq!(
+        served.code,
+        Some(0),
+        "another user must be served: {served}"
+    );
+}
+
+// ---- 6. a policy that a user could have written is not trusted ------------
+
+#[test]
+fn a_policy_others_could_write_is_refused() {
+    require_root();
+    let user = TestUser::new();
+    let l = Listener::loopback();
+    let policy = PolicyDir::new(&vm_policy(l.port(), &[]));
+    let cg = TestCgroup::new();
+    let pin = PinDir::new();
+    let mut daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+    let sha = status(&pin)["policy"]["sha256"].clone();
+
+    // What a user would write, once he can.
+    let evil = vm_policy(l.port(), &[&user.name]);
+    let refused = |what: &str, needle: &str| {
+        let check = spicegate_tests::spicegate(["check".as_ref(), policy.main().as_os_str()]);
+        assert!(!check.status.success(), "{what}: check must fail");
+        let out = text(&check.stdout) + &text(&check.stderr);
+        assert!(out.contains(needle), "{what}: check says:\n{out}");
+        let reload = pin.ctl(["reload"]);
+        assert!(!reload.status.success(), "{what}: reload must be refused");
+        let out = text(&reload.stderr);
+        assert!(out.contains(needle), "{what}: reload says:\n{out}");
+        assert_eq!(
+            status(&pin)["policy"]["sha256"],
+            sha,
+            "{what}: policy changed"
+        );
+    };
+
+    fs::write(policy.main(), &evil).expect("write");
+    policy.chmod(&policy.main(), 0o666);
+    refused("policy file 0666", "mode 0666");
+    policy.chmod(&policy.main(), 0o620);
+    refused("policy file 0620", "mode 0620");
+    policy.chmod(&policy.main(), 0o644);
+    chown(policy.main(), Some(user.uid), None).expect("chown");
+    refused(
+        "policy file owned by a user",
+        &format!("owned by uid {}", user.uid),
+    );
+    chown(policy.main(), Some(0), None).expect("chown back");
+    fs::write(policy.main(), vm_policy(l.port(), &[])).expect("write");
+
+    let dropin = policy.dropins().join("extra.toml");
+    fs::write(&dropin, "[settings]\n").expect("drop-in");
+    policy.chmod(&dropin, 0o664);
+    refused("policy.d file 0664", "mode 0664");
+    fs::remove_file(&dropin).expect("rm");
+    policy.chmod(&policy.dropins(), 0o777);
+    refused("policy.d 0777", "mode 0777");
+    policy.chmod(&policy.dropins(), 0o755);
+    policy.chmod(&policy.0, 0o775);
+    refused("the policy's directory 0775", "mode 0775");
+    policy.chmod(&policy.0, 0o755);
+    let ok = pin.ctl(["reload"]);
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+
+    // At start: the last good copy is enforced instead.
+    let _ = daemon.stop();
+    fs::write(policy.main(), &evil).expect("write");
+    policy.chmod(&policy.main(), 0o666);
+    let daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+    assert_eq!(status(&pin)["policy"]["source"], "last-good");
+    assert!(
+        daemon.lines().iter().any(|l| l.contains("mode 0666")),
+        "the start must say why the file was refused"
+    );
+}
