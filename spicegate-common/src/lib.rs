@@ -81,7 +81,7 @@ pub struct FloodRecord {
     pub vm: u32,
     /// Destination port, host byte order.
     pub port: u16,
-    /// 1 when the connect was a `bind` (reserved; 0 today).
+    /// [`OP_CONNECT`] or [`OP_BIND`].
     pub op: u8,
     /// 1 in audit mode.
     pub audit: u8,
@@ -103,6 +103,16 @@ pub const COUNTERS_MAP_ENTRIES: u32 = 16384;
 
 /// aya-log's ring buffer (not pinned: each loaded program has its own).
 pub const LOG_MAP: &str = "AYA_LOGS";
+
+/// Name of the bind4 program in the object file.
+pub const PROG_BIND4: &str = "spicegate_bind4";
+/// Name of the bind6 program in the object file.
+pub const PROG_BIND6: &str = "spicegate_bind6";
+
+/// [`FloodRecord::op`] and the `op=` field of deny records: a connect.
+pub const OP_CONNECT: u8 = 0;
+/// [`FloodRecord::op`] and the `op=` field of deny records: a bind.
+pub const OP_BIND: u8 = 1;
 
 /// Name of the connect4 program in the object file.
 pub const PROG_CONNECT4: &str = "spicegate_connect4";
@@ -126,7 +136,8 @@ pub const RATE_SHARED_WINDOW_NS: u64 = 1_000_000_000;
 ///
 /// - 1: rate limit in an LRU of 4,096 uids.
 /// - 2: rate limit in an array (one slot per uid below 65,536 and a shared
-///   one) plus a map of named uids; per-CPU drop counters.
+///   one) plus a map of named uids; per-CPU drop counters; bind4 and bind6
+///   programs (links `bind4_v2`, `bind6_v2`) beside connect4 and connect6.
 pub const LAYOUT_VERSION: u32 = 2;
 
 /// [`RuleKey::kind`]: "is this port guarded at all, and how". Key has only
@@ -148,6 +159,14 @@ pub const KIND_LOCAL: u8 = 4;
 /// is a [`KIND_LOCAL`] entry with its masked address and its length in
 /// [`RuleKey::port`] (0 for single addresses).
 pub const KIND_LOCAL_NETS: u8 = 5;
+/// [`RuleKey::kind`]: a port that only its listeners may bind, on any
+/// address of this machine (`[protect]` ports and the ports of VMs on
+/// `localhost`). Key has only `port` set. Value: `vm` (or [`NO_VM`]) and
+/// [`PORT_AUDIT`] in audit mode.
+pub const KIND_BIND_PORT: u8 = 6;
+/// [`RuleKey::kind`]: `uid` may bind every [`KIND_BIND_PORT`] port
+/// (`[protect] listeners`). Key has only `uid` set.
+pub const KIND_LISTENER: u8 = 7;
 /// How many distinct local network prefix lengths the program checks.
 pub const MAX_LOCAL_NET_LENS: usize = 4;
 
@@ -238,6 +257,26 @@ impl RuleKey {
             port: len,
             uid: 0,
             addr,
+        }
+    }
+    /// Key of a [`KIND_BIND_PORT`] entry.
+    pub const fn bind_port(port: u16) -> Self {
+        Self {
+            kind: KIND_BIND_PORT,
+            _pad: 0,
+            port,
+            uid: 0,
+            addr: [0; 16],
+        }
+    }
+    /// Key of a [`KIND_LISTENER`] entry.
+    pub const fn listener(uid: u32) -> Self {
+        Self {
+            kind: KIND_LISTENER,
+            _pad: 0,
+            port: 0,
+            uid,
+            addr: [0; 16],
         }
     }
     /// Key of the [`KIND_LOCAL_NETS`] entry.

@@ -20,11 +20,11 @@ use aya_log_ebpf::macro_support::AYA_LOGS;
 use aya_log_ebpf::warn;
 use spicegate_common::{
     COUNTERS_MAP_ENTRIES, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_RATE_LIMITED,
-    ENDPOINT_AUDIT, FLOOD_RING_BYTES, FloodRecord, KIND_ENDPOINT, KIND_GRANT, KIND_LOCAL,
-    KIND_LOCAL_NETS, KIND_PORT, LOG_RING_BYTES, LOG_RING_HEADROOM, MAX_LOCAL_NET_LENS, NO_VM,
-    POLICY_SLOT, PORT_AUDIT, PORT_GUARD_ALL, RATE_BURST, RATE_LOW_UIDS, RATE_NAMED_ENTRIES,
-    RATE_SHARED_BURST, RATE_SHARED_SLOT, RATE_SHARED_WINDOW_NS, RATE_SLOTS, RATE_WINDOW_NS,
-    RateState, RuleKey, RuleValue, VmCounters,
+    ENDPOINT_AUDIT, FLOOD_RING_BYTES, FloodRecord, KIND_BIND_PORT, KIND_ENDPOINT, KIND_GRANT,
+    KIND_LISTENER, KIND_LOCAL, KIND_LOCAL_NETS, KIND_PORT, LOG_RING_BYTES, LOG_RING_HEADROOM,
+    MAX_LOCAL_NET_LENS, NO_VM, OP_BIND, OP_CONNECT, POLICY_SLOT, PORT_AUDIT, PORT_GUARD_ALL,
+    RATE_BURST, RATE_LOW_UIDS, RATE_NAMED_ENTRIES, RATE_SHARED_BURST, RATE_SHARED_SLOT,
+    RATE_SHARED_WINDOW_NS, RATE_SLOTS, RATE_WINDOW_NS, RateState, RuleKey, RuleValue, VmCounters,
 };
 
 /// Template for the inner rule table; the daemon creates the real ones, sized
@@ -74,6 +74,74 @@ pub fn spicegate_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn spicegate_connect6(ctx: SockAddrContext) -> i32 {
     decide(&ctx, AF_INET6)
+}
+
+/// Only a listener (`[protect] listeners`, and root) may bind a guarded
+/// local port, on any address: nobody else can stand up a fake Spice
+/// server where the console user's client will connect.
+#[cgroup_sock_addr(bind4)]
+pub fn spicegate_bind4(ctx: SockAddrContext) -> i32 {
+    decide_bind(&ctx, AF_INET)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn spicegate_bind6(ctx: SockAddrContext) -> i32 {
+    decide_bind(&ctx, AF_INET6)
+}
+
+#[inline(always)]
+fn decide_bind(ctx: &SockAddrContext, family: u32) -> i32 {
+    // SAFETY: the kernel hands every cgroup_sock_addr program a valid
+    // bpf_sock_addr; these are plain context loads.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM && sa.type_ != SOCK_SEQPACKET {
+        return ALLOW;
+    }
+    let port = u16::from_be(sa.user_port as u16);
+    if port == 0 {
+        return ALLOW; // an ephemeral port, chosen by the kernel
+    }
+    let Some(rules) = SPICEGATE_POLICY.get(POLICY_SLOT) else {
+        return ALLOW;
+    };
+    let Some(rule) = rules.get_ptr(key(KIND_BIND_PORT, port, 0, &[0; 4])) else {
+        return ALLOW;
+    };
+    let uid = bpf_get_current_uid_gid() as u32;
+    if uid == 0 || rules.get_ptr(key(KIND_LISTENER, 0, uid, &[0; 4])).is_some() {
+        return ALLOW;
+    }
+    // SAFETY: a live entry of the frozen rule table.
+    let (vm, audit) = unsafe { ((*rule).vm, (*rule).flags & PORT_AUDIT != 0) };
+    let addr = addr_bytes(sa, family);
+    count(
+        vm,
+        if audit {
+            Outcome::Audited
+        } else {
+            Outcome::Denied
+        },
+    );
+    report_denial(ctx, uid, &addr, port, vm, audit, OP_BIND);
+    if audit { ALLOW } else { DENY }
+}
+
+/// The address of a sock_addr context as 16 bytes, IPv4 mapped.
+#[inline(always)]
+fn addr_bytes(sa: &aya_ebpf::bindings::bpf_sock_addr, family: u32) -> [u8; 16] {
+    let words = if family == AF_INET {
+        [0, 0, V4_MAPPED_PREFIX, sa.user_ip4]
+    } else {
+        [
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+        ]
+    };
+    // SAFETY: [u32; 4] and [u8; 16] have the same size and any bit pattern
+    // is valid for both.
+    unsafe { core::mem::transmute(words) }
 }
 
 #[inline(always)]
@@ -143,7 +211,7 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
             Outcome::Denied
         },
     );
-    report_denial(ctx, uid, &addr, port, vm, audit);
+    report_denial(ctx, uid, &addr, port, vm, audit, OP_CONNECT);
     if audit { ALLOW } else { DENY }
 }
 
@@ -291,6 +359,7 @@ fn report_denial(
     port: u16,
     vm: u32,
     audit: bool,
+    op: u8,
 ) {
     let now = unsafe { bpf_ktime_get_ns() };
     let Some((state, burst, window)) = rate_slot(uid) else {
@@ -313,7 +382,7 @@ fn report_denial(
     } else {
         state.suppressed = state.suppressed.saturating_add(1);
         count_drop(DROP_RATE_LIMITED);
-        report_flood(uid, port, vm, audit);
+        report_flood(uid, port, vm, audit, op);
         return;
     };
     // aya-log drops a record silently when its ring is full: check for room
@@ -326,7 +395,7 @@ fn report_denial(
     let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
     warn!(
         ctx,
-        "deny uid={} pid={} dst={:i} port={} vm={} suppressed={} audit={} comm={:x}",
+        "deny uid={} pid={} dst={:i} port={} vm={} suppressed={} audit={} op={} comm={:x}",
         uid,
         pid,
         *addr,
@@ -334,6 +403,7 @@ fn report_denial(
         vm,
         suppressed,
         u8::from(audit),
+        op,
         &comm[..]
     );
 }
@@ -341,7 +411,7 @@ fn report_denial(
 /// Hands a denial the rate limit kept out of the log to the daemon's
 /// summary, without waking it (it drains the ring on a timer).
 #[inline(always)]
-fn report_flood(uid: u32, port: u16, vm: u32, audit: bool) {
+fn report_flood(uid: u32, port: u16, vm: u32, audit: bool, op: u8) {
     let Some(mut entry) = SPICEGATE_FLOOD.reserve(0) else {
         count_drop(DROP_FLOOD_RING);
         return;
@@ -351,7 +421,7 @@ fn report_flood(uid: u32, port: u16, vm: u32, audit: bool) {
         uid,
         vm,
         port,
-        op: 0,
+        op,
         audit: u8::from(audit),
         _pad: 0,
         comm,

@@ -174,6 +174,10 @@ pub struct Compiled {
     pub guarded_everywhere: Vec<u16>,
     /// Guarded endpoints with their VM and granted uids, for `check` and logs.
     pub endpoints: BTreeMap<(Dest, u16), EndpointInfo>,
+    /// Ports only root and the listeners may bind.
+    pub listen_ports: Vec<u16>,
+    /// uids of `[protect] listeners`.
+    pub listeners: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -472,6 +476,34 @@ pub fn compile(
             );
         }
     }
+    // Binds: who may serve the guarded local ports.
+    let listen_ports = policy.listen_ports();
+    let listeners = policy.listener_uids();
+    if !listen_ports.is_empty() {
+        // The VM on this machine that owns the port, if any.
+        let local_vm: BTreeMap<u16, &str> = endpoints
+            .iter()
+            .filter(|((d, _), _)| *d == Dest::Local)
+            .map(|((_, p), i)| (*p, i.vm.as_str()))
+            .collect();
+        for &port in &listen_ports {
+            let owner = local_vm.get(&port).and_then(|n| policy.vms.get(*n));
+            let (vm, mode) = match owner {
+                Some(v) => (ids[v.name.as_str()], policy.vm_mode(v)),
+                None => (NO_VM, policy.settings.mode),
+            };
+            rules.insert(
+                RuleKey::bind_port(port),
+                RuleValue {
+                    vm,
+                    flags: if mode == Mode::Audit { PORT_AUDIT } else { 0 },
+                },
+            );
+        }
+        for &uid in &listeners {
+            rules.insert(RuleKey::listener(uid), RuleValue::default());
+        }
+    }
     let rules = rules.seal();
     if rules.len() > MAX_ENTRIES {
         return Err(CompileError::TooLarge {
@@ -485,6 +517,8 @@ pub fn compile(
         vm_names,
         guarded_everywhere: policy.protect_ports.clone(),
         endpoints,
+        listen_ports: listen_ports.into_iter().collect(),
+        listeners: listeners.into_iter().collect(),
     })
 }
 
@@ -782,8 +816,11 @@ allow = ["ralph"]
     #[test]
     fn table_contents_and_capacity() {
         let c = compile(&policy(SEED), &LocalAddrs::new(), &Dynamic::default()).expect("compiles");
-        // 11 port entries (20001-20010, 5930), 2 endpoints, 4+1 grants.
-        assert_eq!(c.rules.len(), 11 + 2 + 5);
+        // 11 port entries (20001-20010, 5930), 2 endpoints, 4+1 grants,
+        // and the same 11 ports for binds (all on this machine or in
+        // [protect]).
+        assert_eq!(c.rules.len(), 11 + 2 + 5 + 11);
+        assert_eq!(c.listen_ports.len(), 11);
         assert_eq!(c.grant_count(), 5);
         assert!(c.capacity() as usize >= c.rules.len() + c.rules.len() / 4);
         let names: Vec<&str> = c.vm_names.values().map(String::as_str).collect();

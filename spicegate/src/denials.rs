@@ -563,6 +563,7 @@ impl<D: Directory> Writer<D> {
             vm,
             suppressed: ev.suppressed,
             audit: ev.audit,
+            op: if ev.bind { "bind" } else { "connect" }.to_owned(),
         }
     }
 

@@ -773,7 +773,14 @@ impl Engine {
                     console: self.console,
                 };
                 let v = explain(&self.compiled, &ctx, uid, &user, addr, port);
-                let _ = reply.send(serde_json::to_value(v).map_err(|e| e.to_string()));
+                let bind = crate::explain::explain_bind(&self.compiled, uid, &user, port);
+                let v = serde_json::to_value(v).map(|mut v| {
+                    if let (Some(o), Some(b)) = (v.as_object_mut(), bind) {
+                        o.insert("bind".into(), Value::String(b));
+                    }
+                    v
+                });
+                let _ = reply.send(v.map_err(|e| e.to_string()));
             }
             Command::Grant {
                 uid,
@@ -1152,6 +1159,11 @@ impl Engine {
                 "kernel_entries": self.compiled.rules.len(),
             },
             "protect_denied": protect_denied,
+            // Who may bind the guarded local ports besides root.
+            "listeners": {
+                "ports": self.compiled.listen_ports,
+                "users": self.compiled.listeners.iter().map(|u| json!({ "uid": u, "user": Value::Null })).collect::<Vec<_>>(),
+            },
             // Denials not logged since this daemon started, by reason.
             "drops": crate::denials::DropCounts::new(
                 self.kernel.drops().unwrap_or_default().since(self.drops_at_start),

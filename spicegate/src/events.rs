@@ -24,6 +24,8 @@ pub struct DenyEvent {
     pub suppressed: u32,
     /// Audit mode: the connect was let through.
     pub audit: bool,
+    /// A refused bind (a guarded local port), not a connect.
+    pub bind: bool,
     pub comm: String,
 }
 
@@ -39,6 +41,7 @@ impl DenyEvent {
             vm: 0,
             suppressed: 0,
             audit: false,
+            bind: false,
             comm: String::new(),
         };
         let mut seen = 0u8;
@@ -53,6 +56,10 @@ impl DenyEvent {
                 "suppressed" => ev.suppressed = v.parse().ok()?,
                 "audit" => {
                     ev.audit = v == "1";
+                    continue;
+                }
+                "op" => {
+                    ev.bind = v == "1";
                     continue;
                 }
                 "comm" => ev.comm = decode_comm(v),
@@ -129,14 +136,22 @@ pub struct DenyRecord {
     /// Audit mode: the connect would have been refused and was let through.
     #[serde(default)]
     pub audit: bool,
+    /// `connect`, or `bind` for a refused bind of a guarded local port.
+    #[serde(default = "connect_op")]
+    pub op: String,
+}
+
+fn connect_op() -> String {
+    "connect".to_owned()
 }
 
 impl DenyRecord {
-    /// The log line: `DENY uid=.. user=.. pid=.. comm=.. dst=.. vm=.. suppressed=..`
-    /// (`AUDIT ...` in audit mode: would be denied, let through).
+    /// The log line: `DENY uid=.. user=.. pid=.. comm=.. dst=.. vm=.. suppressed=.. op=..`
+    /// (`AUDIT ...` in audit mode: would be denied, let through; `op=bind`
+    /// for a bind, where `dst` is the address bound).
     pub fn line(&self) -> String {
         format!(
-            "{} uid={} user={} pid={} comm={} dst={} vm={} suppressed={}",
+            "{} uid={} user={} pid={} comm={} dst={} vm={} suppressed={} op={}",
             if self.audit { "AUDIT" } else { "DENY" },
             self.uid,
             self.user,
@@ -144,7 +159,8 @@ impl DenyRecord {
             self.comm,
             self.dst,
             self.vm.as_deref().unwrap_or("-"),
-            self.suppressed
+            self.suppressed,
+            self.op
         )
     }
 }
@@ -167,6 +183,7 @@ mod tests {
             vm: vm.map(str::to_owned),
             suppressed: ev.suppressed,
             audit: ev.audit,
+            op: if ev.bind { "bind" } else { "connect" }.to_owned(),
         }
         .line()
     }
@@ -179,7 +196,7 @@ mod tests {
         assert_eq!(ev.comm, "remote-viewer");
         assert_eq!(
             record(&ev, "bob", Some("debianx")),
-            "DENY uid=1001 user=bob pid=4242 comm=remote-viewer dst=192.168.2.2:20002 vm=debianx suppressed=3"
+            "DENY uid=1001 user=bob pid=4242 comm=remote-viewer dst=192.168.2.2:20002 vm=debianx suppressed=3 op=connect"
         );
     }
 
@@ -189,7 +206,7 @@ mod tests {
             .expect("parses");
         assert_eq!(
             record(&ev, "#7", None),
-            "DENY uid=7 user=#7 pid=1 comm=a dst=[::1]:5 vm=- suppressed=0"
+            "DENY uid=7 user=#7 pid=1 comm=a dst=[::1]:5 vm=- suppressed=0 op=connect"
         );
     }
 

@@ -24,6 +24,23 @@ pub struct Verdict {
     pub short: String,
 }
 
+/// Whether `uid` may listen on `port` (bind it): `None` when the port is not
+/// a guarded local port, else a sentence.
+pub fn explain_bind(c: &Compiled, uid: u32, user: &str, port: u16) -> Option<String> {
+    if c.listen_ports.binary_search(&port).is_err() {
+        return None;
+    }
+    Some(if uid == 0 {
+        format!("{user} may listen on port {port}: root always may")
+    } else if c.listeners.binary_search(&uid).is_ok() {
+        format!("{user} may listen on port {port}: a `[protect] listeners` entry")
+    } else {
+        format!(
+            "{user} may not listen on port {port} (on any address): only root and `[protect] listeners` may serve a guarded local port"
+        )
+    })
+}
+
 /// How the kernel folds a destination, given the table in force.
 pub fn kernel_dest(c: &Compiled, ip: IpAddr) -> Dest {
     if crate::compile::table_is_local(c, ip) {

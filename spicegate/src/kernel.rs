@@ -25,9 +25,9 @@ use aya::{
 };
 use spicegate_common::{
     COUNTERS_MAP, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_RATE_LIMITED, DROPS_MAP,
-    FLOOD_MAP, LAYOUT_VERSION, POLICY_MAP, POLICY_SLOT, PROG_CONNECT4, PROG_CONNECT6,
-    RATE_LOW_UIDS, RATE_MAP, RATE_NAMED_ENTRIES, RATE_NAMED_MAP, RateState, RuleKey, RuleValue,
-    VmCounters,
+    FLOOD_MAP, LAYOUT_VERSION, POLICY_MAP, POLICY_SLOT, PROG_BIND4, PROG_BIND6, PROG_CONNECT4,
+    PROG_CONNECT6, RATE_LOW_UIDS, RATE_MAP, RATE_NAMED_ENTRIES, RATE_NAMED_MAP, RateState, RuleKey,
+    RuleValue, VmCounters,
 };
 
 use crate::compile::Compiled;
@@ -77,6 +77,21 @@ impl PinPaths {
     pub fn link6(&self) -> PathBuf {
         self.file("connect6")
     }
+    pub fn bind4(&self) -> PathBuf {
+        self.file("bind4")
+    }
+    pub fn bind6(&self) -> PathBuf {
+        self.file("bind6")
+    }
+    /// Every link this layout pins, with its program.
+    pub fn links(&self) -> [(&'static str, PathBuf); 4] {
+        [
+            (PROG_CONNECT4, self.link4()),
+            (PROG_CONNECT6, self.link6()),
+            (PROG_BIND4, self.bind4()),
+            (PROG_BIND6, self.bind6()),
+        ]
+    }
     /// Whether a previous daemon left enforcement pinned here, in this
     /// layout or an older one.
     pub fn has_links(&self) -> bool {
@@ -90,9 +105,11 @@ impl PinPaths {
         self.legacy_pins()
             .into_iter()
             .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("connect4_v") || n.starts_with("connect6_v"))
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    ["connect4_v", "connect6_v", "bind4_v", "bind6_v"]
+                        .iter()
+                        .any(|p| n.starts_with(p))
+                })
             })
             .collect()
     }
@@ -329,7 +346,7 @@ impl Kernel {
             .context(
                 "loading the eBPF object (is this kernel >= 5.10 with BTF, and are we root?)",
             )?;
-        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+        for name in [PROG_CONNECT4, PROG_CONNECT6, PROG_BIND4, PROG_BIND6] {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?
@@ -404,15 +421,12 @@ impl Kernel {
         Ok(id.is_some() && id == want)
     }
 
-    /// Attaches connect4 and connect6 to `cgroup` and pins the links,
+    /// Attaches connect4, connect6, bind4 and bind6 to `cgroup` and pins the links,
     /// replacing links a previous daemon pinned (which then detach).
     pub fn attach(&mut self, cgroup: &Path) -> anyhow::Result<()> {
         let cg = fs::File::open(cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-        for (name, pin) in [
-            (PROG_CONNECT4, self.paths.link4()),
-            (PROG_CONNECT6, self.paths.link6()),
-        ] {
+        for (name, pin) in self.paths.links() {
             let prog: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)
@@ -877,9 +891,10 @@ pub fn attached(paths: &PinPaths, cgroup: &Path) -> bool {
     let Ok(cg) = fs::metadata(cgroup) else {
         return false;
     };
-    [paths.link4(), paths.link6()]
+    paths
+        .links()
         .iter()
-        .all(|pin| link_state(pin).is_ok_and(|s| s.cgroup_id == cg.ino()))
+        .all(|(_, pin)| link_state(pin).is_ok_and(|s| s.cgroup_id == cg.ino()))
 }
 
 /// What `unload` removed.
@@ -895,12 +910,11 @@ pub fn unload(paths: &PinPaths) -> anyhow::Result<Unloaded> {
     if !paths.dir.exists() {
         return Ok(done);
     }
-    let mut links = vec![
-        paths.link4(),
-        paths.link6(),
-        staging(&paths.link4()),
-        staging(&paths.link6()),
-    ];
+    let mut links: Vec<PathBuf> = paths
+        .links()
+        .into_iter()
+        .flat_map(|(_, p)| [staging(&p), p])
+        .collect();
     links.extend(paths.legacy_links());
     for pin in links {
         if !pin.exists() {

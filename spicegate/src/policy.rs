@@ -96,6 +96,8 @@ struct RawSettings {
 struct RawProtect {
     #[serde(default)]
     ports: Vec<Spanned<toml::Value>>,
+    #[serde(default)]
+    listeners: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -390,6 +392,9 @@ pub struct Policy {
     pub files: Vec<PathBuf>,
     /// Guarded on every destination address; sorted, unique.
     pub protect_ports: Vec<u16>,
+    /// `[protect] listeners`: who may bind the guarded local ports (the
+    /// `[protect]` ports and the ports of VMs on `localhost`), besides root.
+    pub listeners: Vec<Grantee>,
     /// Includes the built-in `localhost`.
     pub servers: BTreeMap<String, Server>,
     pub vms: BTreeMap<String, Vm>,
@@ -397,6 +402,30 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Every uid `[protect] listeners` names.
+    pub fn listener_uids(&self) -> BTreeSet<u32> {
+        self.listeners
+            .iter()
+            .flat_map(|g| g.uids.as_slice().iter().copied())
+            .collect()
+    }
+
+    /// The guarded local ports: only root and the listeners may bind them,
+    /// on any address (`[protect]` ports and the ports of VMs on
+    /// `localhost`).
+    pub fn listen_ports(&self) -> BTreeSet<u16> {
+        let mut ports: BTreeSet<u16> = self.protect_ports.iter().copied().collect();
+        for vm in self.vms.values() {
+            if matches!(
+                self.servers.get(&vm.server).map(|s| &s.target),
+                Some(ServerTarget::Local) | None
+            ) {
+                ports.extend(vm.ports.iter().copied());
+            }
+        }
+        ports
+    }
+
     /// The mode a VM runs in.
     pub fn vm_mode(&self, vm: &Vm) -> Mode {
         vm.mode.unwrap_or(self.settings.mode)
@@ -591,11 +620,25 @@ pub fn parse_sources(sources: &[Source], env: &Env<'_>) -> Result<Policy, Policy
     }
 
     let mut protect_ports = BTreeSet::new();
+    let mut listeners = Vec::new();
     for (i, raw) in &raws {
         if let Some(protect) = &raw.protect {
             for p in &protect.ports {
                 if let Some(range) = port_spec(*i, p, &mut errs) {
                     protect_ports.extend(range);
+                }
+            }
+            for l in &protect.listeners {
+                if l.get_ref() == "@console" {
+                    errs.push(
+                        *i,
+                        &l.span(),
+                        "`@console` cannot be a listener: name the user or group the Spice server (QEMU) runs as".into(),
+                    );
+                    continue;
+                }
+                if let Some(g) = grantee(*i, l, env.dir, &mut errs) {
+                    listeners.push(g);
                 }
             }
         }
@@ -645,6 +688,7 @@ pub fn parse_sources(sources: &[Source], env: &Env<'_>) -> Result<Policy, Policy
         source: sources[0].path.clone(),
         files: sources.iter().map(|s| s.path.clone()).collect(),
         protect_ports: protect_ports.into_iter().collect(),
+        listeners,
         servers,
         vms,
         settings,

@@ -356,3 +356,122 @@ fn a_policy_others_could_write_is_refused() {
         "the start must say why the file was refused"
     );
 }
+
+// ---- 1. only the server may listen on a guarded port ----------------------
+
+/// Binds ADDR:PORT (and, with a fourth argument, connects from it to that
+/// address) as a uid inside a cgroup; prints `bound`, or `refused ERRNO`.
+const BINDER: &str = r#"
+import os, socket, sys
+cg, uid, gid, addr, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+open(cg + "/cgroup.procs", "w").write(str(os.getpid()))
+os.setgroups([]); os.setresgid(gid, gid, gid); os.setresuid(uid, uid, uid)
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+try:
+    s.bind((addr, port))
+    print("bound")
+except OSError as e:
+    print("refused", e.errno)
+"#;
+
+fn bind_as(cg: &TestCgroup, uid: u32, gid: u32, addr: &str, port: u16) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(BINDER)
+        .arg(cg.path())
+        .args([
+            uid.to_string(),
+            gid.to_string(),
+            addr.to_owned(),
+            port.to_string(),
+        ])
+        .output()
+        .expect("python3");
+    let s = text(&out.stdout).trim().to_owned();
+    eprintln!(
+        "[test] bind {addr}:{port} as uid {uid}: {s} {}",
+        text(&out.stderr)
+    );
+    s
+}
+
+/// A loopback TCP port nothing listens on (chosen by the kernel, then freed).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[test]
+fn only_root_and_listeners_may_bind_a_guarded_local_port() {
+    require_root();
+    let squatter = TestUser::new();
+    let qemu_group = spicegate_tests::TestGroup::new();
+    let qemu = TestUser::with_primary(&qemu_group);
+    let (p, q, r) = (free_port(), free_port(), free_port());
+    let policy = PolicyDir::new(&format!(
+        "[protect]\nports = [{p}]\nlisteners = [\"@{}\"]\n\
+         [vms.console]\nserver = \"localhost\"\nports = [{q}]\nallow = [\"{}\"]\n",
+        qemu_group.name, squatter.name
+    ));
+    let cg = TestCgroup::new();
+    let pin = PinDir::new();
+    let daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+
+    // Every local address, both families, both kinds of guarded port.
+    for (addr, port) in [
+        ("127.0.0.1", p),
+        ("::1", p),
+        ("0.0.0.0", p),
+        ("127.0.0.2", q),
+        ("::", q),
+        ("127.0.0.1", q),
+    ] {
+        assert_eq!(
+            bind_as(&cg, squatter.uid, squatter.gid, addr, port),
+            "refused 1",
+            "{} must not bind {addr}:{port}",
+            squatter.name
+        );
+        assert_eq!(
+            bind_as(&cg, qemu.uid, qemu.gid, addr, port),
+            "bound",
+            "the listener {} may bind {addr}:{port}",
+            qemu.name
+        );
+        assert_eq!(bind_as(&cg, 0, 0, addr, port), "bound", "root may bind");
+    }
+    // A port nobody guards is anyone's.
+    assert_eq!(
+        bind_as(&cg, squatter.uid, squatter.gid, "127.0.0.1", r),
+        "bound"
+    );
+
+    let deny = daemon.wait_for_deny(
+        "the refused bind",
+        |d| d.uid == squatter.uid && d.line.contains("op=bind"),
+        std::time::Duration::from_secs(3),
+    );
+    assert!(deny.line.contains(&format!(":{p}")), "{}", deny.line);
+
+    // why, check and status name the listeners.
+    let why = pin.ctl(["why", &squatter.name, &format!("127.0.0.1:{q}")]);
+    assert!(
+        text(&why.stdout).contains(&format!("may not listen on port {q}")),
+        "{}",
+        text(&why.stdout)
+    );
+    let check = spicegate_tests::spicegate(["check".as_ref(), policy.main().as_os_str()]);
+    assert!(
+        text(&check.stdout).contains(&format!("{}({})", qemu.name, qemu.uid)),
+        "{}",
+        text(&check.stdout)
+    );
+    let st = status(&pin);
+    assert_eq!(
+        st["listeners"]["users"][0]["user"],
+        qemu.name.as_str(),
+        "{st:#}"
+    );
+}

@@ -78,6 +78,20 @@ pub fn describe(policy: &policy::Policy, c: &Compiled, dir: &dyn Directory) -> S
             ranges(&c.guarded_everywhere)
         );
     }
+    if !c.listen_ports.is_empty() {
+        let who: Vec<String> = std::iter::once("root".to_owned())
+            .chain(c.listeners.iter().map(|u| match dir.user_name(*u) {
+                Some(n) => format!("{n}({u})"),
+                None => format!("#{u}"),
+            }))
+            .collect();
+        let _ = writeln!(
+            out,
+            "may bind ports {} (any local address): {}",
+            ranges(&c.listen_ports),
+            who.join(", ")
+        );
+    }
     for vm in policy.vms.values() {
         let _ = writeln!(out, "vm {} (server {}):", vm.name, vm.server);
         for ((dest, port), info) in c.endpoints.iter().filter(|(_, i)| i.vm == vm.name) {

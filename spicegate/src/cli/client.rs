@@ -111,6 +111,21 @@ pub fn status(socket: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
         s("/counts/ports_guarded_everywhere"),
         s("/counts/grants")
     );
+    if let Some(ports) = v["listeners"]["ports"].as_array().filter(|p| !p.is_empty()) {
+        let users: Vec<String> = v["listeners"]["users"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|u| u["user"].as_str().unwrap_or("?").to_owned())
+            .collect();
+        println!(
+            "listeners: root{}{} may bind the guarded local ports ({} port(s))",
+            if users.is_empty() { "" } else { ", " },
+            users.join(", "),
+            ports.len()
+        );
+    }
     if let Ok(d) = serde_json::from_value::<crate::denials::DropCounts>(v["drops"].clone()) {
         println!(
             "denial log: {} DENY line(s), {} SUPPRESSED summary line(s); not logged one by one: {} rate-limited, {} over the line budget, {} lost (kernel ring full), {} lost (daemon queue full); {} summary record(s) lost (flood ring full)",
@@ -206,6 +221,9 @@ pub fn why(socket: &Path, args: &WhyArgs) -> anyhow::Result<ExitCode> {
         if allow { "allow" } else { "deny" },
         v["reason"].as_str().unwrap_or_default()
     );
+    if let Some(bind) = v["bind"].as_str() {
+        println!("bind: {bind}");
+    }
     Ok(if allow {
         ExitCode::SUCCESS
     } else {
