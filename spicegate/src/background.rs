@@ -140,7 +140,13 @@ pub struct ResolveJob {
     /// When these sources were resolved last (a reload resolves them, so
     /// the next re-resolution is an interval after it).
     pub resolved_at: std::time::Instant,
+    /// Some names did not resolve: try every [`DEGRADED_RETRY`] at most,
+    /// and apply what resolves even while others still do not.
+    pub degraded: bool,
 }
+
+/// How often names are tried again while some do not resolve.
+pub const DEGRADED_RETRY: Duration = Duration::from_secs(10);
 
 /// Resolves the hostnames and groups of the policy in force again every
 /// `resolve_interval`, and hands the result to the engine.
@@ -155,21 +161,33 @@ pub fn watch_names(
             let mut last = std::time::Instant::now();
             loop {
                 std::thread::sleep(Duration::from_millis(250));
-                let (sources, sha256) = {
+                let (sources, sha256, degraded) = {
                     let j = job
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    if last.max(j.resolved_at).elapsed() < j.interval {
+                    let interval = if j.degraded {
+                        j.interval.min(DEGRADED_RETRY)
+                    } else {
+                        j.interval
+                    };
+                    if last.max(j.resolved_at).elapsed() < interval {
                         continue;
                     }
-                    (j.sources.clone(), j.sha256.clone())
+                    (j.sources.clone(), j.sha256.clone(), j.degraded)
                 };
                 last = std::time::Instant::now();
                 let env = Env {
                     dir: &Nss,
                     resolver: &*resolver,
                 };
-                match policy::parse_sources(&sources, &env) {
+                // Running normally, a name that stops resolving keeps the
+                // policy in force; degraded, whatever resolves is applied.
+                let parsed = if degraded {
+                    policy::parse_sources_lenient(&sources, &env)
+                } else {
+                    policy::parse_sources(&sources, &env)
+                };
+                match parsed {
                     Ok(policy) => {
                         let cmd = Command::Resolved {
                             sha256,

@@ -350,6 +350,14 @@ pub fn compile(
         let dests: BTreeSet<Dest> = match policy.servers.get(&vm.server).map(|s| &s.target) {
             Some(ServerTarget::Local) | None => [Dest::Local].into(),
             Some(ServerTarget::Addresses(addrs)) => addrs.iter().map(|a| fold(*a, local)).collect(),
+            Some(ServerTarget::Unresolved) => {
+                // Where the server is unknown, its ports are guarded on
+                // every address and granted to no one until it resolves.
+                for &port in &vm.ports {
+                    *port_flags.entry(port).or_default() |= PORT_GUARD_ALL;
+                }
+                continue;
+            }
         };
         let mut policy_uids = vm.uids();
         let console_uid = if vm.allows_console() {

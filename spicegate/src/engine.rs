@@ -99,6 +99,8 @@ pub struct Config {
     /// Test hook: a file holding seconds added to the wall clock for
     /// schedules (re-read on every tick, so a test can jump the clock).
     pub clock_offset_file: Option<PathBuf>,
+    /// How long a start waits for the policy's names ([`NAMES_AT_START`]).
+    pub names_timeout: Duration,
 }
 
 /// The clock schedules and expiries are evaluated with.
@@ -191,6 +193,96 @@ pub fn load_policy(path: &Path, resolver: &dyn Resolver) -> Result<Loaded, Strin
     })
 }
 
+fn digest(sources: &[PolicySource]) -> String {
+    let mut h = Sha256::new();
+    for s in sources {
+        h.update(s.text.as_bytes());
+    }
+    h.finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+}
+
+/// A directory and resolver that know no name: what a start whose name
+/// service does not answer in time enforces with.
+struct NoNames;
+
+const NO_ANSWER: &str = "the name service did not answer in time; still trying";
+
+impl crate::directory::Directory for NoNames {
+    fn user_uid(&self, _: &str) -> std::io::Result<Option<u32>> {
+        Err(std::io::Error::other(NO_ANSWER))
+    }
+    fn group_members(&self, _: &str) -> std::io::Result<Option<BTreeSet<u32>>> {
+        Err(std::io::Error::other(NO_ANSWER))
+    }
+    fn user_name(&self, _: u32) -> Option<String> {
+        None
+    }
+}
+
+impl Resolver for NoNames {
+    fn resolve(&self, _: &str) -> Result<Vec<IpAddr>, String> {
+        Err(NO_ANSWER.into())
+    }
+}
+
+/// How long a start waits for NSS and DNS before it enforces without the
+/// names that have not answered.
+pub const NAMES_AT_START: Duration = Duration::from_secs(5);
+
+/// The policy as a start enforces it: text errors are errors, but names
+/// that do not resolve are left out (granted nothing; see
+/// [`policy::parse_sources_lenient`]), and a name service that does not
+/// answer within `timeout` is not waited for. The background resolver
+/// fills them in later.
+pub fn load_policy_at_start(
+    path: &Path,
+    resolver: &Arc<CachingResolver>,
+    timeout: Duration,
+) -> Result<Loaded, String> {
+    let sources = policy::read_sources(path).map_err(|e| e.to_string())?;
+    let sha256 = digest(&sources);
+    let (tx, rx) = mpsc::channel();
+    {
+        let sources = sources.clone();
+        let resolver = Arc::clone(resolver);
+        std::thread::Builder::new()
+            .name("sg-start-names".into())
+            .spawn(move || {
+                let env = Env {
+                    dir: &Nss,
+                    resolver: &*resolver,
+                };
+                let _ = tx.send(policy::parse_sources_lenient(&sources, &env));
+            })
+            .map_err(|e| format!("starting the name lookups: {e}"))?;
+    }
+    let policy = match rx.recv_timeout(timeout) {
+        Ok(parsed) => parsed.map_err(|e| e.to_string())?,
+        Err(_) => {
+            log::warn!(
+                "the policy's names did not resolve within {} s (NSS or DNS hangs); enforcing without them and resolving in the background",
+                timeout.as_secs()
+            );
+            policy::parse_sources_lenient(
+                &sources,
+                &Env {
+                    dir: &NoNames,
+                    resolver: &NoNames,
+                },
+            )
+            .map_err(|e| e.to_string())?
+        }
+    };
+    Ok(Loaded {
+        policy,
+        sources,
+        sha256,
+    })
+}
+
 /// How long after a reload the freed heap is handed back: reloads in quick
 /// succession (an admin's edit-reload loop, a script) reuse it instead of
 /// faulting fresh pages in each time (~20-30 ms at 100,000 grants).
@@ -274,7 +366,11 @@ impl Engine {
             }
         };
         let resolver = Arc::new(CachingResolver::default());
-        let (loaded, source) = match load_policy(&cfg.policy_path, &*resolver) {
+        let (loaded, source) = match load_policy_at_start(
+            &cfg.policy_path,
+            &resolver,
+            cfg.names_timeout,
+        ) {
             Ok(l) => (l, Source::File),
             Err(e) => {
                 let last = state::last_good_path(&cfg.state_dir);
@@ -292,7 +388,7 @@ impl Engine {
                     last.display()
                 );
                 (
-                    load_policy(&last, &*resolver)
+                    load_policy_at_start(&last, &resolver, cfg.names_timeout)
                         .map_err(|e2| anyhow!("{e}\nthe last good policy is broken too: {e2}"))?,
                     Source::LastGood,
                 )
@@ -367,7 +463,9 @@ impl Engine {
             sha256: loaded.sha256.clone(),
             interval: loaded.policy.settings.resolve_interval,
             resolved_at: Instant::now(),
+            degraded: !loaded.policy.unresolved.is_empty(),
         }));
+        log_unresolved(&loaded.policy);
         let sweeper = Sweeper::start(cfg.cgroup.clone())?;
         let engine = Self {
             kernel,
@@ -495,6 +593,7 @@ impl Engine {
                 sha256: self.loaded.sha256.clone(),
                 interval: self.loaded.policy.settings.resolve_interval,
                 resolved_at: Instant::now(),
+                degraded: !self.loaded.policy.unresolved.is_empty(),
             };
         }
         if let Some(l) = local {
@@ -661,6 +760,20 @@ impl Engine {
     fn resolved(&mut self, sha256: &str, policy: Policy) {
         if sha256 != self.loaded.sha256 {
             return;
+        }
+        let was: BTreeSet<String> = self
+            .loaded
+            .policy
+            .unresolved
+            .iter()
+            .map(|u| u.name.clone())
+            .collect();
+        let now: BTreeSet<String> = policy.unresolved.iter().map(|u| u.name.clone()).collect();
+        for name in was.difference(&now) {
+            log::warn!("RESOLVED: {name} resolves again; the policy is enforced with it");
+        }
+        if !was.is_empty() && now.is_empty() {
+            log::warn!("no longer degraded: every name of the policy resolves");
         }
         match policy {
             policy if policy == self.loaded.policy => {}
@@ -1135,6 +1248,10 @@ impl Engine {
             // watchdog puts it back within a second if not).
             "table_in_force": self.kernel.table_intact().unwrap_or(false),
             "mode": mode,
+            // Names of the policy that did not resolve (a start while NSS
+            // or DNS was down): granted nothing until they do.
+            "degraded": !self.loaded.policy.unresolved.is_empty(),
+            "unresolved": self.loaded.policy.unresolved,
             "console_user": self.console.map(|u| json!({ "uid": u, "user": name(u) })),
             "time_zone": tz.iana_name().unwrap_or("system"),
             "cgroup": self.cfg.cgroup,
@@ -1191,6 +1308,20 @@ fn trusted_state_dir(dir: &Path) -> Result<(), String> {
         crate::trust::check(&grants, "grants file")?;
     }
     Ok(())
+}
+
+/// Says which names of a policy in force do not resolve.
+fn log_unresolved(policy: &Policy) {
+    if policy.unresolved.is_empty() {
+        return;
+    }
+    log::warn!(
+        "DEGRADED: {} name(s) of the policy do not resolve; the rest is enforced, they are granted nothing (ports of a server that does not resolve are guarded on every address), and the daemon keeps trying",
+        policy.unresolved.len()
+    );
+    for u in &policy.unresolved {
+        log::warn!("UNRESOLVED {} at {}: {}", u.name, u.at, u.why);
+    }
 }
 
 /// Reads and parses the policy file, off the engine thread (NSS and DNS

@@ -169,6 +169,9 @@ pub enum ServerTarget {
     Local,
     /// Addresses: literals, and what hostnames resolved to.
     Addresses(Vec<IpAddr>),
+    /// A hostname of it did not resolve (a lenient parse at start): its
+    /// VMs' ports are guarded on every address, and no one is granted.
+    Unresolved,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -399,6 +402,8 @@ pub struct Policy {
     pub servers: BTreeMap<String, Server>,
     pub vms: BTreeMap<String, Vm>,
     pub settings: Settings,
+    /// Names that did not resolve (only a lenient parse has any).
+    pub unresolved: Vec<Unresolved>,
 }
 
 impl Policy {
@@ -562,9 +567,30 @@ pub fn parse(text: &str, path: &Path, dir: &dyn Directory) -> Result<Policy, Pol
 /// Validates a main file and its drop-ins together. A name defined twice is
 /// an error naming both places.
 pub fn parse_sources(sources: &[Source], env: &Env<'_>) -> Result<Policy, PolicyErrors> {
+    parse_sources_with(sources, env, false)
+}
+
+/// Like [`parse_sources`], but a name that does not resolve (a user or
+/// group NSS does not know, a hostname that does not resolve) is not an
+/// error: it grants nothing, a server it names guards its VMs' ports on
+/// every address with no one granted, and it is listed in
+/// [`Policy::unresolved`]. Text errors (syntax, unknown keys, clashes) are
+/// still errors. What the daemon enforces at start while LDAP or DNS is
+/// down.
+pub fn parse_sources_lenient(sources: &[Source], env: &Env<'_>) -> Result<Policy, PolicyErrors> {
+    parse_sources_with(sources, env, true)
+}
+
+fn parse_sources_with(
+    sources: &[Source],
+    env: &Env<'_>,
+    lenient: bool,
+) -> Result<Policy, PolicyErrors> {
     let mut errs = Errors {
         sources,
         list: Vec::new(),
+        lenient,
+        unresolved: Vec::new(),
     };
     let mut raws = Vec::new();
     for (i, src) in sources.iter().enumerate() {
@@ -692,15 +718,54 @@ pub fn parse_sources(sources: &[Source], env: &Env<'_>) -> Result<Policy, Policy
         servers,
         vms,
         settings,
+        unresolved: errs.unresolved,
     })
+}
+
+/// A name of the policy that did not resolve when it was read.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Unresolved {
+    /// `user bob`, `group @staff`, `hostname kvm.lan`.
+    pub name: String,
+    /// `FILE:LINE:COL`.
+    pub at: String,
+    pub why: String,
 }
 
 struct Errors<'a> {
     sources: &'a [Source],
     list: Vec<PolicyError>,
+    lenient: bool,
+    unresolved: Vec<Unresolved>,
 }
 
+/// Appended to the error of a name that does not resolve.
+const UNRESOLVED_HINT: &str = "; a reload with it is refused, but at start spicegate enforces the rest of the policy, grants nothing to it (and guards the ports of a server it names on every address) and keeps trying; `spicegate status` lists it";
+
 impl Errors<'_> {
+    /// A name that does not resolve: an error, or, when lenient, an entry
+    /// of the unresolved list. Returns whether it was lenient.
+    fn unresolved(
+        &mut self,
+        file: usize,
+        span: &Range<usize>,
+        name: String,
+        message: String,
+    ) -> bool {
+        if self.lenient {
+            let src = &self.sources[file];
+            let (line, col) = line_col(&src.text, span.start);
+            self.unresolved.push(Unresolved {
+                name,
+                at: format!("{}:{line}:{col}", src.path.display()),
+                why: message,
+            });
+        } else {
+            self.push(file, span, format!("{message}{UNRESOLVED_HINT}"));
+        }
+        self.lenient
+    }
+
     fn push(&mut self, file: usize, span: &Range<usize>, message: String) {
         let src = &self.sources[file];
         let (line, col) = line_col(&src.text, span.start);
@@ -765,18 +830,25 @@ fn settings_from_raw(
         && once("admins", group.span(), errs)
     {
         let name = group.get_ref().trim().trim_start_matches('@');
+        // Unresolved, nobody but root is an admin: fail closed.
         match env.dir.group_members(name) {
             Ok(Some(uids)) => settings.admins = Some((name.to_owned(), uids)),
-            Ok(None) => errs.push(
-                file,
-                &group.span(),
-                format!("unknown admin group `{name}` (looked up through NSS)"),
-            ),
-            Err(e) => errs.push(
-                file,
-                &group.span(),
-                format!("cannot look up group `{name}`: {e}"),
-            ),
+            Ok(None) => {
+                errs.unresolved(
+                    file,
+                    &group.span(),
+                    format!("group @{name}"),
+                    format!("unknown admin group `{name}` (looked up through NSS)"),
+                );
+            }
+            Err(e) => {
+                errs.unresolved(
+                    file,
+                    &group.span(),
+                    format!("group @{name}"),
+                    format!("cannot look up group `{name}`: {e}"),
+                );
+            }
         }
     }
     if let Some(tz) = &raw.timezone
@@ -902,6 +974,7 @@ fn server_from_raw(
     let mut addrs = Vec::new();
     let mut hostnames = Vec::new();
     let mut ok = true;
+    let mut unresolved = false;
     for lit in literals {
         let text = lit.get_ref().trim();
         if let Ok(ip) = text.parse::<IpAddr>() {
@@ -926,15 +999,21 @@ fn server_from_raw(
                 hostnames.push(text.to_owned());
             }
             Err(e) => {
-                ok = false;
-                errs.push(
+                let lenient = errs.unresolved(
                     file,
                     &lit.span(),
+                    format!("hostname {text}"),
                     format!(
                         "server `{}`: hostname `{text}` does not resolve: {e}",
                         name.get_ref()
                     ),
                 );
+                if lenient {
+                    unresolved = true;
+                    hostnames.push(text.to_owned());
+                } else {
+                    ok = false;
+                }
             }
         }
     }
@@ -942,7 +1021,13 @@ fn server_from_raw(
     addrs.dedup();
     ok.then(|| Server {
         name: name.get_ref().clone(),
-        target: ServerTarget::Addresses(addrs),
+        // Where part of a server is unknown, none of it is trusted: its
+        // VMs' ports are guarded everywhere and granted to nobody.
+        target: if unresolved {
+            ServerTarget::Unresolved
+        } else {
+            ServerTarget::Addresses(addrs)
+        },
         hostnames,
     })
 }
@@ -1131,15 +1216,21 @@ fn grantee(
                 uids: uids.into(),
             }),
             Ok(None) => {
-                errs.push(
+                errs.unresolved(
                     file,
                     &span,
+                    format!("group @{group}"),
                     format!("unknown group `{group}` (looked up through NSS)"),
                 );
                 None
             }
             Err(e) => {
-                errs.push(file, &span, format!("cannot look up group `{group}`: {e}"));
+                errs.unresolved(
+                    file,
+                    &span,
+                    format!("group @{group}"),
+                    format!("cannot look up group `{group}`: {e}"),
+                );
                 None
             }
         };
@@ -1154,15 +1245,21 @@ fn grantee(
             uids: Uids::One(uid),
         }),
         Ok(None) => {
-            errs.push(
+            errs.unresolved(
                 file,
                 &span,
+                format!("user {text}"),
                 format!("unknown user `{text}` (looked up through NSS; write `#UID` for a uid without a passwd entry)"),
             );
             None
         }
         Err(e) => {
-            errs.push(file, &span, format!("cannot look up user `{text}`: {e}"));
+            errs.unresolved(
+                file,
+                &span,
+                format!("user {text}"),
+                format!("cannot look up user `{text}`: {e}"),
+            );
             None
         }
     }

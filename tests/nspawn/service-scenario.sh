@@ -200,6 +200,14 @@ fi
 expect release-upgrade-granted-allowed allow "$(connect_as $OK_UID)"
 expect release-upgrade-ungranted-denied deny "$(connect_as $NO_UID)"
 
+# The next boot starts on a policy that also names an account this machine
+# does not have (deleted, or in an LDAP that is down): it must enforce the
+# rest. Written without a reload (a reload of it is refused).
+policy $OK_UID
+sed -i 's/^allow = \[\(.*\)\]$/allow = [\1, "nosuch-boottest"]/' /etc/spicegate/policy.toml
+check install-unknown-account-in-policy grep -q nosuch-boottest /etc/spicegate/policy.toml
+check install-reload-with-unknown-account-refused sh -c "! spicegate reload"
+
 exit 0
 fi
 
@@ -213,6 +221,10 @@ check boot-ready-before-logins test "$ready" -gt 0 -a "$ready" -le "$logins"
 check boot-fresh-start sh -c "! journalctl -b -u spicegate.service --no-pager | grep -q 'took over'"
 expect boot-granted-allowed allow "$(connect_as $OK_UID)"
 expect boot-ungranted-denied deny "$(connect_as $NO_UID)"
+# Started on a policy naming an account that does not exist here: degraded,
+# enforcing the rest, and saying which name.
+check boot-degraded-names-the-account sh -c "spicegate status --json | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"degraded\"] is True, d; assert any(\"nosuch-boottest\" in u[\"name\"] for u in d[\"unresolved\"]), d'"
+check boot-degraded-in-journal sh -c "journalctl -b -u spicegate.service --no-pager | grep -q 'UNRESOLVED user nosuch-boottest'"
 check boot-capabilities sh -c "grep -q '^CapEff:.*000000c000001000' /proc/$(mainpid)/status"
 check boot-status-cli spicegate status
 # The hardened service (no CAP_SYS_ADMIN) still reads its own table back,

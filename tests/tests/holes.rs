@@ -475,3 +475,145 @@ fn only_root_and_listeners_may_bind_a_guarded_local_port() {
         "{st:#}"
     );
 }
+
+// ---- 3. a start without working name services still enforces --------------
+
+/// An account made with useradd under a chosen name; userdel on drop.
+struct NamedUser {
+    name: String,
+}
+
+impl NamedUser {
+    fn create(name: &str) -> (Self, u32) {
+        let st = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--user-group",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ])
+            .status()
+            .expect("useradd");
+        assert!(st.success(), "useradd {name}");
+        let uid = nix::unistd::User::from_name(name)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw())
+            .expect("the new user");
+        (
+            Self {
+                name: name.to_owned(),
+            },
+            uid,
+        )
+    }
+}
+
+impl Drop for NamedUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).status();
+        let _ = Command::new("groupdel").arg(&self.name).status();
+    }
+}
+
+fn connect_as(cg: &TestCgroup, uid: u32, port: u16) -> spicegate_tests::Outcome {
+    spicegate_tests::Probe::new(env!("CARGO_BIN_EXE_sg-probe"))
+        .cgroup(cg)
+        .as_ids(uid, uid)
+        .connect(format!("127.0.0.1:{port}"))
+        .outcome()
+}
+
+#[test]
+fn a_start_with_names_that_do_not_resolve_enforces_the_rest_and_catches_up() {
+    use spicegate_tests::Outcome::{Allowed, Denied};
+    require_root();
+    let granted = TestUser::new();
+    let other = TestUser::new();
+    let id = spicegate_tests::next_id();
+    let late_user = format!("sglate{}x{id}", std::process::id() % 10_000);
+    let (p, q) = (Listener::loopback(), Listener::loopback());
+    let policy = PolicyDir::new(&format!(
+        "[protect]\nports = [{pp}]\n\
+         [servers.gone]\naddress = \"kvm-{id}.spicegate-test.invalid\"\n\
+         [vms.local]\nserver = \"localhost\"\nports = [{qp}]\n\
+         allow = [\"{}\", \"{late_user}\", \"@nosuchgroup-sg{id}\"]\n\
+         [vms.remote]\nserver = \"gone\"\nports = [{pp}]\nallow = [\"{}\"]\n",
+        granted.name,
+        other.name,
+        pp = p.port(),
+        qp = q.port(),
+    ));
+    let cg = TestCgroup::new();
+    let pin = PinDir::new();
+    assert!(
+        !pin.state_dir().join("last-good").exists(),
+        "the test needs a start without a last good copy"
+    );
+    let daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+
+    let st = status(&pin);
+    assert_eq!(st["degraded"], true, "{st:#}");
+    let names: Vec<String> = st["unresolved"]
+        .as_array()
+        .expect("unresolved")
+        .iter()
+        .map(|u| u["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    for want in [
+        format!("user {late_user}"),
+        format!("group @nosuchgroup-sg{id}"),
+        format!("hostname kvm-{id}.spicegate-test.invalid"),
+    ] {
+        assert!(names.contains(&want), "{want} not in {names:?}");
+    }
+    assert!(
+        daemon.lines().iter().any(|l| l.contains("DEGRADED")),
+        "the start must say it is degraded"
+    );
+    // The resolvable parts are enforced; the unresolvable server's port is
+    // guarded everywhere and granted to no one.
+    assert_eq!(connect_as(&cg, granted.uid, q.port()), Allowed);
+    assert_eq!(connect_as(&cg, other.uid, q.port()), Denied);
+    assert_eq!(connect_as(&cg, other.uid, p.port()), Denied);
+    assert_eq!(connect_as(&cg, granted.uid, p.port()), Denied);
+    // A reload of the same policy is refused and says what a start does.
+    let reload = pin.ctl(["reload"]);
+    assert!(!reload.status.success());
+    assert!(
+        text(&reload.stderr).contains("at start spicegate enforces the rest"),
+        "{}",
+        text(&reload.stderr)
+    );
+
+    // The account appears: within the retry interval it is granted and no
+    // longer listed.
+    let (_late, late_uid) = NamedUser::create(&late_user);
+    let start = std::time::Instant::now();
+    assert!(
+        spicegate_tests::wait_until(std::time::Duration::from_secs(20), || {
+            connect_as(&cg, late_uid, q.port()) == Allowed
+        }),
+        "{late_user} was not granted once the account existed"
+    );
+    eprintln!(
+        "[test] {late_user} granted {:?} after the account appeared",
+        start.elapsed()
+    );
+    let st = status(&pin);
+    let names = st["unresolved"].to_string();
+    assert!(!names.contains(&late_user), "{names}");
+    assert_eq!(
+        st["degraded"], true,
+        "the group and the hostname still do not resolve"
+    );
+    assert!(
+        daemon
+            .lines()
+            .iter()
+            .any(|l| l.contains(&format!("RESOLVED: user {late_user}"))),
+        "the daemon must say the name resolves again"
+    );
+}

@@ -111,6 +111,19 @@ pub fn status(socket: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
         s("/counts/ports_guarded_everywhere"),
         s("/counts/grants")
     );
+    if v["degraded"].as_bool() == Some(true) {
+        println!(
+            "DEGRADED: names of the policy that do not resolve are granted nothing until they do:"
+        );
+        for u in v["unresolved"].as_array().cloned().unwrap_or_default() {
+            println!(
+                "  {} ({}): {}",
+                u["name"].as_str().unwrap_or("?"),
+                u["at"].as_str().unwrap_or("?"),
+                u["why"].as_str().unwrap_or("?")
+            );
+        }
+    }
     if let Some(ports) = v["listeners"]["ports"].as_array().filter(|p| !p.is_empty()) {
         let users: Vec<String> = v["listeners"]["users"]
             .as_array()

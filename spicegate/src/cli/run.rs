@@ -39,6 +39,10 @@ pub struct RunArgs {
     /// expiries, re-read on every tick.
     #[arg(long, value_name = "FILE", hide = true)]
     clock_offset_file: Option<PathBuf>,
+    /// Milliseconds a start waits for NSS and DNS before it enforces without
+    /// the names that have not answered.
+    #[arg(long, value_name = "MS", default_value_t = 5000, hide = true)]
+    names_timeout_ms: u64,
     /// D-Bus address of logind for `@console` [default: the system bus].
     #[arg(long, value_name = "ADDRESS", hide = true)]
     logind_bus: Option<String>,
@@ -78,6 +82,7 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         cgroup: cgroup.clone(),
         paths: paths.clone(),
         clock_offset_file: args.clock_offset_file.clone(),
+        names_timeout: Duration::from_millis(args.names_timeout_ms),
     })?;
 
     // Denials: read and written on threads of their own, bounded at every
