@@ -42,6 +42,13 @@ pub const RATE_NAMED_MAP: &str = "SPICEGATE_RATE_NAMED";
 /// Capacity of [`RATE_NAMED_MAP`].
 pub const RATE_NAMED_ENTRIES: u32 = 65_536;
 
+/// Socket storage (`SK_STORAGE`, value `u32`: the VM id) that marks every
+/// socket whose connect to a guarded endpoint the program let through.
+/// Pinned, so every daemon sees the marks. The sweep closes only marked
+/// sockets: it never touches the server side of a connection, and it finds
+/// a socket whatever became of the cgroup it was made in.
+pub const MARKS_MAP: &str = "SPICEGATE_MARKS";
+
 /// Per-CPU counters of denials that were not logged (`PERCPU_ARRAY` of
 /// `u64`, indexed by the `DROP_*` constants). Written by the kernel, read
 /// by the daemon for `status`, the events stream and the summary lines.
@@ -137,7 +144,8 @@ pub const RATE_SHARED_WINDOW_NS: u64 = 1_000_000_000;
 /// - 1: rate limit in an LRU of 4,096 uids.
 /// - 2: rate limit in an array (one slot per uid below 65,536 and a shared
 ///   one) plus a map of named uids; per-CPU drop counters; bind4 and bind6
-///   programs (links `bind4_v2`, `bind6_v2`) beside connect4 and connect6.
+///   programs (links `bind4_v2`, `bind6_v2`) beside connect4 and connect6;
+///   socket marks.
 pub const LAYOUT_VERSION: u32 = 2;
 
 /// [`RuleKey::kind`]: "is this port guarded at all, and how". Key has only

@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_NO_WAKEUP},
-    btf_maps::{Array, ArrayOfMaps, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    btf_maps::{Array, ArrayOfMaps, HashMap, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
     },
@@ -43,6 +43,11 @@ static SPICEGATE_RATE: Array<RateState, { RATE_SLOTS as usize }> = Array::new();
 #[btf_map]
 static SPICEGATE_RATE_NAMED: HashMap<u32, RateState, { RATE_NAMED_ENTRIES as usize }> =
     HashMap::new();
+
+/// Marks the sockets let through to a guarded endpoint (value: VM id), so
+/// the daemon closes exactly those when access ends.
+#[btf_map]
+static SPICEGATE_MARKS: SkStorage<u32> = SkStorage::new();
 
 /// Denials not logged, per CPU, by reason (DROP_*).
 #[btf_map]
@@ -191,7 +196,13 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
     // granted path costs one lookup less.
     let uid = bpf_get_current_uid_gid() as u32;
     if let Some(grant) = rules.get_ptr(key(KIND_GRANT, port, uid, &endpoint)) {
-        count(unsafe { (*grant).vm }, Outcome::Allowed);
+        // SAFETY: a live entry of the frozen rule table.
+        let mut vm = unsafe { (*grant).vm };
+        count(vm, Outcome::Allowed);
+        // SAFETY: ctx.sk is the connecting socket; the helper checks it.
+        // A failed mark (no memory) only means the sweep will not close
+        // this connection when access ends; the connect is decided.
+        let _ = unsafe { SPICEGATE_MARKS.get_or_insert_ptr_mut(ctx, Some(&mut vm)) };
         return ALLOW;
     }
     let endpoint_rule = rules.get_ptr(key(KIND_ENDPOINT, port, 0, &endpoint));

@@ -29,9 +29,31 @@ pub struct Sweeper {
     tx: mpsc::Sender<Arc<Compiled>>,
 }
 
+/// What the sweep looks at.
+struct Scope {
+    cgroup: PathBuf,
+    /// The connect hook's socket marks (pinned map), when they can be read:
+    /// then exactly the sockets it let through to a guarded endpoint are
+    /// judged, wherever their cgroup went.
+    marks: Option<std::os::fd::OwnedFd>,
+}
+
 impl Sweeper {
-    /// Starts the sweeper for sockets of `cgroup`'s subtree.
-    pub fn start(cgroup: PathBuf) -> anyhow::Result<Self> {
+    /// Starts the sweeper for the sockets the hook marked (the pinned map
+    /// at `marks`), or, where that map cannot be read, the client sockets
+    /// of `cgroup`'s subtree.
+    pub fn start(cgroup: PathBuf, marks: &std::path::Path) -> anyhow::Result<Self> {
+        let marks = match crate::kernel::open_pinned(marks) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log::warn!(
+                    "cannot open the socket marks {} ({e}); closing revoked connections by cgroup instead",
+                    marks.display()
+                );
+                None
+            }
+        };
+        let mut scope = Scope { cgroup, marks };
         let (tx, rx) = mpsc::channel::<Arc<Compiled>>();
         std::thread::Builder::new()
             .name("sg-sweeper".into())
@@ -48,10 +70,10 @@ impl Sweeper {
                         },
                     };
                     let table = rx.try_iter().last().unwrap_or(table);
-                    sweep(&cgroup, &table);
+                    sweep(&mut scope, &table);
                     match rx.recv_timeout(RESWEEP_AFTER) {
                         Ok(newer) => pending = Some(newer),
-                        Err(mpsc::RecvTimeoutError::Timeout) => sweep(&cgroup, &table),
+                        Err(mpsc::RecvTimeoutError::Timeout) => sweep(&mut scope, &table),
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     }
                 }
@@ -66,17 +88,30 @@ impl Sweeper {
     }
 }
 
-/// One pass: closes every client socket of the subtree whose connect the
-/// table refuses now.
-fn sweep(cgroup: &std::path::Path, table: &Compiled) {
-    let sockets = match sockdiag::tcp_sockets() {
+/// One pass: closes every socket the hook let through to a guarded
+/// endpoint whose connect the table refuses now.
+fn sweep(scope: &mut Scope, table: &Compiled) {
+    use std::os::fd::AsFd as _;
+    let dumped = match &scope.marks {
+        Some(fd) => sockdiag::tcp_sockets(Some(fd.as_fd())),
+        None => sockdiag::tcp_sockets(None),
+    };
+    let sockets = match dumped {
         Ok(s) => s,
+        Err(e) if scope.marks.is_some() => {
+            log::warn!(
+                "this kernel does not report socket marks ({e}); closing revoked connections by cgroup instead"
+            );
+            scope.marks = None;
+            return sweep(scope, table);
+        }
         Err(e) => {
             log::warn!("cannot list connections to close revoked ones: {e}");
             return;
         }
     };
-    let scope = sockdiag::cgroup_ids(cgroup);
+    let by_marks = scope.marks.is_some();
+    let in_scope = (!by_marks).then(|| sockdiag::cgroup_ids(&scope.cgroup));
     for s in sockets {
         // A socket no process holds (inode 0: an orphan finishing its
         // close, or a time-wait entry) carries no one's access; its
@@ -84,7 +119,15 @@ fn sweep(cgroup: &std::path::Path, table: &Compiled) {
         if s.inode == 0 {
             continue;
         }
-        if s.cgroup_id.is_some_and(|id| !scope.contains(&id)) {
+        if by_marks {
+            // Only client sockets the hook let through: never the server
+            // side of a connection, whatever its peer's port.
+            if s.marked.is_none() {
+                continue;
+            }
+        } else if let (Some(ids), Some(id)) = (&in_scope, s.cgroup_id)
+            && !ids.contains(&id)
+        {
             continue;
         }
         if crate::compile::decide(table, s.uid, s.dst, s.dport) {

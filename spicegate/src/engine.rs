@@ -466,7 +466,7 @@ impl Engine {
             degraded: !loaded.policy.unresolved.is_empty(),
         }));
         log_unresolved(&loaded.policy);
-        let sweeper = Sweeper::start(cfg.cgroup.clone())?;
+        let sweeper = Sweeper::start(cfg.cgroup.clone(), &cfg.paths.marks())?;
         let engine = Self {
             kernel,
             cfg,

@@ -25,9 +25,9 @@ use aya::{
 };
 use spicegate_common::{
     COUNTERS_MAP, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_RATE_LIMITED, DROPS_MAP,
-    FLOOD_MAP, LAYOUT_VERSION, POLICY_MAP, POLICY_SLOT, PROG_BIND4, PROG_BIND6, PROG_CONNECT4,
-    PROG_CONNECT6, RATE_LOW_UIDS, RATE_MAP, RATE_NAMED_ENTRIES, RATE_NAMED_MAP, RateState, RuleKey,
-    RuleValue, VmCounters,
+    FLOOD_MAP, LAYOUT_VERSION, MARKS_MAP, POLICY_MAP, POLICY_SLOT, PROG_BIND4, PROG_BIND6,
+    PROG_CONNECT4, PROG_CONNECT6, RATE_LOW_UIDS, RATE_MAP, RATE_NAMED_ENTRIES, RATE_NAMED_MAP,
+    RateState, RuleKey, RuleValue, VmCounters,
 };
 
 use crate::compile::Compiled;
@@ -70,6 +70,9 @@ impl PinPaths {
     }
     pub fn drops(&self) -> PathBuf {
         self.file("drops")
+    }
+    pub fn marks(&self) -> PathBuf {
+        self.file("marks")
     }
     pub fn link4(&self) -> PathBuf {
         self.file("connect4")
@@ -341,6 +344,7 @@ impl Kernel {
             .map_pin_path(RATE_MAP, paths.rate())
             .map_pin_path(RATE_NAMED_MAP, paths.rate_named())
             .map_pin_path(DROPS_MAP, paths.drops())
+            .map_pin_path(MARKS_MAP, paths.marks())
             .map_pin_path(COUNTERS_MAP, paths.counters())
             .load(EBPF_OBJECT)
             .context(
@@ -460,6 +464,7 @@ impl Kernel {
             (RATE_MAP, self.paths.rate()),
             (RATE_NAMED_MAP, self.paths.rate_named()),
             (DROPS_MAP, self.paths.drops()),
+            (MARKS_MAP, self.paths.marks()),
             (COUNTERS_MAP, self.paths.counters()),
         ] {
             if path.exists() {
@@ -936,6 +941,11 @@ pub fn unload(paths: &PinPaths) -> anyhow::Result<Unloaded> {
     }
     fs::remove_dir(&paths.dir).with_context(|| format!("removing {}", paths.dir.display()))?;
     Ok(done)
+}
+
+/// Opens a pinned map or link (for another thread's own handle).
+pub fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
+    obj_get(path)
 }
 
 /// Opens a pinned object (BPF_OBJ_GET).

@@ -19,6 +19,14 @@ const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const INET_DIAG_CGROUP_ID: u16 = 21;
+/// Response attribute: the socket's storage in the requested BPF maps.
+const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
+/// Request attribute: which socket-storage maps to report.
+const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
+const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
+const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
+const NLA_F_NESTED: u16 = 1 << 15;
+const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | (1 << 14));
 const IPPROTO_TCP: u8 = 6;
 
 /// TCP states worth closing: everything but LISTEN, TIME_WAIT and CLOSE.
@@ -35,6 +43,10 @@ pub struct TcpSocket {
     /// The socket's owner (`sk_uid`: the fsuid that created it).
     pub uid: u32,
     pub cgroup_id: Option<u64>,
+    /// The mark the connect hook left on the socket (the VM id), when the
+    /// dump asked for the marks map: `Some` only for sockets whose connect
+    /// to a guarded endpoint the program let through.
+    pub marked: Option<u32>,
     /// The socket's inode; 0 for sockets no process holds any more
     /// (orphans closing down, time-wait entries, reported with uid 0).
     pub inode: u32,
@@ -74,7 +86,12 @@ fn netlink() -> io::Result<OwnedFd> {
 }
 
 fn request(kind: u16, flags: u16, family: u8, id: &[u8; 48]) -> Vec<u8> {
-    let len = 16 + 56;
+    request_with(kind, flags, family, id, None)
+}
+
+/// A request, with the socket-storage map to report when `marks` is given.
+fn request_with(kind: u16, flags: u16, family: u8, id: &[u8; 48], marks: Option<i32>) -> Vec<u8> {
+    let len = 16 + 56 + if marks.is_some() { 12 } else { 0 };
     let mut m = Vec::with_capacity(len);
     m.extend_from_slice(&(len as u32).to_ne_bytes());
     m.extend_from_slice(&kind.to_ne_bytes());
@@ -87,6 +104,13 @@ fn request(kind: u16, flags: u16, family: u8, id: &[u8; 48]) -> Vec<u8> {
     m.push(0);
     m.extend_from_slice(&STATES.to_ne_bytes());
     m.extend_from_slice(id);
+    if let Some(fd) = marks {
+        m.extend_from_slice(&12u16.to_ne_bytes());
+        m.extend_from_slice(&(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED).to_ne_bytes());
+        m.extend_from_slice(&8u16.to_ne_bytes());
+        m.extend_from_slice(&SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes());
+        m.extend_from_slice(&(fd as u32).to_ne_bytes());
+    }
     m
 }
 
@@ -139,18 +163,21 @@ fn addr(family: u8, raw: &[u8]) -> IpAddr {
 }
 
 /// Every TCP socket of this network namespace that is not listening or
-/// closed, IPv4 and IPv6.
-pub fn tcp_sockets() -> io::Result<Vec<TcpSocket>> {
+/// closed, IPv4 and IPv6; with `marks` (the fd of the connect hook's
+/// socket-storage map), each socket's mark too.
+pub fn tcp_sockets(marks: Option<std::os::fd::BorrowedFd<'_>>) -> io::Result<Vec<TcpSocket>> {
+    let marks = marks.map(|f| f.as_raw_fd());
     let fd = netlink()?;
     let mut out = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
         send(
             &fd,
-            &request(
+            &request_with(
                 SOCK_DIAG_BY_FAMILY,
                 NLM_F_REQUEST | NLM_F_DUMP,
                 family,
                 &[0; 48],
+                marks,
             ),
         )?;
         let mut buf = vec![0u8; 64 * 1024];
@@ -199,6 +226,7 @@ fn parse_msg(m: &[u8]) -> TcpSocket {
     let inode = u32_at(m, 68);
     // Attributes after the 72-byte inet_diag_msg.
     let mut cgroup_id = None;
+    let mut marked = None;
     let mut at = 72;
     while at + 4 <= m.len() {
         let alen = usize::from(u16_at(m, at));
@@ -211,6 +239,9 @@ fn parse_msg(m: &[u8]) -> TcpSocket {
             v.copy_from_slice(&m[at + 4..at + 12]);
             cgroup_id = Some(u64::from_ne_bytes(v));
         }
+        if atype & NLA_TYPE_MASK == INET_DIAG_SK_BPF_STORAGES {
+            marked = Some(storage_value(&m[at + 4..at + alen]).unwrap_or(0));
+        }
         at += (alen + 3) & !3;
     }
     TcpSocket {
@@ -221,9 +252,34 @@ fn parse_msg(m: &[u8]) -> TcpSocket {
         dport,
         uid,
         cgroup_id,
+        marked,
         inode,
         id,
     }
+}
+
+/// The first `u32` map value inside an INET_DIAG_SK_BPF_STORAGES nest
+/// (SK_DIAG_BPF_STORAGE, itself nested, holding MAP_ID and MAP_VALUE).
+fn storage_value(nest: &[u8]) -> Option<u32> {
+    let mut at = 0;
+    while at + 4 <= nest.len() {
+        let alen = usize::from(u16_at(nest, at));
+        let atype = u16_at(nest, at + 2) & NLA_TYPE_MASK;
+        if alen < 4 || at + alen > nest.len() {
+            return None;
+        }
+        if atype == SK_DIAG_BPF_STORAGE_MAP_VALUE && alen >= 8 {
+            return Some(u32_at(nest, at + 4));
+        }
+        // SK_DIAG_BPF_STORAGE (1) nests the id and the value.
+        if atype == 1
+            && let Some(v) = storage_value(&nest[at + 4..at + alen])
+        {
+            return Some(v);
+        }
+        at += (alen + 3) & !3;
+    }
+    None
 }
 
 /// Closes one socket: both ends see the connection reset.

@@ -82,6 +82,12 @@ impl Probe {
         self.arg("--cgroup").arg(p)
     }
 
+    /// Join the cgroup directory `dir` (a child of a test cgroup).
+    pub fn cgroup_dir(self, dir: &std::path::Path) -> Self {
+        let p = dir.display().to_string();
+        self.arg("--cgroup").arg(p)
+    }
+
     pub fn as_user(self, u: &TestUser) -> Self {
         let mut s = self.as_ids(u.uid, u.gid);
         s.who = format!("{} (uid {})", u.name, u.uid);

@@ -617,3 +617,132 @@ fn a_start_with_names_that_do_not_resolve_enforces_the_rest_and_catches_up() {
         "the daemon must say the name resolves again"
     );
 }
+
+// ---- 2. ending access closes the right sockets ----------------------------
+
+#[test]
+fn revocation_closes_a_connection_whose_cgroup_is_gone() {
+    require_root();
+    let user = TestUser::new();
+    let l = Listener::loopback_keeping_connections();
+    let policy = PolicyDir::new(&vm_policy(l.port(), &[]));
+    let cg = TestCgroup::new();
+    let pin = PinDir::new();
+    let daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+    let out = pin.ctl(["grant", &user.name, "v"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Connected from a cgroup that then goes away (as a session scope
+    // does when the session ends), the process living on elsewhere.
+    let sub = cg.path().join("session");
+    fs::create_dir(&sub).expect("mkdir the session cgroup");
+    let mut held = spicegate_tests::Probe::new(env!("CARGO_BIN_EXE_sg-probe"))
+        .cgroup_dir(&sub)
+        .as_user(&user)
+        .connect(format!("127.0.0.1:{}", l.port()))
+        .hold(60);
+    fs::write(cg.path().join("cgroup.procs"), held.pid.to_string()).expect("moving the probe");
+    assert!(
+        spicegate_tests::wait_until(std::time::Duration::from_secs(5), || fs::remove_dir(&sub)
+            .is_ok()),
+        "the session cgroup could not be removed"
+    );
+
+    let out = pin.ctl(["revoke", &user.name, "v"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let closed = held.wait_closed(std::time::Duration::from_secs(3));
+    assert!(
+        closed.is_some(),
+        "the revoked connection from a removed cgroup stayed open; daemon log:\n{}",
+        daemon.lines().join("\n")
+    );
+}
+
+/// Server (as `uid`, on 127.0.0.1:`server_port`) and client (as root, bound
+/// to the source port `src_port`) of one connection, both in `cg`. Prints
+/// `ready`, then, for each line on stdin, `open` or `closed` for each side.
+const PAIR: &str = r#"
+import os, socket, sys
+cg, uid, server_port, src_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+open(cg + "/cgroup.procs", "w").write(str(os.getpid()))
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.setgroups([]); os.setresgid(uid, uid, uid); os.setresuid(uid, uid, uid)
+    l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind(("127.0.0.1", server_port)); l.listen(1)
+    os.write(w, b"l")
+    c, _ = l.accept()
+    l.close()
+    while True:
+        line = os.read(0, 100)
+        if not line:
+            os._exit(0)
+        try:
+            d = c.recv(1, socket.MSG_DONTWAIT)
+            print("server", "closed" if d == b"" else "open", flush=True)
+        except BlockingIOError:
+            print("server open", flush=True)
+        except OSError:
+            print("server closed", flush=True)
+os.read(r, 1)
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", src_port)); s.connect(("127.0.0.1", server_port))
+print("ready", flush=True)
+os.waitpid(pid, 0)
+"#;
+
+#[test]
+fn ending_access_leaves_the_server_side_of_a_connection_alone() {
+    require_root();
+    let serving = TestUser::new(); // granted nothing
+    let guarded = free_port();
+    let server_port = free_port();
+    let policy = PolicyDir::new(&format!("[protect]\nports = [{guarded}]\n"));
+    let cg = TestCgroup::new();
+    let pin = PinDir::new();
+    let daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+    // root's client uses the guarded port as its *source* port (root may
+    // bind it); the server side's remote port is then the guarded one.
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(PAIR)
+        .arg(cg.path())
+        .arg(serving.uid.to_string())
+        .arg(server_port.to_string())
+        .arg(guarded.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(
+        lines.next().and_then(Result::ok).as_deref(),
+        Some("ready"),
+        "the pair did not connect"
+    );
+    // Every apply sweeps (now and a second later).
+    let out = pin.ctl(["reload"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        let _ = stdin.write_all(b"?\n");
+        let state = lines.next().and_then(Result::ok).unwrap_or_default();
+        drop(stdin);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(state, "server open", "the server side was closed");
+    }
+    let closed: Vec<String> = daemon
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("CLOSED"))
+        .collect();
+    assert!(
+        closed.is_empty(),
+        "false CLOSED lines:\n{}",
+        closed.join("\n")
+    );
+}
