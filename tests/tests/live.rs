@@ -233,7 +233,7 @@ fn reload_and_sighup_print_and_apply_changes() {
     lab.policy.rewrite(&vm("v", l.port(), &[&a.name]));
     lab.daemon().signal(nix::sys::signal::Signal::SIGHUP);
     lab.daemon()
-        .wait_for_line("reloaded policy", Duration::from_secs(5));
+        .wait_for_line("(SIGHUP)", Duration::from_secs(5));
     lab.expect(&a, l.port(), Allowed);
     lab.expect(&b, l.port(), Denied);
 }
