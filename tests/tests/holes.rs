@@ -746,3 +746,54 @@ fn ending_access_leaves_the_server_side_of_a_connection_alone() {
         closed.join("\n")
     );
 }
+
+// ---- 4. the engine fuzz corpus, replayed against a running daemon ---------
+
+#[test]
+fn the_engine_fuzz_corpus_never_takes_the_daemon_down() {
+    require_root();
+    // The fuzz target's policy (fuzz/fuzz_targets/engine.rs), on this
+    // test's own cgroup, pins and socket.
+    let policy = PolicyDir::new(
+        "[protect]\nports = [47911]\nlisteners = [\"#64055\"]\n\
+         [vms.v]\nserver = \"localhost\"\nports = [47910, 47911]\ntls_port = 47911\nallow = [\"root\", \"#1001\"]\n\
+         [[vms.v.schedule]]\nallow = [\"#1002\"]\ndays = [\"mon\", \"sun\"]\nhours = \"22:00-06:00\"\n\
+         [vms.c]\nserver = \"localhost\"\nports = [47912]\nallow = [\"@console\"]\n",
+    );
+    let cg = TestCgroup::new();
+    let pin = PinDir::new();
+    let mut daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+    let dir = spicegate_tests::workspace_dir().join("fuzz/corpus/engine");
+    let mut inputs: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    inputs.sort();
+    assert!(!inputs.is_empty(), "no corpus in {}", dir.display());
+    for input in &inputs {
+        let data = fs::read(input).expect("reading an input");
+        if data.windows(6).any(|w| w == b"events") {
+            continue; // a stream, not a request
+        }
+        let mut line = data.clone();
+        if !line.ends_with(b"\n") {
+            line.push(b'\n');
+        }
+        let _ = raw_request(
+            &pin.socket(),
+            &line,
+            false,
+            std::time::Duration::from_secs(10),
+        );
+        assert!(
+            daemon.has_exited().is_none(),
+            "the daemon died on {}: {:?}\nlog:\n{}",
+            input.display(),
+            String::from_utf8_lossy(&data),
+            daemon.lines().join("\n")
+        );
+    }
+    let st = status(&pin);
+    assert_eq!(st["running"], true);
+    eprintln!("[test] {} corpus inputs replayed", inputs.len());
+}

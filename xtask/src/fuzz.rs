@@ -1,7 +1,9 @@
 //! `cargo xtask fuzz`: runs the cargo-fuzz targets (policy parser, control
-//! protocol) for a while, growing the corpus in fuzz/corpus. The bounded
-//! smoke that `cargo xtask test` runs replays that corpus without
-//! cargo-fuzz (spicegate/tests/fuzz_smoke.rs).
+//! protocol, and request lines against a running daemon) for a while,
+//! growing the corpus in fuzz/corpus. The bounded smoke that `cargo xtask
+//! test` runs replays the parser corpora without cargo-fuzz
+//! (spicegate/tests/fuzz_smoke.rs), and the engine corpus against a daemon
+//! (tests/tests/holes.rs).
 
 use std::process::Command;
 
@@ -14,12 +16,13 @@ pub struct FuzzArgs {
     /// Seconds per target.
     #[arg(long, default_value_t = 300)]
     secs: u64,
-    /// Only this target (`policy` or `control`).
+    /// Only this target (`policy`, `control` or `engine`; `engine` needs
+    /// root: it starts a daemon).
     #[arg(long)]
     target: Option<String>,
 }
 
-const TARGETS: &[&str] = &["policy", "control"];
+const TARGETS: &[&str] = &["policy", "control", "engine"];
 
 pub fn fuzz(args: &FuzzArgs) -> anyhow::Result<()> {
     if !Command::new("cargo")
@@ -46,16 +49,25 @@ pub fn fuzz(args: &FuzzArgs) -> anyhow::Result<()> {
     };
     for t in targets {
         eprintln!("xtask: fuzzing {t} for {}s", args.secs);
-        let status = Command::new("cargo")
-            .current_dir(workspace().join("fuzz"))
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(workspace().join("fuzz"))
             .args(["+nightly", "fuzz", "run", "-O", t, "--"])
             .arg(format!("-max_total_time={}", args.secs))
             .arg("-max_len=4096")
             // The fuzzers drive policy and protocol code only; no kernel
-            // object is needed in the binary.
-            .env("SPICEGATE_SKIP_EBPF", "1")
-            .status()
-            .context("running cargo fuzz")?;
+            // object is needed in their binary (the engine target talks to
+            // a separately built daemon).
+            .env("SPICEGATE_SKIP_EBPF", "1");
+        if t == "engine" {
+            if !crate::util::is_root() {
+                bail!("the engine target starts a daemon: run `cargo xtask fuzz --target engine` as root");
+            }
+            let bin = crate::build::build(&crate::build::BuildArgs { release: false })?;
+            cmd.env("SPICEGATE_BIN", bin)
+                .arg("-dict=dict/engine.dict")
+                .arg("-timeout=30");
+        }
+        let status = cmd.status().context("running cargo fuzz")?;
         if !status.success() {
             bail!("fuzz target {t} failed: the crashing input is under fuzz/artifacts/{t}/");
         }
