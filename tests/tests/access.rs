@@ -905,15 +905,17 @@ fn a_hostname_is_guarded_like_its_address_and_followed_when_it_changes() {
 }
 
 #[test]
-fn a_hostname_that_does_not_resolve_at_start_is_an_error() {
+fn a_hostname_that_does_not_resolve_is_refused_by_check_and_guarded_everywhere_at_start() {
     require_root();
     let name = format!(
         "nx-{}-{}.spicegate-test.invalid",
         std::process::id(),
         spicegate_tests::next_id()
     );
+    let l = Listener::loopback();
+    let p = l.port();
     let policy = PolicyDir::new(&format!(
-        "[servers.kvm]\naddress = \"{name}\"\n[vms.v]\nserver = \"kvm\"\nports = [5999]\n"
+        "[servers.kvm]\naddress = \"{name}\"\n[vms.v]\nserver = \"kvm\"\nports = [{p}]\nallow = [\"root\"]\n"
     ));
     let want = format!("{}:2:11:", policy.main().display());
 
@@ -925,30 +927,26 @@ fn a_hostname_that_does_not_resolve_at_start_is_an_error() {
         out.status
     );
 
+    // At start it enforces anyway: the server's port is guarded on every
+    // address, granted to no one (root included), until the name resolves.
     let cg = TestCgroup::new();
     let pin = PinDir::new();
-    let mut daemon = Daemon::spawn(&policy.main(), Some(cg.path()), &pin);
-    let mut status = None;
-    assert!(
-        wait_until(Duration::from_secs(15), || {
-            status = daemon.has_exited();
-            status.is_some()
-        }),
-        "spicegate run kept running with an unresolvable name; log:\n{}",
-        daemon.lines().join("\n")
+    let daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+    daemon.wait_for_line(
+        &format!("UNRESOLVED hostname {name}"),
+        Duration::from_secs(2),
     );
-    let status = status.expect("exited");
-    let line = daemon.wait_for_line(&want, Duration::from_secs(2));
-    assert!(
-        !status.success() && line.contains("does not resolve"),
-        "spicegate run: {status}: {line}"
-    );
-    assert!(
-        !daemon
-            .lines()
-            .iter()
-            .any(|l| l.contains("enforcing policy")),
-        "it enforced something"
+    let out = pin.ctl(["status", "--json"]);
+    let st: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(st["degraded"], true, "{st:#}");
+    let root = Probe::new(PROBE)
+        .cgroup(&cg)
+        .as_ids(0, 0)
+        .connect(format!("127.0.0.1:{p}"))
+        .outcome();
+    assert_eq!(
+        root, Denied,
+        "the port of a server that does not resolve is guarded everywhere"
     );
 }
 
