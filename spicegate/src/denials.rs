@@ -589,15 +589,15 @@ impl<D: Directory> Writer<D> {
         let over_n = self.over.denials;
         tally.merge(&self.over);
         self.over.clear();
-        // Counted from the records tallied this second (so the counts of
-        // uids and programs add up to it), plus what no ring or queue could
-        // take. The kernel's own count of the second is printed beside it.
-        let left_out = tally
-            .denials
-            .saturating_add(k.flood_ring_full)
+        // How many: the kernel's and the daemon's own counts of the second.
+        // Who: the flood records tallied (read every 100 ms, so a few may
+        // land in the next second's line).
+        let left_out = k
+            .rate_limited
             .saturating_add(k.log_ring_full)
-            .saturating_add(q);
-        if left_out == 0 && k.rate_limited == 0 {
+            .saturating_add(q)
+            .saturating_add(over_n);
+        if left_out == 0 {
             tally.clear();
             self.spare = tally;
             return;
