@@ -121,13 +121,23 @@ pub enum Request {
     Events {},
     /// The VMs the caller may open (now or later), for `list` and `open`.
     List {},
+    /// A page of who may open `vm` now (uids above `after`), for `status
+    /// --vm NAME --users`.
+    Users {
+        vm: String,
+        after: Option<u32>,
+    },
 }
 
 impl Request {
     fn needs_admin(&self) -> bool {
         matches!(
             self,
-            Self::Status {} | Self::Reload {} | Self::Grant { .. } | Self::Revoke { .. }
+            Self::Status {}
+                | Self::Reload {}
+                | Self::Grant { .. }
+                | Self::Revoke { .. }
+                | Self::Users { .. }
         )
     }
 }
@@ -420,6 +430,7 @@ async fn request_engine(
             )
         }
         Request::List {} => (Command::List { uid: peer, reply }, true),
+        Request::Users { vm, after } => (Command::Users { vm, after, reply }, true),
         Request::Events {} => return Err("internal: events are streamed".into()),
     };
     shared
@@ -431,7 +442,15 @@ async fn request_engine(
         .map_err(|_| "the daemon is shutting down".to_owned())??;
     if names {
         v = blocking(move || {
-            fill_user_names(&mut v, &Nss, &mut std::collections::HashMap::new());
+            let mut cache = NAMES
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Bounded: a policy of a million uids pages through names, it
+            // does not keep them all.
+            if cache.len() > NAME_CACHE {
+                cache.clear();
+            }
+            fill_user_names(&mut v, &Nss, &mut cache);
             v
         })
         .await?;
@@ -447,6 +466,13 @@ async fn request_engine(
     }
     Ok(v)
 }
+
+/// Names the control handler looked up, shared by every answer (status
+/// pages, list), so paging through a large VM asks NSS once per uid.
+static NAMES: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<u32, String>>> =
+    std::sync::LazyLock::new(Default::default);
+/// Entries of [`NAMES`] before it starts over.
+const NAME_CACHE: usize = 100_000;
 
 /// Fills every `"user": null` next to a `"uid"` in an answer with that
 /// uid's name (`#UID` without a passwd entry). The engine leaves names out:

@@ -65,6 +65,12 @@ pub enum Command {
         uid: u32,
         reply: Reply<Value>,
     },
+    /// One page of who may open a VM now: uids above `after`.
+    Users {
+        vm: String,
+        after: Option<u32>,
+        reply: Reply<Value>,
+    },
     /// SIGHUP: apply a policy read off the engine thread.
     Sighup {
         loaded: Box<Result<Loaded, String>>,
@@ -916,6 +922,9 @@ impl Engine {
             Command::List { uid, reply } => {
                 let _ = reply.send(Ok(self.list(uid)));
             }
+            Command::Users { vm, after, reply } => {
+                let _ = reply.send(self.users_page(&vm, after));
+            }
         }
     }
 
@@ -1006,6 +1015,42 @@ impl Engine {
         }
         log::info!("temporary grant revoked: {user} ({uid}) on vm {vm}");
         Ok(json!({ "user": user, "uid": uid, "vm": vm }))
+    }
+
+    /// A page of [`USERS_PAGE`] users who may open `vm` now, after uid
+    /// `after`; `next_after` is set while there are more.
+    fn users_page(&self, vm: &str, after: Option<u32>) -> Result<Value, String> {
+        let Some(v) = self.loaded.policy.vms.get(vm) else {
+            return Err(format!("no vm `{vm}` in the policy"));
+        };
+        let info = self.compiled.endpoints.values().find(|i| i.vm == vm);
+        let policy_uids = v.uids();
+        let (users, next_after) = match info {
+            None => (Vec::new(), None),
+            Some(i) => {
+                let range = match after {
+                    Some(a) => i
+                        .uids
+                        .range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+                    None => i.uids.range(..),
+                };
+                let page: Vec<u32> = range.take(USERS_PAGE + 1).copied().collect();
+                let more = page.len() > USERS_PAGE;
+                let page = &page[..page.len().min(USERS_PAGE)];
+                (
+                    page.iter()
+                        .map(|u| user_entry(i, &policy_uids, *u))
+                        .collect(),
+                    more.then(|| page.last().copied()).flatten(),
+                )
+            }
+        };
+        Ok(json!({
+            "vm": vm,
+            "users_total": info.map_or(0, |i| i.uids.len()),
+            "users": users,
+            "next_after": next_after,
+        }))
     }
 
     /// `list`: the VMs `uid` may open now or later, and how to reach them.
@@ -1135,27 +1180,18 @@ impl Engine {
                     d => format!("{d}:{p}"),
                 })
                 .collect();
-            let info = eps.first().map(|(_, i)| (*i).clone());
+            let info = eps.first().map(|(_, i)| *i);
+            let policy_uids = vm.uids();
             let users: Vec<Value> = info
-                .as_ref()
                 .map(|i| {
                     i.uids
                         .iter()
-                        .map(|u| {
-                            let via = if i.temp_uids.contains(u) {
-                                "temporary"
-                            } else if i.console_uid == Some(*u) && !vm.uids().contains(u) {
-                                "console"
-                            } else if i.scheduled_uids.contains(u) && !vm.uids().contains(u) {
-                                "schedule"
-                            } else {
-                                "policy"
-                            };
-                            json!({ "uid": u, "user": name(*u), "temporary": via == "temporary", "via": via })
-                        })
+                        .take(STATUS_USERS)
+                        .map(|u| user_entry(i, &policy_uids, *u))
                         .collect()
                 })
                 .unwrap_or_default();
+            let users_total = info.map_or(0, |i| i.uids.len());
             // Everyone a schedule names, with when their access next changes.
             let mut named: BTreeSet<u32> = vm
                 .schedules
@@ -1171,6 +1207,7 @@ impl Engine {
             }));
             let windows: Vec<Value> = named
                 .iter()
+                .take(STATUS_USERS)
                 .map(|u| {
                     let open = self.scheduled.contains(&(vm.name.clone(), *u));
                     let next = schedule::next_change(
@@ -1205,8 +1242,10 @@ impl Engine {
                 "mode": self.loaded.policy.vm_mode(vm),
                 "endpoints": endpoints,
                 "users": users,
+                "users_total": users_total,
                 "schedules": schedules,
                 "schedule_users": windows,
+                "schedule_users_total": named.len(),
                 "allowed": allowed,
                 "denied": denied,
                 "audited": audited,
@@ -1242,6 +1281,8 @@ impl Engine {
             .collect();
         json!({
             "version": env!("CARGO_PKG_VERSION"),
+            // docs/status.md: 2 lists at most STATUS_USERS users per VM.
+            "status_format": STATUS_FORMAT,
             "running": true,
             "attached": kernel::attached(&self.cfg.paths, &self.cfg.cgroup),
             // The policy slot holds the table this daemon installed (the
@@ -1360,6 +1401,30 @@ fn named_uids<'a>(policy: &'a Policy, compiled: &'a Compiled) -> impl Iterator<I
         .values()
         .flat_map(|i| i.uids.iter().copied().filter(high));
     from_vms.chain(from_table)
+}
+
+/// Version of the `status` document (docs/status.md).
+pub const STATUS_FORMAT: u32 = 2;
+
+/// Users listed per VM by `status` (and schedule users); the rest are
+/// counted (`users_total`) and paged by `status --vm NAME --users`.
+pub const STATUS_USERS: usize = 100;
+
+/// Users per page of `status --vm NAME --users`.
+pub const USERS_PAGE: usize = 1000;
+
+/// One `users[]` entry of `status`; the name is filled in off the engine.
+fn user_entry(i: &crate::compile::EndpointInfo, policy_uids: &BTreeSet<u32>, u: u32) -> Value {
+    let via = if i.temp_uids.contains(&u) {
+        "temporary"
+    } else if i.console_uid == Some(u) && !policy_uids.contains(&u) {
+        "console"
+    } else if i.scheduled_uids.contains(&u) && !policy_uids.contains(&u) {
+        "schedule"
+    } else {
+        "policy"
+    };
+    json!({ "uid": u, "user": Value::Null, "temporary": via == "temporary", "via": via })
 }
 
 /// Timer periods of the engine thread.

@@ -47,11 +47,54 @@ pub struct StatusArgs {
     /// Print the status document as JSON (field names are stable).
     #[arg(long)]
     json: bool,
+    /// With --users: the VM whose users to list.
+    #[arg(long, value_name = "NAME", requires = "users")]
+    vm: Option<String>,
+    /// Every user who may open --vm now, one per line (`status` itself
+    /// lists at most 100 per VM), fetched in pages of 1,000.
+    #[arg(long, requires = "vm")]
+    users: bool,
     #[command(flatten)]
     pin: super::PinDirArg,
 }
 
+/// `status --vm NAME --users`: every page, printed as it arrives.
+fn status_users(socket: &Path, vm: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let mut after = None;
+    loop {
+        let page = call(
+            socket,
+            &Request::Users {
+                vm: vm.to_owned(),
+                after,
+            },
+        )?;
+        for u in page["users"].as_array().cloned().unwrap_or_default() {
+            if json {
+                println!("{u}");
+            } else {
+                println!(
+                    "{} {} {}",
+                    u["uid"],
+                    u["user"].as_str().unwrap_or("?"),
+                    u["via"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        match page["next_after"]
+            .as_u64()
+            .and_then(|a| u32::try_from(a).ok())
+        {
+            Some(a) => after = Some(a),
+            None => return Ok(ExitCode::SUCCESS),
+        }
+    }
+}
+
 pub fn status(socket: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    if let (Some(vm), true) = (&args.vm, args.users) {
+        return status_users(socket, vm, args.json);
+    }
     let v = match call(socket, &Request::Status {}) {
         Ok(v) => v,
         Err(e) if !format!("{e}").contains("daemon is not running") => return Err(e),
@@ -173,14 +216,24 @@ pub fn status(socket: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
             .iter()
             .filter_map(|e| e.as_str().map(str::to_owned))
             .collect();
+        let total = vm["users_total"].as_u64().unwrap_or(users.len() as u64);
+        let more = total.saturating_sub(users.len() as u64);
         println!(
-            "vm {} [{}]: allowed now: {}; connects allowed {} denied {}",
+            "vm {} [{}]: allowed now: {}{}; connects allowed {} denied {}",
             vm["name"].as_str().unwrap_or("?"),
             eps.join(", "),
             if users.is_empty() {
                 "(no one)".into()
             } else {
                 users.join(", ")
+            },
+            if more > 0 {
+                format!(
+                    " and {more} more (`spicegate status --vm {} --users`)",
+                    vm["name"].as_str().unwrap_or("?")
+                )
+            } else {
+                String::new()
             },
             vm["allowed"],
             vm["denied"]
