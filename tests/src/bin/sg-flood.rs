@@ -134,11 +134,11 @@ fn flood(a: &Args, start_offset: u32, stride: u32, deadline: Instant) -> Counts 
 
 fn main() {
     let a = parse();
-    if let Some(cg) = &a.cgroup {
-        if let Err(e) = fs::write(format!("{cg}/cgroup.procs"), std::process::id().to_string()) {
-            eprintln!("sg-flood: joining {cg}: {e}");
-            exit(3);
-        }
+    if let Some(cg) = &a.cgroup
+        && let Err(e) = fs::write(format!("{cg}/cgroup.procs"), std::process::id().to_string())
+    {
+        eprintln!("sg-flood: joining {cg}: {e}");
+        exit(3);
     }
     let deadline = Instant::now() + Duration::from_secs(a.secs);
     let mut pipes = Vec::new();
