@@ -60,7 +60,9 @@ pub fn fuzz(args: &FuzzArgs) -> anyhow::Result<()> {
             .env("SPICEGATE_SKIP_EBPF", "1");
         if t == "engine" {
             if !crate::util::is_root() {
-                bail!("the engine target starts a daemon: run `cargo xtask fuzz --target engine` as root");
+                bail!(
+                    "the engine target starts a daemon: run `cargo xtask fuzz --target engine` as root"
+                );
             }
             let bin = crate::build::build(&crate::build::BuildArgs { release: false })?;
             cmd.env("SPICEGATE_BIN", bin)
