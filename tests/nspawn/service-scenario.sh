@@ -174,7 +174,9 @@ echo "pins of the previous release: $(pins_named '*')"
 check_pinned install-old-layout-pinned "connect4$OLD_LAYOUT"
 pid=$(mainpid)
 probes_start
-check release-upgrade dpkg -i $OUT/spicegate-a.deb
+# Unattended, as a fleet upgrades: the admin's edited policy.toml is kept
+# even if a release changes the shipped one (no conffile prompt).
+check release-upgrade dpkg -i --force-confold $OUT/spicegate-a.deb
 check release-upgrade-new-daemon wait_new_daemon "$pid"
 probes_stop release-upgrade
 echo "pins after the upgrade: $(pins_named '*')"
@@ -265,7 +267,7 @@ check kill9-counted sh -c "[ \$(systemctl show -p NRestarts --value spicegate.se
 # takes over, the admin's policy stays, no gap.
 pid=$(mainpid)
 probes_start
-check upgrade dpkg -i $OUT/spicegate-b.deb
+check upgrade dpkg -i --force-confold $OUT/spicegate-b.deb
 check upgrade-new-daemon wait_new_daemon "$pid"
 probes_stop upgrade
 expect upgrade-version "$B_VERSION" "$(dpkg-query -W -f='${Version}' spicegate)"
