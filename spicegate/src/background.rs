@@ -177,7 +177,7 @@ pub fn watch_addresses(interval: Duration, engine: mpsc::Sender<Command>) -> any
 
 /// What the resolver thread resolves: the sources of the policy in force.
 pub struct ResolveJob {
-    pub sources: Vec<PolicySource>,
+    pub sources: Arc<Vec<PolicySource>>,
     pub sha256: String,
     pub interval: Duration,
     /// When these sources were resolved last (a reload resolves them, so
@@ -216,7 +216,7 @@ pub fn watch_names(
                     if last.max(j.resolved_at).elapsed() < interval {
                         continue;
                     }
-                    (j.sources.clone(), j.sha256.clone(), j.degraded)
+                    (Arc::clone(&j.sources), j.sha256.clone(), j.degraded)
                 };
                 last = std::time::Instant::now();
                 let env = Env {

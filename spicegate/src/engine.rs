@@ -160,7 +160,9 @@ impl Resolver for CachingResolver {
 /// A policy read from disk, validated.
 pub struct Loaded {
     pub policy: Policy,
-    pub sources: Vec<PolicySource>,
+    /// Shared with the resolver thread and the last-good writer, not
+    /// copied: the text of a large policy is megabytes.
+    pub sources: Arc<Vec<PolicySource>>,
     pub sha256: String,
 }
 
@@ -194,7 +196,7 @@ pub fn load_policy(path: &Path, resolver: &dyn Resolver) -> Result<Loaded, Strin
     let sha256 = sha256.map_err(|_| "computing the policy's digest failed".to_owned())?;
     Ok(Loaded {
         policy,
-        sources,
+        sources: Arc::new(sources),
         sha256,
     })
 }
@@ -284,7 +286,7 @@ pub fn load_policy_at_start(
     };
     Ok(Loaded {
         policy,
-        sources,
+        sources: Arc::new(sources),
         sha256,
     })
 }
@@ -465,7 +467,7 @@ impl Engine {
         let settings = Arc::new(RwLock::new(loaded.policy.settings.clone()));
         let vm_names = Arc::new(RwLock::new(compiled.vm_names.clone()));
         let resolve_job = Arc::new(Mutex::new(ResolveJob {
-            sources: loaded.sources.clone(),
+            sources: Arc::clone(&loaded.sources),
             sha256: loaded.sha256.clone(),
             interval: loaded.policy.settings.resolve_interval,
             resolved_at: Instant::now(),
@@ -545,7 +547,7 @@ impl Engine {
 
     fn save_last_good(&self) {
         if self.state_ok.is_ok() {
-            self.last_good.save(self.loaded.sources.clone());
+            self.last_good.save(Arc::clone(&self.loaded.sources));
         }
     }
 
@@ -595,7 +597,7 @@ impl Engine {
             self.source = Source::File;
             self.save_last_good();
             *locked(&self.resolve_job) = ResolveJob {
-                sources: self.loaded.sources.clone(),
+                sources: Arc::clone(&self.loaded.sources),
                 sha256: self.loaded.sha256.clone(),
                 interval: self.loaded.policy.settings.resolve_interval,
                 resolved_at: Instant::now(),
@@ -638,7 +640,7 @@ impl Engine {
                 let t = Instant::now();
                 let diff = Diff::of_tables(&old, &self.compiled);
                 drop(old);
-                self.trim_at = Some(Instant::now() + TRIM_DELAY);
+                self.trim_soon();
                 self.phases.push(("diff", t.elapsed()));
                 log::info!(
                     "reloaded policy {} ({why}) in {} ms: {}",
@@ -786,7 +788,7 @@ impl Engine {
             policy => {
                 let loaded = Loaded {
                     policy,
-                    sources: self.loaded.sources.clone(),
+                    sources: Arc::clone(&self.loaded.sources),
                     sha256: self.loaded.sha256.clone(),
                 };
                 let source = self.source;
@@ -861,10 +863,18 @@ impl Engine {
         }
     }
 
+    /// Hands freed heap back [`TRIM_DELAY`] from now (or sooner if a trim
+    /// is due already): a large answer's document is freed by then.
+    fn trim_soon(&mut self) {
+        let at = Instant::now() + TRIM_DELAY;
+        self.trim_at = Some(self.trim_at.map_or(at, |t| t.min(at)));
+    }
+
     pub fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Status { reply } => {
                 let _ = reply.send(Ok(self.status()));
+                self.trim_soon();
             }
             Command::Reload { loaded, reply } => {
                 let _ = reply.send(self.reload("spicegate reload", *loaded));
@@ -924,6 +934,7 @@ impl Engine {
             }
             Command::Users { vm, after, reply } => {
                 let _ = reply.send(self.users_page(&vm, after));
+                self.trim_soon();
             }
         }
     }

@@ -14,13 +14,13 @@ use anyhow::Context as _;
 /// written in order (a burst of reloads writes only the newest), and
 /// dropping the writer waits for the pending one.
 pub struct LastGoodWriter {
-    tx: Option<std::sync::mpsc::Sender<Vec<crate::policy::Source>>>,
+    tx: Option<std::sync::mpsc::Sender<std::sync::Arc<Vec<crate::policy::Source>>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl LastGoodWriter {
     pub fn new(state_dir: PathBuf) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<Vec<crate::policy::Source>>();
+        let (tx, rx) = std::sync::mpsc::channel::<std::sync::Arc<Vec<crate::policy::Source>>>();
         let thread = std::thread::Builder::new()
             .name("last-good".into())
             .spawn(move || {
@@ -43,7 +43,7 @@ impl LastGoodWriter {
         }
     }
 
-    pub fn save(&self, sources: Vec<crate::policy::Source>) {
+    pub fn save(&self, sources: std::sync::Arc<Vec<crate::policy::Source>>) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(sources);
         }

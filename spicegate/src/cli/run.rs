@@ -49,6 +49,15 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
+    // One malloc arena for the whole daemon: policies are parsed on one
+    // thread and kept on another, and glibc's per-thread arenas would each
+    // keep their own high-water mark (measured: 40 MB settled at 100,000
+    // grants instead of 19). Its threads allocate little once started.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a malloc tunable; no thread runs yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
