@@ -642,6 +642,9 @@ impl Engine {
                 drop(old);
                 self.trim_soon();
                 self.phases.push(("diff", t.elapsed()));
+                if let Some(w) = self.loaded.policy.listener_warning() {
+                    log::warn!("{w}");
+                }
                 log::info!(
                     "reloaded policy {} ({why}) in {} ms: {}",
                     self.cfg.policy_path.display(),
@@ -1364,6 +1367,9 @@ fn trusted_state_dir(dir: &Path) -> Result<(), String> {
 
 /// Says which names of a policy in force do not resolve.
 fn log_unresolved(policy: &Policy) {
+    if let Some(w) = policy.listener_warning() {
+        log::warn!("{w}");
+    }
     if policy.unresolved.is_empty() {
         return;
     }

@@ -407,6 +407,32 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// A warning for a policy whose VMs on this machine only root may
+    /// serve: QEMU running as another user (libvirt's `libvirt-qemu`)
+    /// could not open their Spice ports once it restarts.
+    pub fn listener_warning(&self) -> Option<String> {
+        if !self.listeners.is_empty() {
+            return None;
+        }
+        let local: Vec<&str> = self
+            .vms
+            .values()
+            .filter(|vm| {
+                matches!(
+                    self.servers.get(&vm.server).map(|s| &s.target),
+                    Some(ServerTarget::Local) | None
+                )
+            })
+            .map(|vm| vm.name.as_str())
+            .collect();
+        (!local.is_empty()).then(|| {
+            format!(
+                "only root may listen on the ports of vm(s) {} on this machine: if their Spice server (QEMU) runs as another user (libvirt: libvirt-qemu), name it in `[protect] listeners`, or it cannot open those ports when it next starts",
+                local.join(", ")
+            )
+        })
+    }
+
     /// Every uid `[protect] listeners` names.
     pub fn listener_uids(&self) -> BTreeSet<u32> {
         self.listeners
@@ -1276,6 +1302,34 @@ mod tests {
             .user("ralph", 1001)
             .user("root", 0)
             .group("bookkeeping", &[1002, 1003])
+    }
+
+    #[test]
+    fn warns_when_only_root_may_serve_local_vms() {
+        let local = "[vms.w]\nserver = \"localhost\"\nports = [5930]\n";
+        let w = ok(local).listener_warning().expect("a warning");
+        assert!(w.contains("vm(s) w") && w.contains("listeners"), "{w}");
+        let with = format!("[protect]\nlisteners = [\"ralph\"]\n{local}");
+        assert_eq!(ok(&with).listener_warning(), None);
+        let remote = "[servers.s]\naddress = \"192.0.2.1\"\n[vms.r]\nserver = \"s\"\nports = [1]\n";
+        assert_eq!(ok(remote).listener_warning(), None);
+        let l = ok(&with);
+        assert_eq!(
+            l.listener_uids().into_iter().collect::<Vec<_>>(),
+            vec![1001]
+        );
+        assert_eq!(l.listen_ports().into_iter().collect::<Vec<_>>(), vec![5930]);
+    }
+
+    #[test]
+    fn console_cannot_listen() {
+        let e = parse(
+            "[protect]\nlisteners = [\"@console\"]\n",
+            Path::new("p.toml"),
+            &dir(),
+        )
+        .expect_err("refused");
+        assert!(e.to_string().contains("cannot be a listener"), "{e}");
     }
 
     fn ok(text: &str) -> Policy {

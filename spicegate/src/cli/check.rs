@@ -69,6 +69,9 @@ pub fn check(args: &CheckArgs, socket: &std::path::Path) -> anyhow::Result<ExitC
 pub fn describe(policy: &policy::Policy, c: &Compiled, dir: &dyn Directory) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{}: OK", policy.source.display());
+    if let Some(w) = policy.listener_warning() {
+        let _ = writeln!(out, "warning: {w}");
+    }
     if c.guarded_everywhere.is_empty() {
         let _ = writeln!(out, "guarded on every destination: (none)");
     } else {
