@@ -19,6 +19,18 @@ pub struct Listener {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Reads what already arrived (the data of a Fast Open SYN) before closing:
+/// closing with unread data sends a RST, which can reach the client before
+/// its connect returns and turn a granted connect into ECONNRESET.
+fn close_gently(conn: std::net::TcpStream) {
+    use std::io::Read as _;
+    let mut conn = conn;
+    if conn.set_nonblocking(true).is_ok() {
+        let mut buf = [0u8; 4096];
+        while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+    }
+}
+
 impl Listener {
     /// Listens on `addr` (port 0: the kernel picks a free ephemeral port,
     /// which is what keeps the tests' guarded ports unique and high).
@@ -51,7 +63,7 @@ impl Listener {
                 while !stop2.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((conn, _)) if keep => kept.push(conn),
-                        Ok((conn, _)) => drop(conn),
+                        Ok((conn, _)) => close_gently(conn),
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(_) => break,
                     }
