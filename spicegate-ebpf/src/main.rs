@@ -118,23 +118,14 @@ fn decide_bind(ctx: &SockAddrContext, family: u32) -> i32 {
     }
     // SAFETY: a live entry of the frozen rule table.
     let (vm, audit) = unsafe { ((*rule).vm, (*rule).flags & PORT_AUDIT != 0) };
-    let addr = addr_bytes(sa, family);
-    count(
-        vm,
-        if audit {
-            Outcome::Audited
-        } else {
-            Outcome::Denied
-        },
-    );
-    report_denial(ctx, uid, &addr, port, vm, audit, OP_BIND);
-    if audit { ALLOW } else { DENY }
+    refuse(ctx, uid, &addr_words(sa, family), port, vm, audit, OP_BIND)
 }
 
-/// The address of a sock_addr context as 16 bytes, IPv4 mapped.
+/// The address of a sock_addr context as four words in network byte
+/// order (as the kernel stores them), IPv4 mapped into IPv6.
 #[inline(always)]
-fn addr_bytes(sa: &aya_ebpf::bindings::bpf_sock_addr, family: u32) -> [u8; 16] {
-    let words = if family == AF_INET {
+fn addr_words(sa: &aya_ebpf::bindings::bpf_sock_addr, family: u32) -> [u32; 4] {
+    if family == AF_INET {
         [0, 0, V4_MAPPED_PREFIX, sa.user_ip4]
     } else {
         [
@@ -143,10 +134,34 @@ fn addr_bytes(sa: &aya_ebpf::bindings::bpf_sock_addr, family: u32) -> [u8; 16] {
             sa.user_ip6[2],
             sa.user_ip6[3],
         ]
-    };
+    }
+}
+
+/// Counts and reports a refusal (a connect or a bind); in audit mode the
+/// operation is let through.
+#[inline(always)]
+fn refuse(
+    ctx: &SockAddrContext,
+    uid: u32,
+    words: &[u32; 4],
+    port: u16,
+    vm: u32,
+    audit: bool,
+    op: u8,
+) -> i32 {
+    count(
+        vm,
+        if audit {
+            Outcome::Audited
+        } else {
+            Outcome::Denied
+        },
+    );
     // SAFETY: [u32; 4] and [u8; 16] have the same size and any bit pattern
     // is valid for both.
-    unsafe { core::mem::transmute(words) }
+    let addr: [u8; 16] = unsafe { core::mem::transmute(*words) };
+    report_denial(ctx, uid, &addr, port, vm, audit, op);
+    if audit { ALLOW } else { DENY }
 }
 
 #[inline(always)]
@@ -160,20 +175,7 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
         return ALLOW;
     }
     let port = u16::from_be(sa.user_port as u16);
-    // Words in network byte order, as the kernel stores them.
-    let words = if family == AF_INET {
-        [0, 0, V4_MAPPED_PREFIX, sa.user_ip4]
-    } else {
-        [
-            sa.user_ip6[0],
-            sa.user_ip6[1],
-            sa.user_ip6[2],
-            sa.user_ip6[3],
-        ]
-    };
-    // SAFETY: [u32; 4] and [u8; 16] have the same size and any bit pattern
-    // is valid for both.
-    let addr: [u8; 16] = unsafe { core::mem::transmute(words) };
+    let words = addr_words(sa, family);
 
     // Fast path: a port nobody guards costs two lookups and nothing else.
     // One lookup of the table in force; an empty slot (no daemon ever
@@ -214,16 +216,7 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
         Some(rule) => unsafe { ((*rule).vm, (*rule).flags & ENDPOINT_AUDIT != 0) },
         None => (NO_VM, port_flags & PORT_AUDIT != 0),
     };
-    count(
-        vm,
-        if audit {
-            Outcome::Audited
-        } else {
-            Outcome::Denied
-        },
-    );
-    report_denial(ctx, uid, &addr, port, vm, audit, OP_CONNECT);
-    if audit { ALLOW } else { DENY }
+    refuse(ctx, uid, &words, port, vm, audit, OP_CONNECT)
 }
 
 enum Outcome {

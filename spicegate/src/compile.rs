@@ -1,5 +1,9 @@
 //! Policy -> kernel rule table. Pure: the same policy and the same set of
 //! local addresses always give the same table, and nothing here needs root.
+//!
+//! Longer than 600 lines (half of it tests): rules, local addresses and the
+//! decision model that `why` and the sweep share; issue 14 splits it into
+//! `compile/`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},

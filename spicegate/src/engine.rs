@@ -1,5 +1,13 @@
-//! The daemon's one owner of the kernel state. The control socket, signals
-//! and timers send it [`Command`]s; no one else touches the maps.
+//! The daemon's one owner of the kernel state. It runs on a thread of its
+//! own ([`run`]) with the timers (expiry, schedules, watchdog); the control
+//! socket, signals and the helper threads (addresses, names, logind) send it
+//! [`Command`]s, and no one else touches the maps. It never waits on NSS,
+//! DNS or netlink dumps: those run on the threads of background.rs.
+//!
+//! Longer than 600 lines: the engine still holds its views (status, list,
+//! users) and the apply/grant logic side by side; the split into
+//! `daemon/` (loop, access changes, grants, views) is issue 14's, done after
+//! the million-grant rework that changes how a grant is applied.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},

@@ -6,6 +6,10 @@
 //! loads its program against the pinned maps, installs its table, attaches
 //! new links and renames them over the pinned ones; while both links exist
 //! they consult the same table, so a restart has no gap.
+//!
+//! Longer than 600 lines: loading, pinning, attaching, swapping and the raw
+//! bpf() calls (all through [`sys_bpf`]) are still one module; issue 14
+//! splits it into `kernel/` (load, pin, attach, swap, sys).
 
 use std::{
     ffi::CString,
@@ -727,17 +731,7 @@ fn map_update_batch(fd: i32, keys: &[RuleKey], values: &[RuleValue]) -> io::Resu
         // SAFETY: keys and values point at `count` contiguous repr(C)
         // entries of the map's key and value sizes; the kernel writes back
         // only `count`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &raw mut attr,
-                size_of::<BatchAttr>(),
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        unsafe { sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }?;
         if attr.count == 0 {
             return Err(io::Error::other("BPF_MAP_UPDATE_BATCH made no progress"));
         }
@@ -759,7 +753,7 @@ fn map_lookup_u32(fd: i32, key: u32) -> io::Result<Option<u32>> {
         flags: u64,
     }
     let mut value = 0u32;
-    let attr = LookupAttr {
+    let mut attr = LookupAttr {
         map_fd: fd as u32,
         _pad: 0,
         key: &raw const key as u64,
@@ -768,23 +762,27 @@ fn map_lookup_u32(fd: i32, key: u32) -> io::Result<Option<u32>> {
     };
     // SAFETY: key and value point at 4-byte locals that outlive the call,
     // the key and value sizes of an array of maps.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_ELEM,
-            &attr as *const LookupAttr,
-            size_of::<LookupAttr>(),
-        )
-    };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::ENOENT) {
-            Ok(None)
-        } else {
-            Err(e)
-        };
+    match unsafe { sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
     }
-    Ok(Some(value))
+}
+
+/// One bpf(2) call with `attr`, the command's attribute struct; the
+/// kernel reads (and for some commands writes back) `size_of::<T>()` bytes.
+///
+/// # Safety
+/// `attr` must be the repr(C) layout the command expects, and every pointer
+/// in it valid for what the command reads or writes.
+unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
+    // SAFETY: the caller vouches for attr's layout and pointers.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
 
 /// Makes a map read-only for `bpf()` callers (BPF_MAP_FREEZE); the
@@ -796,24 +794,12 @@ fn map_freeze(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
         map_fd: u32,
         _pad: [u32; 15],
     }
-    let attr = FreezeAttr {
+    let mut attr = FreezeAttr {
         map_fd: fd.as_raw_fd() as u32,
         _pad: [0; 15],
     };
     // SAFETY: bpf(BPF_MAP_FREEZE) reads `size` bytes of a valid attr.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_FREEZE,
-            &attr as *const FreezeAttr,
-            size_of::<FreezeAttr>(),
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    unsafe { sys_bpf(BPF_MAP_FREEZE, &mut attr) }.map(drop)
 }
 
 /// Forcibly detaches a link, even if some process still holds it open.
@@ -824,24 +810,12 @@ fn link_detach(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
         link_fd: u32,
         _pad: [u32; 15],
     }
-    let attr = LinkDetachAttr {
+    let mut attr = LinkDetachAttr {
         link_fd: fd.as_raw_fd() as u32,
         _pad: [0; 15],
     };
     // SAFETY: bpf(BPF_LINK_DETACH) reads `size` bytes of a valid attr.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            &attr as *const LinkDetachAttr,
-            size_of::<LinkDetachAttr>(),
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    unsafe { sys_bpf(BPF_LINK_DETACH, &mut attr) }.map(drop)
 }
 
 /// Where a pinned link is attached, read back from the kernel.
@@ -866,23 +840,13 @@ pub fn link_state(pin: &Path) -> io::Result<LinkState> {
     // struct bpf_link_info: type, id, prog_id, then (8-aligned) the union
     // whose cgroup member starts with cgroup_id.
     let mut info = [0u64; 32];
-    let attr = InfoAttr {
+    let mut attr = InfoAttr {
         bpf_fd: fd.as_raw_fd() as u32,
         info_len: size_of_val(&info) as u32,
         info: info.as_mut_ptr() as u64,
     };
     // SAFETY: the kernel writes at most info_len bytes into `info`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &attr as *const InfoAttr,
-            size_of::<InfoAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok(LinkState {
         link_id: (info[0] >> 32) as u32,
         prog_id: info[1] as u32,
@@ -960,7 +924,7 @@ fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         _pad: [u32; 11],
     }
     let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let attr = ObjGetAttr {
+    let mut attr = ObjGetAttr {
         pathname: c.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
@@ -968,17 +932,7 @@ fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         _pad: [0; 11],
     };
     // SAFETY: bpf(BPF_OBJ_GET) reads a valid attr whose path outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const ObjGetAttr,
-            size_of::<ObjGetAttr>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = unsafe { sys_bpf(BPF_OBJ_GET, &mut attr) }?;
     // SAFETY: the kernel just returned this fd to us.
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
 }

@@ -26,4 +26,5 @@ pub mod policy;
 pub mod schedule;
 pub mod sockdiag;
 pub mod state;
+pub mod tally;
 pub mod trust;

@@ -32,7 +32,7 @@ pub mod logind;
 pub mod nspawn;
 pub mod spice;
 pub use listener::Listener;
-pub use policy::PolicyFile;
+pub use policy::{PolicyDir, PolicyFile};
 pub use probe::{
     Batch, Checks, HeldConnection, Outcome, Probe, ProbeChild, ProbeLoop, ProbeResult,
 };

@@ -55,3 +55,85 @@ impl Drop for PolicyFile {
         }
     }
 }
+
+/// A directory of its own (root's, mode 0755) for a main policy file, its
+/// `policy.d` (0755) and the daemon's clock-offset file (see
+/// `--clock-offset-file`); removed on drop.
+#[derive(Debug)]
+pub struct PolicyDir {
+    dir: PathBuf,
+}
+
+impl PolicyDir {
+    pub fn new(main: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "sg-policy-{}-{}",
+            std::process::id(),
+            crate::next_id()
+        ));
+        fs::create_dir_all(dir.join("policy.d"))
+            .unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let d = Self { dir };
+        for p in [d.dir.clone(), d.dropins()] {
+            d.chmod(&p, 0o755);
+        }
+        fs::write(d.main(), main).expect("writing the policy");
+        d.chmod(&d.main(), 0o644);
+        d.set_offset(0);
+        d
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn main(&self) -> PathBuf {
+        self.dir.join("policy.toml")
+    }
+
+    pub fn dropins(&self) -> PathBuf {
+        self.dir.join("policy.d")
+    }
+
+    pub fn chmod(&self, p: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(p, fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", p.display()));
+    }
+
+    /// The file `--clock-offset-file` points the daemon at.
+    pub fn clock(&self) -> PathBuf {
+        self.dir.join("clock-offset")
+    }
+
+    /// Seconds the daemon adds to the clock, replaced atomically (it reads
+    /// the file four times a second).
+    pub fn set_offset(&self, secs: i64) {
+        let tmp = self.dir.join("clock-offset.tmp");
+        fs::write(&tmp, secs.to_string()).expect("writing the clock offset");
+        fs::rename(&tmp, self.clock()).expect("placing the clock offset");
+    }
+
+    /// Makes the daemon's clock read `unix` at the start of the current
+    /// real second; returns `(unix, the real instant of that start)`.
+    pub fn set_clock(&self, unix: i64) -> (i64, std::time::Instant) {
+        let now = std::time::Instant::now();
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970");
+        let real = i64::try_from(since.as_secs()).expect("seconds fit i64");
+        self.set_offset(unix - real);
+        (
+            unix,
+            now - std::time::Duration::from_nanos(u64::from(since.subsec_nanos())),
+        )
+    }
+}
+
+impl Drop for PolicyDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            eprintln!("[harness] LEFTOVER {}: {e}", self.dir.display());
+        }
+    }
+}

@@ -24,15 +24,15 @@ use std::{
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use spicegate_tests::{
-    CliStream, Daemon, Listener, PinDir, TestCgroup, TestUser, logind::FakeLogind,
+    CliStream, Daemon, Listener, PinDir, PolicyDir, TestCgroup, TestUser, logind::FakeLogind,
     logind::SessionSpec, require_root, spicegate_cmd,
 };
 
@@ -55,55 +55,6 @@ const MAX_LINES_PER_SEC: f64 = 50.0;
 const MAX_CPU: f64 = 0.25;
 
 // ---- the daemon's clock ------------------------------------------------
-
-/// The policy, its clock-offset file, and nothing else; removed on drop.
-struct PolicyDir(PathBuf);
-
-impl PolicyDir {
-    fn new(text: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "sg-flood-{}-{}",
-            std::process::id(),
-            spicegate_tests::next_id()
-        ));
-        fs::create_dir_all(&dir).expect("creating the policy dir");
-        let d = Self(dir);
-        fs::write(d.main(), text).expect("writing the policy");
-        d.set_offset(0);
-        d
-    }
-    fn main(&self) -> PathBuf {
-        self.0.join("policy.toml")
-    }
-    fn clock(&self) -> PathBuf {
-        self.0.join("clock-offset")
-    }
-    fn set_offset(&self, secs: i64) {
-        let tmp = self.0.join("clock-offset.tmp");
-        fs::write(&tmp, secs.to_string()).expect("writing the clock offset");
-        fs::rename(&tmp, self.clock()).expect("placing the clock offset");
-    }
-    /// Makes the daemon's clock read `unix` at the start of the current
-    /// real second; returns the real instant of that start.
-    fn set_clock(&self, unix: i64) -> (i64, Instant) {
-        let now = Instant::now();
-        let since = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("clock after 1970");
-        let real = i64::try_from(since.as_secs()).expect("fits");
-        self.set_offset(unix - real);
-        (
-            unix,
-            now - Duration::from_nanos(u64::from(since.subsec_nanos())),
-        )
-    }
-}
-
-impl Drop for PolicyDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The real instant at which a daemon clock set by `set_clock` reads `t`.
 fn when((unix, at): (i64, Instant), t: i64) -> Instant {
@@ -379,62 +330,35 @@ fn a_flood_from_30000_uids_does_not_stall_the_daemon() {
     std::thread::sleep(Duration::from_secs(2));
 
     // 3. A real account's denial, and a named high uid's, are logged.
-    let t = Instant::now();
-    let out = Command::new(PROBE)
-        .arg("--cgroup")
-        .arg(cg.path())
-        .args([
-            "--uid",
-            &real.uid.to_string(),
-            "--gid",
-            &real.gid.to_string(),
-        ])
-        .args(["--connect", &format!("127.0.0.1:{pv}")])
-        .output()
-        .expect("probe");
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "the real account must be refused"
-    );
-    daemon.wait_for_deny(
-        "the real account's DENY",
-        |d| d.uid == real.uid,
-        DENY_LINE_LIMIT.saturating_sub(t.elapsed()),
-    );
-    eprintln!(
-        "[flood] DENY of {} (uid {}) logged after {:?}",
-        real.name,
-        real.uid,
-        t.elapsed()
-    );
-    let t = Instant::now();
-    let out = Command::new(PROBE)
-        .arg("--cgroup")
-        .arg(cg.path())
-        .args([
-            "--uid",
-            &NAMED_HIGH_UID.to_string(),
-            "--gid",
-            &NAMED_HIGH_UID.to_string(),
-        ])
-        .args(["--connect", &format!("127.0.0.1:{pv}")])
-        .output()
-        .expect("probe");
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "uid {NAMED_HIGH_UID} must be refused on vm v"
-    );
-    daemon.wait_for_deny(
-        "the named uid's DENY",
-        |d| d.uid == NAMED_HIGH_UID,
-        DENY_LINE_LIMIT.saturating_sub(t.elapsed()),
-    );
-    eprintln!(
-        "[flood] DENY of named uid {NAMED_HIGH_UID} logged after {:?}",
-        t.elapsed()
-    );
+    for (uid, gid, who) in [
+        (real.uid, real.gid, real.name.clone()),
+        (
+            NAMED_HIGH_UID,
+            NAMED_HIGH_UID,
+            format!("named uid {NAMED_HIGH_UID}"),
+        ),
+    ] {
+        let t = Instant::now();
+        let got = spicegate_tests::Probe::new(PROBE)
+            .cgroup(&cg)
+            .as_ids(uid, gid)
+            .connect(format!("127.0.0.1:{pv}"))
+            .outcome();
+        assert_eq!(
+            got,
+            spicegate_tests::Outcome::Denied,
+            "{who} must be refused on vm v"
+        );
+        daemon.wait_for_deny(
+            &format!("the DENY of {who}"),
+            |d| d.uid == uid,
+            DENY_LINE_LIMIT.saturating_sub(t.elapsed()),
+        );
+        eprintln!(
+            "[flood] DENY of {who} (uid {uid}) logged after {:?}",
+            t.elapsed()
+        );
+    }
 
     // 1a. A temporary grant ends on time.
     let clock = policy.set_clock(monday(11, 59, 0));

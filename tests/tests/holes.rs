@@ -9,55 +9,18 @@
 use std::{
     fs,
     io::{BufRead as _, BufReader},
-    os::unix::fs::{PermissionsExt as _, chown},
-    path::{Path, PathBuf},
+    os::unix::fs::chown,
+    path::PathBuf,
     process::{Command, Stdio},
 };
 
 use serde_json::Value;
 use spicegate_tests::{
-    Daemon, Listener, PinDir, TestCgroup, TestUser, ctl_as, raw_request, require_root,
+    Daemon, Listener, PinDir, PolicyDir, TestCgroup, TestUser, ctl_as, raw_request, require_root,
 };
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-/// A policy directory of its own (mode 0755, root's), with `policy.d`.
-struct PolicyDir(PathBuf);
-
-impl PolicyDir {
-    fn new(main: &str) -> Self {
-        let d = std::env::temp_dir().join(format!(
-            "sg-holes-{}-{}",
-            std::process::id(),
-            spicegate_tests::next_id()
-        ));
-        fs::create_dir_all(d.join("policy.d")).expect("mkdir");
-        for p in [&d, &d.join("policy.d")] {
-            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).expect("chmod");
-        }
-        let me = Self(d);
-        fs::write(me.main(), main).expect("writing the policy");
-        me.chmod(&me.main(), 0o644);
-        me
-    }
-    fn main(&self) -> PathBuf {
-        self.0.join("policy.toml")
-    }
-    fn dropins(&self) -> PathBuf {
-        self.0.join("policy.d")
-    }
-    fn chmod(&self, p: &Path, mode: u32) {
-        fs::set_permissions(p, fs::Permissions::from_mode(mode))
-            .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", p.display()));
-    }
-}
-
-impl Drop for PolicyDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 fn vm_policy(port: u16, allow: &[&str]) -> String {
@@ -339,9 +302,9 @@ fn a_policy_others_could_write_is_refused() {
     policy.chmod(&policy.dropins(), 0o777);
     refused("policy.d 0777", "mode 0777");
     policy.chmod(&policy.dropins(), 0o755);
-    policy.chmod(&policy.0, 0o775);
+    policy.chmod(policy.dir(), 0o775);
     refused("the policy's directory 0775", "mode 0775");
-    policy.chmod(&policy.0, 0o755);
+    policy.chmod(policy.dir(), 0o755);
     let ok = pin.ctl(["reload"]);
     assert!(ok.status.success(), "{}", text(&ok.stderr));
 
