@@ -17,6 +17,36 @@ pub const POLICY_MAP: &str = "SPICEGATE_POLICY";
 /// The only slot of [`POLICY_MAP`].
 pub const POLICY_SLOT: u32 = 0;
 
+/// Outer `ARRAY_OF_MAPS` of [`OVERLAY_SLOTS`] slots holding the overlay of
+/// the rule table in force: the grants that changed since that table was
+/// built (a `grant`, a `revoke`, a schedule edge, a console switch, a
+/// reload that only moves users).
+///
+/// The table in force carries a generation (1..=255) in the flags of its
+/// [`KIND_PORT`] entries ([`PORT_GEN_SHIFT`]); the program consults the
+/// overlay in the slot of that generation, and only for [`KIND_GRANT`]
+/// keys. An overlay entry decides the grant: allowed, or refused when it
+/// has [`GRANT_REVOKED`]. Each overlay is a fresh map, filled and frozen
+/// before one slot update swaps it in, so a change is atomic and costs in
+/// proportion to the overlay, not to the table. A new table takes a new
+/// generation, which retires the old overlay in the same swap.
+pub const OVERLAY_MAP: &str = "SPICEGATE_OVERLAY";
+
+/// Slots of [`OVERLAY_MAP`]: one per generation (slot 0 is never used).
+pub const OVERLAY_SLOTS: u32 = 256;
+
+/// Most entries an overlay holds before the daemon builds a whole new table
+/// instead (each change copies the overlay, so it must stay small).
+pub const OVERLAY_MAX: usize = 2048;
+
+/// Where a table's generation sits in the flags of its [`KIND_PORT`]
+/// entries (8 bits; 0 means "no overlay", as in tables of releases before
+/// overlays).
+pub const PORT_GEN_SHIFT: u32 = 8;
+
+/// Overlay value flag: the grant is revoked (whatever the table says).
+pub const GRANT_REVOKED: u32 = 1 << 0;
+
 /// Per-uid rate-limit state for deny events (`ARRAY` of [`RATE_SLOTS`]
 /// [`RateState`]s): slot `uid` for every uid below [`RATE_LOW_UIDS`] (the
 /// range of real accounts), and one shared slot, [`RATE_SHARED_SLOT`], for

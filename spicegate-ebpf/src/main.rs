@@ -3,7 +3,9 @@
 //!
 //! A connect is refused only when its destination is a guarded endpoint and
 //! the (real uid, endpoint) pair has no grant. The rule table is one inner
-//! hash map behind [`POLICY`]; the daemon replaces it whole on every apply.
+//! hash map behind `SPICEGATE_POLICY`, replaced whole by a reload; grants
+//! changed since (grant, revoke, schedule, console) sit in a small overlay
+//! behind `SPICEGATE_OVERLAY`, also replaced whole.
 #![no_std]
 #![no_main]
 
@@ -20,11 +22,12 @@ use aya_log_ebpf::macro_support::AYA_LOGS;
 use aya_log_ebpf::warn;
 use spicegate_common::{
     COUNTERS_MAP_ENTRIES, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_RATE_LIMITED,
-    ENDPOINT_AUDIT, FLOOD_RING_BYTES, FloodRecord, KIND_BIND_PORT, KIND_ENDPOINT, KIND_GRANT,
-    KIND_LISTENER, KIND_LOCAL, KIND_LOCAL_NETS, KIND_PORT, LOG_RING_BYTES, LOG_RING_HEADROOM,
-    MAX_LOCAL_NET_LENS, NO_VM, OP_BIND, OP_CONNECT, POLICY_SLOT, PORT_AUDIT, PORT_GUARD_ALL,
-    RATE_BURST, RATE_LOW_UIDS, RATE_NAMED_ENTRIES, RATE_SHARED_BURST, RATE_SHARED_SLOT,
-    RATE_SHARED_WINDOW_NS, RATE_SLOTS, RATE_WINDOW_NS, RateState, RuleKey, RuleValue, VmCounters,
+    ENDPOINT_AUDIT, FLOOD_RING_BYTES, FloodRecord, GRANT_REVOKED, KIND_BIND_PORT, KIND_ENDPOINT,
+    KIND_GRANT, KIND_LISTENER, KIND_LOCAL, KIND_LOCAL_NETS, KIND_PORT, LOG_RING_BYTES,
+    LOG_RING_HEADROOM, MAX_LOCAL_NET_LENS, NO_VM, OP_BIND, OP_CONNECT, OVERLAY_SLOTS, POLICY_SLOT,
+    PORT_AUDIT, PORT_GEN_SHIFT, PORT_GUARD_ALL, RATE_BURST, RATE_LOW_UIDS, RATE_NAMED_ENTRIES,
+    RATE_SHARED_BURST, RATE_SHARED_SLOT, RATE_SHARED_WINDOW_NS, RATE_SLOTS, RATE_WINDOW_NS,
+    RateState, RuleKey, RuleValue, VmCounters,
 };
 
 /// Template for the inner rule table; the daemon creates the real ones, sized
@@ -33,6 +36,11 @@ type Rules = HashMap<RuleKey, RuleValue, 1>;
 
 #[btf_map]
 static SPICEGATE_POLICY: ArrayOfMaps<Rules, 1> = ArrayOfMaps::new();
+
+/// Grants changed since the table in force was built, one slot per table
+/// generation (see `OVERLAY_MAP`).
+#[btf_map]
+static SPICEGATE_OVERLAY: ArrayOfMaps<Rules, { OVERLAY_SLOTS as usize }> = ArrayOfMaps::new();
 
 /// Rate-limit state: one slot per uid below RATE_LOW_UIDS, one shared.
 #[btf_map]
@@ -197,7 +205,8 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
     // A grant exists only for a guarded endpoint: look it up first, so the
     // granted path costs one lookup less.
     let uid = bpf_get_current_uid_gid() as u32;
-    if let Some(grant) = rules.get_ptr(key(KIND_GRANT, port, uid, &endpoint)) {
+    let grant_key = key(KIND_GRANT, port, uid, &endpoint);
+    if let Some(grant) = grant(rules, port_flags, &grant_key) {
         // SAFETY: a live entry of the frozen rule table.
         let mut vm = unsafe { (*grant).vm };
         count(vm, Outcome::Allowed);
@@ -217,6 +226,22 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
         None => (NO_VM, port_flags & PORT_AUDIT != 0),
     };
     refuse(ctx, uid, &words, port, vm, audit, OP_CONNECT)
+}
+
+/// The grant of `grant_key`: the overlay of the table's generation decides
+/// when it has the key (a changed grant), the table otherwise.
+#[inline(always)]
+fn grant(rules: &Rules, port_flags: u32, grant_key: &RuleKey) -> Option<*const RuleValue> {
+    let generation = (port_flags >> PORT_GEN_SHIFT) & 0xff;
+    if generation != 0
+        && let Some(overlay) = SPICEGATE_OVERLAY.get(generation)
+        && let Some(changed) = overlay.get_ptr(*grant_key)
+    {
+        // SAFETY: a live entry of a frozen overlay.
+        let revoked = unsafe { (*changed).flags } & GRANT_REVOKED != 0;
+        return if revoked { None } else { Some(changed) };
+    }
+    rules.get_ptr(*grant_key)
 }
 
 enum Outcome {

@@ -9,11 +9,13 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
+    ops::RangeBounds,
+    sync::Arc,
 };
 
 use spicegate_common::{
-    ENDPOINT_AUDIT, LOCAL_ADDR, MAX_LOCAL_NET_LENS, NO_VM, PORT_AUDIT, PORT_GUARD_ALL,
-    PORT_GUARD_ENDPOINTS, RuleKey, RuleValue, mapped_v4, mask_addr,
+    ENDPOINT_AUDIT, GRANT_REVOKED, KIND_GRANT, LOCAL_ADDR, MAX_LOCAL_NET_LENS, NO_VM, PORT_AUDIT,
+    PORT_GUARD_ALL, PORT_GUARD_ENDPOINTS, RuleKey, RuleValue, mapped_v4, mask_addr,
 };
 
 use crate::{
@@ -118,9 +120,10 @@ impl fmt::Display for Dest {
     }
 }
 
-/// The kernel table's entries, sorted by key: built by pushing and one
-/// sort (a hash map's inserts cost three times as much at 100,000 entries),
-/// looked up by binary search, and laid out flat for the batched install.
+/// The kernel table's entries other than grants (ports, endpoints, local
+/// addresses, binds), sorted by key: built by pushing and one sort, looked
+/// up by binary search. Grants are not held here: they are generated from
+/// [`Compiled::endpoints`] (one uid set per VM) while the table is filled.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rules(Vec<(RuleKey, RuleValue)>);
 
@@ -167,17 +170,19 @@ impl Rules {
 }
 
 /// The compiled policy: the kernel table plus what the daemon needs to
-/// explain it (VM names by id).
+/// explain it (VM names by id). The table's grants are the product of each
+/// endpoint and its VM's uids; the daemon holds each VM's uids once.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Compiled {
-    /// What goes into the kernel's table.
+    /// What goes into the kernel's table besides the grants.
     pub rules: Rules,
     /// VM names by id.
     pub vm_names: BTreeMap<u32, String>,
     /// Ports guarded on every destination.
     pub guarded_everywhere: Vec<u16>,
-    /// Guarded endpoints with their VM and granted uids, for `check` and logs.
-    pub endpoints: BTreeMap<(Dest, u16), EndpointInfo>,
+    /// Guarded endpoints with their VM and granted uids; the endpoints of a
+    /// VM share one [`EndpointInfo`].
+    pub endpoints: BTreeMap<(Dest, u16), Arc<EndpointInfo>>,
     /// Ports only root and the listeners may bind.
     pub listen_ports: Vec<u16>,
     /// uids of `[protect] listeners`.
@@ -187,6 +192,8 @@ pub struct Compiled {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointInfo {
     pub vm: String,
+    /// The VM's id in the kernel (its counters, its grants' values).
+    pub vm_id: u32,
     /// Everyone granted now: by `allow`, a schedule, `@console` or a
     /// temporary grant.
     pub uids: BTreeSet<u32>,
@@ -213,16 +220,56 @@ pub struct Dynamic<'a> {
 impl Compiled {
     /// Number of grant entries (uid x endpoint).
     pub fn grant_count(&self) -> usize {
-        self.rules
+        self.endpoints.values().map(|i| i.uids.len()).sum()
+    }
+
+    /// Number of entries of the kernel table.
+    pub fn entry_count(&self) -> usize {
+        self.rules.len() + self.grant_count()
+    }
+
+    /// The grant entries of the endpoints in `range` (by position).
+    pub fn grants(
+        &self,
+        range: impl RangeBounds<usize>,
+    ) -> impl Iterator<Item = (RuleKey, RuleValue)> + '_ {
+        let start = match range.start_bound() {
+            std::ops::Bound::Included(&s) => s,
+            std::ops::Bound::Excluded(&s) => s + 1,
+            std::ops::Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            std::ops::Bound::Included(&e) => e + 1,
+            std::ops::Bound::Excluded(&e) => e,
+            std::ops::Bound::Unbounded => usize::MAX,
+        };
+        self.endpoints
             .iter()
-            .filter(|(k, _)| k.kind == spicegate_common::KIND_GRANT)
-            .count()
+            .skip(start)
+            .take(end.saturating_sub(start))
+            .flat_map(|(&(dest, port), i)| {
+                let addr = dest_key(dest);
+                let value = RuleValue {
+                    vm: i.vm_id,
+                    flags: 0,
+                };
+                i.uids
+                    .iter()
+                    .map(move |&uid| (RuleKey::grant(uid, addr, port), value))
+            })
+    }
+
+    /// Whether the table grants `uid` on endpoint (`dest`, `port`).
+    pub fn granted(&self, dest: Dest, port: u16, uid: u32) -> bool {
+        self.endpoints
+            .get(&(dest, port))
+            .is_some_and(|i| i.uids.contains(&uid))
     }
 
     /// Capacity to create the kernel table with: room to spare so the hash
     /// table stays sparse, never below a small floor.
     pub fn capacity(&self) -> u32 {
-        let n = self.rules.len();
+        let n = self.entry_count();
         u32::try_from((n + n / 4 + 64).min(MAX_ENTRIES + MAX_ENTRIES / 4 + 64)).unwrap_or(u32::MAX)
     }
 }
@@ -281,7 +328,7 @@ pub fn fold(ip: IpAddr, local: &LocalAddrs) -> Dest {
     }
 }
 
-fn dest_key(d: Dest) -> [u8; 16] {
+pub fn dest_key(d: Dest) -> [u8; 16] {
     match d {
         Dest::Local => LOCAL_ADDR,
         Dest::Remote(ip) => key_addr(ip),
@@ -337,7 +384,8 @@ pub fn compile(
                 .filter(|(v, _)| *v == vm.name)
                 .count()
             + 1;
-        needed = needed.saturating_add(dests * vm.ports.len() * (2 + vm.uids().len() + extra));
+        let allowed: usize = vm.allow.iter().map(|g| g.uids.len()).sum();
+        needed = needed.saturating_add(dests * vm.ports.len() * (2 + allowed + extra));
     }
     if needed > MAX_ENTRIES {
         return Err(CompileError::TooLarge {
@@ -346,9 +394,9 @@ pub fn compile(
         });
     }
 
-    let mut rules = Rules::with_capacity(needed);
+    let mut rules = Rules::with_capacity(64);
     let ids = vm_ids(policy.vms.keys().map(String::as_str));
-    let mut endpoints: BTreeMap<(Dest, u16), EndpointInfo> = BTreeMap::new();
+    let mut endpoints: BTreeMap<(Dest, u16), Arc<EndpointInfo>> = BTreeMap::new();
     for (name, vm) in &policy.vms {
         let id = ids[name.as_str()];
         let dests: BTreeSet<Dest> = match policy.servers.get(&vm.server).map(|s| &s.target) {
@@ -363,33 +411,8 @@ pub fn compile(
                 continue;
             }
         };
-        let mut policy_uids = vm.uids();
-        let console_uid = if vm.allows_console() {
-            dynamic.console
-        } else {
-            None
-        };
-        policy_uids.extend(console_uid);
-        let scheduled_uids: BTreeSet<u32> = dynamic
-            .scheduled
-            .iter()
-            .filter(|(v, _)| v == name)
-            .map(|(_, u)| *u)
-            .collect();
-        let temp_uids: BTreeSet<u32> = temp
-            .iter()
-            .filter(|g| {
-                g.vm == *name && !policy_uids.contains(&g.uid) && !scheduled_uids.contains(&g.uid)
-            })
-            .map(|g| g.uid)
-            .collect();
-        let uids: BTreeSet<u32> = policy_uids
-            .iter()
-            .chain(&scheduled_uids)
-            .chain(&temp_uids)
-            .copied()
-            .collect();
-        let mode = policy.vm_mode(vm);
+        let info = Arc::new(vm_access(policy, vm, id, dynamic));
+        let mode = info.mode;
         for &dest in &dests {
             for &port in &vm.ports {
                 if let Some(prev) = endpoints.get(&(dest, port)) {
@@ -405,17 +428,7 @@ pub fn compile(
                         },
                     });
                 }
-                endpoints.insert(
-                    (dest, port),
-                    EndpointInfo {
-                        vm: name.clone(),
-                        uids: uids.clone(),
-                        temp_uids: temp_uids.clone(),
-                        scheduled_uids: scheduled_uids.clone(),
-                        console_uid,
-                        mode,
-                    },
-                );
+                endpoints.insert((dest, port), Arc::clone(&info));
                 *port_flags.entry(port).or_default() |= PORT_GUARD_ENDPOINTS;
                 let addr = dest_key(dest);
                 let flags = if mode == Mode::Audit {
@@ -424,12 +437,6 @@ pub fn compile(
                     0
                 };
                 rules.insert(RuleKey::endpoint(addr, port), RuleValue { vm: id, flags });
-                for &uid in &uids {
-                    rules.insert(
-                        RuleKey::grant(uid, addr, port),
-                        RuleValue { vm: id, flags: 0 },
-                    );
-                }
             }
         }
     }
@@ -517,21 +524,201 @@ pub fn compile(
         }
     }
     let rules = rules.seal();
-    if rules.len() > MAX_ENTRIES {
-        return Err(CompileError::TooLarge {
-            needed: rules.len(),
-            limit: MAX_ENTRIES,
-        });
-    }
     let vm_names = ids.into_iter().map(|(n, id)| (id, n.to_owned())).collect();
-    Ok(Compiled {
+    let compiled = Compiled {
         rules,
         vm_names,
         guarded_everywhere: policy.protect_ports.clone(),
         endpoints,
         listen_ports: listen_ports.into_iter().collect(),
         listeners: listeners.into_iter().collect(),
-    })
+    };
+    compiled.check_size()?;
+    Ok(compiled)
+}
+
+impl Compiled {
+    fn check_size(&self) -> Result<(), CompileError> {
+        let n = self.entry_count();
+        if n > MAX_ENTRIES {
+            return Err(CompileError::TooLarge {
+                needed: n,
+                limit: MAX_ENTRIES,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Who may open `vm` now, and by what: its `allow` list (plus the console
+/// user when it allows `@console`), its open schedule windows, and
+/// temporary grants.
+fn vm_access(
+    policy: &Policy,
+    vm: &crate::policy::Vm,
+    id: u32,
+    dynamic: &Dynamic<'_>,
+) -> EndpointInfo {
+    let mut policy_uids = vm.uids();
+    let console_uid = if vm.allows_console() {
+        dynamic.console
+    } else {
+        None
+    };
+    policy_uids.extend(console_uid);
+    let scheduled_uids: BTreeSet<u32> = dynamic
+        .scheduled
+        .range((vm.name.clone(), 0)..=(vm.name.clone(), u32::MAX))
+        .map(|(_, u)| *u)
+        .collect();
+    let temp_uids: BTreeSet<u32> = dynamic
+        .temp
+        .iter()
+        .filter(|g| {
+            g.vm == vm.name && !policy_uids.contains(&g.uid) && !scheduled_uids.contains(&g.uid)
+        })
+        .map(|g| g.uid)
+        .collect();
+    let mut uids = policy_uids;
+    uids.extend(&scheduled_uids);
+    uids.extend(&temp_uids);
+    EndpointInfo {
+        vm: vm.name.clone(),
+        vm_id: id,
+        uids,
+        temp_uids,
+        scheduled_uids,
+        console_uid,
+        mode: policy.vm_mode(vm),
+    }
+}
+
+/// `prev` with the access of the (vm, uid) `pairs` worked out again from
+/// `dynamic` (and the console user, when `console_changed`): what a grant,
+/// a revoke, an expiry, a schedule edge or a console switch changes,
+/// without recompiling the rest. Costs in proportion to the pairs, plus
+/// a copy of the endpoint map (one pointer per endpoint).
+pub fn recompile_pairs(
+    prev: &Compiled,
+    policy: &Policy,
+    dynamic: &Dynamic<'_>,
+    pairs: &BTreeSet<(String, u32)>,
+    console_changed: bool,
+) -> Result<Compiled, CompileError> {
+    let mut next = prev.clone();
+    // The VMs touched, each with its new access (one copy per VM).
+    let mut touched: BTreeMap<&str, EndpointInfo> = BTreeMap::new();
+    let current = |name: &str| {
+        prev.endpoints
+            .values()
+            .find(|i| i.vm == name)
+            .map(|i| EndpointInfo::clone(i))
+    };
+    if console_changed {
+        for vm in policy.vms.values().filter(|v| v.allows_console()) {
+            if let Some(mut info) = current(&vm.name) {
+                let old = info.console_uid;
+                info.console_uid = dynamic.console;
+                for uid in old.into_iter().chain(dynamic.console) {
+                    refresh(&mut info, vm, dynamic, uid);
+                }
+                touched.insert(vm.name.as_str(), info);
+            }
+        }
+    }
+    for (name, uid) in pairs {
+        let Some(vm) = policy.vms.get(name) else {
+            continue;
+        };
+        let info = match touched.entry(vm.name.as_str()) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => match current(name) {
+                Some(i) => e.insert(i),
+                None => continue, // unresolved server: nobody is granted
+            },
+        };
+        refresh(info, vm, dynamic, *uid);
+    }
+    for (name, info) in touched {
+        let info = Arc::new(info);
+        for slot in next.endpoints.values_mut().filter(|i| i.vm == name) {
+            *slot = Arc::clone(&info);
+        }
+    }
+    next.check_size()?;
+    Ok(next)
+}
+
+/// Works out again whether `uid` may open `vm`, and by what, the way
+/// [`vm_access`] does.
+fn refresh(info: &mut EndpointInfo, vm: &crate::policy::Vm, dynamic: &Dynamic<'_>, uid: u32) {
+    let by_policy = vm.allow.iter().any(|g| g.uids.contains(&uid)) || info.console_uid == Some(uid);
+    let scheduled = dynamic.scheduled.contains(&(vm.name.clone(), uid));
+    let temp =
+        !by_policy && !scheduled && dynamic.temp.iter().any(|g| g.vm == vm.name && g.uid == uid);
+    set(&mut info.scheduled_uids, uid, scheduled);
+    set(&mut info.temp_uids, uid, temp);
+    set(&mut info.uids, uid, by_policy || scheduled || temp);
+}
+
+fn set(s: &mut BTreeSet<u32>, uid: u32, on: bool) {
+    if on {
+        s.insert(uid);
+    } else {
+        s.remove(&uid);
+    }
+}
+
+/// The grant entries that differ between two tables whose other entries
+/// are the same: each with its value in `new`, or flagged
+/// [`GRANT_REVOKED`] when `new` no longer has it. `None` when more than
+/// grants changed (ports, endpoints, local addresses, binds), or more than
+/// `limit` grants: then only a new table will do.
+pub fn grant_delta(
+    old: &Compiled,
+    new: &Compiled,
+    limit: usize,
+) -> Option<Vec<(RuleKey, RuleValue)>> {
+    if old.rules != new.rules
+        || old.endpoints.len() != new.endpoints.len()
+        || old
+            .endpoints
+            .iter()
+            .zip(&new.endpoints)
+            .any(|((ka, a), (kb, b))| ka != kb || a.vm_id != b.vm_id || a.mode != b.mode)
+    {
+        return None;
+    }
+    let mut out = Vec::new();
+    for ((&(dest, port), a), b) in old.endpoints.iter().zip(new.endpoints.values()) {
+        if Arc::ptr_eq(a, b) || a.uids == b.uids {
+            continue;
+        }
+        let addr = dest_key(dest);
+        for &uid in b.uids.difference(&a.uids) {
+            out.push((
+                RuleKey::grant(uid, addr, port),
+                RuleValue {
+                    vm: b.vm_id,
+                    flags: 0,
+                },
+            ));
+        }
+        for &uid in a.uids.difference(&b.uids) {
+            out.push((
+                RuleKey::grant(uid, addr, port),
+                RuleValue {
+                    vm: a.vm_id,
+                    flags: GRANT_REVOKED,
+                },
+            ));
+        }
+        if out.len() > limit {
+            return None;
+        }
+    }
+    debug_assert!(out.iter().all(|(k, _)| k.kind == KIND_GRANT));
+    Some(out)
 }
 
 /// What the kernel decides, computed from the table the way the kernel
@@ -575,7 +762,12 @@ pub fn decide(c: &Compiled, uid: u32, ip: IpAddr, port: u16) -> bool {
     };
     let endpoint = c.rules.get(&RuleKey::endpoint(addr, port));
     let guarded = port_rule.flags & PORT_GUARD_ALL != 0 || endpoint.is_some();
-    if !guarded || c.rules.contains_key(&RuleKey::grant(uid, addr, port)) {
+    let dest = if addr == LOCAL_ADDR {
+        Dest::Local
+    } else {
+        Dest::Remote(mapped)
+    };
+    if !guarded || c.granted(dest, port, uid) {
         return true;
     }
     // Audit mode lets it through (and logs it).
@@ -808,6 +1000,91 @@ allow = ["ralph"]
         );
     }
 
+    /// A change worked out pair by pair is the same as a full compile, and
+    /// the grant delta between the two tables is exactly the change.
+    #[test]
+    fn recompiling_pairs_matches_a_full_compile() {
+        let p = policy(
+            r##"
+[servers.two]
+addresses = ["192.168.2.2", "2001:db8::2"]
+[vms.debianx]
+server = "two"
+ports = [20002, 20003]
+allow = ["myself", "@bookkeeping", "@console"]
+[vms.winlab]
+server = "localhost"
+ports = [5930]
+allow = ["ralph"]
+[[vms.winlab.schedule]]
+allow = ["#1021"]
+days = ["mon"]
+"##,
+        );
+        let local = LocalAddrs::new();
+        let temp = vec![
+            TempGrant {
+                uid: 4242,
+                user: "#4242".into(),
+                vm: "winlab".into(),
+                expires: None,
+                granted_at: 0,
+                granted_by: 0,
+            },
+            TempGrant {
+                uid: 1000,
+                user: "myself".into(),
+                vm: "debianx".into(),
+                expires: None,
+                granted_at: 0,
+                granted_by: 0,
+            },
+        ];
+        let before = Dynamic {
+            temp: &temp[1..],
+            scheduled: BTreeSet::new(),
+            console: Some(1001),
+        };
+        let after = Dynamic {
+            temp: &temp,
+            scheduled: [("winlab".to_owned(), 1021)].into(),
+            console: Some(1003),
+        };
+        let old = compile(&p, &local, &before).expect("compiles");
+        let full = compile(&p, &local, &after).expect("compiles");
+        let pairs: BTreeSet<(String, u32)> = [
+            ("winlab".to_owned(), 4242),
+            ("winlab".to_owned(), 1021),
+            ("debianx".to_owned(), 1000),
+        ]
+        .into();
+        let quick = recompile_pairs(&old, &p, &after, &pairs, true).expect("recompiles");
+        assert_eq!(quick, full);
+        let delta = grant_delta(&old, &quick, 100).expect("only grants changed");
+        // 4242 and 1021 on winlab's endpoint; the console moves from 1001
+        // (ralph, not otherwise on debianx) to 1003 (already in
+        // @bookkeeping): 1001 loses debianx's four endpoints.
+        let added: BTreeSet<(u32, u16)> = delta
+            .iter()
+            .filter(|(_, v)| v.flags & GRANT_REVOKED == 0)
+            .map(|(k, _)| (k.uid, k.port))
+            .collect();
+        let revoked: BTreeSet<(u32, u16)> = delta
+            .iter()
+            .filter(|(_, v)| v.flags & GRANT_REVOKED != 0)
+            .map(|(k, _)| (k.uid, k.port))
+            .collect();
+        assert_eq!(added, [(4242, 5930), (1021, 5930)].into());
+        assert_eq!(revoked, [(1001, 20002), (1001, 20003)].into());
+        assert_eq!(delta.len(), 2 + 4);
+        assert!(grant_delta(&old, &quick, 5).is_none(), "over the limit");
+        let moved = compile(&policy(SEED), &local, &before).expect("compiles");
+        assert!(
+            grant_delta(&old, &moved, 100).is_none(),
+            "endpoints changed"
+        );
+    }
+
     #[test]
     fn clash_is_an_error() {
         let p = policy(
@@ -831,10 +1108,16 @@ allow = ["ralph"]
         // 11 port entries (20001-20010, 5930), 2 endpoints, 4+1 grants,
         // and the same 11 ports for binds (all on this machine or in
         // [protect]).
-        assert_eq!(c.rules.len(), 11 + 2 + 5 + 11);
+        assert_eq!(c.rules.len(), 11 + 2 + 11);
+        assert_eq!(c.entry_count(), 11 + 2 + 5 + 11);
         assert_eq!(c.listen_ports.len(), 11);
         assert_eq!(c.grant_count(), 5);
-        assert!(c.capacity() as usize >= c.rules.len() + c.rules.len() / 4);
+        assert_eq!(c.grants(..).count(), 5);
+        assert!(c.capacity() as usize >= c.entry_count() + c.entry_count() / 4);
+        // The endpoints of a VM share its uids.
+        let mut shared = c.endpoints.values().collect::<Vec<_>>();
+        shared.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        assert_eq!(shared.len(), 2);
         let names: Vec<&str> = c.vm_names.values().map(String::as_str).collect();
         assert_eq!(names.len(), 2);
         assert!(names.contains(&"debianx") && names.contains(&"winlab"));

@@ -171,14 +171,15 @@ mod tests {
         for (vm, port, uids) in vms {
             c.endpoints.insert(
                 (crate::compile::Dest::Local, *port),
-                crate::compile::EndpointInfo {
+                std::sync::Arc::new(crate::compile::EndpointInfo {
                     vm: (*vm).to_owned(),
+                    vm_id: 1,
                     uids: uids.iter().copied().collect(),
                     temp_uids: BTreeSet::new(),
                     scheduled_uids: BTreeSet::new(),
                     console_uid: None,
                     mode: crate::policy::Mode::Enforce,
-                },
+                }),
             );
         }
         c

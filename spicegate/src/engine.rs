@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     background::{NameLog, ResolveJob, Sweeper},
-    compile::{Compiled, Dest, Dynamic, LocalAddrs, compile},
+    compile::{Compiled, Dest, Dynamic, LocalAddrs, compile, grant_delta, recompile_pairs},
     diff::Diff,
     directory::Nss,
     explain::explain,
@@ -351,6 +351,11 @@ pub struct Engine {
     trim_at: Option<Instant>,
     /// How long the steps of the last apply took, for `--verbose` logs.
     phases: Vec<(&'static str, Duration)>,
+    /// The kernel overlay's entries: the grants in which `compiled`
+    /// differs from the table in force (see [`Engine::install`]).
+    overlay: BTreeMap<spicegate_common::RuleKey, spicegate_common::RuleValue>,
+    /// How the last change reached the kernel, for `status`.
+    last_change: Value,
 }
 
 impl Engine {
@@ -509,6 +514,8 @@ impl Engine {
             last_good,
             trim_at: None,
             phases: Vec::new(),
+            overlay: BTreeMap::new(),
+            last_change: Value::Null,
         };
         if engine.source == Source::File {
             engine.save_last_good();
@@ -583,12 +590,13 @@ impl Engine {
         let compiled = compile(policy, local_ref, &dynamic)?;
         self.phases.push(("compile", t.elapsed()));
         self.scheduled = scheduled;
+        let named: Vec<u32> = named_uids(policy, &compiled).collect();
         let t = Instant::now();
-        self.kernel.install(&compiled)?;
-        if let Err(e) = self.kernel.name_uids(named_uids(policy, &compiled)) {
+        self.install(&compiled)?;
+        self.phases.push(("install", t.elapsed()));
+        if let Err(e) = self.kernel.name_uids(named.into_iter()) {
             log::warn!("could not give the policy's uids their own denial budget: {e:#}");
         }
-        self.phases.push(("install", t.elapsed()));
         let t = Instant::now();
         *self
             .vm_names
@@ -620,6 +628,101 @@ impl Engine {
         self.sweep();
         self.phases.push(("sweep", t.elapsed()));
         Ok(old)
+    }
+
+    /// Puts `new` in force, atomically, the cheapest way: when only grants
+    /// changed, and few, a new overlay on the table in force (a copy of the
+    /// overlay, so the cost does not grow with the table); otherwise a new
+    /// table. On error the kernel is unchanged.
+    fn install(&mut self, new: &Compiled) -> anyhow::Result<()> {
+        let t = Instant::now();
+        let limit = spicegate_common::OVERLAY_MAX;
+        let (generation, _, writes_before) = self.kernel.table_stats();
+        if generation != 0
+            && let Some(delta) = grant_delta(&self.compiled, new, limit)
+        {
+            let changed = delta.len();
+            let mut overlay = self.overlay.clone();
+            // An entry already in the overlay goes back to what the table
+            // says; any other becomes an overlay entry.
+            for (k, v) in delta {
+                match overlay.entry(k) {
+                    std::collections::btree_map::Entry::Occupied(e) => {
+                        e.remove();
+                    }
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(v);
+                    }
+                }
+            }
+            if overlay.len() <= limit {
+                let entries: Vec<_> = overlay.iter().map(|(k, v)| (*k, *v)).collect();
+                self.kernel.install_overlay(&entries)?;
+                self.overlay = overlay;
+                let (_, len, writes) = self.kernel.table_stats();
+                self.note_change("overlay", changed, len, writes - writes_before, t);
+                return Ok(());
+            }
+        }
+        self.kernel.install(new)?;
+        self.overlay.clear();
+        let (_, len, writes) = self.kernel.table_stats();
+        self.note_change("table", new.grant_count(), len, writes - writes_before, t);
+        Ok(())
+    }
+
+    fn note_change(&mut self, how: &str, grants: usize, overlay: usize, writes: u64, t: Instant) {
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        log::debug!(
+            "kernel change: {how}, {grants} grant(s), overlay {overlay} entries, {writes} map writes, {ms:.2} ms"
+        );
+        self.last_change = json!({
+            "how": how,
+            "grants": grants,
+            "overlay_entries": overlay,
+            "map_writes": writes,
+            "ms": (ms * 100.0).round() / 100.0,
+        });
+    }
+
+    /// A grant, revoke, expiry, schedule edge or console switch: works out
+    /// the access of the (vm, uid) `pairs` again (plus those whose schedule
+    /// window opened or closed, and the console user's when it changed)
+    /// and puts the result in force. On error nothing changed.
+    fn apply_pairs(
+        &mut self,
+        mut pairs: BTreeSet<(String, u32)>,
+        console_changed: bool,
+    ) -> anyhow::Result<()> {
+        self.phases.clear();
+        let clock = self.clock();
+        let policy = &self.loaded.policy;
+        let scheduled = schedule::scheduled(policy, clock, &schedule::zone(policy), self.console);
+        pairs.extend(self.scheduled.symmetric_difference(&scheduled).cloned());
+        let temp = self.grants.active(u64::try_from(clock).unwrap_or(0));
+        let dynamic = Dynamic {
+            temp: &temp,
+            scheduled,
+            console: self.console,
+        };
+        let t = Instant::now();
+        let next = recompile_pairs(&self.compiled, policy, &dynamic, &pairs, console_changed)?;
+        self.phases.push(("compile", t.elapsed()));
+        let t = Instant::now();
+        self.install(&next)?;
+        self.phases.push(("install", t.elapsed()));
+        let high = pairs
+            .iter()
+            .map(|(_, u)| *u)
+            .chain(dynamic.console)
+            .filter(|u| *u >= spicegate_common::RATE_LOW_UIDS);
+        if let Err(e) = self.kernel.name_uids(high) {
+            log::warn!("could not give the policy's uids their own denial budget: {e:#}");
+        }
+        self.scheduled = dynamic.scheduled;
+        self.compiled = Arc::new(next);
+        self.sweep();
+        Ok(())
     }
 
     /// Has the sweeper close established connections the table in force
@@ -721,7 +824,12 @@ impl Engine {
                     "TAMPERING: the rule table in {} was emptied or replaced by someone else; installing the policy again",
                     self.cfg.paths.policy().display()
                 );
-                match self.kernel.install(&self.compiled) {
+                let compiled = Arc::clone(&self.compiled);
+                match self
+                    .kernel
+                    .install(&compiled)
+                    .map(|()| self.overlay.clear())
+                {
                     Ok(()) => log::error!("TAMPERING: rule table restored"),
                     Err(e) => log::error!("TAMPERING: could not restore the rule table: {e:#}"),
                 }
@@ -733,9 +841,11 @@ impl Engine {
                 "TAMPERING: spicegate's connect programs are no longer attached to {} (detached or unpinned by someone else); re-attaching",
                 self.cfg.cgroup.display()
             );
+            let compiled = Arc::clone(&self.compiled);
+            self.overlay.clear();
             match self
                 .kernel
-                .install(&self.compiled)
+                .install(&compiled)
                 .and_then(|()| self.kernel.attach(&self.cfg.cgroup))
             {
                 Ok(()) => log::error!(
@@ -765,7 +875,7 @@ impl Engine {
         );
         if scheduled != self.scheduled {
             let old = self.scheduled.clone();
-            match self.apply(None, None) {
+            match self.apply_pairs(BTreeSet::new(), false) {
                 Ok(_) => self
                     .names
                     .changes("schedule: ", Diff::of_pairs(&old, &scheduled)),
@@ -839,7 +949,7 @@ impl Engine {
         {
             return;
         }
-        if let Err(e) = self.apply(None, None) {
+        if let Err(e) = self.apply_pairs(BTreeSet::new(), true) {
             log::error!("console change not applied: {e:#}");
         }
     }
@@ -853,7 +963,8 @@ impl Engine {
         let gone = self.grants.expire(now);
         // Access ends first; the file follows on the writer's thread (an
         // expired grant left in it is dropped when it is read).
-        let applied = self.apply(None, None);
+        let pairs = gone.iter().map(|g| (g.vm.clone(), g.uid)).collect();
+        let applied = self.apply_pairs(pairs, false);
         if self.state_ok.is_ok() {
             self.grants.save_in_background();
         }
@@ -997,7 +1108,7 @@ impl Engine {
                 "grant refused, nothing changed: cannot save it: {e:#}"
             ));
         }
-        if let Err(e) = self.apply(None, None) {
+        if let Err(e) = self.apply_pairs([(vm.clone(), uid)].into(), false) {
             self.grants.grants = before;
             let _ = self.grants.save();
             return Err(format!("grant not applied, nothing changed: {e:#}"));
@@ -1021,7 +1132,7 @@ impl Engine {
                 "{user} has no temporary grant on vm `{vm}` (policy grants are changed in the policy file)"
             ));
         }
-        if let Err(e) = self.apply(None, None) {
+        if let Err(e) = self.apply_pairs([(vm.to_owned(), uid)].into(), false) {
             self.grants.grants = before;
             return Err(format!("revoke not applied, nothing changed: {e:#}"));
         }
@@ -1336,7 +1447,16 @@ impl Engine {
                 "guarded_endpoints": self.compiled.endpoints.len(),
                 "ports_guarded_everywhere": self.compiled.guarded_everywhere.len(),
                 "grants": self.compiled.grant_count(),
-                "kernel_entries": self.compiled.rules.len(),
+                "kernel_entries": self.compiled.entry_count(),
+            },
+            // How changes reach the kernel: the table in force (its
+            // generation), the overlay of grants changed since it was
+            // built, and what the last change cost.
+            "table": {
+                "generation": self.kernel.table_stats().0,
+                "overlay_entries": self.kernel.table_stats().1,
+                "map_writes": self.kernel.table_stats().2,
+                "last_change": self.last_change,
             },
             "protect_denied": protect_denied,
             // Who may bind the guarded local ports besides root.

@@ -29,9 +29,9 @@ use aya::{
 };
 use spicegate_common::{
     COUNTERS_MAP, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_RATE_LIMITED, DROPS_MAP,
-    FLOOD_MAP, LAYOUT_VERSION, MARKS_MAP, POLICY_MAP, POLICY_SLOT, PROG_BIND4, PROG_BIND6,
-    PROG_CONNECT4, PROG_CONNECT6, RATE_LOW_UIDS, RATE_MAP, RATE_NAMED_ENTRIES, RATE_NAMED_MAP,
-    RateState, RuleKey, RuleValue, VmCounters,
+    FLOOD_MAP, LAYOUT_VERSION, MARKS_MAP, OVERLAY_MAP, OVERLAY_SLOTS, POLICY_MAP, POLICY_SLOT,
+    PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, RATE_LOW_UIDS, RATE_MAP,
+    RATE_NAMED_ENTRIES, RATE_NAMED_MAP, RateState, RuleKey, RuleValue, VmCounters,
 };
 
 use crate::compile::Compiled;
@@ -62,6 +62,9 @@ impl PinPaths {
     }
     pub fn policy(&self) -> PathBuf {
         self.file("policy")
+    }
+    pub fn overlay(&self) -> PathBuf {
+        self.file("overlay")
     }
     pub fn rate(&self) -> PathBuf {
         self.file("rate")
@@ -325,6 +328,14 @@ pub struct Kernel {
     paths: PinPaths,
     /// Kernel id of the rule table this daemon put in the policy slot.
     table_id: Option<u32>,
+    /// Generation of that table (1..=255): the overlay slot it reads.
+    generation: u32,
+    /// Kernel id of the overlay this daemon put in that slot, if any.
+    overlay_id: Option<u32>,
+    /// Entries in that overlay.
+    overlay_len: usize,
+    /// Entries written into rule tables and overlays since start.
+    writes: u64,
     /// uids this daemon put in the map of named uids.
     named: std::collections::HashSet<u32>,
 }
@@ -345,6 +356,7 @@ impl Kernel {
         }
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(POLICY_MAP, paths.policy())
+            .map_pin_path(OVERLAY_MAP, paths.overlay())
             .map_pin_path(RATE_MAP, paths.rate())
             .map_pin_path(RATE_NAMED_MAP, paths.rate_named())
             .map_pin_path(DROPS_MAP, paths.drops())
@@ -366,21 +378,30 @@ impl Kernel {
             ebpf,
             paths: paths.clone(),
             table_id: None,
+            generation: 0,
+            overlay_id: None,
+            overlay_len: 0,
+            writes: 0,
             named: std::collections::HashSet::new(),
         })
     }
 
     /// Atomically replaces the rule table: a fresh inner map is filled
     /// completely, frozen (no `bpf()` write can change it afterwards, root's
-    /// included), then swapped into the policy slot with one update. On any
-    /// error the table in force stays as it was.
+    /// included), then swapped into the policy slot with one update. The
+    /// new table has a new generation, whose overlay slot is empty, so the
+    /// same swap retires the old overlay. On any error the table in force
+    /// stays as it was.
     pub fn install(&mut self, compiled: &Compiled) -> anyhow::Result<()> {
         let capacity = compiled.capacity();
+        let entries = compiled.entry_count();
+        let generation = self.next_generation()?;
         let t0 = std::time::Instant::now();
         let mut table = RuleTable::create(capacity, 0)
             .with_context(|| format!("creating a rule table of {capacity} entries"))?;
         let t1 = std::time::Instant::now();
-        fill(&mut table, compiled).context("filling the new rule table")?;
+        crate::fill::fill(&mut table, compiled, generation)
+            .context("filling the new rule table")?;
         let t2 = std::time::Instant::now();
         let data = IterableMap::map(&table);
         map_freeze(data.fd().as_fd()).context("freezing the new rule table")?;
@@ -390,13 +411,108 @@ impl Kernel {
             .set(POLICY_SLOT, &table, 0)
             .context("swapping in the new rule table")?;
         self.table_id = Some(id);
+        self.generation = generation;
+        self.overlay_id = None;
+        self.overlay_len = 0;
+        self.writes += entries as u64;
+        // Overlays of older generations decide nothing now; drop them so
+        // their slots are free for later generations.
+        if let Err(e) = self.clear_overlays_except(generation) {
+            log::warn!("could not empty the retired overlay slots: {e:#}");
+        }
         log::debug!(
-            "installed table {id} of {} entries (capacity {capacity}): create {:.1} ms, fill {:.1} ms, freeze and swap {:.1} ms",
-            compiled.rules.len(),
+            "installed table {id} (generation {generation}) of {entries} entries (capacity {capacity}): create {:.1} ms, fill {:.1} ms, freeze and swap {:.1} ms",
             (t1 - t0).as_secs_f64() * 1e3,
             (t2 - t1).as_secs_f64() * 1e3,
             t2.elapsed().as_secs_f64() * 1e3
         );
+        Ok(())
+    }
+
+    /// Replaces the overlay of the table in force with `entries` (grants
+    /// that differ from the table: added ones, and revoked ones flagged
+    /// [`spicegate_common::GRANT_REVOKED`]): a fresh map, filled, frozen and
+    /// swapped in with one slot update. Costs in proportion to `entries`.
+    pub fn install_overlay(&mut self, entries: &[(RuleKey, RuleValue)]) -> anyhow::Result<()> {
+        if self.table_id.is_none() {
+            bail!("no rule table installed to lay an overlay on");
+        }
+        let fd = self.overlay_fd()?;
+        if entries.is_empty() {
+            map_delete_u32(fd, self.generation).or_else(|e| {
+                if e.raw_os_error() == Some(libc::ENOENT) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })?;
+            self.overlay_id = None;
+            self.overlay_len = 0;
+            return Ok(());
+        }
+        let capacity =
+            u32::try_from(entries.len() + entries.len() / 4 + 16).context("overlay too large")?;
+        let mut table = RuleTable::create(capacity, 0)
+            .with_context(|| format!("creating an overlay of {capacity} entries"))?;
+        crate::fill::fill_entries(&mut table, entries).context("filling the overlay")?;
+        let data = IterableMap::map(&table);
+        map_freeze(data.fd().as_fd()).context("freezing the overlay")?;
+        let id = data.info().context("reading the overlay's id")?.id();
+        let map = self
+            .ebpf
+            .map_mut(OVERLAY_MAP)
+            .ok_or_else(|| anyhow!("map {OVERLAY_MAP} missing"))?;
+        let mut outer: ArrayOfMaps<&mut MapData, RuleTable> = ArrayOfMaps::try_from(map)?;
+        outer
+            .set(self.generation, &table, 0)
+            .context("swapping in the overlay")?;
+        self.overlay_id = Some(id);
+        self.overlay_len = entries.len();
+        self.writes += entries.len() as u64;
+        Ok(())
+    }
+
+    /// Generation of the table in force, entries in its overlay, and
+    /// entries written into tables and overlays since start.
+    pub fn table_stats(&self) -> (u32, usize, u64) {
+        (self.generation, self.overlay_len, self.writes)
+    }
+
+    fn overlay_fd(&self) -> anyhow::Result<i32> {
+        match self.ebpf.map(OVERLAY_MAP) {
+            Some(aya::maps::Map::ArrayOfMaps(data)) => Ok(data.fd().as_fd().as_raw_fd()),
+            Some(_) => bail!("map {OVERLAY_MAP} is not an array of maps"),
+            None => bail!("map {OVERLAY_MAP} missing"),
+        }
+    }
+
+    /// The generation after the one in force whose overlay slot is empty
+    /// (a previous daemon may have left its overlay in another slot).
+    fn next_generation(&self) -> anyhow::Result<u32> {
+        let fd = self.overlay_fd()?;
+        let mut g = self.generation;
+        for _ in 1..OVERLAY_SLOTS {
+            g = g % (OVERLAY_SLOTS - 1) + 1;
+            if g != self.generation
+                && map_lookup_u32(fd, g)
+                    .context("reading an overlay slot")?
+                    .is_none()
+            {
+                return Ok(g);
+            }
+        }
+        bail!(
+            "every overlay slot of {OVERLAY_MAP} is taken; run `spicegate unload` and start again"
+        )
+    }
+
+    fn clear_overlays_except(&self, generation: u32) -> anyhow::Result<()> {
+        let fd = self.overlay_fd()?;
+        for g in 1..OVERLAY_SLOTS {
+            if g != generation && map_lookup_u32(fd, g)?.is_some() {
+                map_delete_u32(fd, g).with_context(|| format!("emptying overlay slot {g}"))?;
+            }
+        }
         Ok(())
     }
 
@@ -426,7 +542,12 @@ impl Kernel {
             _ => bail!("map {POLICY_MAP} is not an array of maps"),
         };
         let id = map_lookup_u32(fd, POLICY_SLOT).context("reading the policy slot")?;
-        Ok(id.is_some() && id == want)
+        if id.is_none() || id != want {
+            return Ok(false);
+        }
+        let overlay = map_lookup_u32(self.overlay_fd()?, self.generation)
+            .context("reading the overlay slot")?;
+        Ok(overlay == self.overlay_id)
     }
 
     /// Attaches connect4, connect6, bind4 and bind6 to `cgroup` and pins the links,
@@ -465,6 +586,7 @@ impl Kernel {
         let mut done = Vec::new();
         for (name, path) in [
             (POLICY_MAP, self.paths.policy()),
+            (OVERLAY_MAP, self.paths.overlay()),
             (RATE_MAP, self.paths.rate()),
             (RATE_NAMED_MAP, self.paths.rate_named()),
             (DROPS_MAP, self.paths.drops()),
@@ -643,103 +765,6 @@ fn staging(pin: &Path) -> PathBuf {
     pin.with_file_name(name)
 }
 
-/// Entries per BPF_MAP_UPDATE_BATCH call: large enough that syscall costs
-/// vanish, small enough to keep the two staging arrays in cache.
-const BATCH: usize = 4096;
-
-/// Fills a fresh table with every rule: in batches where the kernel has
-/// BPF_MAP_UPDATE_BATCH for hash maps (5.6+), one update per entry if not.
-/// A large table is filled by two threads at once (the kernel locks the
-/// hash map per bucket, so they do not wait for each other).
-fn fill(table: &mut RuleTable, compiled: &Compiled) -> anyhow::Result<()> {
-    let fd = IterableMap::map(table).fd().as_fd().as_raw_fd();
-    let rules = compiled.rules.as_slice();
-    let result = if rules.len() < PARALLEL_FILL {
-        fill_part(fd, rules)
-    } else {
-        let (a, b) = rules.split_at(rules.len() / 2);
-        std::thread::scope(|s| {
-            let other = s.spawn(|| fill_part(fd, b));
-            let mine = fill_part(fd, a);
-            let other = other
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("the filling thread panicked")));
-            mine.and(other)
-        })
-    };
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | ENOTSUPP)) => {
-            log::debug!("BPF_MAP_UPDATE_BATCH unavailable ({e}); filling one by one");
-            for (k, v) in rules {
-                table.insert(k, v, 0)?;
-            }
-            Ok(())
-        }
-        Err(e) => Err(e).context("BPF_MAP_UPDATE_BATCH"),
-    }
-}
-
-/// From how many entries [`fill`] uses a second thread.
-const PARALLEL_FILL: usize = 16 * 1024;
-
-fn fill_part(fd: i32, rules: &[(RuleKey, RuleValue)]) -> io::Result<()> {
-    let mut keys: Vec<RuleKey> = Vec::with_capacity(BATCH);
-    let mut values: Vec<RuleValue> = Vec::with_capacity(BATCH);
-    for chunk in rules.chunks(BATCH) {
-        keys.clear();
-        values.clear();
-        for (k, v) in chunk {
-            keys.push(*k);
-            values.push(*v);
-        }
-        map_update_batch(fd, &keys, &values)?;
-    }
-    Ok(())
-}
-
-/// The kernel's ENOTSUPP (524), which libc does not name.
-const ENOTSUPP: i32 = 524;
-
-/// Inserts `keys[i] -> values[i]` with one bpf(BPF_MAP_UPDATE_BATCH).
-fn map_update_batch(fd: i32, keys: &[RuleKey], values: &[RuleValue]) -> io::Result<()> {
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    debug_assert_eq!(keys.len(), values.len());
-    let mut done = 0;
-    while done < keys.len() {
-        let mut attr = BatchAttr {
-            in_batch: 0,
-            out_batch: 0,
-            keys: keys[done..].as_ptr() as u64,
-            values: values[done..].as_ptr() as u64,
-            count: (keys.len() - done) as u32,
-            map_fd: fd as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: keys and values point at `count` contiguous repr(C)
-        // entries of the map's key and value sizes; the kernel writes back
-        // only `count`.
-        unsafe { sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }?;
-        if attr.count == 0 {
-            return Err(io::Error::other("BPF_MAP_UPDATE_BATCH made no progress"));
-        }
-        done += attr.count as usize;
-    }
-    Ok(())
-}
-
 /// The `u32` value at `key` of a map (for an array of maps: the id of the
 /// inner map in that slot); `None` for an empty slot.
 fn map_lookup_u32(fd: i32, key: u32) -> io::Result<Option<u32>> {
@@ -775,7 +800,7 @@ fn map_lookup_u32(fd: i32, key: u32) -> io::Result<Option<u32>> {
 /// # Safety
 /// `attr` must be the repr(C) layout the command expects, and every pointer
 /// in it valid for what the command reads or writes.
-unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
+pub(crate) unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
     // SAFETY: the caller vouches for attr's layout and pointers.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
     if rc < 0 {
@@ -787,7 +812,7 @@ unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
 
 /// Makes a map read-only for `bpf()` callers (BPF_MAP_FREEZE); the
 /// program, which only reads it, is unaffected.
-fn map_freeze(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+pub(crate) fn map_freeze(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     const BPF_MAP_FREEZE: libc::c_long = 22;
     #[repr(C)]
     struct FreezeAttr {
@@ -800,6 +825,27 @@ fn map_freeze(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     };
     // SAFETY: bpf(BPF_MAP_FREEZE) reads `size` bytes of a valid attr.
     unsafe { sys_bpf(BPF_MAP_FREEZE, &mut attr) }.map(drop)
+}
+
+/// Empties slot `key` of an array of maps (BPF_MAP_DELETE_ELEM).
+fn map_delete_u32(fd: i32, key: u32) -> io::Result<()> {
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    #[repr(C)]
+    struct DeleteAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        _rest: [u64; 2],
+    }
+    let mut attr = DeleteAttr {
+        map_fd: fd as u32,
+        _pad: 0,
+        key: &raw const key as u64,
+        _rest: [0; 2],
+    };
+    // SAFETY: key points at a 4-byte local that outlives the call, the key
+    // size of an array of maps.
+    unsafe { sys_bpf(BPF_MAP_DELETE_ELEM, &mut attr) }.map(drop)
 }
 
 /// Forcibly detaches a link, even if some process still holds it open.

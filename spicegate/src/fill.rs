@@ -1,0 +1,168 @@
+//! Filling rule tables and overlays: the entries are streamed straight
+//! from the compiled policy into BPF_MAP_UPDATE_BATCH calls, so no flat
+//! copy of a million-entry table is ever built in the daemon.
+
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
+
+use aya::maps::{HashMap, IterableMap, MapData};
+use spicegate_common::{KIND_PORT, PORT_GEN_SHIFT, RuleKey, RuleValue};
+
+use crate::{compile::Compiled, kernel::sys_bpf};
+
+type RuleTable = HashMap<MapData, RuleKey, RuleValue>;
+
+/// Entries per BPF_MAP_UPDATE_BATCH call: large enough that syscall costs
+/// vanish, small enough to keep the two staging arrays in cache.
+const BATCH: usize = 4096;
+
+/// From how many grants [`fill`] uses a second thread (the kernel locks
+/// the hash map per bucket, so two writers do not wait for each other).
+const PARALLEL_FILL: usize = 16 * 1024;
+
+/// Fills a fresh table with every entry of `compiled`; its port entries
+/// carry `generation`.
+pub fn fill(table: &mut RuleTable, compiled: &Compiled, generation: u32) -> io::Result<()> {
+    let fd = IterableMap::map(table).fd().as_fd().as_raw_fd();
+    let tagged = compiled.rules.iter().map(|(k, v)| {
+        let mut v = *v;
+        if k.kind == KIND_PORT {
+            v.flags |= generation << PORT_GEN_SHIFT;
+        }
+        (*k, v)
+    });
+    let grants = compiled.grant_count();
+    if grants < PARALLEL_FILL {
+        return write_all(fd, tagged.chain(compiled.grants(..)));
+    }
+    // Split the endpoints where half of the grants lie.
+    let mut seen = 0;
+    let split = compiled
+        .endpoints
+        .values()
+        .position(|i| {
+            seen += i.uids.len();
+            seen >= grants / 2
+        })
+        .map_or(compiled.endpoints.len(), |i| i + 1);
+    std::thread::scope(|s| {
+        let other = s.spawn(|| write_all(fd, compiled.grants(split..)));
+        let mine = write_all(fd, tagged.chain(compiled.grants(..split)));
+        let other = other
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the filling thread panicked")));
+        mine.and(other)
+    })
+}
+
+/// Fills a fresh overlay with `entries`.
+pub fn fill_entries(table: &mut RuleTable, entries: &[(RuleKey, RuleValue)]) -> io::Result<()> {
+    let fd = IterableMap::map(table).fd().as_fd().as_raw_fd();
+    write_all(fd, entries.iter().copied())
+}
+
+/// Writes every entry: in batches where the kernel has
+/// BPF_MAP_UPDATE_BATCH for hash maps (5.6+), one update per entry if not.
+fn write_all(fd: i32, entries: impl Iterator<Item = (RuleKey, RuleValue)>) -> io::Result<()> {
+    let mut keys: Vec<RuleKey> = Vec::with_capacity(BATCH);
+    let mut values: Vec<RuleValue> = Vec::with_capacity(BATCH);
+    let mut batched = true;
+    let mut flush = |keys: &mut Vec<RuleKey>, values: &mut Vec<RuleValue>| -> io::Result<()> {
+        if batched {
+            match map_update_batch(fd, keys, values) {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | ENOTSUPP)) => {
+                    log::debug!("BPF_MAP_UPDATE_BATCH unavailable ({e}); filling one by one");
+                    batched = false;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !batched {
+            for (k, v) in keys.iter().zip(values.iter()) {
+                map_update_elem(fd, k, v)?;
+            }
+        }
+        keys.clear();
+        values.clear();
+        Ok(())
+    };
+    for (k, v) in entries {
+        keys.push(k);
+        values.push(v);
+        if keys.len() == BATCH {
+            flush(&mut keys, &mut values)?;
+        }
+    }
+    if !keys.is_empty() {
+        flush(&mut keys, &mut values)?;
+    }
+    Ok(())
+}
+
+/// The kernel's ENOTSUPP (524), which libc does not name.
+const ENOTSUPP: i32 = 524;
+
+/// Inserts `keys[i] -> values[i]` with one bpf(BPF_MAP_UPDATE_BATCH).
+fn map_update_batch(fd: i32, keys: &[RuleKey], values: &[RuleValue]) -> io::Result<()> {
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    debug_assert_eq!(keys.len(), values.len());
+    let mut done = 0;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: (keys.len() - done) as u32,
+            map_fd: fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: keys and values point at `count` contiguous repr(C)
+        // entries of the map's key and value sizes; the kernel writes back
+        // only `count`.
+        unsafe { sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }?;
+        if attr.count == 0 {
+            return Err(io::Error::other("BPF_MAP_UPDATE_BATCH made no progress"));
+        }
+        done += attr.count as usize;
+    }
+    Ok(())
+}
+
+/// Inserts one entry (BPF_MAP_UPDATE_ELEM), for kernels without batches.
+fn map_update_elem(fd: i32, key: &RuleKey, value: &RuleValue) -> io::Result<()> {
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    #[repr(C)]
+    struct UpdateAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut attr = UpdateAttr {
+        map_fd: fd as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_ref(value) as u64,
+        flags: 0,
+    };
+    // SAFETY: key and value point at repr(C) values of the map's key and
+    // value sizes that outlive the call.
+    unsafe { sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
+}
