@@ -334,7 +334,8 @@ pub struct Kernel {
     overlay_id: Option<u32>,
     /// Entries in that overlay.
     overlay_len: usize,
-    /// Entries written into rule tables and overlays since start.
+    /// Map writes since start: entries written into rule tables and
+    /// overlays, and the slot updates that swapped them in.
     writes: u64,
     /// uids this daemon put in the map of named uids.
     named: std::collections::HashSet<u32>,
@@ -414,7 +415,7 @@ impl Kernel {
         self.generation = generation;
         self.overlay_id = None;
         self.overlay_len = 0;
-        self.writes += entries as u64;
+        self.writes += entries as u64 + 1;
         // Overlays of older generations decide nothing now; drop them so
         // their slots are free for later generations.
         if let Err(e) = self.clear_overlays_except(generation) {
@@ -448,6 +449,7 @@ impl Kernel {
             })?;
             self.overlay_id = None;
             self.overlay_len = 0;
+            self.writes += 1;
             return Ok(());
         }
         let capacity =
@@ -468,7 +470,8 @@ impl Kernel {
             .context("swapping in the overlay")?;
         self.overlay_id = Some(id);
         self.overlay_len = entries.len();
-        self.writes += entries.len() as u64;
+        // The entries, and the slot update that swaps them in.
+        self.writes += entries.len() as u64 + 1;
         Ok(())
     }
 

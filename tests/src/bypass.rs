@@ -858,6 +858,34 @@ pub fn clear_outer_map_slot(pin: &Path, key: u32) -> io::Result<()> {
     bpf(BPF_MAP_DELETE_ELEM, &mut attr).map(|_| ())
 }
 
+/// How many entries the inner map in slot `key` of the array-of-maps
+/// pinned at `pin` holds, counted by walking its keys (None: empty slot).
+pub fn inner_map_len(pin: &Path, key: u32, key_size: usize) -> io::Result<Option<usize>> {
+    let Some(id) = outer_map_slot(pin, key)? else {
+        return Ok(None);
+    };
+    let table = map_by_id(id)?;
+    let mut key = vec![0u8; key_size];
+    let mut next = vec![0u8; key_size];
+    let mut n = 0;
+    loop {
+        let mut attr = MapElemAttr {
+            map_fd: table.as_raw_fd() as u32,
+            _pad0: 0,
+            key: if n == 0 { 0 } else { key.as_ptr() as u64 },
+            value: next.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Some(n)),
+            Err(e) => return Err(e),
+        }
+        n += 1;
+        key.copy_from_slice(&next);
+    }
+}
+
 /// Opens a map by its kernel id (BPF_MAP_GET_FD_BY_ID).
 fn map_by_id(id: u32) -> io::Result<OwnedFd> {
     #[repr(C)]

@@ -61,3 +61,95 @@ fn status_lists_100_users_per_vm_and_pages_the_rest() {
         text(&unknown.stderr)
     );
 }
+
+/// At 100,000 grants, a `grant` and a `revoke` reach the kernel through
+/// the overlay: the table in force stays the same map (same id, same
+/// generation), the overlay holds exactly the changed grant, and the
+/// daemon's count of map writes grows by the change, not by the table.
+/// Real connects of a real uid show each change in force.
+#[test]
+fn a_one_grant_change_writes_in_proportion_to_the_change_not_the_table() {
+    use spicegate_tests::{
+        Outcome, Probe, TestUser,
+        bypass::{inner_map_len, outer_map_slot, pinned},
+    };
+    require_root();
+    let l = Listener::loopback();
+    let alice = TestUser::new();
+    let bob = TestUser::new();
+    // Ten VMs of 10,000 numeric uids each: one on this machine (alice is
+    // one of its users), nine on documentation addresses (TEST-NET-2) nothing connects
+    // to.
+    let mut policy = String::new();
+    for i in 0..10u32 {
+        let base = 400_000 + i * 10_000;
+        let mut allow: Vec<String> = (base..base + 10_000).map(|u| format!("\"#{u}\"")).collect();
+        let server = if i == 0 {
+            allow.push(format!("\"{}\"", alice.name));
+            "localhost".to_owned()
+        } else {
+            policy.push_str(&format!("[servers.far{i}]\naddress = \"198.51.100.{i}\"\n"));
+            format!("far{i}")
+        };
+        policy.push_str(&format!(
+            "[vms.v{i}]\nserver = \"{server}\"\nports = [{}]\nallow = [{}]\n",
+            l.port(),
+            allow.join(", ")
+        ));
+    }
+    let policy = PolicyFile::new(&policy);
+    let cg = TestCgroup::new();
+    let pin = PinDir::new();
+    let _daemon = Daemon::start(policy.path(), Some(cg.path()), &pin);
+    let policy_pin = pinned(pin.path(), "policy").expect("policy map pinned");
+    let overlay_pin = pinned(pin.path(), "overlay").expect("overlay map pinned");
+    let probe = |u: &TestUser| {
+        Probe::new(env!("CARGO_BIN_EXE_sg-probe"))
+            .cgroup(&cg)
+            .as_user(u)
+            .connect(format!("127.0.0.1:{}", l.port()))
+            .outcome()
+    };
+    let status = || -> Value {
+        let out = pin.ctl(["status", "--json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    };
+
+    let st = status();
+    assert_eq!(st["counts"]["grants"], 100_001, "{}", st["counts"]);
+    let generation = st["table"]["generation"].as_u64().expect("generation");
+    let writes_at_start = st["table"]["map_writes"].as_u64().expect("map_writes");
+    let table_id = outer_map_slot(&policy_pin, 0).expect("policy slot");
+    eprintln!(
+        "[test] start: table {table_id:?}, generation {generation}, {writes_at_start} map writes"
+    );
+    assert!(writes_at_start > 100_000, "the first table is written whole");
+    assert_eq!(probe(&alice), Outcome::Allowed);
+    assert_eq!(probe(&bob), Outcome::Denied);
+
+    let mut changes = Vec::new();
+    for (args, bob_then, overlay_then) in [
+        (vec!["grant", bob.name.as_str(), "v0"], Outcome::Allowed, Some(1)),
+        (vec!["revoke", bob.name.as_str(), "v0"], Outcome::Denied, None),
+    ] {
+        let before = status()["table"]["map_writes"].as_u64().unwrap_or(0);
+        let out = pin.ctl(&args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        let st = status();
+        let t = &st["table"];
+        let writes = t["map_writes"].as_u64().unwrap_or(0) - before;
+        eprintln!("[test] {args:?}: {t}, {writes} map writes");
+        assert_eq!(t["last_change"]["how"], "overlay", "{t}");
+        assert_eq!(t["generation"].as_u64(), Some(generation), "same table");
+        assert_eq!(outer_map_slot(&policy_pin, 0).expect("policy slot"), table_id);
+        // One grant: at most the entry and the slot swap.
+        assert!(writes <= 2, "{args:?} cost {writes} map writes");
+        let in_kernel = inner_map_len(&overlay_pin, generation as u32, 24).expect("overlay");
+        assert_eq!(in_kernel, overlay_then, "overlay entries in the kernel");
+        assert_eq!(probe(&bob), bob_then, "bob after {args:?}");
+        assert_eq!(probe(&alice), Outcome::Allowed, "alice after {args:?}");
+        changes.push(t["last_change"]["ms"].as_f64().unwrap_or(f64::NAN));
+    }
+    eprintln!("[test] kernel side of grant, revoke: {changes:?} ms (debug build)");
+}
