@@ -17,31 +17,44 @@ pub const POLICY_MAP: &str = "SPICEGATE_POLICY";
 /// The only slot of [`POLICY_MAP`].
 pub const POLICY_SLOT: u32 = 0;
 
-/// Outer `ARRAY_OF_MAPS` of [`OVERLAY_SLOTS`] slots holding the overlay of
-/// the rule table in force: the grants that changed since that table was
-/// built (a `grant`, a `revoke`, a schedule edge, a console switch, a
-/// reload that only moves users).
+/// Outer `ARRAY_OF_MAPS` of two slots holding the two overlays of the rule
+/// table in force: the grants that changed since that table was built (a
+/// `grant`, a `revoke`, an expiry, a schedule edge, a console switch, a
+/// reload that only moves users). [`OVERLAY_SELECT_MAP`] says which of the
+/// two is in force; the other is the standby.
 ///
-/// The table in force carries a generation (1..=255) in the flags of its
-/// [`KIND_PORT`] entries ([`PORT_GEN_SHIFT`]); the program consults the
-/// overlay in the slot of that generation, and only for [`KIND_GRANT`]
-/// keys. An overlay entry decides the grant: allowed, or refused when it
-/// has [`GRANT_REVOKED`]. Each overlay is a fresh map, filled and frozen
-/// before one slot update swaps it in, so a change is atomic and costs in
-/// proportion to the overlay, not to the table. A new table takes a new
-/// generation, which retires the old overlay in the same swap.
+/// The daemon writes a change into the standby, flips the selector (one
+/// write to a plain array: atomic, and no RCU wait as a map-in-map update
+/// has), then writes the same change into the other. The cost is in
+/// proportion to the change, not to the table.
+///
+/// Overlay keys carry the table's generation in [`RuleKey::_pad`]; the
+/// table carries it in the flags of its [`KIND_PORT`] entries
+/// ([`PORT_GEN_SHIFT`]). The program looks up only [`KIND_GRANT`] keys
+/// there, with the generation of the table in force, so a new table (a new
+/// generation) retires every overlay entry in the same swap. An overlay
+/// entry decides the grant: allowed, or refused with [`GRANT_REVOKED`].
 pub const OVERLAY_MAP: &str = "SPICEGATE_OVERLAY";
 
-/// Slots of [`OVERLAY_MAP`]: one per generation (slot 0 is never used).
-pub const OVERLAY_SLOTS: u32 = 256;
+/// Slots of [`OVERLAY_MAP`].
+pub const OVERLAY_SLOTS: u32 = 2;
 
-/// Most entries an overlay holds before the daemon builds a whole new table
-/// instead (each change copies the overlay, so it must stay small).
-pub const OVERLAY_MAX: usize = 2048;
+/// `ARRAY` of two `u32`: slot [`OVERLAY_SELECT_ACTIVE`] is the overlay in
+/// force (0 or 1); slot [`OVERLAY_SELECT_GENERATION`] the generation of the
+/// table in force, for the next daemon (the program never reads it).
+pub const OVERLAY_SELECT_MAP: &str = "SPICEGATE_OVERLAY_SEL";
+/// See [`OVERLAY_SELECT_MAP`].
+pub const OVERLAY_SELECT_ACTIVE: u32 = 0;
+/// See [`OVERLAY_SELECT_MAP`].
+pub const OVERLAY_SELECT_GENERATION: u32 = 1;
 
-/// Where a table's generation sits in the flags of its [`KIND_PORT`]
-/// entries (8 bits; 0 means "no overlay", as in tables of releases before
-/// overlays).
+/// Most entries an overlay holds (its capacity); a change that would need
+/// more builds a new table instead.
+pub const OVERLAY_MAX: usize = 4096;
+
+/// Where a table's generation (1..=255) sits in the flags of its
+/// [`KIND_PORT`] entries (8 bits; 0 means "no overlay", as in the tables of
+/// releases before overlays).
 pub const PORT_GEN_SHIFT: u32 = 8;
 
 /// Overlay value flag: the grant is revoked (whatever the table says).
@@ -243,7 +256,8 @@ pub const NO_VM: u32 = 0;
 pub struct RuleKey {
     /// One of the `KIND_*` constants.
     pub kind: u8,
-    /// Always zero.
+    /// Zero in rule tables; the table's generation in overlay keys (see
+    /// [`OVERLAY_MAP`]).
     pub _pad: u8,
     /// Destination port, host byte order.
     pub port: u16,

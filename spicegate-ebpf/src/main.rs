@@ -24,10 +24,10 @@ use spicegate_common::{
     COUNTERS_MAP_ENTRIES, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_RATE_LIMITED,
     ENDPOINT_AUDIT, FLOOD_RING_BYTES, FloodRecord, GRANT_REVOKED, KIND_BIND_PORT, KIND_ENDPOINT,
     KIND_GRANT, KIND_LISTENER, KIND_LOCAL, KIND_LOCAL_NETS, KIND_PORT, LOG_RING_BYTES,
-    LOG_RING_HEADROOM, MAX_LOCAL_NET_LENS, NO_VM, OP_BIND, OP_CONNECT, OVERLAY_SLOTS, POLICY_SLOT,
-    PORT_AUDIT, PORT_GEN_SHIFT, PORT_GUARD_ALL, RATE_BURST, RATE_LOW_UIDS, RATE_NAMED_ENTRIES,
-    RATE_SHARED_BURST, RATE_SHARED_SLOT, RATE_SHARED_WINDOW_NS, RATE_SLOTS, RATE_WINDOW_NS,
-    RateState, RuleKey, RuleValue, VmCounters,
+    LOG_RING_HEADROOM, MAX_LOCAL_NET_LENS, NO_VM, OP_BIND, OP_CONNECT, OVERLAY_SELECT_ACTIVE,
+    OVERLAY_SLOTS, POLICY_SLOT, PORT_AUDIT, PORT_GEN_SHIFT, PORT_GUARD_ALL, RATE_BURST,
+    RATE_LOW_UIDS, RATE_NAMED_ENTRIES, RATE_SHARED_BURST, RATE_SHARED_SLOT, RATE_SHARED_WINDOW_NS,
+    RATE_SLOTS, RATE_WINDOW_NS, RateState, RuleKey, RuleValue, VmCounters,
 };
 
 /// Template for the inner rule table; the daemon creates the real ones, sized
@@ -37,10 +37,14 @@ type Rules = HashMap<RuleKey, RuleValue, 1>;
 #[btf_map]
 static SPICEGATE_POLICY: ArrayOfMaps<Rules, 1> = ArrayOfMaps::new();
 
-/// Grants changed since the table in force was built, one slot per table
-/// generation (see `OVERLAY_MAP`).
+/// Grants changed since the table in force was built: two overlays, one
+/// in force and one standby (see `OVERLAY_MAP`).
 #[btf_map]
 static SPICEGATE_OVERLAY: ArrayOfMaps<Rules, { OVERLAY_SLOTS as usize }> = ArrayOfMaps::new();
+
+/// Which overlay is in force (and, for the daemon, the table's generation).
+#[btf_map]
+static SPICEGATE_OVERLAY_SEL: Array<u32, 2> = Array::new();
 
 /// Rate-limit state: one slot per uid below RATE_LOW_UIDS, one shared.
 #[btf_map]
@@ -205,8 +209,7 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
     // A grant exists only for a guarded endpoint: look it up first, so the
     // granted path costs one lookup less.
     let uid = bpf_get_current_uid_gid() as u32;
-    let grant_key = key(KIND_GRANT, port, uid, &endpoint);
-    if let Some(grant) = grant(rules, port_flags, &grant_key) {
+    if let Some(grant) = grant(rules, port_flags, port, uid, &endpoint) {
         // SAFETY: a live entry of the frozen rule table.
         let mut vm = unsafe { (*grant).vm };
         count(vm, Outcome::Allowed);
@@ -228,20 +231,28 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
     refuse(ctx, uid, &words, port, vm, audit, OP_CONNECT)
 }
 
-/// The grant of `grant_key`: the overlay of the table's generation decides
-/// when it has the key (a changed grant), the table otherwise.
+/// The grant of (`port`, `uid`, `endpoint`): the overlay in force decides
+/// when it has the key with the table's generation (a changed grant), the
+/// table otherwise.
 #[inline(always)]
-fn grant(rules: &Rules, port_flags: u32, grant_key: &RuleKey) -> Option<*const RuleValue> {
-    let generation = (port_flags >> PORT_GEN_SHIFT) & 0xff;
+fn grant(
+    rules: &Rules,
+    port_flags: u32,
+    port: u16,
+    uid: u32,
+    endpoint: &[u32; 4],
+) -> Option<*const RuleValue> {
+    let generation = ((port_flags >> PORT_GEN_SHIFT) & 0xff) as u8;
     if generation != 0
-        && let Some(overlay) = SPICEGATE_OVERLAY.get(generation)
-        && let Some(changed) = overlay.get_ptr(*grant_key)
+        && let Some(active) = SPICEGATE_OVERLAY_SEL.get(OVERLAY_SELECT_ACTIVE)
+        && let Some(overlay) = SPICEGATE_OVERLAY.get(*active & 1)
+        && let Some(changed) = overlay.get_ptr(key_in(generation, KIND_GRANT, port, uid, endpoint))
     {
         // SAFETY: a live entry of a frozen overlay.
         let revoked = unsafe { (*changed).flags } & GRANT_REVOKED != 0;
         return if revoked { None } else { Some(changed) };
     }
-    rules.get_ptr(*grant_key)
+    rules.get_ptr(key(KIND_GRANT, port, uid, endpoint))
 }
 
 enum Outcome {
@@ -281,8 +292,17 @@ fn count(vm: u32, outcome: Outcome) {
 /// fill the first word; `addr` (network byte order words) the other two.
 #[inline(always)]
 fn key(kind: u8, port: u16, uid: u32, addr: &[u32; 4]) -> RuleKey {
+    key_in(0, kind, port, uid, addr)
+}
+
+/// [`key`] with `generation` in the pad byte: an overlay key.
+#[inline(always)]
+fn key_in(generation: u8, kind: u8, port: u16, uid: u32, addr: &[u32; 4]) -> RuleKey {
     let w = [
-        u64::from(kind) | (u64::from(port) << 16) | (u64::from(uid) << 32),
+        u64::from(kind)
+            | (u64::from(generation) << 8)
+            | (u64::from(port) << 16)
+            | (u64::from(uid) << 32),
         u64::from(addr[0]) | (u64::from(addr[1]) << 32),
         u64::from(addr[2]) | (u64::from(addr[3]) << 32),
     ];

@@ -351,9 +351,6 @@ pub struct Engine {
     trim_at: Option<Instant>,
     /// How long the steps of the last apply took, for `--verbose` logs.
     phases: Vec<(&'static str, Duration)>,
-    /// The kernel overlay's entries: the grants in which `compiled`
-    /// differs from the table in force (see [`Engine::install`]).
-    overlay: BTreeMap<spicegate_common::RuleKey, spicegate_common::RuleValue>,
     /// How the last change reached the kernel, for `status`.
     last_change: Value,
 }
@@ -514,7 +511,6 @@ impl Engine {
             last_good,
             trim_at: None,
             phases: Vec::new(),
-            overlay: BTreeMap::new(),
             last_change: Value::Null,
         };
         if engine.source == Source::File {
@@ -631,41 +627,22 @@ impl Engine {
     }
 
     /// Puts `new` in force, atomically, the cheapest way: when only grants
-    /// changed, and few, a new overlay on the table in force (a copy of the
-    /// overlay, so the cost does not grow with the table); otherwise a new
-    /// table. On error the kernel is unchanged.
+    /// changed, and few, through the overlays of the table in force (cost
+    /// in proportion to the change); otherwise a new table. On error the
+    /// kernel decides as before.
     fn install(&mut self, new: &Compiled) -> anyhow::Result<()> {
         let t = Instant::now();
         let limit = spicegate_common::OVERLAY_MAX;
         let (generation, _, writes_before) = self.kernel.table_stats();
         if generation != 0
             && let Some(delta) = grant_delta(&self.compiled, new, limit)
+            && self.kernel.apply_delta(&delta)?
         {
-            let changed = delta.len();
-            let mut overlay = self.overlay.clone();
-            // An entry already in the overlay goes back to what the table
-            // says; any other becomes an overlay entry.
-            for (k, v) in delta {
-                match overlay.entry(k) {
-                    std::collections::btree_map::Entry::Occupied(e) => {
-                        e.remove();
-                    }
-                    std::collections::btree_map::Entry::Vacant(e) => {
-                        e.insert(v);
-                    }
-                }
-            }
-            if overlay.len() <= limit {
-                let entries: Vec<_> = overlay.iter().map(|(k, v)| (*k, *v)).collect();
-                self.kernel.install_overlay(&entries)?;
-                self.overlay = overlay;
-                let (_, len, writes) = self.kernel.table_stats();
-                self.note_change("overlay", changed, len, writes - writes_before, t);
-                return Ok(());
-            }
+            let (_, len, writes) = self.kernel.table_stats();
+            self.note_change("overlay", delta.len(), len, writes - writes_before, t);
+            return Ok(());
         }
         self.kernel.install(new)?;
-        self.overlay.clear();
         let (_, len, writes) = self.kernel.table_stats();
         self.note_change("table", new.grant_count(), len, writes - writes_before, t);
         Ok(())
@@ -821,15 +798,13 @@ impl Engine {
             Ok(true) => {}
             Ok(false) => {
                 log::error!(
-                    "TAMPERING: the rule table in {} was emptied or replaced by someone else; installing the policy again",
+                    "TAMPERING: the rule table in {} (or its overlays) was emptied, replaced or written by someone else; installing the policy again",
                     self.cfg.paths.policy().display()
                 );
                 let compiled = Arc::clone(&self.compiled);
-                match self
-                    .kernel
-                    .install(&compiled)
-                    .map(|()| self.overlay.clear())
-                {
+                // Fresh overlays too: someone may have written into ours.
+                self.kernel.discard_overlays();
+                match self.kernel.install(&compiled) {
                     Ok(()) => log::error!("TAMPERING: rule table restored"),
                     Err(e) => log::error!("TAMPERING: could not restore the rule table: {e:#}"),
                 }
@@ -842,7 +817,6 @@ impl Engine {
                 self.cfg.cgroup.display()
             );
             let compiled = Arc::clone(&self.compiled);
-            self.overlay.clear();
             match self
                 .kernel
                 .install(&compiled)

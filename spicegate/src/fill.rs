@@ -144,8 +144,8 @@ fn map_update_batch(fd: i32, keys: &[RuleKey], values: &[RuleValue]) -> io::Resu
     Ok(())
 }
 
-/// Inserts one entry (BPF_MAP_UPDATE_ELEM), for kernels without batches.
-fn map_update_elem(fd: i32, key: &RuleKey, value: &RuleValue) -> io::Result<()> {
+/// Inserts or replaces one entry (BPF_MAP_UPDATE_ELEM).
+pub fn map_update_elem(fd: i32, key: &RuleKey, value: &RuleValue) -> io::Result<()> {
     const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
     #[repr(C)]
     struct UpdateAttr {
@@ -165,4 +165,25 @@ fn map_update_elem(fd: i32, key: &RuleKey, value: &RuleValue) -> io::Result<()> 
     // SAFETY: key and value point at repr(C) values of the map's key and
     // value sizes that outlive the call.
     unsafe { sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
+}
+
+/// Deletes one entry (BPF_MAP_DELETE_ELEM).
+pub fn map_delete_elem(fd: i32, key: &RuleKey) -> io::Result<()> {
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    #[repr(C)]
+    struct DeleteAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        _rest: [u64; 2],
+    }
+    let mut attr = DeleteAttr {
+        map_fd: fd as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        _rest: [0; 2],
+    };
+    // SAFETY: key points at a repr(C) key of the map's key size that
+    // outlives the call.
+    unsafe { sys_bpf(BPF_MAP_DELETE_ELEM, &mut attr) }.map(drop)
 }

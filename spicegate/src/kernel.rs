@@ -29,9 +29,10 @@ use aya::{
 };
 use spicegate_common::{
     COUNTERS_MAP, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_RATE_LIMITED, DROPS_MAP,
-    FLOOD_MAP, LAYOUT_VERSION, MARKS_MAP, OVERLAY_MAP, OVERLAY_SLOTS, POLICY_MAP, POLICY_SLOT,
-    PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, RATE_LOW_UIDS, RATE_MAP,
-    RATE_NAMED_ENTRIES, RATE_NAMED_MAP, RateState, RuleKey, RuleValue, VmCounters,
+    FLOOD_MAP, LAYOUT_VERSION, MARKS_MAP, OVERLAY_MAP, OVERLAY_MAX, OVERLAY_SELECT_ACTIVE,
+    OVERLAY_SELECT_GENERATION, OVERLAY_SELECT_MAP, POLICY_MAP, POLICY_SLOT, PROG_BIND4, PROG_BIND6,
+    PROG_CONNECT4, PROG_CONNECT6, RATE_LOW_UIDS, RATE_MAP, RATE_NAMED_ENTRIES, RATE_NAMED_MAP,
+    RateState, RuleKey, RuleValue, VmCounters,
 };
 
 use crate::compile::Compiled;
@@ -65,6 +66,9 @@ impl PinPaths {
     }
     pub fn overlay(&self) -> PathBuf {
         self.file("overlay")
+    }
+    pub fn overlay_select(&self) -> PathBuf {
+        self.file("overlay_sel")
     }
     pub fn rate(&self) -> PathBuf {
         self.file("rate")
@@ -322,18 +326,48 @@ pub fn lock_pin_dir(paths: &PinPaths) -> anyhow::Result<PinLock> {
 
 type RuleTable = HashMap<MapData, RuleKey, RuleValue>;
 
+/// The two overlays (see [`spicegate_common::OVERLAY_MAP`]).
+struct Overlays {
+    /// Holding them keeps their descriptors open.
+    _maps: [RuleTable; 2],
+    fds: [i32; 2],
+    /// Their kernel ids, to check the slots still hold them.
+    ids: [u32; 2],
+    /// Which one is in force.
+    active: u32,
+}
+
+/// Writes `ops` into an overlay: each key with `generation` in its pad
+/// byte, updated to its value or deleted (a missing key is no error).
+fn write_ops(fd: i32, generation: u8, ops: &[(RuleKey, Option<RuleValue>)]) -> anyhow::Result<()> {
+    for (k, v) in ops {
+        let mut k = *k;
+        k._pad = generation;
+        match v {
+            Some(v) => crate::fill::map_update_elem(fd, &k, v)?,
+            None => match crate::fill::map_delete_elem(fd, &k) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                r => r?,
+            },
+        }
+    }
+    Ok(())
+}
+
 /// The loaded program and its maps.
 pub struct Kernel {
     ebpf: Ebpf,
     paths: PinPaths,
     /// Kernel id of the rule table this daemon put in the policy slot.
     table_id: Option<u32>,
-    /// Generation of that table (1..=255): the overlay slot it reads.
+    /// Generation of that table (1..=255; 0 before the first install).
     generation: u32,
-    /// Kernel id of the overlay this daemon put in that slot, if any.
-    overlay_id: Option<u32>,
-    /// Entries in that overlay.
-    overlay_len: usize,
+    /// The two overlays this daemon put in the overlay slots, and which
+    /// one is in force; `None` until the first install, or when they must
+    /// be made again (a failed write left them apart).
+    overlays: Option<Overlays>,
+    /// What both overlays hold (keys without the generation).
+    overlay: std::collections::BTreeMap<RuleKey, RuleValue>,
     /// Map writes since start: entries written into rule tables and
     /// overlays, and the slot updates that swapped them in.
     writes: u64,
@@ -358,6 +392,7 @@ impl Kernel {
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(POLICY_MAP, paths.policy())
             .map_pin_path(OVERLAY_MAP, paths.overlay())
+            .map_pin_path(OVERLAY_SELECT_MAP, paths.overlay_select())
             .map_pin_path(RATE_MAP, paths.rate())
             .map_pin_path(RATE_NAMED_MAP, paths.rate_named())
             .map_pin_path(DROPS_MAP, paths.drops())
@@ -380,8 +415,8 @@ impl Kernel {
             paths: paths.clone(),
             table_id: None,
             generation: 0,
-            overlay_id: None,
-            overlay_len: 0,
+            overlays: None,
+            overlay: std::collections::BTreeMap::new(),
             writes: 0,
             named: std::collections::HashSet::new(),
         })
@@ -390,9 +425,9 @@ impl Kernel {
     /// Atomically replaces the rule table: a fresh inner map is filled
     /// completely, frozen (no `bpf()` write can change it afterwards, root's
     /// included), then swapped into the policy slot with one update. The
-    /// new table has a new generation, whose overlay slot is empty, so the
-    /// same swap retires the old overlay. On any error the table in force
-    /// stays as it was.
+    /// new table has a new generation, so the same swap retires every
+    /// overlay entry; the overlays are emptied after. On any error the
+    /// table in force stays as it was.
     pub fn install(&mut self, compiled: &Compiled) -> anyhow::Result<()> {
         let capacity = compiled.capacity();
         let entries = compiled.entry_count();
@@ -411,15 +446,19 @@ impl Kernel {
         outer
             .set(POLICY_SLOT, &table, 0)
             .context("swapping in the new rule table")?;
+        let old_generation = std::mem::replace(&mut self.generation, generation);
         self.table_id = Some(id);
-        self.generation = generation;
-        self.overlay_id = None;
-        self.overlay_len = 0;
         self.writes += entries as u64 + 1;
-        // Overlays of older generations decide nothing now; drop them so
-        // their slots are free for later generations.
-        if let Err(e) = self.clear_overlays_except(generation) {
-            log::warn!("could not empty the retired overlay slots: {e:#}");
+        if let Err(e) = self.select(OVERLAY_SELECT_GENERATION, generation) {
+            log::warn!("could not record the table's generation for the next daemon: {e:#}");
+        }
+        // The old overlay entries decide nothing now (their generation is
+        // gone); empty the overlays for the new table.
+        if let Err(e) = self.reset_overlays(old_generation) {
+            log::error!(
+                "could not empty the overlays; grants change by whole tables until the next apply: {e:#}"
+            );
+            self.overlays = None;
         }
         log::debug!(
             "installed table {id} (generation {generation}) of {entries} entries (capacity {capacity}): create {:.1} ms, fill {:.1} ms, freeze and swap {:.1} ms",
@@ -430,55 +469,90 @@ impl Kernel {
         Ok(())
     }
 
-    /// Replaces the overlay of the table in force with `entries` (grants
-    /// that differ from the table: added ones, and revoked ones flagged
-    /// [`spicegate_common::GRANT_REVOKED`]): a fresh map, filled, frozen and
-    /// swapped in with one slot update. Costs in proportion to `entries`.
-    pub fn install_overlay(&mut self, entries: &[(RuleKey, RuleValue)]) -> anyhow::Result<()> {
+    /// Puts a change of grants in force through the overlays: `delta`
+    /// holds each changed grant with its new value (revoked ones flagged
+    /// [`spicegate_common::GRANT_REVOKED`]). The change is written into the
+    /// standby overlay, the selector flips (atomic), and the same change
+    /// goes into the other overlay. Map writes: twice the change, plus one.
+    ///
+    /// Returns `Ok(false)`, having changed nothing, when the overlays cannot
+    /// take it (they would overflow, or must be made again): build a new
+    /// table instead. On error the kernel decides as before.
+    pub fn apply_delta(&mut self, delta: &[(RuleKey, RuleValue)]) -> anyhow::Result<bool> {
+        let Some(ov) = &self.overlays else {
+            return Ok(false);
+        };
         if self.table_id.is_none() {
-            bail!("no rule table installed to lay an overlay on");
+            return Ok(false);
         }
-        let fd = self.overlay_fd()?;
-        if entries.is_empty() {
-            map_delete_u32(fd, self.generation).or_else(|e| {
-                if e.raw_os_error() == Some(libc::ENOENT) {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })?;
-            self.overlay_id = None;
-            self.overlay_len = 0;
-            self.writes += 1;
-            return Ok(());
+        // An entry already in the overlay goes back to what the table says;
+        // any other becomes an overlay entry.
+        let mut ops: Vec<(RuleKey, Option<RuleValue>)> = Vec::with_capacity(delta.len());
+        let mut len = self.overlay.len();
+        for (k, v) in delta {
+            if self.overlay.contains_key(k) {
+                ops.push((*k, None));
+                len -= 1;
+            } else {
+                ops.push((*k, Some(*v)));
+                len += 1;
+            }
         }
-        let capacity =
-            u32::try_from(entries.len() + entries.len() / 4 + 16).context("overlay too large")?;
-        let mut table = RuleTable::create(capacity, 0)
-            .with_context(|| format!("creating an overlay of {capacity} entries"))?;
-        crate::fill::fill_entries(&mut table, entries).context("filling the overlay")?;
-        let data = IterableMap::map(&table);
-        map_freeze(data.fd().as_fd()).context("freezing the overlay")?;
-        let id = data.info().context("reading the overlay's id")?.id();
-        let map = self
-            .ebpf
-            .map_mut(OVERLAY_MAP)
-            .ok_or_else(|| anyhow!("map {OVERLAY_MAP} missing"))?;
-        let mut outer: ArrayOfMaps<&mut MapData, RuleTable> = ArrayOfMaps::try_from(map)?;
-        outer
-            .set(self.generation, &table, 0)
-            .context("swapping in the overlay")?;
-        self.overlay_id = Some(id);
-        self.overlay_len = entries.len();
-        // The entries, and the slot update that swaps them in.
-        self.writes += entries.len() as u64 + 1;
-        Ok(())
+        if len > OVERLAY_MAX {
+            return Ok(false);
+        }
+        let standby = 1 - ov.active;
+        let generation = u8::try_from(self.generation).unwrap_or(0);
+        let result = write_ops(ov.fds[standby as usize], generation, &ops);
+        self.writes += ops.len() as u64;
+        if let Err(e) = result {
+            // The standby is not in force: nothing changed, but it no
+            // longer matches the other.
+            self.overlays = None;
+            return Err(e).context("writing the standby overlay");
+        }
+        self.select(OVERLAY_SELECT_ACTIVE, standby)
+            .context("flipping the overlay selector")?;
+        self.writes += 1;
+        let old = ov.fds[ov.active as usize];
+        for (k, v) in &ops {
+            match v {
+                Some(v) => self.overlay.insert(*k, *v),
+                None => self.overlay.remove(k),
+            };
+        }
+        if let Some(ov) = &mut self.overlays {
+            ov.active = standby;
+        }
+        let result = write_ops(old, generation, &ops);
+        self.writes += ops.len() as u64;
+        if let Err(e) = result {
+            // In force and right; the standby is not: make both again at
+            // the next change (through a new table).
+            self.overlays = None;
+            log::error!("the change is in force, but writing the standby overlay failed: {e:#}");
+        }
+        Ok(true)
     }
 
-    /// Generation of the table in force, entries in its overlay, and
-    /// entries written into tables and overlays since start.
+    /// Makes the next [`Kernel::install`] put two fresh overlays in the
+    /// overlay slots (after tampering).
+    pub fn discard_overlays(&mut self) {
+        self.overlays = None;
+    }
+
+    /// Generation of the table in force, entries in its overlay, and map
+    /// writes since start.
     pub fn table_stats(&self) -> (u32, usize, u64) {
-        (self.generation, self.overlay_len, self.writes)
+        (self.generation, self.overlay.len(), self.writes)
+    }
+
+    fn select_fd(&self) -> anyhow::Result<i32> {
+        match self.ebpf.map(OVERLAY_SELECT_MAP) {
+            Some(aya::maps::Map::Array(data)) => Ok(data.fd().as_fd().as_raw_fd()),
+            Some(_) => bail!("map {OVERLAY_SELECT_MAP} is not an array"),
+            None => bail!("map {OVERLAY_SELECT_MAP} missing"),
+        }
     }
 
     fn overlay_fd(&self) -> anyhow::Result<i32> {
@@ -489,34 +563,104 @@ impl Kernel {
         }
     }
 
-    /// The generation after the one in force whose overlay slot is empty
-    /// (a previous daemon may have left its overlay in another slot).
-    fn next_generation(&self) -> anyhow::Result<u32> {
-        let fd = self.overlay_fd()?;
-        let mut g = self.generation;
-        for _ in 1..OVERLAY_SLOTS {
-            g = g % (OVERLAY_SLOTS - 1) + 1;
-            if g != self.generation
-                && map_lookup_u32(fd, g)
-                    .context("reading an overlay slot")?
-                    .is_none()
-            {
-                return Ok(g);
-            }
-        }
-        bail!(
-            "every overlay slot of {OVERLAY_MAP} is taken; run `spicegate unload` and start again"
-        )
+    fn select(&self, slot: u32, value: u32) -> anyhow::Result<()> {
+        map_update_u32(self.select_fd()?, slot, value)
+            .with_context(|| format!("writing slot {slot} of {OVERLAY_SELECT_MAP}"))
     }
 
-    fn clear_overlays_except(&self, generation: u32) -> anyhow::Result<()> {
-        let fd = self.overlay_fd()?;
-        for g in 1..OVERLAY_SLOTS {
-            if g != generation && map_lookup_u32(fd, g)?.is_some() {
-                map_delete_u32(fd, g).with_context(|| format!("emptying overlay slot {g}"))?;
+    /// The generation after the one in force: after ours, or after the one
+    /// a previous daemon recorded (so its overlay entries never match).
+    fn next_generation(&self) -> anyhow::Result<u32> {
+        let current = if self.generation != 0 {
+            self.generation
+        } else {
+            map_lookup_u32(self.select_fd()?, OVERLAY_SELECT_GENERATION)
+                .context("reading the generation in force")?
+                .unwrap_or(0)
+                % 256
+        };
+        Ok(current % 255 + 1)
+    }
+
+    /// Empty overlays for a new table: the entries of `old_generation` are
+    /// deleted from ours; the first time (or after a failed write), two
+    /// fresh maps take the overlay slots, so nothing a previous daemon
+    /// left there survives.
+    fn reset_overlays(&mut self, old_generation: u32) -> anyhow::Result<()> {
+        let keys: Vec<RuleKey> = std::mem::take(&mut self.overlay).into_keys().collect();
+        if let Some(ov) = &self.overlays {
+            let g = u8::try_from(old_generation).unwrap_or(0);
+            let ops: Vec<(RuleKey, Option<RuleValue>)> = keys.iter().map(|k| (*k, None)).collect();
+            let fresh = ov.fds.iter().try_for_each(|fd| write_ops(*fd, g, &ops));
+            self.writes += 2 * ops.len() as u64;
+            if fresh.is_ok() {
+                return Ok(());
+            }
+            self.overlays = None;
+        }
+        let capacity = u32::try_from(OVERLAY_MAX + OVERLAY_MAX / 4).unwrap_or(u32::MAX);
+        let a = RuleTable::create(capacity, 0).context("creating an overlay")?;
+        let b = RuleTable::create(capacity, 0).context("creating an overlay")?;
+        let fds = [
+            IterableMap::map(&a).fd().as_fd().as_raw_fd(),
+            IterableMap::map(&b).fd().as_fd().as_raw_fd(),
+        ];
+        let ids = [
+            IterableMap::map(&a).info()?.id(),
+            IterableMap::map(&b).info()?.id(),
+        ];
+        {
+            let map = self
+                .ebpf
+                .map_mut(OVERLAY_MAP)
+                .ok_or_else(|| anyhow!("map {OVERLAY_MAP} missing"))?;
+            let mut outer: ArrayOfMaps<&mut MapData, RuleTable> = ArrayOfMaps::try_from(map)?;
+            outer.set(0, &a, 0).context("placing overlay 0")?;
+            outer.set(1, &b, 0).context("placing overlay 1")?;
+        }
+        self.select(OVERLAY_SELECT_ACTIVE, 0)?;
+        self.writes += 3;
+        self.overlays = Some(Overlays {
+            _maps: [a, b],
+            fds,
+            ids,
+            active: 0,
+        });
+        Ok(())
+    }
+
+    /// Whether both overlay slots hold our overlays and both overlays hold
+    /// exactly what they should: they are not frozen (a change writes
+    /// them), so root's `bpf()` could write a grant there; the watchdog
+    /// puts a new table in force when one is found.
+    fn overlays_intact(&self) -> anyhow::Result<bool> {
+        let Some(ov) = &self.overlays else {
+            return Ok(true);
+        };
+        let outer = self.overlay_fd()?;
+        let generation = u8::try_from(self.generation).unwrap_or(0);
+        for slot in 0..2 {
+            if map_lookup_u32(outer, slot)? != Some(ov.ids[slot as usize]) {
+                return Ok(false);
+            }
+            let table = &ov._maps[slot as usize];
+            let mut n = 0;
+            for entry in table.iter() {
+                let (mut k, v) = entry.context("reading an overlay")?;
+                n += 1;
+                if k._pad != generation {
+                    return Ok(false);
+                }
+                k._pad = 0;
+                if self.overlay.get(&k) != Some(&v) {
+                    return Ok(false);
+                }
+            }
+            if n != self.overlay.len() {
+                return Ok(false);
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn outer(&mut self) -> anyhow::Result<ArrayOfMaps<&mut MapData, RuleTable>> {
@@ -548,9 +692,7 @@ impl Kernel {
         if id.is_none() || id != want {
             return Ok(false);
         }
-        let overlay = map_lookup_u32(self.overlay_fd()?, self.generation)
-            .context("reading the overlay slot")?;
-        Ok(overlay == self.overlay_id)
+        self.overlays_intact()
     }
 
     /// Attaches connect4, connect6, bind4 and bind6 to `cgroup` and pins the links,
@@ -590,6 +732,7 @@ impl Kernel {
         for (name, path) in [
             (POLICY_MAP, self.paths.policy()),
             (OVERLAY_MAP, self.paths.overlay()),
+            (OVERLAY_SELECT_MAP, self.paths.overlay_select()),
             (RATE_MAP, self.paths.rate()),
             (RATE_NAMED_MAP, self.paths.rate_named()),
             (DROPS_MAP, self.paths.drops()),
@@ -830,25 +973,27 @@ pub(crate) fn map_freeze(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     unsafe { sys_bpf(BPF_MAP_FREEZE, &mut attr) }.map(drop)
 }
 
-/// Empties slot `key` of an array of maps (BPF_MAP_DELETE_ELEM).
-fn map_delete_u32(fd: i32, key: u32) -> io::Result<()> {
-    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+/// Writes `value` at `key` of a `u32` array (BPF_MAP_UPDATE_ELEM).
+fn map_update_u32(fd: i32, key: u32, value: u32) -> io::Result<()> {
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
     #[repr(C)]
-    struct DeleteAttr {
+    struct UpdateAttr {
         map_fd: u32,
         _pad: u32,
         key: u64,
-        _rest: [u64; 2],
+        value: u64,
+        flags: u64,
     }
-    let mut attr = DeleteAttr {
+    let mut attr = UpdateAttr {
         map_fd: fd as u32,
         _pad: 0,
         key: &raw const key as u64,
-        _rest: [0; 2],
+        value: &raw const value as u64,
+        flags: 0,
     };
-    // SAFETY: key points at a 4-byte local that outlives the call, the key
-    // size of an array of maps.
-    unsafe { sys_bpf(BPF_MAP_DELETE_ELEM, &mut attr) }.map(drop)
+    // SAFETY: key and value point at 4-byte locals that outlive the call,
+    // the key and value sizes of a u32 array.
+    unsafe { sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
 }
 
 /// Forcibly detaches a link, even if some process still holds it open.

@@ -886,6 +886,22 @@ pub fn inner_map_len(pin: &Path, key: u32, key_size: usize) -> io::Result<Option
     }
 }
 
+/// What root could try with `bpftool map update` on an inner map: writes
+/// `key` -> `value` into the map in slot `slot` of the array-of-maps
+/// pinned at `pin`.
+pub fn write_inner_map(pin: &Path, slot: u32, key: &[u8], value: &[u8]) -> io::Result<()> {
+    let id = outer_map_slot(pin, slot)?.ok_or_else(|| io::Error::other("empty slot"))?;
+    let table = map_by_id(id)?;
+    let mut attr = MapElemAttr {
+        map_fd: table.as_raw_fd() as u32,
+        _pad0: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        flags: 0,
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+}
+
 /// Opens a map by its kernel id (BPF_MAP_GET_FD_BY_ID).
 fn map_by_id(id: u32) -> io::Result<OwnedFd> {
     #[repr(C)]

@@ -42,7 +42,7 @@ use spicegate_tests::{
         CgroupAttachment, ChildCgroup, Expect, Matrix, NetNs, Rng, TmpfsMount, allow_all_insns,
         allows_setuid, cgroup_prog_ids, clear_outer_map_slot, connect_progs, copy_grant_in_table,
         detach_pinned_link, link_local_addrs, load_connect_prog, outer_map_slot, pin_files, pinned,
-        rewrite_port_insns, run_daemon_to_exit, status_json,
+        rewrite_port_insns, run_daemon_to_exit, status_json, write_inner_map,
     },
     cgroup2_root, interface_addrs, require_root, spicegate_cmd, wait_until,
 };
@@ -1746,7 +1746,7 @@ fn failed_starts_name_the_problem_and_leave_nothing_behind() {
 }
 
 /// What a tampering case did to the running daemon's pins or links.
-fn tamper(what: &str, act: impl FnOnce(&Lab)) {
+fn tamper(what: &str, act: impl FnOnce(&Lab, &TestUser, u16)) {
     let deadline = REPAIR_DEADLINE;
     let (alice, dave, l, lab) = simple_lab();
     let p = l.port();
@@ -1756,7 +1756,7 @@ fn tamper(what: &str, act: impl FnOnce(&Lab)) {
     });
     let lines_before = lab.daemon().lines().len();
     let t0 = Instant::now();
-    act(&lab);
+    act(&lab, &dave, p);
     // What dave gets right after, before the watchdog's next tick.
     let window = lab.b().as_user(&dave).connect(v4(p)).run();
     m.note(format!(
@@ -1822,7 +1822,7 @@ fn link_pins(lab: &Lab) -> Vec<PathBuf> {
 
 #[test]
 fn tampering_link_pins_removed_is_repaired() {
-    tamper("rm of both link pins", |lab| {
+    tamper("rm of both link pins", |lab, _, _| {
         for pin in link_pins(lab) {
             fs::remove_file(&pin).unwrap_or_else(|e| panic!("rm {}: {e}", pin.display()));
         }
@@ -1831,7 +1831,7 @@ fn tampering_link_pins_removed_is_repaired() {
 
 #[test]
 fn tampering_bpf_link_detach_on_the_pinned_links_is_repaired() {
-    tamper("BPF_LINK_DETACH on both pinned links", |lab| {
+    tamper("BPF_LINK_DETACH on both pinned links", |lab, _, _| {
         for pin in link_pins(lab) {
             detach_pinned_link(&pin)
                 .unwrap_or_else(|e| panic!("BPF_LINK_DETACH {}: {e}", pin.display()));
@@ -1843,7 +1843,7 @@ fn tampering_bpf_link_detach_on_the_pinned_links_is_repaired() {
 
 #[test]
 fn tampering_policy_map_pin_removed_is_repaired() {
-    tamper("rm of the policy map pin", |lab| {
+    tamper("rm of the policy map pin", |lab, _, _| {
         let pin = pinned(lab.pin.path(), "policy").expect("policy map pinned");
         fs::remove_file(&pin).unwrap_or_else(|e| panic!("rm {}: {e}", pin.display()));
     });
@@ -1853,7 +1853,7 @@ fn tampering_policy_map_pin_removed_is_repaired() {
 fn tampering_whole_pin_directory_removed_is_repaired() {
     // The watchdog re-creates the directory when it pins the maps again,
     // before it re-attaches, so one pass repairs everything.
-    tamper("rm -r of the pin directory", |lab| {
+    tamper("rm -r of the pin directory", |lab, _, _| {
         fs::remove_dir_all(lab.pin.path())
             .unwrap_or_else(|e| panic!("rm -r {}: {e}", lab.pin.path().display()));
     });
@@ -1866,7 +1866,7 @@ fn tampering_whole_pin_directory_removed_is_repaired() {
 /// installs it again.
 #[test]
 fn tampering_policy_slot_emptied_is_repaired() {
-    tamper("BPF_MAP_DELETE_ELEM of the policy slot", |lab| {
+    tamper("BPF_MAP_DELETE_ELEM of the policy slot", |lab, _, _| {
         let pin = pinned(lab.pin.path(), "policy").expect("policy map pinned");
         let before = outer_map_slot(&pin, 0).expect("reading the policy slot");
         clear_outer_map_slot(&pin, 0).unwrap_or_else(|e| panic!("emptying the slot: {e}"));
@@ -1898,6 +1898,37 @@ fn tampering_a_grant_written_into_the_table_is_refused_by_the_kernel() {
     let a = lab.b().as_user(&alice).connect(v4(p)).run().outcome();
     assert_eq!(d, Outcome::Denied, "dave after the forged write");
     assert_eq!(a, Outcome::Allowed, "alice after the forged write");
+}
+
+/// Root writes a grant for dave into both overlays of the table in force
+/// (`bpftool map update` on the inner maps of the overlay map), with the
+/// table's generation, so the program would let dave in. Overlays are not
+/// frozen (a change writes them), so the kernel takes the write; the
+/// watchdog finds entries it did not write within a second and installs a
+/// new table with fresh overlays.
+#[test]
+fn tampering_a_grant_written_into_the_overlays_is_repaired() {
+    tamper(
+        "BPF_MAP_UPDATE_ELEM of a grant in both overlays",
+        |lab, dave, port| {
+            let pin = pinned(lab.pin.path(), "overlay_v").expect("overlay map pinned");
+            let st = status_json(&lab.pin);
+            let generation = st["table"]["generation"].as_u64().expect("generation") as u8;
+            let dave = dave.uid;
+            // RuleKey: kind 3 (grant), pad = generation, port, uid, addr (::,
+            // this machine); RuleValue: vm, flags.
+            let mut key = vec![3u8, generation];
+            key.extend_from_slice(&port.to_ne_bytes());
+            key.extend_from_slice(&dave.to_ne_bytes());
+            key.extend_from_slice(&[0; 16]);
+            let mut value = 1u32.to_ne_bytes().to_vec();
+            value.extend_from_slice(&[0; 4]);
+            for slot in 0..2 {
+                write_inner_map(&pin, slot, &key, &value)
+                    .unwrap_or_else(|e| panic!("writing overlay {slot}: {e}"));
+            }
+        },
+    );
 }
 
 /// Signal-driven stop while a reload runs: also old-or-new.

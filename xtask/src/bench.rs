@@ -14,6 +14,7 @@
 //! two storms and the build are here; issue 14 moves the storms and the
 //! per-system runs into `bench/`.
 
+mod change;
 mod env;
 mod firewall;
 mod layout;
@@ -121,6 +122,8 @@ pub struct DaemonResult {
     pub rss_end_kib: u64,
     /// VmHWM: the highest VmRSS of the last daemon, reached during a reload.
     pub rss_peak_kib: u64,
+    /// Changing one grant (grant, revoke, schedule edge).
+    pub change: change::ChangeResult,
 }
 
 #[derive(Debug, Clone)]
@@ -163,6 +166,8 @@ pub struct SizeResult {
     pub layout: Layout,
     pub systems: Vec<SystemResult>,
     pub daemon: DaemonResult,
+    /// `nft add element` / `delete element` of one grant, ms.
+    pub nft_element_ms: Vec<f64>,
 }
 
 struct Bins {
@@ -422,11 +427,13 @@ fn run_size(
         workers,
         "nft -f (whole table)",
     )?);
+    let nft_element_ms = change::nft_element_ms(nft.table(), workers, ctx.targets, layout)?;
     drop(nft);
     Ok(SizeResult {
         layout: layout.clone(),
         systems,
         daemon,
+        nft_element_ms,
     })
 }
 
@@ -497,6 +504,8 @@ fn run_spicegate(
             "spicegate reload",
         )?;
     }
+    dr.change =
+        change::spicegate_changes(&ctx.bins.spicegate, &pin, &d, workers, ctx.targets, layout)?;
     // spicegate returns freed heap to the kernel 2 s after a reload.
     std::thread::sleep(Duration::from_millis(2500));
     dr.rss_end_kib = d.rss_kib()?;

@@ -430,6 +430,13 @@ pub struct Daemon {
     pub spawned: Instant,
 }
 
+impl PinDir {
+    /// The daemon's schedule clock offset (see [`Daemon::spawn`]).
+    pub fn clock_offset_file(&self) -> PathBuf {
+        self.run_dir.join("clock-offset")
+    }
+}
+
 impl Daemon {
     pub fn spawn(bin: &Path, policy: &Path, cgroup: &Path, pin: &PinDir) -> anyhow::Result<Self> {
         let mut cmd = Command::new(bin);
@@ -444,6 +451,10 @@ impl Daemon {
             .arg(&pin.path)
             .arg("--state-dir")
             .arg(pin.run_dir.join("state"))
+            // Seconds added to the schedule clock (absent: none), so the
+            // bench can cross a schedule edge now.
+            .arg("--clock-offset-file")
+            .arg(pin.clock_offset_file())
             .env_remove("JOURNAL_STREAM")
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())

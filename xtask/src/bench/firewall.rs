@@ -238,6 +238,11 @@ impl Nft {
         }
     }
 
+    /// The bench's table (`ip` family); its set of grants is `grants`.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
     pub fn version() -> String {
         sh(Command::new("nft").arg("-v"))
             .map(|s| s.trim().to_owned())

@@ -13,6 +13,12 @@
 
 use std::fmt::Write as _;
 
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// First numeric uid of the generated grants.
 pub const FIRST_UID: u32 = 200_000;
 
@@ -25,9 +31,14 @@ pub struct Layout {
     /// Name of the real user granted on the probe endpoint.
     pub granted: String,
     pub granted_uid: u32,
-    /// Name and uid of the real user granted nowhere (unless `extra`).
+    /// Name and uid of the real user granted nowhere (unless `extra`, a
+    /// temporary grant, or the clock moved into the schedule window).
     pub denied: String,
     pub denied_uid: u32,
+    /// UTC hour whose first hour the denied user's schedule window on the
+    /// probe endpoint covers: three hours from the bench's start, so it
+    /// is closed until the bench moves the daemon's clock.
+    pub window_hour: u64,
 }
 
 impl Layout {
@@ -43,7 +54,20 @@ impl Layout {
             granted_uid: granted.1,
             denied: denied.0.to_owned(),
             denied_uid: denied.1,
+            window_hour: (now_unix() / 3600 + 3) % 24,
         }
+    }
+
+    /// The VM of the probe endpoint.
+    pub fn probe_vm(&self) -> String {
+        format!("bench{}", self.probe_port())
+    }
+
+    /// Seconds to add to the clock to stand one minute into the schedule
+    /// window.
+    pub fn secs_to_window(&self) -> u64 {
+        let into_day = now_unix() % 86_400;
+        (self.window_hour * 3600 + 60 + 86_400 - into_day) % 86_400
     }
 
     /// Guarded ports: `base ..= last`.
@@ -92,7 +116,7 @@ impl Layout {
             }
         });
         let mut s = format!(
-            "# cargo xtask bench: {} grants\n[protect]\nports = [\"{}-{}\"]\n",
+            "# cargo xtask bench: {} grants\n[settings]\ntimezone = \"UTC\"\n[protect]\nports = [\"{}-{}\"]\n",
             self.grants,
             self.base_port,
             self.last_port()
@@ -103,6 +127,15 @@ impl Layout {
                 "\n[vms.bench{port}]\nserver = \"localhost\"\nports = [{port}]\nallow = [{}]\n",
                 allow.join(", ")
             );
+            if port == self.probe_port() {
+                let h = self.window_hour;
+                let _ = write!(
+                    s,
+                    "[[vms.bench{port}.schedule]]\nallow = [\"{}\"]\nhours = \"{h:02}:00-{:02}:00\"\n",
+                    self.denied,
+                    h + 1
+                );
+            }
         }
         s
     }

@@ -1,0 +1,265 @@
+//! Changing one grant: `spicegate grant` / `revoke` and a schedule edge at
+//! each size, with the daemon's own account of what reached the kernel
+//! (overlay or new table, map writes, milliseconds), `status` round trips,
+//! and nftables' `nft add element` / `delete element` for comparison.
+
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use super::{
+    env::{Daemon, PinDir, check_interrupted, sh},
+    layout::Layout,
+    measure::{Cg, Targets, Workers, ms},
+    p50_p99, status_ms,
+};
+
+/// What changing one grant cost at one size.
+#[derive(Debug, Clone, Default)]
+pub struct ChangeResult {
+    /// `spicegate grant` and `revoke` round trips (the command), ms.
+    pub command_ms: Vec<f64>,
+    /// The daemon's side of each: working out the change and putting it
+    /// in the kernel (status `table.last_change.ms`).
+    pub kernel_ms: Vec<f64>,
+    /// Map writes of each change (status `table.last_change.map_writes`).
+    pub writes: Vec<u64>,
+    /// How each reached the kernel: `overlay` or `table`.
+    pub how: Vec<String>,
+    /// A schedule window opening and closing: the daemon's side, ms.
+    pub schedule_kernel_ms: Vec<f64>,
+    /// From moving the clock across the edge to the connect's verdict
+    /// changing (the daemon looks at the clock every 250 ms), ms.
+    pub schedule_seen_ms: Vec<f64>,
+    /// `status` round trips: (p50, p99), ms.
+    pub status_ms: (f64, f64),
+    /// Peak RSS (VmHWM) after all of it, KiB.
+    pub rss_peak_kib: u64,
+}
+
+/// Changes per kind (grant and revoke alternate; the schedule opens and
+/// closes).
+const CHANGES: usize = 6;
+const STATUS_CALLS: usize = 30;
+
+fn status(bin: &Path, pin: &PinDir) -> anyhow::Result<Value> {
+    let out = sh(Command::new(bin)
+        .arg("--socket")
+        .arg(pin.socket())
+        .args(["status", "--json"]))?;
+    serde_json::from_str(&out).context("status --json")
+}
+
+fn last_change(st: &Value) -> (f64, u64, String) {
+    let c = &st["table"]["last_change"];
+    (
+        c["ms"].as_f64().unwrap_or(f64::NAN),
+        c["map_writes"].as_u64().unwrap_or(0),
+        c["how"].as_str().unwrap_or("?").to_owned(),
+    )
+}
+
+pub fn spicegate_changes(
+    bin: &Path,
+    pin: &PinDir,
+    d: &Daemon,
+    workers: &mut Workers,
+    targets: &Targets,
+    layout: &Layout,
+) -> anyhow::Result<ChangeResult> {
+    let mut r = ChangeResult::default();
+    let vm = layout.probe_vm();
+    let w = workers.get(Cg::Guarded, true);
+    for i in 0..CHANGES {
+        check_interrupted()?;
+        let grant = i % 2 == 0;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--socket").arg(pin.socket());
+        if grant {
+            cmd.args(["grant", &layout.denied, &vm, "--for", "1h"]);
+        } else {
+            cmd.args(["revoke", &layout.denied, &vm]);
+        }
+        let start = Instant::now();
+        sh(&mut cmd)?;
+        r.command_ms.push(ms(start.elapsed()));
+        let want = if grant { Ok(()) } else { Err(libc::EPERM) };
+        let got = w.probe(&targets.guarded)?;
+        if got != want {
+            bail!(
+                "right after `spicegate {}`, the probe got {got:?}, expected {want:?}",
+                if grant { "grant" } else { "revoke" }
+            );
+        }
+        let (k, writes, how) = last_change(&status(bin, pin)?);
+        r.kernel_ms.push(k);
+        r.writes.push(writes);
+        r.how.push(how);
+    }
+    // The schedule window (see Layout::schedule_window) opens when the
+    // clock moves into it and closes when it moves back.
+    let offset = pin.clock_offset_file();
+    for i in 0..CHANGES {
+        check_interrupted()?;
+        let open = i % 2 == 0;
+        let secs = if open { layout.secs_to_window() } else { 0 };
+        let start = Instant::now();
+        std::fs::write(&offset, secs.to_string())?;
+        let want = if open { Ok(()) } else { Err(libc::EPERM) };
+        loop {
+            if w.probe(&targets.guarded)? == want {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(5) {
+                bail!(
+                    "the schedule window did not {} within 5 s",
+                    if open { "open" } else { "close" }
+                );
+            }
+        }
+        r.schedule_seen_ms.push(ms(start.elapsed()));
+        r.schedule_kernel_ms.push(last_change(&status(bin, pin)?).0);
+    }
+    let _ = std::fs::remove_file(&offset);
+    let mut st = Vec::new();
+    for _ in 0..STATUS_CALLS {
+        st.push(status_ms(&pin.socket())?);
+    }
+    r.status_ms = p50_p99(st);
+    r.rss_peak_kib = d.status_kib("VmHWM")?;
+    Ok(r)
+}
+
+/// `nft add element` and `nft delete element` of the denied user's grant
+/// on the probe endpoint, each checked with a connect: ms per command.
+pub fn nft_element_ms(
+    table: &str,
+    workers: &mut Workers,
+    targets: &Targets,
+    layout: &Layout,
+) -> anyhow::Result<Vec<f64>> {
+    let w = workers.get(Cg::Base, true);
+    let mut out = Vec::new();
+    for i in 0..CHANGES {
+        check_interrupted()?;
+        let add = i % 2 == 0;
+        let element = format!(
+            "{{ {} . 127.0.0.1 . {} }}",
+            layout.denied_uid,
+            layout.probe_port()
+        );
+        let verb = if add { "add" } else { "delete" };
+        let start = Instant::now();
+        sh(Command::new("nft").args([verb, "element", "ip", table, "grants", &element]))?;
+        out.push(ms(start.elapsed()));
+        let want = if add { Ok(()) } else { Err(libc::ECONNREFUSED) };
+        let got = w.probe(&targets.guarded)?;
+        if got != want {
+            bail!("right after `nft {verb} element`, the probe got {got:?}, expected {want:?}");
+        }
+    }
+    Ok(out)
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NAN, f64::max)
+}
+
+/// The "changing one grant" table: one row per size.
+pub fn render(results: &[super::SizeResult]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::from(
+        "\nChanging one grant (spicegate: the daemon's side, from its `status` `table.last_change`, \
+         median / max of the changes; the command's round trip includes the control socket and, for `grant`, \
+         saving grants.json; a schedule edge is seen by the next 250 ms clock check, so \"in force after\" \
+         counts from moving the clock):\n\n\
+         | grants | `grant` / `revoke`: daemon side | map writes | command round trip | schedule edge: daemon side | schedule edge in force after | `status` p50 / p99 | nftables `add`/`delete element` | daemon VmHWM after all changes |\n\
+         |---:|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in results {
+        let c = &r.daemon.change;
+        let how: std::collections::BTreeSet<&str> = c.how.iter().map(String::as_str).collect();
+        let how: Vec<&str> = how.into_iter().collect();
+        let _ = writeln!(
+            s,
+            "| {} | {:.2} / {:.2} ms ({}) | {} | {:.1} ms | {:.2} / {:.2} ms | {:.0} ms | {:.1} / {:.1} ms | {:.1} ms | {:.1} MB |",
+            r.layout.grants,
+            super::measure::median(&c.kernel_ms),
+            max(&c.kernel_ms),
+            how.join(", "),
+            c.writes.iter().max().copied().unwrap_or(0),
+            super::measure::median(&c.command_ms),
+            super::measure::median(&c.schedule_kernel_ms),
+            max(&c.schedule_kernel_ms),
+            super::measure::median(&c.schedule_seen_ms),
+            c.status_ms.0,
+            c.status_ms.1,
+            super::measure::median(&r.nft_element_ms),
+            c.rss_peak_kib as f64 / 1024.0,
+        );
+    }
+    s
+}
+
+/// The million-grant targets, at the largest size of at least 1,000,000.
+pub fn targets(results: &[super::SizeResult]) -> Vec<(bool, String)> {
+    let mut out = Vec::new();
+    for r in results {
+        let c = &r.daemon.change;
+        let worst = max(&c.kernel_ms).max(max(&c.schedule_kernel_ms));
+        out.push((
+            worst <= 5.0,
+            format!(
+                "{} grants: one grant changes in <= 5 ms (grant, revoke, schedule edge; daemon side): worst {worst:.2} ms, at most {} map writes",
+                r.layout.grants,
+                c.writes.iter().max().copied().unwrap_or(0)
+            ),
+        ));
+        out.push((
+            c.status_ms.1 <= 50.0,
+            format!(
+                "{} grants: status answers in <= 50 ms: p99 {:.1} ms",
+                r.layout.grants, c.status_ms.1
+            ),
+        ));
+    }
+    let Some(r) = results
+        .iter()
+        .filter(|r| r.layout.grants >= 1_000_000)
+        .max_by_key(|r| r.layout.grants)
+    else {
+        return out;
+    };
+    let g = r.layout.grants;
+    if let Some(sg) = r.systems.iter().find(|x| x.name == "spicegate") {
+        let reload = super::measure::median(&sg.apply_ms);
+        out.push((
+            reload <= 500.0,
+            format!("{g} grants: full reload <= 500 ms: median {reload:.0} ms"),
+        ));
+    }
+    let start = super::measure::median(&r.daemon.start_ms);
+    out.push((
+        start <= 1000.0,
+        format!("{g} grants: start to enforcing <= 1 s: median {start:.0} ms"),
+    ));
+    let settled = r.daemon.rss_end_kib as f64 / 1024.0;
+    let peak = r.daemon.rss_peak_kib as f64 / 1024.0;
+    out.push((
+        settled <= 150.0,
+        format!("{g} grants: settled RSS <= 150 MB: {settled:.1} MB"),
+    ));
+    out.push((
+        peak <= 2.0 * settled,
+        format!(
+            "{g} grants: peak RSS (VmHWM, start included) <= 2x settled: {peak:.1} MB = {:.2}x",
+            peak / settled
+        ),
+    ));
+    out
+}
