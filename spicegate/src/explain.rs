@@ -157,7 +157,10 @@ pub fn explain(
                 v.allow
                     .iter()
                     .filter(|g| g.uids.contains(&uid))
-                    .map(|g| format!("`{}`", g.principal))
+                    .map(|g| match g.principal {
+                        crate::policy::Principal::Uids(_) => format!("`#{uid}`"),
+                        _ => format!("`{}`", g.principal),
+                    })
                     .collect()
             })
             .unwrap_or_default();

@@ -24,6 +24,7 @@ pub mod hostaddrs;
 pub mod kernel;
 pub mod logging;
 pub mod policy;
+pub mod policy_split;
 pub mod schedule;
 pub mod sockdiag;
 pub mod state;

@@ -101,7 +101,7 @@ struct RawProtect {
     #[serde(default)]
     ports: Vec<Spanned<toml::Value>>,
     #[serde(default)]
-    listeners: Vec<Spanned<String>>,
+    listeners: Vec<Spanned<RawEntry>>,
 }
 
 #[derive(Deserialize)]
@@ -119,7 +119,7 @@ struct RawVm {
     server: Spanned<String>,
     ports: Spanned<Vec<Spanned<toml::Value>>>,
     #[serde(default)]
-    allow: Vec<Spanned<String>>,
+    allow: RawAllow,
     #[serde(default)]
     schedule: Vec<RawSchedule>,
     #[serde(default)]
@@ -130,10 +130,100 @@ struct RawVm {
     ca_file: Option<Spanned<String>>,
 }
 
+/// An `allow` or `listeners` entry as written. A valid `#UID` is kept as
+/// its number, so a policy of a million of them allocates nothing per
+/// entry; anything else (names, `@group`, a malformed `#...`) as text, for
+/// [`grantee`] to resolve or refuse.
+enum RawEntry {
+    Uid(u32),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for RawEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl serde::de::Visitor<'_> for Entry {
+            type Value = RawEntry;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawEntry, E> {
+                let uid = s
+                    .trim()
+                    .strip_prefix('#')
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .filter(|u| *u != u32::MAX);
+                Ok(match uid {
+                    Some(u) => RawEntry::Uid(u),
+                    None => RawEntry::Text(s.to_owned()),
+                })
+            }
+        }
+        d.deserialize_str(Entry)
+    }
+}
+
+/// A VM's `allow` list as written, in 8 bytes per `#UID` entry (what a
+/// list of thousands of numeric uids is made of): each entry's place in
+/// the list and its uid, and the other entries with their place.
+#[derive(Default)]
+struct RawAllow {
+    uids: Vec<(u32, u32)>,
+    others: Vec<(u32, Spanned<RawEntry>)>,
+}
+
+impl RawAllow {
+    /// The entries in the order written.
+    fn entries(&self) -> impl Iterator<Item = RawItem<'_>> {
+        let mut uids = self.uids.iter().peekable();
+        let mut others = self.others.iter().peekable();
+        std::iter::from_fn(move || match (uids.peek(), others.peek()) {
+            (Some((a, _)), Some((b, _))) if b < a => others.next().map(|(_, e)| RawItem::Other(e)),
+            (Some(_), _) => uids.next().map(|(_, u)| RawItem::Uid(*u)),
+            (None, Some(_)) => others.next().map(|(_, e)| RawItem::Other(e)),
+            (None, None) => None,
+        })
+    }
+}
+
+enum RawItem<'a> {
+    Uid(u32),
+    Other(&'a Spanned<RawEntry>),
+}
+
+impl<'de> Deserialize<'de> for RawAllow {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct List;
+        impl<'de> serde::de::Visitor<'de> for List {
+            type Value = RawAllow;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a sequence")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawAllow, A::Error> {
+                let mut out = RawAllow::default();
+                let mut at = 0u32;
+                while let Some(e) = seq.next_element::<Spanned<RawEntry>>()? {
+                    match e.get_ref() {
+                        RawEntry::Uid(u) => out.uids.push((at, *u)),
+                        RawEntry::Text(_) => out.others.push((at, e)),
+                    }
+                    at = at.saturating_add(1);
+                }
+                out.uids.shrink_to_fit();
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(List)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSchedule {
-    allow: Spanned<Vec<Spanned<String>>>,
+    allow: Spanned<Vec<Spanned<RawEntry>>>,
     #[serde(default)]
     days: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
@@ -151,6 +241,10 @@ pub enum Principal {
     Group(String),
     /// `#1021`: a numeric uid; needs no passwd entry.
     Uid(u32),
+    /// The `#UID` entries of one `allow` list held together when there are
+    /// more than [`UIDS_APART`] of them (how many): a list of 10,000
+    /// numeric uids is one sorted array, not 10,000 entries.
+    Uids(u32),
     /// `@console`: whoever holds the active session on seat0, while they do.
     Console,
 }
@@ -161,9 +255,43 @@ impl fmt::Display for Principal {
             Self::User(n) => write!(f, "{n}"),
             Self::Group(g) => write!(f, "@{g}"),
             Self::Uid(u) => write!(f, "#{u}"),
+            Self::Uids(n) => write!(f, "{n} `#UID` entries"),
             Self::Console => write!(f, "@console"),
         }
     }
+}
+
+/// An `allow` list with more `#UID` entries than this holds them as one
+/// [`Principal::Uids`].
+pub const UIDS_APART: usize = 16;
+
+/// Holds the `#UID` entries of `allow` as one [`Principal::Uids`] (where
+/// the first one was) when there are more than [`UIDS_APART`].
+fn gather_uids(allow: Vec<Grantee>) -> Vec<Grantee> {
+    let numeric = allow
+        .iter()
+        .filter(|g| matches!(g.principal, Principal::Uid(_)))
+        .count();
+    if numeric <= UIDS_APART {
+        return allow;
+    }
+    let mut uids = BTreeSet::new();
+    let mut out = Vec::with_capacity(allow.len() - numeric + 1);
+    let mut at = None;
+    for g in allow {
+        if let Principal::Uid(u) = g.principal {
+            uids.insert(u);
+            at.get_or_insert(out.len());
+        } else {
+            out.push(g);
+        }
+    }
+    let gathered = Grantee {
+        principal: Principal::Uids(u32::try_from(numeric).unwrap_or(u32::MAX)),
+        uids: uids.into(),
+    };
+    out.insert(at.unwrap_or(0).min(out.len()), gathered);
+    out
 }
 
 /// Where a server is.
@@ -618,17 +746,37 @@ fn parse_sources_with(
 ) -> Result<Policy, PolicyErrors> {
     let mut errs = Errors {
         sources,
+        views: Vec::new(),
         list: Vec::new(),
         lenient,
         unresolved: Vec::new(),
     };
     let mut raws = Vec::new();
     for (i, src) in sources.iter().enumerate() {
+        // A very large text a piece at a time (see policy_split); any
+        // trouble, and it is parsed whole, for the exact errors.
+        let pieces = crate::policy_split::split(&src.text).and_then(|docs| {
+            docs.into_iter()
+                .map(|d| Some((toml::from_str::<RawPolicy>(&d.text).ok()?, d.map)))
+                .collect::<Option<Vec<_>>>()
+        });
+        if let Some(pieces) = pieces {
+            for (raw, map) in pieces {
+                raws.push((errs.views.len(), raw));
+                errs.views.push(View { file: i, map });
+            }
+            continue;
+        }
+        let view = errs.views.len();
+        errs.views.push(View {
+            file: i,
+            map: Vec::new(),
+        });
         match toml::from_str::<RawPolicy>(&src.text) {
-            Ok(raw) => raws.push((i, raw)),
+            Ok(raw) => raws.push((view, raw)),
             Err(e) => {
                 let span = e.span().unwrap_or(0..0);
-                errs.push(i, &span, e.message().trim_end().to_owned());
+                errs.push(view, &span, e.message().trim_end().to_owned());
             }
         }
     }
@@ -650,15 +798,11 @@ fn parse_sources_with(
         ] {
             for k in keys {
                 if let Some((j, first)) = seen.get(k.get_ref().as_str()) {
-                    let (l, c) = line_col(&sources[*j].text, first.start);
+                    let at = errs.at(*j, first);
                     errs.push(
                         *i,
                         &k.span(),
-                        format!(
-                            "{what} `{}` is also defined at {}:{l}:{c}",
-                            k.get_ref(),
-                            sources[*j].path.display()
-                        ),
+                        format!("{what} `{}` is also defined at {at}", k.get_ref()),
                     );
                 } else {
                     seen.insert(k.get_ref().as_str(), (*i, k.span()));
@@ -685,7 +829,7 @@ fn parse_sources_with(
                 }
             }
             for l in &protect.listeners {
-                if l.get_ref() == "@console" {
+                if matches!(l.get_ref(), RawEntry::Text(t) if t == "@console") {
                     errs.push(
                         *i,
                         &l.span(),
@@ -764,6 +908,10 @@ pub struct Unresolved {
 
 struct Errors<'a> {
     sources: &'a [Source],
+    /// What the first number of an error's place means: the file, and
+    /// where the parsed document's bytes are in it (a file parsed in
+    /// pieces, see policy_split; empty when parsed whole).
+    views: Vec<View>,
     list: Vec<PolicyError>,
     lenient: bool,
     unresolved: Vec<Unresolved>,
@@ -772,7 +920,34 @@ struct Errors<'a> {
 /// Appended to the error of a name that does not resolve.
 const UNRESOLVED_HINT: &str = "; a reload with it is refused, but at start spicegate enforces the rest of the policy, grants nothing to it (and guards the ports of a server it names on every address) and keeps trying; `spicegate status` lists it";
 
+/// A document parsed from part of (or all of) one source file.
+struct View {
+    file: usize,
+    map: Vec<(usize, usize)>,
+}
+
 impl Errors<'_> {
+    /// The source file and 1-based line and column of `span` in document
+    /// `view`.
+    fn locate(&self, view: usize, span: &Range<usize>) -> (&Source, usize, usize) {
+        let (file, at) = match self.views.get(view) {
+            Some(v) => (
+                v.file,
+                crate::policy_split::Doc::file_offset(&v.map, span.start),
+            ),
+            None => (view, span.start),
+        };
+        let src = &self.sources[file];
+        let (line, col) = line_col(&src.text, at);
+        (src, line, col)
+    }
+
+    /// `path:line:col` of `span` in document `view`.
+    fn at(&self, view: usize, span: &Range<usize>) -> String {
+        let (src, line, col) = self.locate(view, span);
+        format!("{}:{line}:{col}", src.path.display())
+    }
+
     /// A name that does not resolve: an error, or, when lenient, an entry
     /// of the unresolved list. Returns whether it was lenient.
     fn unresolved(
@@ -783,11 +958,10 @@ impl Errors<'_> {
         message: String,
     ) -> bool {
         if self.lenient {
-            let src = &self.sources[file];
-            let (line, col) = line_col(&src.text, span.start);
+            let at = self.at(file, span);
             self.unresolved.push(Unresolved {
                 name,
-                at: format!("{}:{line}:{col}", src.path.display()),
+                at,
                 why: message,
             });
         } else {
@@ -797,10 +971,10 @@ impl Errors<'_> {
     }
 
     fn push(&mut self, file: usize, span: &Range<usize>, message: String) {
-        let src = &self.sources[file];
-        let (line, col) = line_col(&src.text, span.start);
+        let (src, line, col) = self.locate(file, span);
+        let file = src.path.clone();
         self.list.push(PolicyError {
-            file: src.path.clone(),
+            file,
             line,
             col,
             message,
@@ -842,8 +1016,7 @@ fn settings_from_raw(
 ) {
     let mut once = |key: &'static str, span: Range<usize>, errs: &mut Errors<'_>| -> bool {
         if let Some((j, first)) = seen.get(key) {
-            let (l, c) = line_col(&errs.sources[*j].text, first.start);
-            let at = format!("{}:{l}:{c}", errs.sources[*j].path.display());
+            let at = errs.at(*j, first);
             errs.push(file, &span, format!("setting `{key}` is also set at {at}"));
             false
         } else {
@@ -1111,9 +1284,16 @@ fn vm_from_raw(
     }
     let allow: Vec<Grantee> = vm
         .allow
-        .iter()
-        .filter_map(|e| grantee(file, e, env.dir, errs))
+        .entries()
+        .filter_map(|e| match e {
+            RawItem::Uid(uid) => Some(Grantee {
+                principal: Principal::Uid(uid),
+                uids: Uids::One(uid),
+            }),
+            RawItem::Other(e) => grantee(file, e, env.dir, errs),
+        })
         .collect();
+    let allow = gather_uids(allow);
     let mut schedules = Vec::new();
     for s in &vm.schedule {
         if let Some(s) = schedule_from_raw(file, s, env, errs) {
@@ -1163,6 +1343,7 @@ fn schedule_from_raw(
         .iter()
         .filter_map(|e| grantee(file, e, env.dir, errs))
         .collect();
+    let allow = gather_uids(allow);
     if raw.allow.get_ref().is_empty() {
         errs.push(
             file,
@@ -1211,11 +1392,19 @@ fn schedule_from_raw(
 
 fn grantee(
     file: usize,
-    entry: &Spanned<String>,
+    entry: &Spanned<RawEntry>,
     dir: &dyn Directory,
     errs: &mut Errors<'_>,
 ) -> Option<Grantee> {
-    let text = entry.get_ref().trim();
+    let text = match entry.get_ref() {
+        RawEntry::Uid(uid) => {
+            return Some(Grantee {
+                principal: Principal::Uid(*uid),
+                uids: Uids::One(*uid),
+            });
+        }
+        RawEntry::Text(t) => t.trim(),
+    };
     let span = entry.span();
     if text == "@console" {
         return Some(Grantee {
@@ -1592,6 +1781,48 @@ allow = ["ralph"]
         let e = err("[vms.v]\nserver = \"localhost\"\nports = [5900]\ntls_port = 5901\n");
         assert!(
             e.contains("p.toml:4:12: tls_port 5901 is not one of the VM's ports"),
+            "{e}"
+        );
+    }
+
+    /// Many `#UID` entries are held as one sorted array, where the first
+    /// was; a few stay apart; malformed ones are still errors.
+    #[test]
+    fn many_numeric_uids_are_held_together() {
+        let many: Vec<String> = (0..40)
+            .rev()
+            .map(|u| format!("\"#{}\"", 5000 + u))
+            .collect();
+        let text = format!(
+            "[vms.a]\nserver = \"localhost\"\nports = [1]\nallow = [\"myself\", {}, \"ralph\"]\n[vms.b]\nserver = \"localhost\"\nports = [2]\nallow = [\"#7\", \"myself\"]\n",
+            many.join(", ")
+        );
+        let dir = crate::directory::FakeDirectory::default()
+            .user("myself", 1000)
+            .user("ralph", 1001);
+        let p = parse(&text, Path::new("p.toml"), &dir).expect("parses");
+        let a: Vec<String> = p.vms["a"]
+            .allow
+            .iter()
+            .map(|g| g.principal.to_string())
+            .collect();
+        assert_eq!(a, ["myself", "40 `#UID` entries", "ralph"]);
+        assert_eq!(
+            p.vms["a"].allow[1].uids.as_slice(),
+            &(5000..5040).collect::<Vec<_>>()[..]
+        );
+        assert_eq!(p.vms["a"].uids().len(), 42);
+        let b: Vec<String> = p.vms["b"]
+            .allow
+            .iter()
+            .map(|g| g.principal.to_string())
+            .collect();
+        assert_eq!(b, ["#7", "myself"]);
+        let bad = text.replace("\"#5003\"", "\"#50x3\"");
+        let e = parse(&bad, Path::new("p.toml"), &dir).expect_err("refused");
+        assert!(
+            e.to_string()
+                .contains("`#50x3`: `#` must be followed by a numeric uid"),
             "{e}"
         );
     }
