@@ -45,6 +45,9 @@ pub const OVERLAY_SLOTS: u32 = 2;
 pub const OVERLAY_SELECT_MAP: &str = "SPICEGATE_OVERLAY_SEL";
 /// See [`OVERLAY_SELECT_MAP`].
 pub const OVERLAY_SELECT_ACTIVE: u32 = 0;
+/// Flag in slot [`OVERLAY_SELECT_ACTIVE`]: the overlay in force is empty,
+/// so the program need not look there (bit 0 still says which it is).
+pub const OVERLAY_EMPTY: u32 = 1 << 1;
 /// See [`OVERLAY_SELECT_MAP`].
 pub const OVERLAY_SELECT_GENERATION: u32 = 1;
 

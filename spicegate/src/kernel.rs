@@ -511,7 +511,12 @@ impl Kernel {
             self.overlays = None;
             return Err(e).context("writing the standby overlay");
         }
-        self.select(OVERLAY_SELECT_ACTIVE, standby)
+        let empty = if len == 0 {
+            spicegate_common::OVERLAY_EMPTY
+        } else {
+            0
+        };
+        self.select(OVERLAY_SELECT_ACTIVE, standby | empty)
             .context("flipping the overlay selector")?;
         self.writes += 1;
         let old = ov.fds[ov.active as usize];
@@ -589,6 +594,11 @@ impl Kernel {
     fn reset_overlays(&mut self, old_generation: u32) -> anyhow::Result<()> {
         let keys: Vec<RuleKey> = std::mem::take(&mut self.overlay).into_keys().collect();
         if let Some(ov) = &self.overlays {
+            // Nothing in force is in them any more: the program may skip them.
+            self.select(
+                OVERLAY_SELECT_ACTIVE,
+                ov.active | spicegate_common::OVERLAY_EMPTY,
+            )?;
             let g = u8::try_from(old_generation).unwrap_or(0);
             let ops: Vec<(RuleKey, Option<RuleValue>)> = keys.iter().map(|k| (*k, None)).collect();
             let fresh = ov.fds.iter().try_for_each(|fd| write_ops(*fd, g, &ops));
@@ -618,7 +628,7 @@ impl Kernel {
             outer.set(0, &a, 0).context("placing overlay 0")?;
             outer.set(1, &b, 0).context("placing overlay 1")?;
         }
-        self.select(OVERLAY_SELECT_ACTIVE, 0)?;
+        self.select(OVERLAY_SELECT_ACTIVE, spicegate_common::OVERLAY_EMPTY)?;
         self.writes += 3;
         self.overlays = Some(Overlays {
             _maps: [a, b],

@@ -47,7 +47,7 @@ pub struct BenchArgs {
     #[arg(long)]
     quick: bool,
     /// Policy sizes, in grants.
-    #[arg(long, value_delimiter = ',', default_values_t = [100, 10_000, 100_000])]
+    #[arg(long, value_delimiter = ',', default_values_t = [100, 10_000, 100_000, 1_000_000])]
     sizes: Vec<u32>,
     /// Where to write the results [default: docs/benchmarks.md, full runs
     /// only].

@@ -229,15 +229,18 @@ mod tests {
         let ipt = l.iptables_rules("C", true);
         let nft = l.nft_rules("t", true);
         let policy = l.spicegate_policy(true);
-        // 100 numeric grants + granted + denied (extra).
+        // 100 numeric grants + granted + denied (extra); spicegate's
+        // policy also names the denied user in the probe VM's schedule
+        // window (closed unless the bench moves the daemon's clock).
         assert_eq!(ipt.matches("-j ACCEPT").count(), 102);
         assert_eq!(nft.matches(". 127.0.0.1 .").count(), 102);
         assert_eq!(
             policy.matches("\"#").count()
                 + policy.matches("\"g\"").count()
                 + policy.matches("\"d\"").count(),
-            102
+            103
         );
+        assert_eq!(policy.matches("[[vms.bench21005.schedule]]").count(), 1);
         assert!(ipt.contains("--dport 21005 -m owner --uid-owner 991 -j ACCEPT"));
         assert!(!l.iptables_rules("C", false).contains("--uid-owner 991"));
     }
