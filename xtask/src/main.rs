@@ -49,7 +49,7 @@ enum Command {
     /// start and memory, deny storm) and write docs/benchmarks.md. Needs
     /// root; 4-6 minutes, `--quick` for a short check.
     Bench(bench::BenchArgs),
-    /// Build the Debian package (release build, unit, policy template, man
+    /// Build the Debian package (release build, units, policy template, man
     /// pages, completions, docs) into target/debian/ and print its path.
     Deb(deb::DebArgs),
 }
