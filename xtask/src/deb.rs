@@ -5,7 +5,10 @@
 //! install, where cargo-deb would be one more thing to build on every
 //! machine (and its systemd and maintainer-script handling would have to be
 //! bent to what spicegate needs anyway: never unload on upgrade, unload on
-//! removal). The maintainer scripts are plain files in packaging/deb/.
+//! removal). The maintainer scripts are plain files in packaging/deb/; they
+//! do what debhelper's systemd snippets do (deb-systemd-helper,
+//! deb-systemd-invoke), by hand. `cargo xtask test` runs lintian on the
+//! result (xtask/src/packaging.rs).
 
 use std::{
     fs,
@@ -33,8 +36,38 @@ pub struct DebArgs {
     out: Option<PathBuf>,
 }
 
+impl DebArgs {
+    /// Package `bin` (a binary already built) into `out`, at the workspace
+    /// version.
+    pub fn prebuilt(bin: PathBuf, out: PathBuf) -> Self {
+        Self {
+            bin: Some(bin),
+            deb_version: None,
+            out: Some(out),
+        }
+    }
+}
+
 /// Files installed under /etc: dpkg keeps the admin's edits (conffiles).
 const CONFFILE_ROOT: &str = "etc";
+
+/// The Maintainer: of the package and of its changelog entry.
+const MAINTAINER: &str = "spicegate maintainers <spicegate@example.invalid>";
+
+/// The systemd units in packaging/, installed in /lib/systemd/system.
+/// spicegate-reload.path is disabled by default (postinst records it with
+/// `deb-systemd-helper update-state` and never enables it);
+/// spicegate-reload.service is static, started by the path unit.
+pub const UNITS: &[&str] = &[
+    "spicegate.service",
+    "spicegate-reload.path",
+    "spicegate-reload.service",
+];
+
+/// The lintian overrides, installed as /usr/share/lintian/overrides/spicegate
+/// when the file exists. Every override needs a comment above it saying why
+/// (`cargo xtask test` checks).
+pub const LINTIAN_OVERRIDES: &str = "packaging/deb/lintian-overrides";
 
 /// Builds the package and returns its path.
 pub fn deb(args: &DebArgs) -> anyhow::Result<PathBuf> {
@@ -143,11 +176,13 @@ fn assemble(staging: &Path, bin: &Path, version: &str, arch: &str) -> anyhow::Re
         .args(["--strip-unneeded", "--remove-section=.comment"])
         .arg(&sbin))?;
 
-    install(
-        &packaging.join("spicegate.service"),
-        &staging.join("lib/systemd/system/spicegate.service"),
-        0o644,
-    )?;
+    for unit in UNITS {
+        install(
+            &packaging.join(unit),
+            &staging.join("lib/systemd/system").join(unit),
+            0o644,
+        )?;
+    }
     // Guards nothing until the admin writes a policy: installing locks
     // nobody out.
     install(
@@ -175,7 +210,23 @@ fn assemble(staging: &Path, bin: &Path, version: &str, arch: &str) -> anyhow::Re
     install(&ws.join("README.md"), &doc.join("README.md"), 0o644)?;
     install(&ws.join("docs/policy.md"), &doc.join("policy.md"), 0o644)?;
     install(&ws.join("docs/status.md"), &doc.join("status.md"), 0o644)?;
+    install(&ws.join("docs/deploying.md"), &doc.join("deploying.md"), 0o644)?;
     install(&packaging.join("copyright"), &doc.join("copyright"), 0o644)?;
+    let changelog = doc.join(changelog_name(version));
+    write(
+        &changelog,
+        &changelog_entry(version, &changelog_date()?),
+        0o644,
+    )?;
+    run(Command::new("gzip").args(["-9n"]).arg(&changelog))?;
+    let overrides = ws.join(LINTIAN_OVERRIDES);
+    if overrides.exists() {
+        install(
+            &overrides,
+            &staging.join("usr/share/lintian/overrides/spicegate"),
+            0o644,
+        )?;
+    }
 
     // Control area.
     let debian = staging.join("DEBIAN");
@@ -196,9 +247,9 @@ fn assemble(staging: &Path, bin: &Path, version: &str, arch: &str) -> anyhow::Re
         "Package: spicegate\n\
          Version: {version}\n\
          Architecture: {arch}\n\
-         Maintainer: spicegate maintainers <spicegate@example.invalid>\n\
+         Maintainer: {MAINTAINER}\n\
          Installed-Size: {size}\n\
-         Depends: libc6\n\
+         Depends: libc6, init-system-helpers (>= 1.54~)\n\
          Section: admin\n\
          Priority: optional\n\
          Description: per-user access to Spice consoles, enforced in the kernel\n \
@@ -216,8 +267,62 @@ fn assemble(staging: &Path, bin: &Path, version: &str, arch: &str) -> anyhow::Re
     write(&debian.join("control"), &control, 0o644)?;
 
     dirs_0755(staging)?;
-    verify_unit(staging)?;
+    verify_units(staging)?;
     Ok(())
+}
+
+/// Where Debian policy (12.7) wants the changelog: `changelog.gz` for a
+/// native version (no Debian revision: what `cargo xtask deb` makes from
+/// the workspace version), `changelog.Debian.gz` when the version has a
+/// revision (`--deb-version 1.2.0-1`). lintian flags the other name.
+fn changelog_name(version: &str) -> &'static str {
+    if version.contains('-') {
+        "changelog.Debian"
+    } else {
+        "changelog"
+    }
+}
+
+/// The package's changelog: one entry, for the version being built.
+fn changelog_entry(version: &str, date: &str) -> String {
+    format!(
+        "spicegate ({version}) unstable; urgency=medium\n\
+         \n  \
+         * spicegate {version}, packaged by `cargo xtask deb`. The changes are in\n    \
+         the project's history (git log).\n\
+         \n \
+         -- {MAINTAINER}  {date}\n"
+    )
+}
+
+/// The changelog's date (RFC 5322, as `date -R` prints it): of
+/// SOURCE_DATE_EPOCH when set, else of the last commit, else now; so the
+/// same tree gives the same package.
+fn changelog_date() -> anyhow::Result<String> {
+    let epoch = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .filter(|e| !e.is_empty())
+        .or_else(|| {
+            output(Command::new("git").arg("-C").arg(workspace()).args([
+                "log",
+                "-1",
+                "--format=%ct",
+            ]))
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+        });
+    let mut cmd = Command::new("date");
+    cmd.args(["-u", "-R"]);
+    if let Some(epoch) = epoch {
+        if !epoch.chars().all(|c| c.is_ascii_digit()) {
+            bail!("SOURCE_DATE_EPOCH={epoch:?} is not a number of seconds");
+        }
+        cmd.arg(format!("--date=@{epoch}"));
+    }
+    output(&mut cmd)
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| anyhow!("`{}` failed", shown(&cmd)))
 }
 
 /// `spicegate generate man|completions` into `scratch`, then into place.
@@ -262,21 +367,33 @@ fn generate(sbin: &Path, scratch: &Path, staging: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `systemd-analyze verify` of the unit as installed, against the staged
-/// tree (so ExecStart= must exist in the package). Skipped, saying so, when
-/// systemd-analyze is not installed.
-fn verify_unit(staging: &Path) -> anyhow::Result<()> {
-    let unit = staging.join("lib/systemd/system/spicegate.service");
+/// `systemd-analyze verify` of the units as installed, one at a time so a
+/// problem names its unit. Skipped, saying so, when systemd-analyze is not
+/// installed.
+fn verify_units(staging: &Path) -> anyhow::Result<()> {
+    UNITS.iter().try_for_each(|unit| verify_unit(staging, unit))
+}
+
+fn verify_unit(staging: &Path, unit: &str) -> anyhow::Result<()> {
+    let path = staging.join("lib/systemd/system").join(unit);
     let mut cmd = Command::new("systemd-analyze");
     // --man=no: the pages are in the package, not on this machine yet.
-    cmd.args(["verify", "--man=no"])
-        .arg(format!("--root={}", staging.display()))
-        .arg(&unit);
+    cmd.args(["verify", "--man=no"]);
+    // spicegate.service (DefaultDependencies=no) against the staged tree,
+    // so its ExecStart= must exist in the package. The reload units have
+    // systemd's default dependencies (sysinit.target, ...), which only a
+    // real system has: verified against this machine's units (their own
+    // directory, the staged one, comes first on the search path), their
+    // ExecStart= being the machine's /bin/sh.
+    if unit == "spicegate.service" {
+        cmd.arg(format!("--root={}", staging.display()));
+    }
+    cmd.arg(&path);
     let out = match cmd.output() {
         Ok(o) => o,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             eprintln!(
-                "xtask: systemd-analyze not installed: the unit was not verified (`apt-get install systemd`)"
+                "xtask: systemd-analyze not installed: {unit} was not verified (`apt-get install systemd`)"
             );
             return Ok(());
         }
@@ -291,12 +408,12 @@ fn verify_unit(staging: &Path) -> anyhow::Result<()> {
     );
     if !out.status.success() || !said.trim().is_empty() {
         bail!(
-            "`{}` found problems in packaging/spicegate.service:\n{}",
+            "`{}` found problems in packaging/{unit}:\n{}",
             shown(&cmd),
             said.trim_end()
         );
     }
-    eprintln!("xtask: systemd-analyze verify: spicegate.service ok");
+    eprintln!("xtask: systemd-analyze verify: {unit} ok");
     Ok(())
 }
 
@@ -391,12 +508,40 @@ fn dirs_0755(root: &Path) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::debian_version;
+    use super::{changelog_entry, changelog_name, debian_version};
 
     #[test]
     fn cargo_versions_become_debian_versions() {
         assert_eq!(debian_version("0.1.0"), "0.1.0");
         assert_eq!(debian_version("1.2.0-rc.1"), "1.2.0~rc.1");
         assert_eq!(debian_version("1.2.0-rc.1+g1234"), "1.2.0~rc.1+g1234");
+    }
+
+    #[test]
+    fn changelog_is_named_as_policy_wants() {
+        // Native: what the workspace version becomes.
+        assert_eq!(changelog_name("0.1.0"), "changelog");
+        assert_eq!(changelog_name("1.2.0~rc.1+boottest1"), "changelog");
+        // With a Debian revision.
+        assert_eq!(changelog_name("0.1.0-1"), "changelog.Debian");
+    }
+
+    #[test]
+    fn changelog_entry_is_debian_changelog_format() {
+        let entry = changelog_entry("0.1.0", "Tue, 01 Dec 2026 17:21:32 +0000");
+        let lines: Vec<&str> = entry.lines().collect();
+        assert_eq!(lines[0], "spicegate (0.1.0) unstable; urgency=medium");
+        assert_eq!(lines[1], "");
+        assert!(lines[2].starts_with("  * "), "{entry}");
+        assert!(lines[3].starts_with("    "), "{entry}");
+        assert_eq!(lines[4], "");
+        assert_eq!(
+            lines[5],
+            " -- spicegate maintainers <spicegate@example.invalid>  Tue, 01 Dec 2026 17:21:32 +0000"
+        );
+        assert_eq!(lines.len(), 6);
+        // The text (not the trailer, which is as long as it is) fits 80
+        // columns.
+        assert!(lines[..5].iter().all(|l| l.len() <= 80), "{entry}");
     }
 }

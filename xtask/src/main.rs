@@ -6,6 +6,7 @@ mod bench;
 mod build;
 mod deb;
 mod fuzz;
+mod packaging;
 mod run;
 mod setup;
 mod test;
@@ -35,9 +36,10 @@ enum Command {
     /// examples/policy.toml with a demo listener on 127.0.0.1:5930; Ctrl-C
     /// stops and unloads it. Needs root.
     Run(run::RunArgs),
-    /// Set up, build, and run every test: unit tests, then the root
-    /// integration tests one at a time (they share kernel state). Needs
-    /// root.
+    /// Set up, build, and run every test: unit tests, the packaging checks
+    /// (lintian, systemd-analyze verify, the ansible example), then the
+    /// root integration tests one at a time (they share kernel state).
+    /// Needs root; `--only packaging` does not.
     Test(test::TestArgs),
     /// Fuzz the policy parser and the control protocol with cargo-fuzz,
     /// growing fuzz/corpus (which `test` replays).
@@ -47,7 +49,7 @@ enum Command {
     /// start and memory, deny storm) and write docs/benchmarks.md. Needs
     /// root; 4-6 minutes, `--quick` for a short check.
     Bench(bench::BenchArgs),
-    /// Build the Debian package (release build, unit, policy template, man
+    /// Build the Debian package (release build, units, policy template, man
     /// pages, completions, docs) into target/debian/ and print its path.
     Deb(deb::DebArgs),
 }

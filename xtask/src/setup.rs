@@ -23,7 +23,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nftables", "benchmarks"),
     ("gzip", "man pages in the .deb"),
     ("binutils", "strip: the binary in the .deb"),
-    ("systemd", "systemd-analyze verify of the unit in the .deb"),
+    ("systemd", "systemd-analyze verify of the units in the .deb"),
+    ("lintian", "lintian on the .deb"),
+    (
+        "ansible-core",
+        "ansible-playbook --syntax-check of examples/ansible",
+    ),
     ("debootstrap", "the boot test's Debian"),
     ("systemd-container", "systemd-nspawn: the boot test"),
     (

@@ -14,14 +14,27 @@ pub struct TestArgs {
     /// Also run `cargo fmt --check` and `cargo clippy -D warnings` first.
     #[arg(long, env = "SPICEGATE_LINT", value_parser = clap::builder::BoolishValueParser::new())]
     lint: bool,
+    /// Run only this part of the suite (after setup and the build).
+    #[arg(long, value_enum, value_name = "PART")]
+    only: Option<Only>,
     /// Passed to the integration test binaries, after `--test-threads=1`
     /// (a test name filter, `--nocapture`, ...).
     #[arg(last = true, value_name = "TEST_ARGS")]
     args: Vec<String>,
 }
 
+/// A part of the suite that runs alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    /// The .deb of the debug build: systemd-analyze verify of its units,
+    /// lintian, and `ansible-playbook --syntax-check` of examples/ansible.
+    /// No root needed, nothing loaded into the kernel.
+    Packaging,
+}
+
 pub fn test(args: &TestArgs) -> anyhow::Result<()> {
-    if !is_root() {
+    let only_packaging = args.only == Some(Only::Packaging);
+    if !is_root() && !only_packaging {
         bail!(
             "the integration tests load eBPF programs and create users: run `cargo xtask test` as root"
         );
@@ -65,6 +78,13 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
         }
     };
 
+    if only_packaging {
+        if !packaging(&bin) {
+            failed.push("packaging");
+        }
+        return summary(&failed, start);
+    }
+
     // Unit tests need no root and run in parallel.
     let step = Step::start("unit tests");
     let ok = run(cargo().args([
@@ -78,6 +98,10 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
     .is_ok();
     if !step.finish(ok) {
         failed.push("unit tests");
+    }
+
+    if !packaging(&bin) {
+        failed.push("packaging");
     }
 
     // One test at a time: they share the kernel's cgroup, pins and users.
@@ -100,6 +124,18 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
     }
 
     summary(&failed, start)
+}
+
+/// The packaging step: the .deb of `bin`, with lintian and the rest
+/// (xtask/src/packaging.rs). The boot test (tests/tests/service.rs) builds
+/// its own packages from the same binary, with other versions.
+fn packaging(bin: &std::path::Path) -> bool {
+    let step = Step::start("packaging");
+    let result = crate::packaging::check(bin);
+    if let Err(e) = &result {
+        eprintln!("xtask: {e:#}");
+    }
+    step.finish(result.is_ok())
 }
 
 fn summary(failed: &[&str], start: Instant) -> anyhow::Result<()> {
