@@ -572,6 +572,7 @@ impl Engine {
         loaded: Option<Loaded>,
         local: Option<LocalAddrs>,
     ) -> anyhow::Result<Arc<Compiled>> {
+        let started = Instant::now();
         let policy = loaded.as_ref().map_or(&self.loaded.policy, |l| &l.policy);
         let local_ref = local.as_ref().unwrap_or(&self.local);
         let clock = self.clock();
@@ -588,7 +589,7 @@ impl Engine {
         self.scheduled = scheduled;
         let named: Vec<u32> = named_uids(policy, &compiled).collect();
         let t = Instant::now();
-        self.install(&compiled)?;
+        self.install(&compiled, started)?;
         self.phases.push(("install", t.elapsed()));
         if let Err(e) = self.kernel.name_uids(named.into_iter()) {
             log::warn!("could not give the policy's uids their own denial budget: {e:#}");
@@ -630,8 +631,10 @@ impl Engine {
     /// changed, and few, through the overlays of the table in force (cost
     /// in proportion to the change); otherwise a new table. On error the
     /// kernel decides as before.
-    fn install(&mut self, new: &Compiled) -> anyhow::Result<()> {
-        let t = Instant::now();
+    /// `started`: when working out the change began (the daemon's side of
+    /// it, for `status` `table.last_change.ms`).
+    fn install(&mut self, new: &Compiled, started: Instant) -> anyhow::Result<()> {
+        let t = started;
         let limit = spicegate_common::OVERLAY_MAX;
         let (generation, _, writes_before) = self.kernel.table_stats();
         if generation != 0
@@ -671,6 +674,7 @@ impl Engine {
         mut pairs: BTreeSet<(String, u32)>,
         console_changed: bool,
     ) -> anyhow::Result<()> {
+        let started = Instant::now();
         self.phases.clear();
         let clock = self.clock();
         let policy = &self.loaded.policy;
@@ -686,7 +690,7 @@ impl Engine {
         let next = recompile_pairs(&self.compiled, policy, &dynamic, &pairs, console_changed)?;
         self.phases.push(("compile", t.elapsed()));
         let t = Instant::now();
-        self.install(&next)?;
+        self.install(&next, started)?;
         self.phases.push(("install", t.elapsed()));
         let high = pairs
             .iter()

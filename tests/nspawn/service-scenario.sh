@@ -26,7 +26,7 @@ B_VERSION=$(cat $OUT/b-version)        # spicegate-b.deb, the same rebuilt, high
 PINS=/sys/fs/bpf/spicegate
 # The pinned layout's suffix in the previous release and in the tree under
 # test: move them along with tests/nspawn/previous-release.
-OLD_LAYOUT=_v1
+OLD_LAYOUT=_v2
 NEW_LAYOUT=_v2
 STAGE=$(cat $OUT/stage)
 trap 'journalctl -b --no-pager > $OUT/journal-$STAGE.txt 2>&1; echo "END $STAGE" >> "$RESULTS"; systemctl poweroff --no-block' EXIT
@@ -170,7 +170,8 @@ check journal-info-is-not-warning sh -c "! journalctl -u spicegate.service -p wa
 # --- upgrade from the previous release to the package under test: the new
 # daemon takes over with no gap, even where the pinned layout changed, and
 # leaves nothing of the old layout pinned; the admin's policy stays.
-echo "pins of the previous release: $(pins_named '*')"
+OLD_PINS=$(pins_named '*')
+echo "pins of the previous release: $OLD_PINS"
 check_pinned install-old-layout-pinned "connect4$OLD_LAYOUT"
 pid=$(mainpid)
 probes_start
@@ -185,14 +186,23 @@ expect release-upgrade-runs-new-binary /usr/sbin/spicegate "$(readlink /proc/$(m
 check release-upgrade-status-says-enforcing sh -c "systemctl show -p StatusText --value spicegate.service | grep -q '^enforcing'"
 check release-upgrade-capabilities sh -c "grep -q '^CapEff:.*000000c000001000' /proc/$(mainpid)/status"
 check release-upgrade-keeps-policy grep -q "#$OK_UID" /etc/spicegate/policy.toml
-# Nothing of the old layout stays pinned (the new daemon gets 5 s to
-# remove it), and exactly the new layout's two links are.
-for i in $(seq 50); do
-    [ -z "$(pins_named "*$OLD_LAYOUT")" ] && break
-    sleep 0.1
-done
-left=$(pins_named "*$OLD_LAYOUT")
-if [ -z "$left" ]; then pass upgrade-old-pins-gone; else fail upgrade-old-pins-gone "still pinned in $PINS: $left"; fi
+# Where the layout changed, nothing of the old layout stays pinned (the new
+# daemon gets 5 s to remove it); where it did not, every pin of the previous
+# release is still there (adopted, not duplicated). Exactly the new
+# layout's two links are pinned, and the overlays of this release too.
+if [ "$OLD_LAYOUT" != "$NEW_LAYOUT" ]; then
+    for i in $(seq 50); do
+        [ -z "$(pins_named "*$OLD_LAYOUT")" ] && break
+        sleep 0.1
+    done
+    left=$(pins_named "*$OLD_LAYOUT")
+    if [ -z "$left" ]; then pass upgrade-old-layout-retired-or-adopted; else fail upgrade-old-layout-retired-or-adopted "still pinned in $PINS: $left"; fi
+else
+    gone=""
+    for p in $OLD_PINS; do [ -e "$PINS/$p" ] || gone="$gone $p"; done
+    if [ -z "$gone" ]; then pass upgrade-old-layout-retired-or-adopted; else fail upgrade-old-layout-retired-or-adopted "pins of the previous release gone:$gone"; fi
+fi
+check_pinned upgrade-overlays-pinned "overlay$NEW_LAYOUT"
 n=$(pins_named "connect*$NEW_LAYOUT" | wc -w)
 if [ "$n" = 2 ]; then
     pass upgrade-new-links-pinned

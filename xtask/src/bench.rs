@@ -504,8 +504,15 @@ fn run_spicegate(
             "spicegate reload",
         )?;
     }
-    dr.change =
-        change::spicegate_changes(&ctx.bins.spicegate, &pin, &d, workers, ctx.targets, layout)?;
+    dr.change = change::spicegate_changes(
+        &ctx.bins.spicegate,
+        &policy,
+        &pin,
+        &d,
+        workers,
+        ctx.targets,
+        layout,
+    )?;
     // spicegate returns freed heap to the kernel 2 s after a reload.
     std::thread::sleep(Duration::from_millis(2500));
     dr.rss_end_kib = d.rss_kib()?;
