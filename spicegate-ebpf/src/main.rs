@@ -198,6 +198,7 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
     let Some(port_rule) = rules.get_ptr(key(KIND_PORT, port, 0, &[0; 4])) else {
         return ALLOW;
     };
+    // SAFETY: a live entry of the frozen rule table.
     let port_flags = unsafe { (*port_rule).flags };
 
     // LOCAL_ADDR (`::`) is all zeroes.
@@ -210,7 +211,8 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
     // granted path costs one lookup less.
     let uid = bpf_get_current_uid_gid() as u32;
     if let Some(grant) = grant(rules, port_flags, port, uid, &endpoint) {
-        // SAFETY: a live entry of the frozen rule table.
+        // SAFETY: a live entry of the frozen rule table or of an overlay
+        // (see `grant`).
         let mut vm = unsafe { (*grant).vm };
         count(vm, Outcome::Allowed);
         // SAFETY: ctx.sk is the connecting socket; the helper checks it.
@@ -225,6 +227,7 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
     }
 
     let (vm, audit) = match endpoint_rule {
+        // SAFETY: a live entry of the frozen rule table.
         Some(rule) => unsafe { ((*rule).vm, (*rule).flags & ENDPOINT_AUDIT != 0) },
         None => (NO_VM, port_flags & PORT_AUDIT != 0),
     };
@@ -249,7 +252,9 @@ fn grant(
         && let Some(overlay) = SPICEGATE_OVERLAY.get(*active & 1)
         && let Some(changed) = overlay.get_ptr(key_in(generation, KIND_GRANT, port, uid, endpoint))
     {
-        // SAFETY: a live entry of a frozen overlay.
+        // SAFETY: a live entry of an overlay. Overlays are not frozen (the
+        // daemon writes the standby one), but a RuleValue is two u32s:
+        // a concurrent write can only give the old or the new value.
         let revoked = unsafe { (*changed).flags } & GRANT_REVOKED != 0;
         return if revoked { None } else { Some(changed) };
     }
@@ -338,6 +343,7 @@ fn is_local(rules: &Rules, words: &[u32; 4]) -> bool {
     let Some(nets) = rules.get_ptr(key(KIND_LOCAL_NETS, 0, 0, &[0; 4])) else {
         return false;
     };
+    // SAFETY: a live entry of the frozen rule table.
     let (lens, count) = unsafe { ((*nets).vm.to_ne_bytes(), (*nets).flags) };
     let mut i = 0;
     while i < MAX_LOCAL_NET_LENS {
@@ -411,6 +417,7 @@ fn report_denial(
     audit: bool,
     op: u8,
 ) {
+    // SAFETY: a helper with no arguments and no side effects.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some((state, burst, window)) = rate_slot(uid) else {
         return;
