@@ -99,7 +99,7 @@ pub fn links(files: &[String]) -> String {
     if files.is_empty() {
         return String::new();
     }
-    let mut s = String::from("\nCharts (the medians of the tables, log scales on both axes):\n\n");
+    let mut s = String::from("\nCharts of the table above (log scales on both axes):\n\n");
     for f in files {
         let alt = CHARTS
             .iter()
