@@ -219,17 +219,27 @@ fn memory_lines(results: &[SizeResult]) -> Vec<Line> {
 }
 
 /// Whole decades around `values` (at least one), so a log axis always
-/// has labelled powers of ten.
+/// has labelled powers of ten. A single decade ends just below its top:
+/// plotters labels the top of a one-decade log axis twice (as a power of
+/// ten and as the last of 20, 30 .. 100).
 fn decades(values: impl Iterator<Item = f64>) -> Range<f64> {
     let (lo, hi) = values.fold((f64::INFINITY, 0.0_f64), |(lo, hi), v| {
         (lo.min(v), hi.max(v))
     });
-    if !lo.is_finite() || hi <= 0.0 {
-        return 1.0..10.0;
+    let (lo, hi) = if lo.is_finite() && hi > 0.0 {
+        (
+            (lo / 1.05).log10().floor() as i32,
+            (hi * 1.05).log10().ceil() as i32,
+        )
+    } else {
+        (0, 1)
+    };
+    let (lo, hi) = (10_f64.powi(lo), 10_f64.powi(hi));
+    if hi / lo <= 10.0 {
+        lo..hi * 0.999
+    } else {
+        lo..hi
     }
-    let lo = 10_f64.powf((lo / 1.05).log10().floor());
-    let hi = 10_f64.powf((hi * 1.05).log10().ceil());
-    lo..hi
 }
 
 /// 1,000,000 for numbers from 1 up; 0.5, 0.02 below.
@@ -521,7 +531,8 @@ mod tests {
     fn decades_and_numbers() {
         assert_eq!(decades([30.0, 400.0].into_iter()), 10.0..1000.0);
         assert_eq!(decades([100.0].into_iter()), 10.0..1000.0);
-        assert_eq!(decades(std::iter::empty()), 1.0..10.0);
+        assert_eq!(decades([11.0, 30.0].into_iter()), 10.0..99.9);
+        assert_eq!(decades(std::iter::empty()), 1.0..9.99);
         assert_eq!(number(1_000_000.0), "1,000,000");
         assert_eq!(number(100.0), "100");
         assert_eq!(number(0.5), "0.5");
