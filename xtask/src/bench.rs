@@ -3,7 +3,8 @@
 //! 100,000 grants: connect() cost, bulk throughput, time to apply a
 //! changed policy, the daemon's start time and memory, and a deny storm.
 //! Prints one table and writes it, with the machine and the command, into
-//! docs/benchmarks.md (between markers; the text around them is kept).
+//! docs/benchmarks.md (between markers; the text around them is kept),
+//! with SVG charts next to it (`bench/charts.rs`).
 //!
 //! Everything runs in a child cgroup holding only the benchmark's
 //! processes, on loopback ports of its own; the iptables chain, the nft
@@ -15,6 +16,7 @@
 //! per-system runs into `bench/`.
 
 mod change;
+mod charts;
 mod env;
 mod firewall;
 mod layout;
@@ -302,16 +304,42 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
 
     let machine = report::Machine::read(&command, started.elapsed(), load_start);
-    let text = report::render(&machine, &params, &control, &results, storm.as_ref());
-    println!("\n{text}");
     let doc = match (&args.doc, args.quick) {
         (Some(p), _) => Some(p.clone()),
         (None, false) => Some(workspace().join("docs/benchmarks.md")),
         (None, true) => None,
     };
+    // The charts go next to the document, which links them; a chart that
+    // fails costs its pictures, not the results.
+    let charts = match &doc {
+        Some(doc) => {
+            let dir = doc
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            charts::write(&results, dir).unwrap_or_else(|e| {
+                eprintln!("xtask: no charts: {e:#}");
+                Vec::new()
+            })
+        }
+        None => Vec::new(),
+    };
+    let text = report::render(
+        &machine,
+        &params,
+        &control,
+        &results,
+        storm.as_ref(),
+        &charts,
+    );
+    println!("\n{text}");
     if let Some(doc) = doc {
         report::write_doc(&doc, &text)?;
-        eprintln!("xtask: results written to {}", doc.display());
+        eprintln!(
+            "xtask: results written to {}, charts beside it: {}",
+            doc.display(),
+            charts.join(", ")
+        );
     }
     eprintln!(
         "xtask: benchmark done in {:.0}s",

@@ -142,6 +142,7 @@ pub fn render(
     control: &SystemResult,
     results: &[SizeResult],
     storm: Option<&StormResult>,
+    charts: &[String],
 ) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -243,6 +244,7 @@ pub fn render(
             );
         }
     }
+    s.push_str(&super::charts::links(charts));
     s.push_str(&super::change::render(results));
     if let Some(st) = storm {
         let _ = writeln!(
@@ -483,8 +485,9 @@ fn targets(
     out
 }
 
-/// Replaces the generated part of `path` (between the markers), keeping
-/// the hand-written text around it; creates the file when missing.
+/// Replaces the generated part of `path` (between the markers; with the
+/// links to the charts `render` was given), keeping the hand-written text
+/// around it; creates the file when missing.
 pub fn write_doc(path: &Path, generated: &str) -> anyhow::Result<()> {
     let block = format!("{BEGIN}\n{generated}{END}\n");
     let text = match fs::read_to_string(path) {
