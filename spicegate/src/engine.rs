@@ -360,7 +360,7 @@ impl Engine {
     /// program against the pinned maps, installs the table and attaches.
     /// Everything `start` needs from the policy, the state directory and
     /// the machine, compiled; nothing in the kernel yet.
-    #[allow(clippy::type_complexity, reason = "one private call site")]
+    #[expect(clippy::type_complexity, reason = "one private call site")]
     fn prepare(
         cfg: &Config,
     ) -> anyhow::Result<(

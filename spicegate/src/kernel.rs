@@ -1206,7 +1206,10 @@ mod tests {
             COUNTERS_MAP,
             spicegate_common::LOG_MAP,
         ] {
-            assert!(maps.contains(&name), "map {name} not in the object: {maps:?}");
+            assert!(
+                maps.contains(&name),
+                "map {name} not in the object: {maps:?}"
+            );
         }
         let mut progs: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
         progs.sort_unstable();

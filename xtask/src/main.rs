@@ -6,6 +6,7 @@ mod bench;
 mod build;
 mod deb;
 mod fuzz;
+mod lint;
 mod packaging;
 mod run;
 mod setup;

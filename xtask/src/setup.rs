@@ -129,6 +129,7 @@ pub fn check_toolchain() -> anyhow::Result<()> {
 pub fn setup() -> anyhow::Result<()> {
     let start = Instant::now();
     rust_toolchain()?;
+    lint_components()?;
     bpf_linker()?;
     debian_packages()?;
     eprintln!("xtask: setup done ({:.1}s)", start.elapsed().as_secs_f64());
@@ -175,6 +176,40 @@ fn rust_toolchain() -> anyhow::Result<()> {
          `rustup component add rust-src --toolchain nightly`",
     )?;
     item("rust-src (nightly)", "installed");
+    Ok(())
+}
+
+/// rustfmt and clippy for the lint step: stable for the workspace, nightly
+/// for the kernel program.
+fn lint_components() -> anyhow::Result<()> {
+    for toolchain in ["stable", "nightly"] {
+        let have = output(
+            rustup(&["component", "list", "--installed", "--toolchain", toolchain]).arg("--quiet"),
+        )
+        .unwrap_or_default();
+        let missing: Vec<&str> = ["clippy", "rustfmt"]
+            .into_iter()
+            .filter(|c| !have.lines().any(|l| l.starts_with(c)))
+            .collect();
+        if missing.is_empty() {
+            item(&format!("clippy and rustfmt ({toolchain})"), "present");
+            continue;
+        }
+        let mut args = vec!["component", "add"];
+        args.extend(&missing);
+        args.extend(["--toolchain", toolchain]);
+        run(&mut rustup(&args)).with_context(|| {
+            format!(
+                "could not add {} to {toolchain}: check the network, then run `rustup component add {} --toolchain {toolchain}`",
+                missing.join(" and "),
+                missing.join(" ")
+            )
+        })?;
+        item(
+            &format!("{} ({toolchain})", missing.join(" and ")),
+            "installed",
+        );
+    }
     Ok(())
 }
 

@@ -11,9 +11,11 @@ pub struct TestArgs {
     /// Skip `cargo xtask setup` (when you know everything is installed).
     #[arg(long)]
     no_setup: bool,
-    /// Also run `cargo fmt --check` and `cargo clippy -D warnings` first.
-    #[arg(long, env = "SPICEGATE_LINT", value_parser = clap::builder::BoolishValueParser::new())]
-    lint: bool,
+    /// Skip the lint step (`cargo fmt --check`, and `cargo clippy -D
+    /// warnings` on every crate, the kernel program included), which runs
+    /// first by default.
+    #[arg(long)]
+    no_lint: bool,
     /// Run only this part of the suite (after setup and the build).
     #[arg(long, value_enum, value_name = "PART")]
     only: Option<Only>,
@@ -45,28 +47,8 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
     }
     let mut failed = Vec::new();
 
-    if args.lint {
-        let step = Step::start("rustfmt --check");
-        let ok = run(cargo().args(["fmt", "--all", "--", "--check"])).is_ok();
-        if !step.finish(ok) {
-            failed.push("rustfmt");
-        }
-        // spicegate-ebpf is linted by nothing here: it only builds for BPF.
-        let step = Step::start("clippy");
-        let ok = run(cargo().args([
-            "clippy",
-            "--workspace",
-            "--exclude",
-            "spicegate-ebpf",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]))
-        .is_ok();
-        if !step.finish(ok) {
-            failed.push("clippy");
-        }
+    if !args.no_lint && !only_packaging {
+        failed.extend(crate::lint::lint());
     }
 
     let bin = match crate::build::build(&crate::build::BuildArgs { release: false }) {
