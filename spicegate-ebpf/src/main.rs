@@ -318,6 +318,12 @@ fn key_in(generation: u8, kind: u8, port: u16, uid: u32, addr: &[u32; 4]) -> Rul
 }
 
 const _: () = assert!(core::mem::size_of::<RuleKey>() == 24);
+// The byte offsets `key_in` packs the fields at.
+const _: () = assert!(core::mem::offset_of!(RuleKey, kind) == 0);
+const _: () = assert!(core::mem::offset_of!(RuleKey, _pad) == 1);
+const _: () = assert!(core::mem::offset_of!(RuleKey, port) == 2);
+const _: () = assert!(core::mem::offset_of!(RuleKey, uid) == 4);
+const _: () = assert!(core::mem::offset_of!(RuleKey, addr) == 8);
 
 const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
