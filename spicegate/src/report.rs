@@ -154,7 +154,7 @@ fn first_uids(
     n: usize,
 ) -> (Vec<u32>, bool) {
     let mut found = BTreeSet::new();
-    let mut offer = |u: u32, found: &mut BTreeSet<u32>| -> bool {
+    let offer = |u: u32, found: &mut BTreeSet<u32>| -> bool {
         if found.len() > n && found.last().is_some_and(|l| u >= *l) {
             return false;
         }

@@ -276,7 +276,7 @@ fn report_agrees_with_why_for_every_user_and_vm() {
     assert!(
         ok(&plain)
             .lines()
-            .nth(1)
+            .nth(2)
             .is_some_and(|l| l.starts_with("# temporary grants unknown")),
         "{plain}"
     );

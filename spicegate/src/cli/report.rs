@@ -106,9 +106,10 @@ pub fn report(socket: &Path, args: &ReportArgs) -> anyhow::Result<ExitCode> {
             } else {
                 writeln!(
                     out,
-                    "# spicegate report, {}: who may open which VM, from {source}",
+                    "# spicegate report {}: who may open which VM",
                     rfc3339(now_unix())
                 )?;
+                writeln!(out, "# from {source}")?;
                 if !page.temporary_known {
                     writeln!(out, "# {unknown}")?;
                 }
