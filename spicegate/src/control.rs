@@ -346,6 +346,12 @@ async fn handle(mut stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
     if matches!(req, Request::Events {}) {
         return stream_events(stream, shared, if admin { None } else { Some(peer) }).await;
     }
+    if let Request::Report { after } = req {
+        // Typed all the way to the line: a page of 100,000 cells is never
+        // a `Value` tree.
+        let page = report_page(after, (!admin).then_some(peer), shared).await;
+        return write_line(&mut stream, &crate::report::PageResponse::from(page)).await;
+    }
     let resp = match request_engine(req, peer, admin, shared).await {
         Ok(v) => Response::ok(v),
         Err(e) => Response::err(e),
@@ -441,9 +447,7 @@ async fn request_engine(
         }
         Request::List {} => (Command::List { uid: peer, reply }, true),
         Request::Users { vm, after } => (Command::Users { vm, after, reply }, true),
-        Request::Report { after } => {
-            return report_page(after, (!admin).then_some(peer), shared).await;
-        }
+        Request::Report { .. } => return Err("internal: report pages are typed".into()),
         Request::Events {} => return Err("internal: events are streamed".into()),
     };
     shared
@@ -486,7 +490,7 @@ async fn report_page(
     after: Option<u32>,
     only: Option<u32>,
     shared: &Shared,
-) -> Result<Value, String> {
+) -> Result<crate::report::Page, String> {
     let (reply, rx) = oneshot::channel();
     shared
         .engine
@@ -495,7 +499,7 @@ async fn report_page(
     let mut page = rx
         .await
         .map_err(|_| "the daemon is shutting down".to_owned())??;
-    let page = blocking(move || {
+    blocking(move || {
         let mut cache = NAMES
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -505,8 +509,7 @@ async fn report_page(
         crate::report::fill_names(&mut page, &Nss, &mut cache);
         page
     })
-    .await?;
-    serde_json::to_value(page).map_err(|e| format!("internal error: {e}"))
+    .await
 }
 
 /// Names the control handler looked up, shared by every answer (status

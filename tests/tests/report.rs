@@ -281,3 +281,69 @@ fn report_agrees_with_why_for_every_user_and_vm() {
         "{plain}"
     );
 }
+
+/// `report` of `vms` VMs that each allow the same `users` numeric uids
+/// (no passwd entries: named `#UID`), from the daemon and from the file:
+/// the same CSV, every user once. Returns how long the daemon's took.
+fn paged_report(vms: u16, users: u32) -> Duration {
+    require_root();
+    let allow: Vec<String> = (300_000..300_000 + users)
+        .map(|u| format!("\"#{u}\""))
+        .collect();
+    let allow = allow.join(",");
+    let base = 47_000 + u16::try_from(std::process::id() % 100).unwrap_or(0) * 100;
+    let mut text = String::new();
+    for v in 0..vms {
+        text.push_str(&format!(
+            "[vms.vm{v:03}]\nserver = \"localhost\"\nports = [{}]\nallow = [{allow}]\n",
+            base + v
+        ));
+    }
+    let policy = PolicyFile::new(&text);
+    let cg = TestCgroup::new();
+    let pin = PinDir::new();
+    let _daemon = Daemon::start(policy.path(), Some(cg.path()), &pin);
+    let t = std::time::Instant::now();
+    let out = pin.ctl(["report", "--csv"]);
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let daemon_csv = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = daemon_csv.lines().collect();
+    assert_eq!(lines.len(), 1 + users as usize);
+    let all_always = vec!["always"; usize::from(vms)].join(",");
+    for (i, l) in lines[1..].iter().enumerate() {
+        assert_eq!(*l, format!("#{},{all_always}", 300_000 + i), "line {i}");
+    }
+    let file = spicegate([
+        "--socket",
+        "/nonexistent/spicegate.sock",
+        "report",
+        "--policy",
+        policy.path().to_str().expect("utf-8 path"),
+        "--csv",
+    ]);
+    assert!(file.status.success());
+    assert_eq!(String::from_utf8_lossy(&file.stdout), daemon_csv);
+    took
+}
+
+#[test]
+fn report_pages_through_many_users() {
+    // 2,500 users: three pages of the daemon's.
+    let took = paged_report(3, 2500);
+    eprintln!("[test] report --csv of 2,500 users x 3 VMs: {took:?}");
+}
+
+/// 100 VMs x 10,000 users: a million grants. Slow in a debug build (the
+/// daemon compiles a million grants first); run it by name:
+/// `cargo test -p spicegate-tests --test report -- --ignored million`.
+#[test]
+#[ignore = "a million grants: minutes in a debug build"]
+fn report_of_a_million_grants() {
+    let took = paged_report(100, 10_000);
+    eprintln!("[test] report --csv of a million grants: {took:?}");
+}

@@ -45,10 +45,7 @@ enum Pages<'a> {
 impl Pages<'_> {
     fn page(&mut self, after: Option<u32>) -> anyhow::Result<Page> {
         match self {
-            Self::Daemon(socket) => {
-                let v = super::client::call(socket, &Request::Report { after })?;
-                serde_json::from_value(v).context("the daemon's report page is not understood")
-            }
+            Self::Daemon(socket) => fetch(socket, after),
             Self::File(policy, cache) => {
                 let mut page = report::page(policy, &[], false, after, None);
                 // One page of names at a time; the cache stays bounded.
@@ -59,6 +56,39 @@ impl Pages<'_> {
                 Ok(page)
             }
         }
+    }
+}
+
+/// One page from the daemon, read straight into a [`Page`].
+fn fetch(socket: &Path, after: Option<u32>) -> anyhow::Result<Page> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("async runtime")?;
+    let line = rt.block_on(async {
+        let mut stream = crate::control::connect(socket).await?;
+        let mut req = serde_json::to_vec(&Request::Report { after })?;
+        req.push(b'\n');
+        stream.write_all(&req).await?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(stream)
+            .read_line(&mut line)
+            .await
+            .context("reading the daemon's answer")?;
+        anyhow::Ok(line)
+    })?;
+    if line.is_empty() {
+        bail!("the daemon closed the connection without answering");
+    }
+    let resp: report::PageResponse =
+        serde_json::from_str(&line).context("the daemon's report page is not understood")?;
+    match (resp.ok, resp.result, resp.error) {
+        (true, Some(page), _) => Ok(page),
+        (_, _, e) => bail!(
+            "{}",
+            e.unwrap_or_else(|| "the daemon refused the request".into())
+        ),
     }
 }
 
