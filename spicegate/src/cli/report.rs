@@ -116,7 +116,12 @@ pub fn report(socket: &Path, args: &ReportArgs) -> anyhow::Result<ExitCode> {
     let mut after = None;
     let mut rows = 0usize;
     loop {
-        let page = pages.page(after)?;
+        let page = match pages.page(after) {
+            Err(e) if first && format!("{e}").contains("daemon is not running") => {
+                bail!("{e}; or read a policy file with `spicegate report --policy FILE`")
+            }
+            p => p?,
+        };
         if first {
             vms.clone_from(&page.vms);
             if args.csv {
@@ -169,7 +174,10 @@ pub fn report(socket: &Path, args: &ReportArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if rows == 0 && !args.csv && !args.json {
-        writeln!(out, "nobody may open any VM")?;
+        writeln!(
+            out,
+            "(no rows: no VM is granted to anyone this report may show)"
+        )?;
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
