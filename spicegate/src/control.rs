@@ -131,6 +131,12 @@ pub enum Request {
         vm: String,
         after: Option<u32>,
     },
+    /// A page of the access review (users above `after`), for `spicegate
+    /// report`: every user for root and the admin group, the caller's own
+    /// row for anyone else.
+    Report {
+        after: Option<u32>,
+    },
 }
 
 impl Request {
@@ -340,6 +346,12 @@ async fn handle(mut stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
     if matches!(req, Request::Events {}) {
         return stream_events(stream, shared, if admin { None } else { Some(peer) }).await;
     }
+    if let Request::Report { after } = req {
+        // Typed all the way to the line: a page of 100,000 cells is never
+        // a `Value` tree.
+        let page = report_page(after, (!admin).then_some(peer), shared).await;
+        return write_line(&mut stream, &crate::report::PageResponse::from(page)).await;
+    }
     let resp = match request_engine(req, peer, admin, shared).await {
         Ok(v) => Response::ok(v),
         Err(e) => Response::err(e),
@@ -435,6 +447,7 @@ async fn request_engine(
         }
         Request::List {} => (Command::List { uid: peer, reply }, true),
         Request::Users { vm, after } => (Command::Users { vm, after, reply }, true),
+        Request::Report { .. } => return Err("internal: report pages are typed".into()),
         Request::Events {} => return Err("internal: events are streamed".into()),
     };
     shared
@@ -469,6 +482,34 @@ async fn request_engine(
         }
     }
     Ok(v)
+}
+
+/// One page of `report` from the engine, its names looked up here (a page
+/// of at most [`crate::report::REPORT_ROWS`] uids), off the engine thread.
+async fn report_page(
+    after: Option<u32>,
+    only: Option<u32>,
+    shared: &Shared,
+) -> Result<crate::report::Page, String> {
+    let (reply, rx) = oneshot::channel();
+    shared
+        .engine
+        .send(Command::Report { after, only, reply })
+        .map_err(|_| "the daemon is shutting down".to_owned())?;
+    let mut page = rx
+        .await
+        .map_err(|_| "the daemon is shutting down".to_owned())??;
+    blocking(move || {
+        let mut cache = NAMES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() > NAME_CACHE {
+            cache.clear();
+        }
+        crate::report::fill_names(&mut page, &Nss, &mut cache);
+        page
+    })
+    .await
 }
 
 /// Names the control handler looked up, shared by every answer (status
@@ -636,13 +677,19 @@ mod tests {
             r#"{"cmd":"reload","policy":"/tmp/evil.toml"}"#,
             r#"{"cmd":"list","uid":0}"#,
             r#"{"cmd":"events","all":true}"#,
+            r#"{"cmd":"report","uid":0}"#,
         ] {
             assert!(
                 serde_json::from_str::<Request>(junk).is_err(),
                 "{junk} must be refused, not read as a plain request"
             );
         }
-        for plain in ["status", "reload", "list", "events"] {
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"report","after":7}"#).ok(),
+            Some(Request::Report { after: Some(7) })
+        );
+        assert!(!Request::Report { after: None }.needs_admin());
+        for plain in ["status", "reload", "list", "events", "report"] {
             assert!(
                 serde_json::from_str::<Request>(&format!(r#"{{"cmd":"{plain}"}}"#)).is_ok(),
                 "{plain}"

@@ -79,6 +79,13 @@ pub enum Command {
         after: Option<u32>,
         reply: Reply<Value>,
     },
+    /// One page of `spicegate report` (users above `after`; with `only`,
+    /// that user's row alone).
+    Report {
+        after: Option<u32>,
+        only: Option<u32>,
+        reply: Reply<crate::report::Page>,
+    },
     /// SIGHUP: apply a policy read off the engine thread.
     Sighup {
         loaded: Box<Result<Loaded, String>>,
@@ -1036,6 +1043,10 @@ impl Engine {
                 let _ = reply.send(self.users_page(&vm, after));
                 self.trim_soon();
             }
+            Command::Report { after, only, reply } => {
+                let _ = reply.send(Ok(self.report_page(after, only)));
+                self.trim_soon();
+            }
         }
     }
 
@@ -1162,6 +1173,13 @@ impl Engine {
             "users": users,
             "next_after": next_after,
         }))
+    }
+
+    /// A page of `report` (see report.rs): bounded, names left out.
+    fn report_page(&self, after: Option<u32>, only: Option<u32>) -> crate::report::Page {
+        let now = u64::try_from(self.clock()).unwrap_or(0);
+        let temp = self.grants.active(now);
+        crate::report::page(&self.loaded.policy, &temp, true, after, only)
     }
 
     /// `list`: the VMs `uid` may open now or later, and how to reach them.

@@ -25,6 +25,7 @@ pub mod kernel;
 pub mod logging;
 pub mod policy;
 pub mod policy_split;
+pub mod report;
 pub mod schedule;
 pub mod sockdiag;
 pub mod state;

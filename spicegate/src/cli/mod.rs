@@ -3,6 +3,7 @@
 mod check;
 mod client;
 mod generate;
+mod report;
 mod run;
 mod unload;
 mod user;
@@ -59,6 +60,11 @@ pub enum Command {
     Revoke(client::RevokeArgs),
     /// Stream denied connects live.
     Events(client::EventsArgs),
+    /// The access review: who may open which VM, and when (always, by
+    /// schedule, at the console, temporarily). From the running daemon, or
+    /// from a policy file with --policy. Root and the admin group see every
+    /// user; anyone else sees their own row.
+    Report(report::ReportArgs),
     /// Show the VMs you may open now or later, and how they are reached.
     List(user::ListArgs),
     /// Open a VM's console with your Spice client (remote-viewer by default).
@@ -84,6 +90,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Grant(a) => client::grant(&socket, &a),
         Command::Revoke(a) => client::revoke(&socket, &a),
         Command::Events(a) => client::events(&socket, &a),
+        Command::Report(a) => report::report(&socket, &a),
         Command::List(a) => user::list(&socket, &a),
         Command::Open(a) => user::open(&socket, &a),
         Command::Notify(a) => user::notify(&socket, &a),

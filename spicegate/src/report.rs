@@ -1,0 +1,648 @@
+//! `spicegate report`: the access review. A users × VMs matrix of who may
+//! open which VM and when: `always` (the VM's `allow`, groups expanded),
+//! `schedule WINDOW` (each window that names the user), `console` (the VM
+//! allows `@console`, shown once, in a row for the principal `@console`),
+//! `temporary until TIME` (a `spicegate grant`).
+//!
+//! Pure: [`page`] computes one page of rows from a policy and the temporary
+//! grants, in uid order, so the daemon answers a policy of a million grants
+//! in bounded pages (the engine thread never builds the whole matrix) and
+//! `spicegate report --policy FILE` computes the same rows without one.
+//! Names are left out ([`Row::user`] is `None`): the control handler fills
+//! them in off the engine thread ([`fill_names`]), a page at a time.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    ops::RangeInclusive,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    directory::Directory,
+    grants::{TempGrant, rfc3339},
+    policy::{Grantee, Policy, Principal, Schedule, Vm},
+};
+
+/// Rows (users) per page at most.
+pub const REPORT_ROWS: usize = 1000;
+/// Cells (rows × VM columns) per page at most: a policy of many VMs gets
+/// pages of fewer rows.
+pub const REPORT_CELLS: usize = 100_000;
+/// The name of the row of the principal `@console`.
+pub const CONSOLE_ROW: &str = "@console";
+
+/// One way a principal may open a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "how", rename_all = "snake_case")]
+pub enum How {
+    /// Named (or a member of a group named) in the VM's `allow`.
+    Always,
+    /// Named by schedules of the VM: their windows (`mon,tue 08:00-12:00`).
+    Schedule { windows: Vec<String> },
+    /// The VM allows `@console` (only in the `@console` row).
+    Console,
+    /// A temporary grant: until this RFC 3339 time, or `None` until revoked.
+    Temporary { until: Option<String> },
+}
+
+/// What one principal may do on one VM (never empty).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cell {
+    /// Index into [`Page::vms`].
+    pub vm: usize,
+    pub how: Vec<How>,
+}
+
+/// One user (or `@console`) and the VMs they may open.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Row {
+    /// `None` for the `@console` row.
+    pub uid: Option<u32>,
+    /// Filled in off the engine thread; `@console` for that row.
+    pub user: Option<String>,
+    pub cells: Vec<Cell>,
+}
+
+impl Row {
+    pub fn name(&self) -> String {
+        match (&self.user, self.uid) {
+            (Some(n), _) => n.clone(),
+            (None, Some(u)) => format!("#{u}"),
+            (None, None) => CONSOLE_ROW.to_owned(),
+        }
+    }
+}
+
+/// One page of the report: rows of uids above the request's `after`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Page {
+    /// The columns, by policy name (every VM; for a non-admin, the VMs of
+    /// their own rows).
+    pub vms: Vec<String>,
+    /// The `@console` row (first page only), then users by uid.
+    pub rows: Vec<Row>,
+    /// Ask again with this `after` for the next page; `None` on the last.
+    pub next_after: Option<u32>,
+    /// Whether temporary grants are known (from a daemon) or not (from a
+    /// policy file).
+    pub temporary_known: bool,
+}
+
+/// The response line of a `report` request: `{"ok":true,"result":PAGE}`
+/// or `{"ok":false,"error":"..."}`, as every answer of the control socket,
+/// read and written without a `serde_json::Value` in between.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageResponse {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Page>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl From<Result<Page, String>> for PageResponse {
+    fn from(r: Result<Page, String>) -> Self {
+        match r {
+            Ok(page) => Self {
+                ok: true,
+                result: Some(page),
+                error: None,
+            },
+            Err(e) => Self {
+                ok: false,
+                result: None,
+                error: Some(e),
+            },
+        }
+    }
+}
+
+/// The text of a cell: `always` (or `console`) alone when it applies,
+/// else every way joined with "; ". Empty when there is none.
+pub fn cell_text(how: &[How]) -> String {
+    if how.contains(&How::Always) {
+        return "always".into();
+    }
+    if how.contains(&How::Console) {
+        return "console".into();
+    }
+    how.iter()
+        .filter_map(|h| match h {
+            How::Schedule { windows } => Some(format!("schedule {}", windows.join("; "))),
+            How::Temporary { until: Some(t) } => Some(format!("temporary until {t}")),
+            How::Temporary { until: None } => Some("temporary (until revoked)".into()),
+            How::Always | How::Console => None,
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Adds `how` to a cell, merging schedule windows and skipping repeats.
+fn add(cell: &mut Vec<How>, how: How) {
+    if let How::Schedule { windows } = &how
+        && let Some(How::Schedule { windows: have }) =
+            cell.iter_mut().find(|h| matches!(h, How::Schedule { .. }))
+    {
+        for w in windows {
+            if !have.contains(w) {
+                have.push(w.clone());
+            }
+        }
+        return;
+    }
+    if !cell.contains(&how) {
+        cell.push(how);
+    }
+}
+
+/// The uids of `g` inside `range` (a sub-slice found by binary search).
+fn in_range<'a>(g: &'a Grantee, range: &RangeInclusive<u32>) -> &'a [u32] {
+    let s = g.uids.as_slice();
+    let lo = s.partition_point(|u| u < range.start());
+    let hi = s.partition_point(|u| u <= range.end());
+    &s[lo..hi.max(lo)]
+}
+
+/// Every grantee of the VM, with the schedule it is in (`None`: `allow`).
+fn grantees(vm: &Vm) -> impl Iterator<Item = (&Grantee, Option<&Schedule>)> {
+    vm.allow.iter().map(|g| (g, None)).chain(
+        vm.schedules
+            .iter()
+            .flat_map(|s| s.allow.iter().map(move |g| (g, Some(s)))),
+    )
+}
+
+/// The first `n` uids in `range` that the policy or a temporary grant
+/// names, and whether there are more. Each allow list is sorted, so this
+/// costs a binary search per list and at most `n + 1` uids from each.
+fn first_uids(
+    policy: &Policy,
+    temp: &[TempGrant],
+    range: &RangeInclusive<u32>,
+    n: usize,
+) -> (Vec<u32>, bool) {
+    let mut found = BTreeSet::new();
+    let offer = |u: u32, found: &mut BTreeSet<u32>| -> bool {
+        if found.len() > n && found.last().is_some_and(|l| u >= *l) {
+            return false;
+        }
+        found.insert(u);
+        if found.len() > n + 1 {
+            found.pop_last();
+        }
+        true
+    };
+    for vm in policy.vms.values() {
+        for (g, _) in grantees(vm) {
+            for u in in_range(g, range) {
+                if !offer(*u, &mut found) {
+                    break;
+                }
+            }
+        }
+    }
+    for g in temp {
+        if range.contains(&g.uid) && policy.vms.contains_key(&g.vm) {
+            offer(g.uid, &mut found);
+        }
+    }
+    let more = found.len() > n;
+    let mut uids: Vec<u32> = found.into_iter().collect();
+    uids.truncate(n);
+    (uids, more)
+}
+
+/// One page of the report: the `@console` row (on the first page), then up
+/// to [`REPORT_ROWS`] users above `after`, by uid. With `only`, that user's
+/// row alone (and the `@console` row), with the columns of those rows: what
+/// a user who is not an admin may see.
+pub fn page(
+    policy: &Policy,
+    temp: &[TempGrant],
+    temporary_known: bool,
+    after: Option<u32>,
+    only: Option<u32>,
+) -> Page {
+    let vms: Vec<&str> = policy.vms.keys().map(String::as_str).collect();
+    let per_page = (REPORT_CELLS / vms.len().max(1)).clamp(1, REPORT_ROWS);
+    let range = match (after, only) {
+        // A non-admin's report is one page.
+        (Some(_), Some(_)) => None,
+        (None, Some(u)) => Some(u..=u),
+        (None, None) => Some(0..=u32::MAX),
+        (Some(a), None) => a.checked_add(1).map(|s| s..=u32::MAX),
+    };
+    let (uids, more) = range.as_ref().map_or((Vec::new(), false), |r| {
+        first_uids(policy, temp, r, per_page)
+    });
+    let mut cells: BTreeMap<u32, BTreeMap<usize, Vec<How>>> = BTreeMap::new();
+    let mut console: BTreeMap<usize, Vec<How>> = BTreeMap::new();
+    if let (Some(first), Some(last)) = (uids.first(), uids.last()) {
+        let range = *first..=*last;
+        for (i, vm) in policy.vms.values().enumerate() {
+            for (g, sched) in grantees(vm) {
+                let uids = in_range(g, &range);
+                if uids.is_empty() || g.principal == Principal::Console {
+                    continue;
+                }
+                let window = sched.map(Schedule::describe);
+                let how = || match &window {
+                    None => How::Always,
+                    Some(w) => How::Schedule {
+                        windows: vec![w.clone()],
+                    },
+                };
+                for u in uids {
+                    add(cells.entry(*u).or_default().entry(i).or_default(), how());
+                }
+            }
+        }
+        for g in temp.iter().filter(|g| range.contains(&g.uid)) {
+            if let Some(i) = policy.vms.keys().position(|v| *v == g.vm) {
+                let how = How::Temporary {
+                    until: g.expires.map(rfc3339),
+                };
+                add(cells.entry(g.uid).or_default().entry(i).or_default(), how);
+            }
+        }
+    }
+    if after.is_none() {
+        for (i, vm) in policy.vms.values().enumerate() {
+            for (g, sched) in grantees(vm) {
+                if g.principal == Principal::Console {
+                    let how = sched.map_or(How::Console, |s| How::Schedule {
+                        windows: vec![s.describe()],
+                    });
+                    add(console.entry(i).or_default(), how);
+                }
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    let to_cells = |m: BTreeMap<usize, Vec<How>>| -> Vec<Cell> {
+        m.into_iter().map(|(vm, how)| Cell { vm, how }).collect()
+    };
+    if !console.is_empty() {
+        rows.push(Row {
+            uid: None,
+            user: Some(CONSOLE_ROW.into()),
+            cells: to_cells(console),
+        });
+    }
+    for (uid, m) in cells {
+        rows.push(Row {
+            uid: Some(uid),
+            user: None,
+            cells: to_cells(m),
+        });
+    }
+    let mut vms: Vec<String> = vms.into_iter().map(str::to_owned).collect();
+    if only.is_some() {
+        // Only the columns of what this user may see.
+        let used: BTreeSet<usize> = rows
+            .iter()
+            .flat_map(|r| r.cells.iter().map(|c| c.vm))
+            .collect();
+        let renumber: HashMap<usize, usize> = used
+            .iter()
+            .enumerate()
+            .map(|(new, old)| (*old, new))
+            .collect();
+        vms = used.iter().map(|i| vms[*i].clone()).collect();
+        for r in &mut rows {
+            for c in &mut r.cells {
+                c.vm = renumber.get(&c.vm).copied().unwrap_or(c.vm);
+            }
+        }
+    }
+    Page {
+        vms,
+        rows,
+        next_after: if more { uids.last().copied() } else { None },
+        temporary_known,
+    }
+}
+
+/// Fills in the names of a page's users (`#UID` without a passwd entry),
+/// asking `dir` once per uid not in `cache`. At most one page of lookups.
+pub fn fill_names(page: &mut Page, dir: &dyn Directory, cache: &mut HashMap<u32, String>) {
+    for r in &mut page.rows {
+        if let (None, Some(uid)) = (&r.user, r.uid) {
+            let name = cache
+                .entry(uid)
+                .or_insert_with(|| dir.user_name(uid).unwrap_or_else(|| format!("#{uid}")))
+                .clone();
+            r.user = Some(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        path::Path,
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+    use crate::{directory::FakeDirectory, policy::parse};
+
+    fn dir() -> FakeDirectory {
+        FakeDirectory::default()
+            .user("anne", 1001)
+            .user("bob", 1002)
+            .user("tessa", 1004)
+            .group("bk", &[1002, 1003])
+    }
+
+    fn policy(text: &str) -> Policy {
+        parse(text, Path::new("p.toml"), &dir()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn grant(uid: u32, vm: &str, expires: Option<u64>) -> TempGrant {
+        TempGrant {
+            uid,
+            user: format!("#{uid}"),
+            vm: vm.into(),
+            expires,
+            granted_at: 0,
+            granted_by: 0,
+        }
+    }
+
+    /// The page as (row name, [(vm, text)]).
+    fn texts(p: &Page) -> Vec<(String, Vec<(String, String)>)> {
+        p.rows
+            .iter()
+            .map(|r| {
+                let cells = r
+                    .cells
+                    .iter()
+                    .map(|c| (p.vms[c.vm].clone(), cell_text(&c.how)))
+                    .collect();
+                (r.name(), cells)
+            })
+            .collect()
+    }
+
+    fn row(name: &str, cells: &[(&str, &str)]) -> (String, Vec<(String, String)>) {
+        (
+            name.into(),
+            cells
+                .iter()
+                .map(|(v, t)| ((*v).to_owned(), (*t).to_owned()))
+                .collect(),
+        )
+    }
+
+    const LAB: &str = r##"
+[vms.debianx]
+server = "localhost"
+ports = [20002]
+allow = ["anne", "@bk", "#1021"]
+[[vms.debianx.schedule]]
+allow = ["anne", "tessa"]
+days = ["mon", "tue"]
+hours = "08:00-12:00"
+[[vms.debianx.schedule]]
+allow = ["tessa"]
+days = ["wed"]
+[vms.leaptest]
+server = "localhost"
+ports = [20004]
+[[vms.leaptest.schedule]]
+allow = ["@console"]
+days = ["fri"]
+hours = "22:00-06:00"
+[vms.nobody]
+server = "localhost"
+ports = [20005]
+allow = []
+[vms.winlab]
+server = "localhost"
+ports = [5930]
+allow = ["@console", "bob"]
+"##;
+
+    #[test]
+    fn matrix_of_who_may_open_what_and_when() {
+        let p = policy(LAB);
+        let temp = [
+            grant(1001, "winlab", Some(1_800_000_000)),
+            grant(1004, "winlab", None),
+            grant(1004, "debianx", None),
+            grant(7, "gone", None),
+        ];
+        let page = page(&p, &temp, true, None, None);
+        assert_eq!(page.vms, ["debianx", "leaptest", "nobody", "winlab"]);
+        assert_eq!(page.next_after, None);
+        assert!(page.temporary_known);
+        assert_eq!(
+            texts(&page),
+            vec![
+                row(
+                    "@console",
+                    &[
+                        ("leaptest", "schedule fri 22:00-06:00"),
+                        ("winlab", "console")
+                    ]
+                ),
+                // Always wins alone (anne is also in a schedule).
+                row(
+                    "#1001",
+                    &[
+                        ("debianx", "always"),
+                        ("winlab", "temporary until 2027-01-15T08:00:00Z")
+                    ]
+                ),
+                // bob by name and through @bk: once.
+                row("#1002", &[("debianx", "always"), ("winlab", "always")]),
+                row("#1003", &[("debianx", "always")]),
+                // Two windows, and a temporary grant besides.
+                row(
+                    "#1004",
+                    &[
+                        (
+                            "debianx",
+                            "schedule mon,tue 08:00-12:00; wed; temporary (until revoked)"
+                        ),
+                        ("winlab", "temporary (until revoked)")
+                    ]
+                ),
+                row("#1021", &[("debianx", "always")]),
+            ],
+            "a grant of a VM not in the policy is no row"
+        );
+        // Without a daemon, temporary grants are unknown.
+        let file = super::page(&p, &[], false, None, None);
+        assert!(!file.temporary_known);
+        assert_eq!(texts(&file)[1], row("#1001", &[("debianx", "always")]));
+    }
+
+    #[test]
+    fn a_user_who_is_not_an_admin_sees_their_own_row() {
+        let p = policy(LAB);
+        let temp = [grant(1004, "winlab", None)];
+        let mine = page(&p, &temp, true, None, Some(1002));
+        // Columns: only the VMs of their row and the @console row.
+        assert_eq!(mine.vms, ["debianx", "leaptest", "winlab"]);
+        assert_eq!(
+            texts(&mine),
+            vec![
+                row(
+                    "@console",
+                    &[
+                        ("leaptest", "schedule fri 22:00-06:00"),
+                        ("winlab", "console")
+                    ]
+                ),
+                row("#1002", &[("debianx", "always"), ("winlab", "always")]),
+            ]
+        );
+        assert_eq!(mine.next_after, None);
+        // One page: asking for more gives nothing.
+        let more = page(&p, &temp, true, Some(1002), Some(1002));
+        assert!(more.rows.is_empty(), "{more:?}");
+        // Someone the policy does not name: the @console row only.
+        let stranger = page(&p, &temp, true, None, Some(4242));
+        assert_eq!(stranger.rows.len(), 1);
+        assert_eq!(stranger.rows[0].uid, None);
+        assert_eq!(stranger.vms, ["leaptest", "winlab"]);
+    }
+
+    #[test]
+    fn pages_cover_every_user_once_in_uid_order() {
+        // 2,500 numeric uids (held as one sorted array) on two VMs, some on
+        // both, and a temporary grant between them.
+        let a: Vec<String> = (0..2000u32)
+            .map(|i| format!("\"#{}\"", 50_000 + i))
+            .collect();
+        let b: Vec<String> = (1500..2500u32)
+            .map(|i| format!("\"#{}\"", 50_000 + i))
+            .collect();
+        let p = policy(&format!(
+            "[vms.a]\nserver=\"localhost\"\nports=[1]\nallow=[{}]\n\
+             [vms.b]\nserver=\"localhost\"\nports=[2]\nallow=[{}]\n",
+            a.join(","),
+            b.join(",")
+        ));
+        let temp = [grant(51_234, "b", None), grant(99_999, "a", None)];
+        let mut after = None;
+        let mut seen = Vec::new();
+        let mut pages = 0;
+        loop {
+            let pg = page(&p, &temp, true, after, None);
+            pages += 1;
+            assert!(pg.rows.len() <= REPORT_ROWS);
+            for r in &pg.rows {
+                let uid = r.uid.expect("no @console here");
+                let has = |vm: &str| {
+                    r.cells
+                        .iter()
+                        .find(|c| pg.vms[c.vm] == vm)
+                        .map(|c| cell_text(&c.how))
+                };
+                let i = uid.wrapping_sub(50_000);
+                assert_eq!(has("a").is_some(), i < 2000 || uid == 99_999, "{uid}");
+                let want_b = if uid == 51_234 {
+                    Some("temporary (until revoked)".to_owned())
+                } else {
+                    ((1500..2500).contains(&i)).then(|| "always".to_owned())
+                };
+                assert_eq!(has("b"), want_b, "{uid}");
+                seen.push(uid);
+            }
+            match pg.next_after {
+                Some(a) => after = Some(a),
+                None => break,
+            }
+        }
+        assert_eq!(pages, 3);
+        let want: Vec<u32> = (50_000..52_500).chain([99_999]).collect();
+        assert_eq!(seen, want);
+        // The last uid there is: no page after it, and no overflow.
+        assert!(page(&p, &temp, true, Some(u32::MAX), None).rows.is_empty());
+    }
+
+    #[test]
+    fn many_vms_make_pages_of_fewer_rows() {
+        let mut text = String::new();
+        for v in 0..250 {
+            let uids: Vec<String> = (0..1000).map(|i| format!("\"#{}\"", 10_000 + i)).collect();
+            text.push_str(&format!(
+                "[vms.v{v:03}]\nserver=\"localhost\"\nports=[{}]\nallow=[{}]\n",
+                1000 + v,
+                uids.join(",")
+            ));
+        }
+        let p = policy(&text);
+        let pg = page(&p, &[], true, None, None);
+        assert_eq!(pg.rows.len(), REPORT_CELLS / 250);
+        assert!(pg.rows.iter().all(|r| r.cells.len() == 250));
+        assert_eq!(pg.next_after, Some(10_000 + 399));
+    }
+
+    /// 100 VMs x 10,000 users: a million grants, in pages of 1,000 users
+    /// (100,000 cells), each computed without going through the others.
+    #[test]
+    fn a_million_grants_come_in_bounded_pages() {
+        let uids: crate::policy::Uids = (100_000..110_000u32).collect::<BTreeSet<u32>>().into();
+        let mut p = policy("");
+        for v in 0..100 {
+            let name = format!("vm{v:03}");
+            p.vms.insert(
+                name.clone(),
+                Vm {
+                    name,
+                    server: "localhost".into(),
+                    ports: vec![1000 + v],
+                    allow: vec![Grantee {
+                        principal: Principal::Uids(10_000),
+                        uids: uids.clone(),
+                    }],
+                    schedules: Vec::new(),
+                    mode: None,
+                    tls_port: None,
+                    ca_file: None,
+                },
+            );
+        }
+        let (mut after, mut pages, mut cells, mut slowest) = (None, 0, 0, Duration::ZERO);
+        loop {
+            let t = Instant::now();
+            let pg = page(&p, &[], true, after, None);
+            slowest = slowest.max(t.elapsed());
+            pages += 1;
+            assert_eq!(pg.rows.len(), REPORT_ROWS);
+            cells += pg.rows.iter().map(|r| r.cells.len()).sum::<usize>();
+            match pg.next_after {
+                Some(a) => after = Some(a),
+                None => break,
+            }
+        }
+        eprintln!("a million grants: {pages} pages, the slowest took {slowest:?}");
+        assert_eq!((pages, cells), (10, 1_000_000));
+    }
+
+    #[test]
+    fn names_are_filled_in_from_the_directory() {
+        let p = policy(LAB);
+        let mut pg = page(&p, &[], false, None, None);
+        let mut cache = HashMap::new();
+        fill_names(&mut pg, &dir(), &mut cache);
+        let names: Vec<String> = pg.rows.iter().map(Row::name).collect();
+        assert_eq!(
+            names,
+            ["@console", "anne", "bob", "#1003", "tessa", "#1021"]
+        );
+        assert_eq!(cache.get(&1003).map(String::as_str), Some("#1003"));
+        // The wire format round-trips.
+        let json = serde_json::to_string(&pg).expect("json");
+        assert!(
+            json.contains(r#""how":"schedule","windows":["mon,tue 08:00-12:00","wed"]"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Page>(&json).expect("parses"), pg);
+    }
+}
