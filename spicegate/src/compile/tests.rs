@@ -1,0 +1,357 @@
+//! Unit tests of the compiler, the grant changes and the model.
+
+use std::path::Path;
+
+use super::*;
+use crate::{directory::FakeDirectory, policy::parse};
+
+fn policy(text: &str) -> Policy {
+    let dir = FakeDirectory::default()
+        .user("myself", 1000)
+        .user("ralph", 1001)
+        .group("bookkeeping", &[1002, 1003]);
+    parse(text, Path::new("p.toml"), &dir).unwrap_or_else(|e| panic!("{e}"))
+}
+
+const SEED: &str = r##"
+[protect]
+ports = ["20001-20010", 5930]
+[servers.mysrv]
+address = "192.168.2.2"
+[vms.debianx]
+server = "mysrv"
+ports = [20002]
+allow = ["myself", "@bookkeeping", "#1021"]
+[vms.winlab]
+server = "localhost"
+ports = [5930]
+allow = ["ralph"]
+"##;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip literal")
+}
+
+#[test]
+fn local_networks_fold_into_localhost() {
+    let mut local = LocalAddrs::new();
+    local.insert_net(ip("198.18.7.9"), 24);
+    local.insert_net(ip("2001:db8:7::"), 64);
+    local.insert_net(ip("127.0.0.0"), 8); // built in: not listed
+    local.insert_net(ip("10.1.1.1"), 32); // a single address
+    let c = compile(&policy(SEED), &local, &Dynamic::default()).expect("compiles");
+    // winlab on localhost:5930 allows ralph (1001) only.
+    for a in [
+        "198.18.7.1",
+        "198.18.7.255",
+        "::ffff:198.18.7.77",
+        "2001:db8:7::1",
+        "2001:db8:7:0:ffff:ffff:ffff:ffff",
+        "10.1.1.1",
+    ] {
+        assert!(table_is_local(&c, ip(a)), "{a} is local");
+        assert!(!decide(&c, 1000, ip(a), 5930), "{a}:5930 is winlab's");
+        assert!(decide(&c, 1001, ip(a), 5930), "{a}:5930 ralph");
+    }
+    for a in [
+        "198.18.8.1",
+        "2001:db8:8::1",
+        "10.1.1.2",
+        "::ffff:198.18.6.255",
+    ] {
+        assert!(!table_is_local(&c, ip(a)), "{a} is not local");
+    }
+    assert_eq!(
+        c.rules.get(&RuleKey::local_nets()).map(|v| v.flags),
+        Some(2),
+        "two prefix lengths: /120 (v4 /24) and /64"
+    );
+}
+
+#[test]
+fn more_local_network_lengths_than_the_program_checks_are_refused() {
+    let mut local = LocalAddrs::new();
+    for len in [16u8, 20, 24, 28, 30] {
+        local.insert_net(ip("198.18.0.0"), len);
+    }
+    let e = compile(&policy(SEED), &local, &Dynamic::default()).expect_err("5 lengths");
+    assert!(e.to_string().contains("5 different prefix lengths"), "{e}");
+}
+
+#[test]
+fn seed_decisions() {
+    let local: LocalAddrs = [ip("10.9.9.9")].into();
+    let c = compile(&policy(SEED), &local, &Dynamic::default()).expect("compiles");
+    let d = |uid, a: &str, port| decide(&c, uid, ip(a), port);
+    // debianx on mysrv:20002
+    assert!(d(1000, "192.168.2.2", 20002));
+    assert!(d(1003, "192.168.2.2", 20002));
+    assert!(d(1021, "192.168.2.2", 20002));
+    assert!(
+        d(1000, "::ffff:192.168.2.2", 20002),
+        "mapped form decided like IPv4"
+    );
+    assert!(!d(1001, "192.168.2.2", 20002));
+    assert!(!d(0, "192.168.2.2", 20002), "root is not special");
+    // 20002 is also a [protect] port: guarded everywhere, granted nowhere else.
+    assert!(!d(1000, "192.168.2.3", 20002));
+    // winlab on localhost:5930, every local spelling.
+    for a in [
+        "127.0.0.1",
+        "127.0.0.2",
+        "0.0.0.0",
+        "::1",
+        "::",
+        "::ffff:127.0.0.1",
+        "10.9.9.9",
+    ] {
+        assert!(d(1001, a, 5930), "{a}");
+        assert!(!d(1000, a, 5930), "{a}");
+    }
+    // 5930 is protected everywhere: a remote 5930 is denied even to ralph.
+    assert!(!d(1001, "192.168.2.2", 5930));
+    // Unguarded ports pass.
+    assert!(d(1000, "192.168.2.2", 22));
+    assert!(d(1000, "127.0.0.1", 20011));
+}
+
+#[test]
+fn vm_port_guarded_only_on_its_server() {
+    let p = policy(
+        "[servers.s]\naddress=\"192.0.2.1\"\n[vms.v]\nserver=\"s\"\nports=[40000]\nallow=[\"myself\"]\n",
+    );
+    let local = LocalAddrs::new();
+    let c = compile(&p, &local, &Dynamic::default()).expect("compiles");
+    assert!(!decide(&c, 1001, ip("192.0.2.1"), 40000));
+    assert!(decide(&c, 1000, ip("192.0.2.1"), 40000));
+    assert!(
+        decide(&c, 1001, ip("127.0.0.1"), 40000),
+        "other destinations untouched"
+    );
+    assert!(
+        decide(&c, 1001, ip("192.0.2.2"), 40000),
+        "other destinations untouched"
+    );
+}
+
+#[test]
+fn server_on_a_local_address_guards_every_local_spelling() {
+    // This machine is 192.168.2.2: 127.0.0.1:20002 reaches the same listener.
+    let local: LocalAddrs = [ip("192.168.2.2")].into();
+    let c = compile(&policy(SEED), &local, &Dynamic::default()).expect("compiles");
+    assert!(!decide(&c, 1001, ip("127.0.0.1"), 20002));
+    assert!(decide(&c, 1000, ip("127.0.0.1"), 20002));
+    assert!(decide(&c, 1000, ip("192.168.2.2"), 20002));
+}
+
+#[test]
+fn vm_ids_are_stable_and_distinct() {
+    let a = vm_ids(["debianx", "winlab"].into_iter());
+    let b = vm_ids(["winlab", "other", "debianx"].into_iter());
+    assert_eq!(a["debianx"], b["debianx"]);
+    assert_eq!(a["winlab"], b["winlab"]);
+    assert_ne!(a["debianx"], a["winlab"]);
+    assert!(a.values().all(|id| *id != NO_VM));
+}
+
+#[test]
+fn temporary_grants_add_to_the_policy() {
+    let local = LocalAddrs::new();
+    let g = |uid, vm: &str| TempGrant {
+        uid,
+        user: String::new(),
+        vm: vm.into(),
+        expires: None,
+        granted_at: 0,
+        granted_by: 0,
+    };
+    let temp = [g(4242, "winlab"), g(4243, "no-such-vm")];
+    let c = compile(
+        &policy(SEED),
+        &local,
+        &Dynamic {
+            temp: &temp,
+            ..Dynamic::default()
+        },
+    )
+    .expect("compiles");
+    assert!(decide(&c, 4242, ip("127.0.0.1"), 5930));
+    assert!(!decide(&c, 4242, ip("192.168.2.2"), 20002));
+    assert!(!decide(&c, 4243, ip("127.0.0.1"), 5930));
+    let info = &c.endpoints[&(Dest::Local, 5930)];
+    assert!(info.temp_uids.contains(&4242) && info.uids.contains(&1001));
+}
+
+#[test]
+fn audit_mode_lets_through_and_console_grants() {
+    let p = policy(
+        "[settings]\nmode=\"audit\"\n[protect]\nports=[9]\n[vms.a]\nserver=\"localhost\"\nports=[1]\n\
+         [vms.e]\nserver=\"localhost\"\nports=[2]\nmode=\"enforce\"\nallow=[\"@console\"]\n",
+    );
+    let local = LocalAddrs::new();
+    let c = compile(
+        &p,
+        &local,
+        &Dynamic {
+            console: Some(77),
+            ..Dynamic::default()
+        },
+    )
+    .expect("compiles");
+    assert!(
+        decide(&c, 5, ip("127.0.0.1"), 1),
+        "audit VM lets everyone through"
+    );
+    assert!(
+        decide(&c, 5, ip("10.0.0.1"), 9),
+        "global audit covers [protect]"
+    );
+    assert!(
+        !decide(&c, 5, ip("127.0.0.1"), 2),
+        "an enforce VM still refuses"
+    );
+    assert!(
+        decide(&c, 77, ip("127.0.0.1"), 2),
+        "the console user is granted"
+    );
+    let c = compile(&p, &local, &Dynamic::default()).expect("compiles");
+    assert!(
+        !decide(&c, 77, ip("127.0.0.1"), 2),
+        "nobody at the console, nobody granted"
+    );
+}
+
+/// A change worked out pair by pair is the same as a full compile, and
+/// the grant delta between the two tables is exactly the change.
+#[test]
+fn recompiling_pairs_matches_a_full_compile() {
+    let p = policy(
+        r##"
+[servers.two]
+addresses = ["192.168.2.2", "2001:db8::2"]
+[vms.debianx]
+server = "two"
+ports = [20002, 20003]
+allow = ["myself", "@bookkeeping", "@console"]
+[vms.winlab]
+server = "localhost"
+ports = [5930]
+allow = ["ralph"]
+[[vms.winlab.schedule]]
+allow = ["#1021"]
+days = ["mon"]
+"##,
+    );
+    let local = LocalAddrs::new();
+    let temp = vec![
+        TempGrant {
+            uid: 4242,
+            user: "#4242".into(),
+            vm: "winlab".into(),
+            expires: None,
+            granted_at: 0,
+            granted_by: 0,
+        },
+        TempGrant {
+            uid: 1000,
+            user: "myself".into(),
+            vm: "debianx".into(),
+            expires: None,
+            granted_at: 0,
+            granted_by: 0,
+        },
+    ];
+    let before = Dynamic {
+        temp: &temp[1..],
+        scheduled: BTreeSet::new(),
+        console: Some(1001),
+    };
+    let after = Dynamic {
+        temp: &temp,
+        scheduled: [("winlab".to_owned(), 1021)].into(),
+        console: Some(1003),
+    };
+    let old = compile(&p, &local, &before).expect("compiles");
+    let full = compile(&p, &local, &after).expect("compiles");
+    let pairs: BTreeSet<(String, u32)> = [
+        ("winlab".to_owned(), 4242),
+        ("winlab".to_owned(), 1021),
+        ("debianx".to_owned(), 1000),
+    ]
+    .into();
+    let quick = recompile_pairs(&old, &p, &after, &pairs, true).expect("recompiles");
+    assert_eq!(quick, full);
+    let delta = grant_delta(&old, &quick, 100).expect("only grants changed");
+    // 4242 and 1021 on winlab's endpoint; the console moves from 1001
+    // (ralph, not otherwise on debianx) to 1003 (already in
+    // @bookkeeping): 1001 loses debianx's four endpoints.
+    let added: BTreeSet<(u32, u16)> = delta
+        .iter()
+        .filter(|(_, v)| v.flags & GRANT_REVOKED == 0)
+        .map(|(k, _)| (k.uid, k.port))
+        .collect();
+    let revoked: BTreeSet<(u32, u16)> = delta
+        .iter()
+        .filter(|(_, v)| v.flags & GRANT_REVOKED != 0)
+        .map(|(k, _)| (k.uid, k.port))
+        .collect();
+    assert_eq!(added, [(4242, 5930), (1021, 5930)].into());
+    assert_eq!(revoked, [(1001, 20002), (1001, 20003)].into());
+    assert_eq!(delta.len(), 2 + 4);
+    assert!(grant_delta(&old, &quick, 5).is_none(), "over the limit");
+    let moved = compile(&policy(SEED), &local, &before).expect("compiles");
+    assert!(
+        grant_delta(&old, &moved, 100).is_none(),
+        "endpoints changed"
+    );
+}
+
+#[test]
+fn clash_is_an_error() {
+    let p = policy(
+        "[servers.a]\naddress=\"127.0.0.2\"\n[vms.x]\nserver=\"a\"\nports=[1]\n[vms.y]\nserver=\"localhost\"\nports=[1]\n",
+    );
+    let e = compile(&p, &LocalAddrs::new(), &Dynamic::default()).expect_err("clash");
+    assert!(e.to_string().contains("both claim localhost:1"), "{e}");
+}
+
+#[test]
+fn empty_policy_has_empty_table() {
+    let c = compile(&policy(""), &[ip("10.0.0.1")].into(), &Dynamic::default()).expect("compiles");
+    assert!(c.rules.is_empty());
+    assert_eq!(c.capacity(), 64);
+}
+
+#[test]
+fn table_contents_and_capacity() {
+    let c = compile(&policy(SEED), &LocalAddrs::new(), &Dynamic::default()).expect("compiles");
+    // 11 port entries (20001-20010, 5930), 2 endpoints, 4+1 grants,
+    // and the same 11 ports for binds (all on this machine or in
+    // [protect]).
+    assert_eq!(c.rules.len(), 11 + 2 + 11);
+    assert_eq!(c.entry_count(), 11 + 2 + 5 + 11);
+    assert_eq!(c.listen_ports.len(), 11);
+    assert_eq!(c.grant_count(), 5);
+    assert_eq!(c.grants(..).count(), 5);
+    assert!(c.capacity() as usize >= c.entry_count() + c.entry_count() / 4);
+    // The endpoints of a VM share its uids.
+    let mut shared = c.endpoints.values().collect::<Vec<_>>();
+    shared.dedup_by(|a, b| Arc::ptr_eq(a, b));
+    assert_eq!(shared.len(), 2);
+    let names: Vec<&str> = c.vm_names.values().map(String::as_str).collect();
+    assert_eq!(names.len(), 2);
+    assert!(names.contains(&"debianx") && names.contains(&"winlab"));
+}
+
+#[test]
+fn too_large_is_refused() {
+    let mut allow = String::new();
+    for uid in 0..2000 {
+        allow.push_str(&format!("\"#{uid}\","));
+    }
+    let p = policy(&format!(
+        "[vms.v]\nserver=\"localhost\"\nports=[\"1-2100\"]\nallow=[{allow}]\n"
+    ));
+    let e = compile(&p, &LocalAddrs::new(), &Dynamic::default()).expect_err("4.2M grants");
+    assert!(matches!(e, CompileError::TooLarge { .. }), "{e}");
+}
