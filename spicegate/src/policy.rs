@@ -93,6 +93,8 @@ struct RawSettings {
     mode: Option<Spanned<String>>,
     #[serde(default)]
     client: Option<Spanned<String>>,
+    #[serde(default)]
+    metrics_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -492,6 +494,9 @@ pub struct Settings {
     pub mode: Mode,
     /// Spice client `spicegate open` starts, with the URI appended.
     pub client: Vec<String>,
+    /// `metrics_file`: where the daemon writes Prometheus metrics every
+    /// 5 s (docs/metrics.md); `None` (the default) writes nothing.
+    pub metrics_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -503,6 +508,7 @@ impl Default for Settings {
             resolve_interval: Duration::from_secs(300),
             mode: Mode::Enforce,
             client: vec!["remote-viewer".to_owned()],
+            metrics_file: None,
         }
     }
 }
@@ -1104,6 +1110,53 @@ fn settings_from_raw(
         && let Some(m) = parse_mode(file, mode, errs)
     {
         settings.mode = m;
+    }
+    if let Some(path) = &raw.metrics_file
+        && once("metrics_file", path.span(), errs)
+    {
+        match metrics_file(path.get_ref()) {
+            Ok(p) => settings.metrics_file = Some(p),
+            Err(e) => errs.push(file, &path.span(), e),
+        }
+    }
+}
+
+/// `[settings] metrics_file`: an absolute path of a `.prom` file (what
+/// node_exporter's textfile collector reads) in a directory that exists.
+/// Looks at the file system: runs where the policy is parsed (`check`,
+/// the reload loader thread), never on the engine thread.
+pub fn metrics_file(text: &str) -> Result<std::path::PathBuf, String> {
+    let path = Path::new(text);
+    let name = path.file_name().and_then(|n| n.to_str());
+    if !path.is_absolute() {
+        return Err(format!(
+            "metrics_file `{text}`: use an absolute path, like \"/var/lib/prometheus/node-exporter/spicegate.prom\""
+        ));
+    }
+    if text.ends_with('/') || name.is_none_or(|n| !n.ends_with(".prom") || n == ".prom") {
+        return Err(format!(
+            "metrics_file `{text}`: name a file ending in `.prom` (node_exporter's textfile collector reads only those), like \"/var/lib/prometheus/node-exporter/spicegate.prom\""
+        ));
+    }
+    if path
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(format!(
+            "metrics_file `{text}`: write the path without `..`"
+        ));
+    }
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(path.to_owned()),
+        Ok(_) => Err(format!(
+            "metrics_file `{text}`: {} is not a directory",
+            dir.display()
+        )),
+        Err(e) => Err(format!(
+            "metrics_file `{text}`: its directory {} cannot be used ({e}); create it (Debian's prometheus-node-exporter package makes /var/lib/prometheus/node-exporter) or fix the path",
+            dir.display()
+        )),
     }
 }
 

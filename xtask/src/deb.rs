@@ -210,7 +210,11 @@ fn assemble(staging: &Path, bin: &Path, version: &str, arch: &str) -> anyhow::Re
     install(&ws.join("README.md"), &doc.join("README.md"), 0o644)?;
     install(&ws.join("docs/policy.md"), &doc.join("policy.md"), 0o644)?;
     install(&ws.join("docs/status.md"), &doc.join("status.md"), 0o644)?;
-    install(&ws.join("docs/deploying.md"), &doc.join("deploying.md"), 0o644)?;
+    install(
+        &ws.join("docs/deploying.md"),
+        &doc.join("deploying.md"),
+        0o644,
+    )?;
     install(&packaging.join("copyright"), &doc.join("copyright"), 0o644)?;
     let changelog = doc.join(changelog_name(version));
     write(
