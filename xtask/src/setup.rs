@@ -42,6 +42,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "the Spice e2e test's VM (with Spice)"),
     ("virt-viewer", "remote-viewer: the Spice e2e client"),
     ("xvfb", "an X display for remote-viewer"),
+    (
+        "prometheus-node-exporter",
+        "the metrics test scrapes the metrics file through node_exporter's textfile collector",
+    ),
+    (
+        "prometheus",
+        "promtool: the metrics test checks the metrics file and the alert rules",
+    ),
 ];
 
 /// Nice to have (inspecting what is loaded), installed when apt has it.
