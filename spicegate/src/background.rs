@@ -239,11 +239,9 @@ pub fn watch_names(
                 };
                 // Running normally, a name that stops resolving keeps the
                 // policy in force; degraded, whatever resolves is applied.
-                let parsed = if degraded {
-                    policy::parse_sources_lenient(&sources, &env)
-                } else {
-                    policy::parse_sources(&sources, &env)
-                };
+                // Names only: nothing on the file system (a metrics
+                // directory removed since) stops them being followed.
+                let parsed = policy::reparse_names(&sources, &env, degraded);
                 match parsed {
                     Ok(policy) => {
                         let cmd = Command::Resolved {

@@ -157,6 +157,36 @@ mod tests {
     }
 
     #[test]
+    fn following_names_does_not_look_at_the_metrics_directory() {
+        use crate::policy::{Env, Source, SystemResolver, reparse_names};
+        let text = "[settings]\nmetrics_file = \"/nonexistent-spicegate-dir/spicegate.prom\"\n";
+        let sources = [Source {
+            path: "p.toml".into(),
+            text: text.into(),
+        }];
+        let dir = FakeDirectory::default();
+        let env = Env {
+            dir: &dir,
+            resolver: &SystemResolver,
+        };
+        // The policy was applied while the directory existed; it went since.
+        for lenient in [false, true] {
+            let p = reparse_names(&sources, &env, lenient).expect("names only");
+            assert_eq!(
+                p.settings.metrics_file.as_deref(),
+                Some(Path::new("/nonexistent-spicegate-dir/spicegate.prom"))
+            );
+        }
+        assert!(parse_err(text).contains("cannot be used"));
+        // Relative paths are refused by every parse.
+        let rel = [Source {
+            path: "p.toml".into(),
+            text: "[settings]\nmetrics_file = \"x.prom\"\n".into(),
+        }];
+        assert!(reparse_names(&rel, &env, true).is_err());
+    }
+
+    #[test]
     fn metrics_file_errors_say_where_and_what_to_fix() {
         let e = parse_err("[settings]\nmetrics_file = \"spicegate.prom\"\n");
         assert!(
