@@ -36,13 +36,20 @@ struct Scope {
     /// then exactly the sockets it let through to a guarded endpoint are
     /// judged, wherever their cgroup went.
     marks: Option<std::os::fd::OwnedFd>,
+    /// Counts the connections closed.
+    metrics: Arc<crate::metrics::Shared>,
 }
 
 impl Sweeper {
     /// Starts the sweeper for the sockets the hook marked (the pinned map
     /// at `marks`), or, where that map cannot be read, the client sockets
     /// of `cgroup`'s subtree.
-    pub fn start(cgroup: PathBuf, marks: &std::path::Path) -> anyhow::Result<Self> {
+    /// Each connection closed is counted in `metrics`.
+    pub fn start(
+        cgroup: PathBuf,
+        marks: &std::path::Path,
+        metrics: Arc<crate::metrics::Shared>,
+    ) -> anyhow::Result<Self> {
         let marks = match crate::kernel::open_pinned(marks) {
             Ok(fd) => Some(fd),
             Err(e) => {
@@ -53,7 +60,11 @@ impl Sweeper {
                 None
             }
         };
-        let mut scope = Scope { cgroup, marks };
+        let mut scope = Scope {
+            cgroup,
+            marks,
+            metrics,
+        };
         let (tx, rx) = mpsc::channel::<Arc<Compiled>>();
         std::thread::Builder::new()
             .name("sg-sweeper".into())
@@ -137,12 +148,15 @@ fn sweep(scope: &mut Scope, table: &Compiled) {
             .user_name(s.uid)
             .unwrap_or_else(|| format!("#{}", s.uid));
         match sockdiag::destroy(&s) {
-            Ok(()) => log::warn!(
-                "CLOSED uid={} user={user} dst={} src={}: access ended",
-                s.uid,
-                Endpoint(crate::compile::canonical(s.dst), s.dport),
-                Endpoint(crate::compile::canonical(s.src), s.sport)
-            ),
+            Ok(()) => {
+                scope.metrics.session_closed();
+                log::warn!(
+                    "CLOSED uid={} user={user} dst={} src={}: access ended",
+                    s.uid,
+                    Endpoint(crate::compile::canonical(s.dst), s.dport),
+                    Endpoint(crate::compile::canonical(s.src), s.sport)
+                );
+            }
             Err(e) => log::error!(
                 "could not close a revoked connection of {user} to {}: {e}",
                 Endpoint(s.dst, s.dport)
@@ -225,11 +239,9 @@ pub fn watch_names(
                 };
                 // Running normally, a name that stops resolving keeps the
                 // policy in force; degraded, whatever resolves is applied.
-                let parsed = if degraded {
-                    policy::parse_sources_lenient(&sources, &env)
-                } else {
-                    policy::parse_sources(&sources, &env)
-                };
+                // Names only: nothing on the file system (a metrics
+                // directory removed since) stops them being followed.
+                let parsed = policy::reparse_names(&sources, &env, degraded);
                 match parsed {
                     Ok(policy) => {
                         let cmd = Command::Resolved {

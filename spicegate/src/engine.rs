@@ -360,6 +360,8 @@ pub struct Engine {
     phases: Vec<(&'static str, Duration)>,
     /// How the last change reached the kernel, for `status`.
     last_change: Value,
+    /// What the metrics writer reads (docs/metrics.md).
+    metrics: Arc<crate::metrics::Shared>,
 }
 
 impl Engine {
@@ -491,7 +493,12 @@ impl Engine {
             degraded: !loaded.policy.unresolved.is_empty(),
         }));
         log_unresolved(&loaded.policy);
-        let sweeper = Sweeper::start(cfg.cgroup.clone(), &cfg.paths.marks())?;
+        let metrics = Arc::new(crate::metrics::Shared::new(
+            counters_at_start.clone(),
+            drops_at_start,
+        ));
+        metrics.reload_ok(now, Duration::ZERO);
+        let sweeper = Sweeper::start(cfg.cgroup.clone(), &cfg.paths.marks(), Arc::clone(&metrics))?;
         let engine = Self {
             kernel,
             cfg,
@@ -519,11 +526,13 @@ impl Engine {
             trim_at: None,
             phases: Vec::new(),
             last_change: Value::Null,
+            metrics,
         };
         if engine.source == Source::File {
             engine.save_last_good();
         }
         engine.sweep();
+        engine.publish_metrics();
         Ok(engine)
     }
 
@@ -546,6 +555,23 @@ impl Engine {
     /// The denial log's counters, for `status`.
     pub fn set_denial_stats(&mut self, stats: Arc<crate::denials::Stats>) {
         self.denial_stats = Some(stats);
+    }
+    /// What the metrics writer reads.
+    pub fn metrics(&self) -> Arc<crate::metrics::Shared> {
+        Arc::clone(&self.metrics)
+    }
+    /// Hands the metrics writer the engine's view (once a second, after
+    /// the watchdog): counts only, nothing that waits.
+    pub fn publish_metrics(&self) {
+        let now = u64::try_from(self.clock()).unwrap_or(0);
+        self.metrics.publish(crate::metrics::Snapshot {
+            policy_sha256: self.loaded.sha256.clone(),
+            degraded: !self.loaded.policy.unresolved.is_empty(),
+            unresolved_names: self.loaded.policy.unresolved.len() as u64,
+            grants: self.compiled.grant_count() as u64,
+            temporary_grants: self.grants.active(now).len() as u64,
+            guarded_endpoints: self.compiled.endpoints.len() as u64,
+        });
     }
     /// What the resolver thread works on.
     pub fn resolve_job(&self) -> Arc<Mutex<ResolveJob>> {
@@ -759,6 +785,7 @@ impl Engine {
                         .join(", ")
                 );
                 self.names.changes("access change: ", diff.clone());
+                self.metrics.reload_ok(now, start.elapsed());
                 self.last_reload = json!({ "at": rfc3339(now), "at_unix": now, "ok": true, "message": format!("reloaded ({why})") });
                 // The control handler renders `diff` as `changes` lines
                 // (names need NSS, which this thread does not wait on).
@@ -766,6 +793,7 @@ impl Engine {
             }
             Err(e) => {
                 log::error!("reload refused ({why}), the previous policy stays in force:\n{e}");
+                self.metrics.reload_failed();
                 self.last_reload = json!({ "at": rfc3339(now), "at_unix": now, "ok": false, "message": e.clone() });
                 Err(format!("{e}\nthe previous policy stays in force"))
             }
@@ -794,6 +822,7 @@ impl Engine {
         // Pins first: re-attaching pins the links into the same directory.
         match self.kernel.repin_missing() {
             Ok(names) if !names.is_empty() => {
+                self.metrics.repaired();
                 log::error!(
                     "TAMPERING: pins of {} were removed by someone else; pinned again in {}",
                     names.join(", "),
@@ -805,8 +834,8 @@ impl Engine {
                 log::error!("TAMPERING: a map pin was removed and could not be restored: {e:#}")
             }
         }
-        match self.kernel.table_intact() {
-            Ok(true) => {}
+        let in_force = match self.kernel.table_intact() {
+            Ok(true) => true,
             Ok(false) => {
                 log::error!(
                     "TAMPERING: the rule table in {} (or its overlays) was emptied, replaced or written by someone else; installing the policy again",
@@ -816,12 +845,23 @@ impl Engine {
                 // Fresh overlays too: someone may have written into ours.
                 self.kernel.discard_overlays();
                 match self.kernel.install(&compiled) {
-                    Ok(()) => log::error!("TAMPERING: rule table restored"),
-                    Err(e) => log::error!("TAMPERING: could not restore the rule table: {e:#}"),
+                    Ok(()) => {
+                        self.metrics.repaired();
+                        log::error!("TAMPERING: rule table restored");
+                        true
+                    }
+                    Err(e) => {
+                        log::error!("TAMPERING: could not restore the rule table: {e:#}");
+                        false
+                    }
                 }
             }
-            Err(e) => log::error!("TAMPERING: cannot read the policy slot: {e:#}"),
-        }
+            Err(e) => {
+                log::error!("TAMPERING: cannot read the policy slot: {e:#}");
+                false
+            }
+        };
+        self.metrics.set_table_in_force(in_force);
         if !kernel::attached(&self.cfg.paths, &self.cfg.cgroup) {
             log::error!(
                 "TAMPERING: spicegate's connect programs are no longer attached to {} (detached or unpinned by someone else); re-attaching",
@@ -833,10 +873,13 @@ impl Engine {
                 .install(&compiled)
                 .and_then(|()| self.kernel.attach(&self.cfg.cgroup))
             {
-                Ok(()) => log::error!(
-                    "TAMPERING: enforcement restored on {}",
-                    self.cfg.cgroup.display()
-                ),
+                Ok(()) => {
+                    self.metrics.repaired();
+                    log::error!(
+                        "TAMPERING: enforcement restored on {}",
+                        self.cfg.cgroup.display()
+                    );
+                }
                 Err(e) => log::error!("TAMPERING: could not restore enforcement: {e:#}"),
             }
         }
@@ -1600,6 +1643,7 @@ pub fn run(mut engine: Engine, rx: &mpsc::Receiver<Command>, timers: &Timers) {
         }
         if now >= next_watchdog {
             engine.watchdog();
+            engine.publish_metrics();
             next_watchdog = Instant::now() + timers.watchdog;
         }
         let wait = next_expiry

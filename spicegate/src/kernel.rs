@@ -773,20 +773,7 @@ impl Kernel {
             .ebpf
             .map(COUNTERS_MAP)
             .ok_or_else(|| anyhow!("map {COUNTERS_MAP} missing"))?;
-        let table: PerCpuHashMap<&MapData, u32, VmCounters> = PerCpuHashMap::try_from(map)?;
-        let mut out = std::collections::BTreeMap::new();
-        for entry in table.iter() {
-            let (vm, per_cpu) = entry.context("reading counters")?;
-            let sum = per_cpu
-                .iter()
-                .fold(VmCounters::default(), |a, c| VmCounters {
-                    allowed: a.allowed + c.allowed,
-                    denied: a.denied + c.denied,
-                    audited: a.audited + c.audited,
-                });
-            out.insert(vm, sum);
-        }
-        Ok(out)
+        read_counters(&PerCpuHashMap::try_from(map)?)
     }
 
     /// Denials the kernel did not log, summed over CPUs (since the maps
@@ -870,6 +857,42 @@ fn read_drops<T: std::borrow::Borrow<MapData>>(
         log_ring_full: sums[DROP_LOG_RING as usize],
         flood_ring_full: sums[DROP_FLOOD_RING as usize],
     })
+}
+
+fn read_counters<T: std::borrow::Borrow<MapData>>(
+    table: &PerCpuHashMap<T, u32, VmCounters>,
+) -> anyhow::Result<std::collections::BTreeMap<u32, VmCounters>> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in table.iter() {
+        let (vm, per_cpu) = entry.context("reading counters")?;
+        let sum = per_cpu
+            .iter()
+            .fold(VmCounters::default(), |a, c| VmCounters {
+                allowed: a.allowed + c.allowed,
+                denied: a.denied + c.denied,
+                audited: a.audited + c.audited,
+            });
+        out.insert(vm, sum);
+    }
+    Ok(out)
+}
+
+/// The pinned per-VM counters, opened on their own for the metrics
+/// writer thread (the engine keeps the loaded object).
+pub struct CountersReader(PerCpuHashMap<MapData, u32, VmCounters>);
+
+impl CountersReader {
+    pub fn open(paths: &PinPaths) -> anyhow::Result<Self> {
+        let data = MapData::from_pin(paths.counters())
+            .with_context(|| format!("opening {}", paths.counters().display()))?;
+        let map = aya::maps::Map::PerCpuHashMap(data);
+        Ok(Self(PerCpuHashMap::try_from(map)?))
+    }
+
+    /// Per-VM counters summed over CPUs, read from the kernel now.
+    pub fn read(&self) -> anyhow::Result<std::collections::BTreeMap<u32, VmCounters>> {
+        read_counters(&self.0)
+    }
 }
 
 /// The pinned drop counters, opened on their own for the event writer

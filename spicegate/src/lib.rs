@@ -23,6 +23,7 @@ pub mod grants;
 pub mod hostaddrs;
 pub mod kernel;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod policy_split;
 pub mod report;

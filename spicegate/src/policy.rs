@@ -93,6 +93,8 @@ struct RawSettings {
     mode: Option<Spanned<String>>,
     #[serde(default)]
     client: Option<Spanned<String>>,
+    #[serde(default)]
+    metrics_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -492,6 +494,9 @@ pub struct Settings {
     pub mode: Mode,
     /// Spice client `spicegate open` starts, with the URI appended.
     pub client: Vec<String>,
+    /// `metrics_file`: where the daemon writes Prometheus metrics every
+    /// 5 s (docs/metrics.md); `None` (the default) writes nothing.
+    pub metrics_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -503,6 +508,7 @@ impl Default for Settings {
             resolve_interval: Duration::from_secs(300),
             mode: Mode::Enforce,
             client: vec!["remote-viewer".to_owned()],
+            metrics_file: None,
         }
     }
 }
@@ -725,7 +731,7 @@ pub fn parse(text: &str, path: &Path, dir: &dyn Directory) -> Result<Policy, Pol
 /// Validates a main file and its drop-ins together. A name defined twice is
 /// an error naming both places.
 pub fn parse_sources(sources: &[Source], env: &Env<'_>) -> Result<Policy, PolicyErrors> {
-    parse_sources_with(sources, env, false)
+    parse_sources_with(sources, env, false, true)
 }
 
 /// Like [`parse_sources`], but a name that does not resolve (a user or
@@ -736,19 +742,34 @@ pub fn parse_sources(sources: &[Source], env: &Env<'_>) -> Result<Policy, Policy
 /// still errors. What the daemon enforces at start while LDAP or DNS is
 /// down.
 pub fn parse_sources_lenient(sources: &[Source], env: &Env<'_>) -> Result<Policy, PolicyErrors> {
-    parse_sources_with(sources, env, true)
+    parse_sources_with(sources, env, true, true)
+}
+
+/// The policy in force parsed again for its names only (the resolver
+/// thread): like [`parse_sources`] (or, `lenient`, its lenient form) but
+/// without looking at the file system. A metrics directory removed
+/// since the policy was applied must not stop groups and hostnames from
+/// being followed.
+pub fn reparse_names(
+    sources: &[Source],
+    env: &Env<'_>,
+    lenient: bool,
+) -> Result<Policy, PolicyErrors> {
+    parse_sources_with(sources, env, lenient, false)
 }
 
 fn parse_sources_with(
     sources: &[Source],
     env: &Env<'_>,
     lenient: bool,
+    check_paths: bool,
 ) -> Result<Policy, PolicyErrors> {
     let mut errs = Errors {
         sources,
         views: Vec::new(),
         list: Vec::new(),
         lenient,
+        check_paths,
         unresolved: Vec::new(),
     };
     let mut raws = Vec::new();
@@ -914,6 +935,8 @@ struct Errors<'a> {
     views: Vec<View>,
     list: Vec<PolicyError>,
     lenient: bool,
+    /// Whether paths are checked against the file system (`metrics_file`).
+    check_paths: bool,
     unresolved: Vec<Unresolved>,
 }
 
@@ -1104,6 +1127,57 @@ fn settings_from_raw(
         && let Some(m) = parse_mode(file, mode, errs)
     {
         settings.mode = m;
+    }
+    if let Some(path) = &raw.metrics_file
+        && once("metrics_file", path.span(), errs)
+    {
+        match metrics_file(path.get_ref(), errs.check_paths) {
+            Ok(p) => settings.metrics_file = Some(p),
+            Err(e) => errs.push(file, &path.span(), e),
+        }
+    }
+}
+
+/// `[settings] metrics_file`: an absolute path of a `.prom` file (what
+/// node_exporter's textfile collector reads) in a directory that exists
+/// (checked when `check_dir`). Looks at the file system: runs where the
+/// policy is parsed (`check`, the start, the reload loader thread), never
+/// on the engine thread.
+pub fn metrics_file(text: &str, check_dir: bool) -> Result<std::path::PathBuf, String> {
+    let path = Path::new(text);
+    let name = path.file_name().and_then(|n| n.to_str());
+    if !path.is_absolute() {
+        return Err(format!(
+            "metrics_file `{text}`: use an absolute path, like \"/var/lib/prometheus/node-exporter/spicegate.prom\""
+        ));
+    }
+    if text.ends_with('/') || name.is_none_or(|n| !n.ends_with(".prom") || n == ".prom") {
+        return Err(format!(
+            "metrics_file `{text}`: name a file ending in `.prom` (node_exporter's textfile collector reads only those), like \"/var/lib/prometheus/node-exporter/spicegate.prom\""
+        ));
+    }
+    if path
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(format!(
+            "metrics_file `{text}`: write the path without `..`"
+        ));
+    }
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    if !check_dir {
+        return Ok(path.to_owned());
+    }
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(path.to_owned()),
+        Ok(_) => Err(format!(
+            "metrics_file `{text}`: {} is not a directory",
+            dir.display()
+        )),
+        Err(e) => Err(format!(
+            "metrics_file `{text}`: its directory {} cannot be used ({e}); create it (Debian's prometheus-node-exporter package makes /var/lib/prometheus/node-exporter) or fix the path",
+            dir.display()
+        )),
     }
 }
 

@@ -210,6 +210,14 @@ fn assemble(staging: &Path, bin: &Path, version: &str, arch: &str) -> anyhow::Re
     install(&ws.join("README.md"), &doc.join("README.md"), 0o644)?;
     install(&ws.join("docs/policy.md"), &doc.join("policy.md"), 0o644)?;
     install(&ws.join("docs/status.md"), &doc.join("status.md"), 0o644)?;
+    install(&ws.join("docs/metrics.md"), &doc.join("metrics.md"), 0o644)?;
+    // Alert rules for the metrics file (docs/metrics.md): data for the
+    // admin's Prometheus to include, not configuration of this package.
+    install(
+        &packaging.join("prometheus/spicegate-rules.yml"),
+        &staging.join("usr/share/spicegate/prometheus/spicegate-rules.yml"),
+        0o644,
+    )?;
     install(
         &ws.join("docs/deploying.md"),
         &doc.join("deploying.md"),

@@ -42,6 +42,18 @@ const PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "the Spice e2e test's VM (with Spice)"),
     ("virt-viewer", "remote-viewer: the Spice e2e client"),
     ("xvfb", "an X display for remote-viewer"),
+    // Both packages enable and start their services where systemd runs
+    // (node_exporter on :9100, Prometheus on :9090); the test starts its
+    // own node_exporter on 127.0.0.1 and needs neither service:
+    // `systemctl disable --now prometheus prometheus-node-exporter`.
+    (
+        "prometheus-node-exporter",
+        "the metrics test scrapes the metrics file through node_exporter's textfile collector",
+    ),
+    (
+        "prometheus",
+        "promtool: the metrics test checks the metrics file and the alert rules",
+    ),
 ];
 
 /// Nice to have (inspecting what is loaded), installed when apt has it.

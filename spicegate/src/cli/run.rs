@@ -117,6 +117,16 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         },
     )?;
     engine.set_denial_stats(Arc::clone(&stats));
+    // Prometheus metrics (`[settings] metrics_file`): written on a thread
+    // of their own, from pinned-map handles of their own.
+    crate::metrics::writer::start(crate::metrics::writer::Sources {
+        shared: engine.metrics(),
+        settings: engine.settings(),
+        vm_names: engine.vm_names(),
+        denial_stats: Arc::clone(&stats),
+        paths: paths.clone(),
+        cgroup: cgroup.clone(),
+    })?;
 
     let (console_tx, mut console_rx) = tokio::sync::watch::channel(None);
     tokio::spawn(crate::console::watch(args.logind_bus.clone(), console_tx));
