@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use spicegate_common::GRANT_REVOKED;
+
 use super::*;
 use crate::{directory::FakeDirectory, policy::parse};
 
