@@ -1,0 +1,356 @@
+//! Kernel plumbing: loading the program, swapping the rule table, and the
+//! maps the daemon reads.
+//!
+//! Fail-closed by construction: the links and maps live pinned under the pin
+//! directory, so enforcement does not depend on this process. A new daemon
+//! loads its program against the pinned maps, installs its table, attaches
+//! new links and renames them over the pinned ones; while both links exist
+//! they consult the same table, so a restart has no gap.
+//!
+//! - this module: [`Kernel`]: load, install a table, attach, re-pin;
+//! - `overlays`: grants changed since the table was built;
+//! - `pins`: the pin directory, upgrades from older layouts, unloading;
+//! - `mounts`: finding cgroup2, mounting bpffs, locking the pin directory;
+//! - `readers`: counters and drops read by other threads;
+//! - `sys`: the raw bpf(2) calls aya does not make for us.
+
+mod mounts;
+mod overlays;
+mod pins;
+mod readers;
+mod sys;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    ffi::CString,
+    fs, io,
+    os::{
+        fd::{AsFd, AsRawFd, OwnedFd},
+        unix::{ffi::OsStrExt, fs::DirBuilderExt},
+    },
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{ArrayOfMaps, HashMap, IterableMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+};
+use spicegate_common::{
+    COUNTERS_MAP, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_RATE_LIMITED, DROPS_MAP,
+    FLOOD_MAP, LAYOUT_VERSION, MARKS_MAP, OVERLAY_MAP, OVERLAY_MAX, OVERLAY_SELECT_ACTIVE,
+    OVERLAY_SELECT_GENERATION, OVERLAY_SELECT_MAP, POLICY_MAP, POLICY_SLOT, PROG_BIND4, PROG_BIND6,
+    PROG_CONNECT4, PROG_CONNECT6, RATE_LOW_UIDS, RATE_MAP, RATE_NAMED_ENTRIES, RATE_NAMED_MAP,
+    RateState, RuleKey, RuleValue, VmCounters,
+};
+
+use crate::compile::Compiled;
+
+pub(crate) use self::sys::{map_freeze, sys_bpf};
+pub use self::{
+    mounts::{PinLock, cgroup2_root, cgroup2_root_from, check_cgroup, ensure_bpffs, lock_pin_dir},
+    pins::{
+        LinkState, PinPaths, Unloaded, attached, link_state, open_pinned, retire_legacy, unload,
+    },
+    readers::{CountersReader, DropsReader, KernelDrops},
+};
+use self::{
+    overlays::Overlays,
+    pins::staging,
+    readers::{read_counters, read_drops},
+    sys::{map_lookup_u32, map_update_u32},
+};
+
+/// `BPF_NOEXIST`: insert only when the key is absent.
+const BPF_NOEXIST: u64 = 1;
+
+/// The kernel object, built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spicegate"));
+
+type RuleTable = HashMap<MapData, RuleKey, RuleValue>;
+
+/// The loaded program and its maps.
+pub struct Kernel {
+    ebpf: Ebpf,
+    paths: PinPaths,
+    /// Kernel id of the rule table this daemon put in the policy slot.
+    table_id: Option<u32>,
+    /// Generation of that table (1..=255; 0 before the first install).
+    generation: u32,
+    /// The two overlays this daemon put in the overlay slots, and which
+    /// one is in force; `None` until the first install, or when they must
+    /// be made again (a failed write left them apart).
+    overlays: Option<Overlays>,
+    /// What both overlays hold (keys without the generation).
+    overlay: std::collections::BTreeMap<RuleKey, RuleValue>,
+    /// Map writes since start: entries written into rule tables and
+    /// overlays, and the slot updates that swapped them in.
+    writes: u64,
+    /// uids this daemon put in the map of named uids.
+    named: std::collections::HashSet<u32>,
+}
+
+impl Kernel {
+    /// Loads the program, reusing the maps pinned under `paths` (creating and
+    /// pinning them on first start). Nothing is attached yet.
+    ///
+    /// The aya-log ring buffer is deliberately not pinned: each program gets
+    /// a fresh one, so records an older program left behind (possibly in an
+    /// older format) can never reach this daemon's parser. Denials that
+    /// happen while no daemon runs are still enforced, but not logged.
+    pub fn load(paths: &PinPaths) -> anyhow::Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            bail!(
+                "this binary was built with SPICEGATE_SKIP_EBPF=1 and carries no kernel program; rebuild with `cargo xtask build`"
+            );
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_pin_path(POLICY_MAP, paths.policy())
+            .map_pin_path(OVERLAY_MAP, paths.overlay())
+            .map_pin_path(OVERLAY_SELECT_MAP, paths.overlay_select())
+            .map_pin_path(RATE_MAP, paths.rate())
+            .map_pin_path(RATE_NAMED_MAP, paths.rate_named())
+            .map_pin_path(DROPS_MAP, paths.drops())
+            .map_pin_path(MARKS_MAP, paths.marks())
+            .map_pin_path(COUNTERS_MAP, paths.counters())
+            .load(EBPF_OBJECT)
+            .context(
+                "loading the eBPF object (is this kernel >= 5.10 with BTF, and are we root?)",
+            )?;
+        for name in [PROG_CONNECT4, PROG_CONNECT6, PROG_BIND4, PROG_BIND6] {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("verifying program {name}"))?;
+        }
+        Ok(Self {
+            ebpf,
+            paths: paths.clone(),
+            table_id: None,
+            generation: 0,
+            overlays: None,
+            overlay: std::collections::BTreeMap::new(),
+            writes: 0,
+            named: std::collections::HashSet::new(),
+        })
+    }
+
+    /// Atomically replaces the rule table: a fresh inner map is filled
+    /// completely, frozen (no `bpf()` write can change it afterwards, root's
+    /// included), then swapped into the policy slot with one update. The
+    /// new table has a new generation, so the same swap retires every
+    /// overlay entry; the overlays are emptied after. On any error the
+    /// table in force stays as it was.
+    pub fn install(&mut self, compiled: &Compiled) -> anyhow::Result<()> {
+        let capacity = compiled.capacity();
+        let entries = compiled.entry_count();
+        let generation = self.next_generation()?;
+        let t0 = std::time::Instant::now();
+        let mut table = RuleTable::create(capacity, 0)
+            .with_context(|| format!("creating a rule table of {capacity} entries"))?;
+        let t1 = std::time::Instant::now();
+        crate::fill::fill(&mut table, compiled, generation)
+            .context("filling the new rule table")?;
+        let t2 = std::time::Instant::now();
+        let data = IterableMap::map(&table);
+        map_freeze(data.fd().as_fd()).context("freezing the new rule table")?;
+        let id = data.info().context("reading the new rule table's id")?.id();
+        let mut outer = self.outer()?;
+        outer
+            .set(POLICY_SLOT, &table, 0)
+            .context("swapping in the new rule table")?;
+        let old_generation = std::mem::replace(&mut self.generation, generation);
+        self.table_id = Some(id);
+        self.writes += entries as u64 + 1;
+        if let Err(e) = self.select(OVERLAY_SELECT_GENERATION, generation) {
+            log::warn!("could not record the table's generation for the next daemon: {e:#}");
+        }
+        // The old overlay entries decide nothing now (their generation is
+        // gone); empty the overlays for the new table.
+        if let Err(e) = self.reset_overlays(old_generation) {
+            log::error!(
+                "could not empty the overlays; grants change by whole tables until the next apply: {e:#}"
+            );
+            self.overlays = None;
+        }
+        log::debug!(
+            "installed table {id} (generation {generation}) of {entries} entries (capacity {capacity}): create {:.1} ms, fill {:.1} ms, freeze and swap {:.1} ms",
+            (t1 - t0).as_secs_f64() * 1e3,
+            (t2 - t1).as_secs_f64() * 1e3,
+            t2.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(())
+    }
+
+    fn outer(&mut self) -> anyhow::Result<ArrayOfMaps<&mut MapData, RuleTable>> {
+        let map = self
+            .ebpf
+            .map_mut(POLICY_MAP)
+            .ok_or_else(|| anyhow!("map {POLICY_MAP} missing"))?;
+        Ok(ArrayOfMaps::try_from(map)?)
+    }
+
+    /// Whether the policy slot still holds the table this daemon installed
+    /// (someone with `bpf()` rights could have emptied or replaced it; an
+    /// empty slot lets every connect through).
+    ///
+    /// Reads the inner map's id straight from the slot: turning it into a
+    /// file descriptor (BPF_MAP_GET_FD_BY_ID) would need CAP_SYS_ADMIN,
+    /// which the service does not have.
+    pub fn table_intact(&self) -> anyhow::Result<bool> {
+        let want = self.table_id;
+        let map = self
+            .ebpf
+            .map(POLICY_MAP)
+            .ok_or_else(|| anyhow!("map {POLICY_MAP} missing"))?;
+        let fd = match map {
+            aya::maps::Map::ArrayOfMaps(data) => data.fd().as_fd().as_raw_fd(),
+            _ => bail!("map {POLICY_MAP} is not an array of maps"),
+        };
+        let id = map_lookup_u32(fd, POLICY_SLOT).context("reading the policy slot")?;
+        if id.is_none() || id != want {
+            return Ok(false);
+        }
+        self.overlays_intact()
+    }
+
+    /// Attaches connect4, connect6, bind4 and bind6 to `cgroup` and pins the links,
+    /// replacing links a previous daemon pinned (which then detach).
+    pub fn attach(&mut self, cgroup: &Path) -> anyhow::Result<()> {
+        let cg = fs::File::open(cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        for (name, pin) in self.paths.links() {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .try_into()?;
+            // `Single` creates a bpf_link, which the kernel runs alongside
+            // other links (multi); AllowMultiple is refused for links.
+            let id = prog
+                .attach(cg.as_fd(), CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            let tmp = staging(&pin);
+            let _ = fs::remove_file(&tmp);
+            let pinned = link
+                .pin(&tmp)
+                .with_context(|| format!("pinning link at {}", tmp.display()))?;
+            // rename() over the old pin drops the old link, detaching the
+            // previous program only after ours is attached.
+            fs::rename(&tmp, &pin)
+                .with_context(|| format!("renaming {} over {}", tmp.display(), pin.display()))?;
+            drop(pinned);
+        }
+        Ok(())
+    }
+
+    /// Pins again any map whose pin someone removed. Returns the names.
+    pub fn repin_missing(&self) -> anyhow::Result<Vec<&'static str>> {
+        let mut done = Vec::new();
+        for (name, path) in [
+            (POLICY_MAP, self.paths.policy()),
+            (OVERLAY_MAP, self.paths.overlay()),
+            (OVERLAY_SELECT_MAP, self.paths.overlay_select()),
+            (RATE_MAP, self.paths.rate()),
+            (RATE_NAMED_MAP, self.paths.rate_named()),
+            (DROPS_MAP, self.paths.drops()),
+            (MARKS_MAP, self.paths.marks()),
+            (COUNTERS_MAP, self.paths.counters()),
+        ] {
+            if path.exists() {
+                continue;
+            }
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.paths.dir)?;
+            let map = self
+                .ebpf
+                .map(name)
+                .ok_or_else(|| anyhow!("map {name} missing"))?;
+            map.pin(&path)
+                .with_context(|| format!("re-pinning {name} at {}", path.display()))?;
+            done.push(name);
+        }
+        Ok(done)
+    }
+
+    /// Per-VM counters summed over CPUs, read from the kernel now.
+    pub fn counters(&self) -> anyhow::Result<std::collections::BTreeMap<u32, VmCounters>> {
+        let map = self
+            .ebpf
+            .map(COUNTERS_MAP)
+            .ok_or_else(|| anyhow!("map {COUNTERS_MAP} missing"))?;
+        read_counters(&PerCpuHashMap::try_from(map)?)
+    }
+
+    /// Denials the kernel did not log, summed over CPUs (since the maps
+    /// were created).
+    pub fn drops(&self) -> anyhow::Result<KernelDrops> {
+        let map = self
+            .ebpf
+            .map(DROPS_MAP)
+            .ok_or_else(|| anyhow!("map {DROPS_MAP} missing"))?;
+        read_drops(&PerCpuArray::try_from(map)?)
+    }
+
+    /// Gives each uid at or above the low range that the policy names its
+    /// own rate-limit slot, so a flood from other high uids cannot silence
+    /// its denials. Entries are only added (the map is bounded); returns how
+    /// many uids did not fit.
+    pub fn name_uids(&mut self, uids: impl Iterator<Item = u32>) -> anyhow::Result<usize> {
+        let map = self
+            .ebpf
+            .map_mut(RATE_NAMED_MAP)
+            .ok_or_else(|| anyhow!("map {RATE_NAMED_MAP} missing"))?;
+        let mut named: HashMap<&mut MapData, u32, RateState> = HashMap::try_from(map)?;
+        let mut full = 0;
+        for uid in uids.filter(|u| *u >= RATE_LOW_UIDS) {
+            if self.named.contains(&uid) {
+                continue;
+            }
+            match named.insert(uid, RateState::default(), BPF_NOEXIST) {
+                Ok(()) => {
+                    self.named.insert(uid);
+                }
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+                {
+                    self.named.insert(uid);
+                }
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
+                    full += 1;
+                }
+                Err(e) => return Err(e).context("naming a uid for the rate limit"),
+            }
+        }
+        if full > 0 {
+            log::warn!(
+                "{full} named uid(s) at or above {RATE_LOW_UIDS} share the flood budget: the map of named uids is full ({RATE_NAMED_ENTRIES})"
+            );
+        }
+        Ok(full)
+    }
+
+    /// The ring of denials the rate limit kept out of the log.
+    pub fn take_flood_ring(&mut self) -> anyhow::Result<RingBuf<aya::maps::MapData>> {
+        let map = self
+            .ebpf
+            .take_map(FLOOD_MAP)
+            .ok_or_else(|| anyhow!("map {FLOOD_MAP} missing"))?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Hands the aya-log ring buffer to `sink`.
+    pub fn logger<T: log::Log>(&mut self, sink: T) -> anyhow::Result<aya_log::EbpfLogger<T>> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, sink)
+            .context("opening the kernel event ring buffer")
+    }
+}

@@ -1,0 +1,238 @@
+//! The two overlays of the table in force (see
+//! [`spicegate_common::OVERLAY_MAP`]): grants changed since it was built.
+
+use super::*;
+
+/// The two overlays (see [`spicegate_common::OVERLAY_MAP`]).
+pub(super) struct Overlays {
+    /// Holding them keeps their descriptors open.
+    _maps: [RuleTable; 2],
+    fds: [i32; 2],
+    /// Their kernel ids, to check the slots still hold them.
+    ids: [u32; 2],
+    /// Which one is in force.
+    active: u32,
+}
+
+/// Writes `ops` into an overlay: each key with `generation` in its pad
+/// byte, updated to its value or deleted (a missing key is no error).
+fn write_ops(fd: i32, generation: u8, ops: &[(RuleKey, Option<RuleValue>)]) -> anyhow::Result<()> {
+    for (k, v) in ops {
+        let mut k = *k;
+        k._pad = generation;
+        match v {
+            Some(v) => crate::fill::map_update_elem(fd, &k, v)?,
+            None => match crate::fill::map_delete_elem(fd, &k) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                r => r?,
+            },
+        }
+    }
+    Ok(())
+}
+
+impl Kernel {
+    /// Puts a change of grants in force through the overlays: `delta`
+    /// holds each changed grant with its new value (revoked ones flagged
+    /// [`spicegate_common::GRANT_REVOKED`]). The change is written into the
+    /// standby overlay, the selector flips (atomic), and the same change
+    /// goes into the other overlay. Map writes: twice the change, plus one.
+    ///
+    /// Returns `Ok(false)`, having changed nothing, when the overlays cannot
+    /// take it (they would overflow, or must be made again): build a new
+    /// table instead. On error the kernel decides as before.
+    pub fn apply_delta(&mut self, delta: &[(RuleKey, RuleValue)]) -> anyhow::Result<bool> {
+        let Some(ov) = &self.overlays else {
+            return Ok(false);
+        };
+        if self.table_id.is_none() {
+            return Ok(false);
+        }
+        // An entry already in the overlay goes back to what the table says;
+        // any other becomes an overlay entry.
+        let mut ops: Vec<(RuleKey, Option<RuleValue>)> = Vec::with_capacity(delta.len());
+        let mut len = self.overlay.len();
+        for (k, v) in delta {
+            if self.overlay.contains_key(k) {
+                ops.push((*k, None));
+                len -= 1;
+            } else {
+                ops.push((*k, Some(*v)));
+                len += 1;
+            }
+        }
+        if len > OVERLAY_MAX {
+            return Ok(false);
+        }
+        let standby = 1 - ov.active;
+        let generation = u8::try_from(self.generation).unwrap_or(0);
+        let result = write_ops(ov.fds[standby as usize], generation, &ops);
+        self.writes += ops.len() as u64;
+        if let Err(e) = result {
+            // The standby is not in force: nothing changed, but it no
+            // longer matches the other.
+            self.overlays = None;
+            return Err(e).context("writing the standby overlay");
+        }
+        let empty = if len == 0 {
+            spicegate_common::OVERLAY_EMPTY
+        } else {
+            0
+        };
+        self.select(OVERLAY_SELECT_ACTIVE, standby | empty)
+            .context("flipping the overlay selector")?;
+        self.writes += 1;
+        let old = ov.fds[ov.active as usize];
+        for (k, v) in &ops {
+            match v {
+                Some(v) => self.overlay.insert(*k, *v),
+                None => self.overlay.remove(k),
+            };
+        }
+        if let Some(ov) = &mut self.overlays {
+            ov.active = standby;
+        }
+        let result = write_ops(old, generation, &ops);
+        self.writes += ops.len() as u64;
+        if let Err(e) = result {
+            // In force and right; the standby is not: make both again at
+            // the next change (through a new table).
+            self.overlays = None;
+            log::error!("the change is in force, but writing the standby overlay failed: {e:#}");
+        }
+        Ok(true)
+    }
+
+    /// Makes the next [`Kernel::install`] put two fresh overlays in the
+    /// overlay slots (after tampering).
+    pub fn discard_overlays(&mut self) {
+        self.overlays = None;
+    }
+
+    /// Generation of the table in force, entries in its overlay, and map
+    /// writes since start.
+    pub fn table_stats(&self) -> (u32, usize, u64) {
+        (self.generation, self.overlay.len(), self.writes)
+    }
+
+    fn select_fd(&self) -> anyhow::Result<i32> {
+        match self.ebpf.map(OVERLAY_SELECT_MAP) {
+            Some(aya::maps::Map::Array(data)) => Ok(data.fd().as_fd().as_raw_fd()),
+            Some(_) => bail!("map {OVERLAY_SELECT_MAP} is not an array"),
+            None => bail!("map {OVERLAY_SELECT_MAP} missing"),
+        }
+    }
+
+    fn overlay_fd(&self) -> anyhow::Result<i32> {
+        match self.ebpf.map(OVERLAY_MAP) {
+            Some(aya::maps::Map::ArrayOfMaps(data)) => Ok(data.fd().as_fd().as_raw_fd()),
+            Some(_) => bail!("map {OVERLAY_MAP} is not an array of maps"),
+            None => bail!("map {OVERLAY_MAP} missing"),
+        }
+    }
+
+    pub(super) fn select(&self, slot: u32, value: u32) -> anyhow::Result<()> {
+        map_update_u32(self.select_fd()?, slot, value)
+            .with_context(|| format!("writing slot {slot} of {OVERLAY_SELECT_MAP}"))
+    }
+
+    /// The generation after the one in force: after ours, or after the one
+    /// a previous daemon recorded (so its overlay entries never match).
+    pub(super) fn next_generation(&self) -> anyhow::Result<u32> {
+        let current = if self.generation != 0 {
+            self.generation
+        } else {
+            map_lookup_u32(self.select_fd()?, OVERLAY_SELECT_GENERATION)
+                .context("reading the generation in force")?
+                .unwrap_or(0)
+                % 256
+        };
+        Ok(current % 255 + 1)
+    }
+
+    /// Empty overlays for a new table: the entries of `old_generation` are
+    /// deleted from ours; the first time (or after a failed write), two
+    /// fresh maps take the overlay slots, so nothing a previous daemon
+    /// left there survives.
+    pub(super) fn reset_overlays(&mut self, old_generation: u32) -> anyhow::Result<()> {
+        let keys: Vec<RuleKey> = std::mem::take(&mut self.overlay).into_keys().collect();
+        if let Some(ov) = &self.overlays {
+            // Nothing in force is in them any more: the program may skip them.
+            self.select(
+                OVERLAY_SELECT_ACTIVE,
+                ov.active | spicegate_common::OVERLAY_EMPTY,
+            )?;
+            let g = u8::try_from(old_generation).unwrap_or(0);
+            let ops: Vec<(RuleKey, Option<RuleValue>)> = keys.iter().map(|k| (*k, None)).collect();
+            let fresh = ov.fds.iter().try_for_each(|fd| write_ops(*fd, g, &ops));
+            self.writes += 2 * ops.len() as u64;
+            if fresh.is_ok() {
+                return Ok(());
+            }
+            self.overlays = None;
+        }
+        let capacity = u32::try_from(OVERLAY_MAX + OVERLAY_MAX / 4).unwrap_or(u32::MAX);
+        let a = RuleTable::create(capacity, 0).context("creating an overlay")?;
+        let b = RuleTable::create(capacity, 0).context("creating an overlay")?;
+        let fds = [
+            IterableMap::map(&a).fd().as_fd().as_raw_fd(),
+            IterableMap::map(&b).fd().as_fd().as_raw_fd(),
+        ];
+        let ids = [
+            IterableMap::map(&a).info()?.id(),
+            IterableMap::map(&b).info()?.id(),
+        ];
+        {
+            let map = self
+                .ebpf
+                .map_mut(OVERLAY_MAP)
+                .ok_or_else(|| anyhow!("map {OVERLAY_MAP} missing"))?;
+            let mut outer: ArrayOfMaps<&mut MapData, RuleTable> = ArrayOfMaps::try_from(map)?;
+            outer.set(0, &a, 0).context("placing overlay 0")?;
+            outer.set(1, &b, 0).context("placing overlay 1")?;
+        }
+        self.select(OVERLAY_SELECT_ACTIVE, spicegate_common::OVERLAY_EMPTY)?;
+        self.writes += 3;
+        self.overlays = Some(Overlays {
+            _maps: [a, b],
+            fds,
+            ids,
+            active: 0,
+        });
+        Ok(())
+    }
+
+    /// Whether both overlay slots hold our overlays and both overlays hold
+    /// exactly what they should: they are not frozen (a change writes
+    /// them), so root's `bpf()` could write a grant there; the watchdog
+    /// puts a new table in force when one is found.
+    pub(super) fn overlays_intact(&self) -> anyhow::Result<bool> {
+        let Some(ov) = &self.overlays else {
+            return Ok(true);
+        };
+        let outer = self.overlay_fd()?;
+        let generation = u8::try_from(self.generation).unwrap_or(0);
+        for slot in 0..2 {
+            if map_lookup_u32(outer, slot)? != Some(ov.ids[slot as usize]) {
+                return Ok(false);
+            }
+            let table = &ov._maps[slot as usize];
+            let mut n = 0;
+            for entry in table.iter() {
+                let (mut k, v) = entry.context("reading an overlay")?;
+                n += 1;
+                if k._pad != generation {
+                    return Ok(false);
+                }
+                k._pad = 0;
+                if self.overlay.get(&k) != Some(&v) {
+                    return Ok(false);
+                }
+            }
+            if n != self.overlay.len() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}

@@ -1,0 +1,130 @@
+//! The raw bpf(2) calls aya does not make for us, all through one
+//! [`sys_bpf`].
+
+use super::*;
+
+/// The `u32` value at `key` of a map (for an array of maps: the id of the
+/// inner map in that slot); `None` for an empty slot.
+pub(super) fn map_lookup_u32(fd: i32, key: u32) -> io::Result<Option<u32>> {
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    #[repr(C)]
+    struct LookupAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut value = 0u32;
+    let mut attr = LookupAttr {
+        map_fd: fd as u32,
+        _pad: 0,
+        key: &raw const key as u64,
+        value: &raw mut value as u64,
+        flags: 0,
+    };
+    // SAFETY: key and value point at 4-byte locals that outlive the call,
+    // the key and value sizes of an array of maps.
+    match unsafe { sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// One bpf(2) call with `attr`, the command's attribute struct; the
+/// kernel reads (and for some commands writes back) `size_of::<T>()` bytes.
+///
+/// # Safety
+/// `attr` must be the repr(C) layout the command expects, and every pointer
+/// in it valid for what the command reads or writes.
+pub(crate) unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
+    // SAFETY: the caller vouches for attr's layout and pointers.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Makes a map read-only for `bpf()` callers (BPF_MAP_FREEZE); the
+/// program, which only reads it, is unaffected.
+pub(crate) fn map_freeze(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    const BPF_MAP_FREEZE: libc::c_long = 22;
+    #[repr(C)]
+    struct FreezeAttr {
+        map_fd: u32,
+        _pad: [u32; 15],
+    }
+    let mut attr = FreezeAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: [0; 15],
+    };
+    // SAFETY: bpf(BPF_MAP_FREEZE) reads `size` bytes of a valid attr.
+    unsafe { sys_bpf(BPF_MAP_FREEZE, &mut attr) }.map(drop)
+}
+
+/// Writes `value` at `key` of a `u32` array (BPF_MAP_UPDATE_ELEM).
+pub(super) fn map_update_u32(fd: i32, key: u32, value: u32) -> io::Result<()> {
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    #[repr(C)]
+    struct UpdateAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut attr = UpdateAttr {
+        map_fd: fd as u32,
+        _pad: 0,
+        key: &raw const key as u64,
+        value: &raw const value as u64,
+        flags: 0,
+    };
+    // SAFETY: key and value point at 4-byte locals that outlive the call,
+    // the key and value sizes of a u32 array.
+    unsafe { sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
+}
+
+/// Forcibly detaches a link, even if some process still holds it open.
+pub(super) fn link_detach(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    #[repr(C)]
+    struct LinkDetachAttr {
+        link_fd: u32,
+        _pad: [u32; 15],
+    }
+    let mut attr = LinkDetachAttr {
+        link_fd: fd.as_raw_fd() as u32,
+        _pad: [0; 15],
+    };
+    // SAFETY: bpf(BPF_LINK_DETACH) reads `size` bytes of a valid attr.
+    unsafe { sys_bpf(BPF_LINK_DETACH, &mut attr) }.map(drop)
+}
+
+/// Opens a pinned object (BPF_OBJ_GET).
+pub(super) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: [u32; 11],
+    }
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: [0; 11],
+    };
+    // SAFETY: bpf(BPF_OBJ_GET) reads a valid attr whose path outlives the call.
+    let fd = unsafe { sys_bpf(BPF_OBJ_GET, &mut attr) }?;
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
