@@ -15,6 +15,7 @@ use crate::{
     directory::{Directory as _, Nss},
     engine::{CachingResolver, Command},
     events::Endpoint,
+    journal::Event,
     policy::{self, Env, Source as PolicySource},
     sockdiag,
 };
@@ -147,13 +148,17 @@ fn sweep(scope: &mut Scope, table: &Compiled) {
         let user = Nss
             .user_name(s.uid)
             .unwrap_or_else(|| format!("#{}", s.uid));
+        let dst = Endpoint(crate::compile::canonical(s.dst), s.dport).to_string();
         match sockdiag::destroy(&s) {
             Ok(()) => {
                 scope.metrics.session_closed();
                 log::warn!(
-                    "CLOSED uid={} user={user} dst={} src={}: access ended",
+                    SPICEGATE_EVENT = Event::Closed,
+                    SPICEGATE_UID = s.uid,
+                    SPICEGATE_USER = user.as_str(),
+                    SPICEGATE_DST = dst.as_str();
+                    "CLOSED uid={} user={user} dst={dst} src={}: access ended",
                     s.uid,
-                    Endpoint(crate::compile::canonical(s.dst), s.dport),
                     Endpoint(crate::compile::canonical(s.src), s.sport)
                 );
             }

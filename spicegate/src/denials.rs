@@ -34,6 +34,7 @@ use spicegate_common::FloodRecord;
 use crate::{
     directory::Directory,
     events::{DenyEvent, DenyRecord, Endpoint},
+    journal::Event,
     kernel::KernelDrops,
     tally::{Tally, comm_bytes},
 };
@@ -377,7 +378,18 @@ impl<D: Directory> Writer<D> {
         }
         self.lines_this_second += 1;
         let rec = self.record(&ev);
-        log::warn!("{}", rec.line());
+        log::warn!(
+            SPICEGATE_EVENT = if rec.audit { Event::Audit } else { Event::Deny },
+            SPICEGATE_UID = rec.uid,
+            SPICEGATE_USER = rec.user.as_str(),
+            SPICEGATE_PID = rec.pid,
+            SPICEGATE_COMM = rec.comm.as_str(),
+            SPICEGATE_DST = rec.dst.as_str(),
+            SPICEGATE_VM = rec.vm.as_deref(),
+            SPICEGATE_OP = rec.op.as_str();
+            "{}",
+            rec.line()
+        );
         self.stats.lines.fetch_add(1, Ordering::Relaxed);
         // No subscribers is fine; slow ones lag and are told so.
         let _ = self.cfg.events.send(StreamItem::Deny(rec));
@@ -445,6 +457,8 @@ impl<D: Directory> Writer<D> {
             return;
         }
         log::warn!(
+            SPICEGATE_EVENT = Event::Suppressed,
+            SPICEGATE_DENIALS = left_out;
             "SUPPRESSED denials={left_out} {} rate_limited={} log_ring_full={} flood_ring_full={} queue_full={q} over_budget={over_n}: denials left out of the log in the last second",
             tally.describe(),
             k.rate_limited,

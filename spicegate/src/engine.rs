@@ -31,6 +31,7 @@ use crate::{
     explain::explain,
     grants::{GrantStore, TempGrant, now_unix, rfc3339},
     hostaddrs,
+    journal::Event,
     kernel::{self, Kernel, PinPaths},
     policy::{self, Env, Mode, Policy, Resolver, Settings, Source as PolicySource},
     schedule, state,
@@ -771,6 +772,7 @@ impl Engine {
                     log::warn!("{w}");
                 }
                 log::info!(
+                    SPICEGATE_EVENT = Event::Reload;
                     "reloaded policy {} ({why}) in {} ms: {}",
                     self.cfg.policy_path.display(),
                     start.elapsed().as_millis(),
@@ -792,7 +794,7 @@ impl Engine {
                 Ok(json!({ "summary": self.summary(), "diff": diff, "sha256": sha }))
             }
             Err(e) => {
-                log::error!("reload refused ({why}), the previous policy stays in force:\n{e}");
+                log::error!(SPICEGATE_EVENT = Event::ReloadRefused; "reload refused ({why}), the previous policy stays in force:\n{e}");
                 self.metrics.reload_failed();
                 self.last_reload = json!({ "at": rfc3339(now), "at_unix": now, "ok": false, "message": e.clone() });
                 Err(format!("{e}\nthe previous policy stays in force"))
@@ -824,6 +826,7 @@ impl Engine {
             Ok(names) if !names.is_empty() => {
                 self.metrics.repaired();
                 log::error!(
+                    SPICEGATE_EVENT = Event::Tampering;
                     "TAMPERING: pins of {} were removed by someone else; pinned again in {}",
                     names.join(", "),
                     self.cfg.paths.dir.display()
@@ -831,13 +834,14 @@ impl Engine {
             }
             Ok(_) => {}
             Err(e) => {
-                log::error!("TAMPERING: a map pin was removed and could not be restored: {e:#}")
+                log::error!(SPICEGATE_EVENT = Event::Tampering; "TAMPERING: a map pin was removed and could not be restored: {e:#}")
             }
         }
         let in_force = match self.kernel.table_intact() {
             Ok(true) => true,
             Ok(false) => {
                 log::error!(
+                    SPICEGATE_EVENT = Event::Tampering;
                     "TAMPERING: the rule table in {} (or its overlays) was emptied, replaced or written by someone else; installing the policy again",
                     self.cfg.paths.policy().display()
                 );
@@ -847,23 +851,24 @@ impl Engine {
                 match self.kernel.install(&compiled) {
                     Ok(()) => {
                         self.metrics.repaired();
-                        log::error!("TAMPERING: rule table restored");
+                        log::error!(SPICEGATE_EVENT = Event::Tampering; "TAMPERING: rule table restored");
                         true
                     }
                     Err(e) => {
-                        log::error!("TAMPERING: could not restore the rule table: {e:#}");
+                        log::error!(SPICEGATE_EVENT = Event::Tampering; "TAMPERING: could not restore the rule table: {e:#}");
                         false
                     }
                 }
             }
             Err(e) => {
-                log::error!("TAMPERING: cannot read the policy slot: {e:#}");
+                log::error!(SPICEGATE_EVENT = Event::Tampering; "TAMPERING: cannot read the policy slot: {e:#}");
                 false
             }
         };
         self.metrics.set_table_in_force(in_force);
         if !kernel::attached(&self.cfg.paths, &self.cfg.cgroup) {
             log::error!(
+                SPICEGATE_EVENT = Event::Tampering;
                 "TAMPERING: spicegate's connect programs are no longer attached to {} (detached or unpinned by someone else); re-attaching",
                 self.cfg.cgroup.display()
             );
@@ -876,11 +881,14 @@ impl Engine {
                 Ok(()) => {
                     self.metrics.repaired();
                     log::error!(
+                        SPICEGATE_EVENT = Event::Tampering;
                         "TAMPERING: enforcement restored on {}",
                         self.cfg.cgroup.display()
                     );
                 }
-                Err(e) => log::error!("TAMPERING: could not restore enforcement: {e:#}"),
+                Err(e) => {
+                    log::error!(SPICEGATE_EVENT = Event::Tampering; "TAMPERING: could not restore enforcement: {e:#}")
+                }
             }
         }
     }

@@ -21,6 +21,7 @@ pub mod explain;
 pub mod fill;
 pub mod grants;
 pub mod hostaddrs;
+pub mod journal;
 pub mod kernel;
 pub mod logging;
 pub mod metrics;

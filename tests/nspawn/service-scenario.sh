@@ -82,6 +82,58 @@ allow = [${allow%, }]
 EOF
 }
 
+# The journal's event ids (Event in spicegate/src/journal.rs; a unit test
+# there checks that these are in this file).
+DENY_ID=e34aa00902a24776b817569755f2e74d
+RELOAD_ID=b136a710917c4a088f500b963f5f92e1
+RELOAD_REFUSED_ID=1d48a8693e2a41d691c9d8f1fe89269a
+# has_entry FIELD=VALUE... (FIELD^=PREFIX for a prefix): reads
+# `journalctl -o json` and succeeds when one entry has all of them.
+cat > /tmp/has_entry.py <<'EOF'
+import json, sys
+want = [a.split("=", 1) for a in sys.argv[1:]]
+seen = []
+for line in sys.stdin:
+    e = json.loads(line)
+    def ok(k, v):
+        if k.endswith("^"):
+            return isinstance(e.get(k[:-1]), str) and e[k[:-1]].startswith(v)
+        return e.get(k) == v
+    if all(ok(k, v) for k, v in want):
+        sys.exit(0)
+    if "SPICEGATE_EVENT" in e or str(e.get("MESSAGE", "")).startswith(("DENY", "reload")):
+        seen.append({k: v for k, v in e.items() if not k.startswith("_")})
+print("no entry with", sys.argv[1:], "; last candidates:", seen[-2:])
+sys.exit(1)
+EOF
+# journal_has JOURNALCTL-MATCHES... -- FIELD=VALUE...: retries for 3 s
+# (journald indexes asynchronously).
+journal_has() {
+    local m=() i
+    while [ "$1" != -- ]; do m+=("$1"); shift; done
+    shift
+    for i in $(seq 30); do
+        journalctl -b -u spicegate.service -o json --no-pager "${m[@]}" | python3 /tmp/has_entry.py "$@" > /dev/null && return 0
+        sleep 0.1
+    done
+    journalctl -b -u spicegate.service -o json --no-pager "${m[@]}" | python3 /tmp/has_entry.py "$@"
+}
+# only_events NAME PREFIX WANT MATCHES...: the messages journalctl selects
+# with MATCHES (besides -u) all start with PREFIX (a grep pattern), and one
+# starts with WANT.
+only_events() {
+    local name=$1 prefix=$2 want=$3 out
+    shift 3
+    out=$(journalctl -b -u spicegate.service -o cat --no-pager "$@")
+    if ! echo "$out" | grep -q "^$want"; then
+        fail "$name" "nothing starting with '$want' in: $(echo "$out" | tail -n 3 | tr '\n' ' ')"
+    elif echo "$out" | grep -v "^\($prefix\)" | grep -q .; then
+        fail "$name" "other entries selected: $(echo "$out" | grep -v "^\($prefix\)" | head -n 3 | tr '\n' ' ')"
+    else
+        pass "$name"
+    fi
+}
+
 # Probe loops: one process per uid connecting every 5 ms until /tmp/stop
 # exists; it exits 0 only when every attempt had the expected outcome.
 cat > /tmp/probe.py <<'EOF'
@@ -245,14 +297,27 @@ check boot-table-in-force sh -c "spicegate status | grep -q '^rule table in forc
 check boot-no-false-tampering sh -c "! journalctl -b -u spicegate.service --no-pager | grep -q TAMPERING"
 sleep 0.5
 check boot-journal-warning-has-deny sh -c "journalctl -b -u spicegate.service -p warning --no-pager | grep -q 'DENY uid=$NO_UID user=sg-no'"
+# The same denial as journal fields (native protocol), selectable by
+# MESSAGE_ID and by field; and journald took every message at once.
+check journal-deny-fields journal_has -- SPICEGATE_EVENT=deny SPICEGATE_UID=$NO_UID \
+    SPICEGATE_USER=sg-no SPICEGATE_VM=boottest SPICEGATE_DST=127.0.0.1:$PORT \
+    SPICEGATE_OP=connect PRIORITY=4 MESSAGE_ID=$DENY_ID _TRANSPORT=journal \
+    "MESSAGE^=DENY uid=$NO_UID user=sg-no pid="
+only_events journal-deny-by-message-id "DENY " "DENY uid=$NO_UID user=sg-no" MESSAGE_ID=$DENY_ID
+only_events journal-deny-by-vm "DENY \|AUDIT " "DENY uid=$NO_UID user=sg-no" SPICEGATE_VM=boottest
+check journal-no-fallback sh -c "! journalctl -b -u spicegate.service --no-pager | grep -q 'journald did not take\|cannot reach journald'"
 
 # --- reload applies a changed policy, and refuses a broken one.
 policy $NO_UID
 check reload-changed systemctl reload spicegate.service
 expect reload-changed-revokes deny "$(connect_as $OK_UID)"
 expect reload-changed-grants allow "$(connect_as $NO_UID)"
+check journal-reload-event journal_has SPICEGATE_EVENT=reload -- \
+    MESSAGE_ID=$RELOAD_ID PRIORITY=5 "MESSAGE^=reloaded policy /etc/spicegate/policy.toml (spicegate reload)"
 echo 'this is [not a policy' > /etc/spicegate/policy.toml
 check reload-broken-fails sh -c "! systemctl reload spicegate.service"
+check journal-reload-refused-event journal_has SPICEGATE_EVENT=reload_refused -- \
+    MESSAGE_ID=$RELOAD_REFUSED_ID PRIORITY=3 "MESSAGE^=reload refused (spicegate reload)"
 expect reload-broken-keeps-old allow "$(connect_as $NO_UID)"
 policy $OK_UID
 check reload-back systemctl reload spicegate.service
