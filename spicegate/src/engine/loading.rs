@@ -1,0 +1,267 @@
+//! Reading and resolving the policy: done off the engine thread (by the
+//! loader, or at start with a time limit), so the engine never waits on
+//! the name service.
+
+use super::*;
+
+/// Hostname resolution that keeps a name's last addresses when it stops
+/// resolving (and reports it), but refuses a name it never resolved.
+#[derive(Default)]
+pub struct CachingResolver {
+    last: Mutex<HashMap<String, Vec<IpAddr>>>,
+    failing: Mutex<BTreeSet<String>>,
+}
+
+pub(super) fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Resolver for CachingResolver {
+    fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, String> {
+        match policy::SystemResolver.resolve(host) {
+            Ok(addrs) => {
+                if locked(&self.failing).remove(host) {
+                    log::info!("hostname {host} resolves again: {addrs:?}");
+                }
+                locked(&self.last).insert(host.to_owned(), addrs.clone());
+                Ok(addrs)
+            }
+            Err(e) => match locked(&self.last).get(host).cloned() {
+                Some(addrs) => {
+                    if locked(&self.failing).insert(host.to_owned()) {
+                        log::warn!(
+                            "hostname {host} no longer resolves ({e}); keeping its last addresses {addrs:?}"
+                        );
+                    }
+                    Ok(addrs)
+                }
+                None => Err(e),
+            },
+        }
+    }
+}
+
+/// A policy read from disk, validated.
+pub struct Loaded {
+    pub policy: Policy,
+    /// Shared with the resolver thread and the last-good writer, not
+    /// copied: the text of a large policy is megabytes.
+    pub sources: Arc<Vec<PolicySource>>,
+    pub sha256: String,
+}
+
+/// Reads and validates a policy and its policy.d; the error text lists
+/// every problem.
+pub fn load_policy(path: &Path, resolver: &dyn Resolver) -> Result<Loaded, String> {
+    let sources = policy::read_sources(path).map_err(|e| e.to_string())?;
+    // The digest (shown by `status`) is computed next to the parse: on a
+    // large policy that is a tenth of a reload, on the other core.
+    let (policy, sha256) = std::thread::scope(|scope| {
+        let digest = scope.spawn(|| {
+            let mut h = Sha256::new();
+            for s in &sources {
+                h.update(s.text.as_bytes());
+            }
+            h.finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        });
+        let policy = policy::parse_sources(
+            &sources,
+            &Env {
+                dir: &Nss,
+                resolver,
+            },
+        );
+        (policy, digest.join())
+    });
+    let policy = policy.map_err(|e| e.to_string())?;
+    let sha256 = sha256.map_err(|_| "computing the policy's digest failed".to_owned())?;
+    Ok(Loaded {
+        policy,
+        sources: Arc::new(sources),
+        sha256,
+    })
+}
+
+pub(super) fn digest(sources: &[PolicySource]) -> String {
+    let mut h = Sha256::new();
+    for s in sources {
+        h.update(s.text.as_bytes());
+    }
+    h.finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+}
+
+/// A directory and resolver that know no name: what a start whose name
+/// service does not answer in time enforces with.
+pub(super) struct NoNames;
+
+pub(super) const NO_ANSWER: &str = "the name service did not answer in time; still trying";
+
+impl crate::directory::Directory for NoNames {
+    fn user_uid(&self, _: &str) -> std::io::Result<Option<u32>> {
+        Err(std::io::Error::other(NO_ANSWER))
+    }
+    fn group_members(&self, _: &str) -> std::io::Result<Option<BTreeSet<u32>>> {
+        Err(std::io::Error::other(NO_ANSWER))
+    }
+    fn user_name(&self, _: u32) -> Option<String> {
+        None
+    }
+}
+
+impl Resolver for NoNames {
+    fn resolve(&self, _: &str) -> Result<Vec<IpAddr>, String> {
+        Err(NO_ANSWER.into())
+    }
+}
+
+/// How long a start waits for NSS and DNS before it enforces without the
+/// names that have not answered.
+pub const NAMES_AT_START: Duration = Duration::from_secs(5);
+
+/// The policy as a start enforces it: text errors are errors, but names
+/// that do not resolve are left out (granted nothing; see
+/// [`policy::parse_sources_lenient`]), and a name service that does not
+/// answer within `timeout` is not waited for. The background resolver
+/// fills them in later.
+pub fn load_policy_at_start(
+    path: &Path,
+    resolver: &Arc<CachingResolver>,
+    timeout: Duration,
+) -> Result<Loaded, String> {
+    let sources = policy::read_sources(path).map_err(|e| e.to_string())?;
+    let sha256 = digest(&sources);
+    let (tx, rx) = mpsc::channel();
+    {
+        let sources = sources.clone();
+        let resolver = Arc::clone(resolver);
+        std::thread::Builder::new()
+            .name("sg-start-names".into())
+            .spawn(move || {
+                let env = Env {
+                    dir: &Nss,
+                    resolver: &*resolver,
+                };
+                let _ = tx.send(policy::parse_sources_lenient(&sources, &env));
+            })
+            .map_err(|e| format!("starting the name lookups: {e}"))?;
+    }
+    let policy = match rx.recv_timeout(timeout) {
+        Ok(parsed) => parsed.map_err(|e| e.to_string())?,
+        Err(_) => {
+            log::warn!(
+                "the policy's names did not resolve within {} s (NSS or DNS hangs); enforcing without them and resolving in the background",
+                timeout.as_secs()
+            );
+            policy::parse_sources_lenient(
+                &sources,
+                &Env {
+                    dir: &NoNames,
+                    resolver: &NoNames,
+                },
+            )
+            .map_err(|e| e.to_string())?
+        }
+    };
+    Ok(Loaded {
+        policy,
+        sources: Arc::new(sources),
+        sha256,
+    })
+}
+
+/// How long after a reload the freed heap is handed back: reloads in quick
+/// succession (an admin's edit-reload loop, a script) reuse it instead of
+/// faulting fresh pages in each time (~20-30 ms at 100,000 grants).
+pub(super) const TRIM_DELAY: Duration = Duration::from_secs(2);
+
+/// Hands the heap glibc keeps after a big parse or table build back to the
+/// kernel. Without it a daemon that once parsed a 100,000-grant policy keeps
+/// the peak of that parse resident for good.
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks glibc's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Creates the state directory (mode 0700) when missing, and checks that
+/// only root can change it and the grants file in it.
+pub(super) fn trusted_state_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create the state directory {}: {e}", dir.display()))?;
+    crate::trust::check(dir, "state directory")?;
+    let grants = dir.join("grants.json");
+    if grants.exists() {
+        crate::trust::check(&grants, "grants file")?;
+    }
+    Ok(())
+}
+
+/// Says which names of a policy in force do not resolve.
+pub(super) fn log_unresolved(policy: &Policy) {
+    if let Some(w) = policy.listener_warning() {
+        log::warn!("{w}");
+    }
+    if policy.unresolved.is_empty() {
+        return;
+    }
+    log::warn!(
+        "DEGRADED: {} name(s) of the policy do not resolve; the rest is enforced, they are granted nothing (ports of a server that does not resolve are guarded on every address), and the daemon keeps trying",
+        policy.unresolved.len()
+    );
+    for u in &policy.unresolved {
+        log::warn!("UNRESOLVED {} at {}: {}", u.name, u.at, u.why);
+    }
+}
+
+/// Reads and parses the policy file, off the engine thread (NSS and DNS
+/// may hang); the engine only applies the result.
+pub struct Loader {
+    pub path: PathBuf,
+    pub resolver: Arc<CachingResolver>,
+}
+
+impl Loader {
+    pub fn load(&self) -> Result<Loaded, String> {
+        load_policy(&self.path, &*self.resolver)
+    }
+}
+
+/// Every uid the policy or the table names (policy principals, grants,
+/// schedules, temporary grants): the ones whose denials keep a budget of
+/// their own in the kernel.
+pub(super) fn named_uids<'a>(
+    policy: &'a Policy,
+    compiled: &'a Compiled,
+) -> impl Iterator<Item = u32> + 'a {
+    pub(super) fn high(u: &u32) -> bool {
+        *u >= spicegate_common::RATE_LOW_UIDS
+    }
+    let from_vms = policy.vms.values().flat_map(|vm| {
+        vm.uids()
+            .into_iter()
+            .chain(
+                vm.schedules
+                    .iter()
+                    .flat_map(|s| s.allow.iter().flat_map(|g| g.uids.iter().copied())),
+            )
+            .filter(high)
+            .collect::<Vec<u32>>()
+    });
+    let from_table = compiled
+        .endpoints
+        .values()
+        .flat_map(|i| i.uids.iter().copied().filter(high));
+    from_vms.chain(from_table)
+}
