@@ -97,7 +97,7 @@ pub fn status(socket: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
     }
     let v = match call(socket, &Request::Status {}) {
         Ok(v) => v,
-        Err(e) if !format!("{e}").contains("daemon is not running") => return Err(e),
+        Err(e) if e.downcast_ref::<crate::control::NotRunning>().is_none() => return Err(e),
         Err(e) => {
             // Not running: still say whether enforcement is pinned.
             let paths = crate::kernel::PinPaths::new(&args.pin.pin_dir);

@@ -117,7 +117,7 @@ pub fn report(socket: &Path, args: &ReportArgs) -> anyhow::Result<ExitCode> {
     let mut rows = 0usize;
     loop {
         let page = match pages.page(after) {
-            Err(e) if first && format!("{e}").contains("daemon is not running") => {
+            Err(e) if first && e.downcast_ref::<crate::control::NotRunning>().is_some() => {
                 bail!("{e}; or read a policy file with `spicegate report --policy FILE`")
             }
             p => p?,

@@ -1,25 +1,13 @@
-//! The control socket: a Unix stream socket speaking JSON lines.
-//!
-//! A client sends one request line and reads one response line
-//! (`{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`); `events`
-//! answers with a stream of lines instead. Peers are identified with
-//! SO_PEERCRED: root and the policy's admin group may change things; anyone
-//! else may only ask about themselves. Requests are bounded in size and
-//! time, and connections in number, so no client can wedge the daemon.
-//!
-//! Longer than 600 lines: server, client and wire types are one module until
-//! issue 14 gives them `control/{proto,server,client}.rs` with a typed
-//! protocol.
+//! The daemon's side: the socket, the limits on clients, and the answers
+//! (from the engine, or computed here off the engine thread).
 
 use std::{
-    net::IpAddr,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, RwLock},
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
@@ -35,32 +23,18 @@ use crate::{
     policy::Settings,
 };
 
-/// Default socket path.
-pub const DEFAULT_SOCKET: &str = "/run/spicegate/control.sock";
-/// Largest request line accepted.
-pub const MAX_REQUEST: usize = 64 * 1024;
-/// Time a client has to send its request.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections of non-admin users served at once; more are refused with an
-/// error. Root and the admin group are not counted.
-pub const MAX_CLIENTS: usize = 64;
-
-/// Connections one non-admin account may hold at once (a notify agent, a
-/// few `list`/`why` calls, an `events` stream), so that one user cannot take
-/// every slot from the others. An account's subordinate uids count as the
-/// account, and uids of no account share one such quota (see accounts.rs).
-pub const MAX_PER_USER: usize = 8;
+use super::{proto::write_line, *};
 
 /// Open connections per account; an entry goes when its last connection
 /// does.
 #[derive(Debug, Default)]
-struct PerUser {
+pub(super) struct PerUser {
     open: std::sync::Mutex<std::collections::HashMap<Bucket, usize>>,
     accounts: Accounts,
 }
 
 /// One connection counted in [`PerUser`]; uncounted on drop.
-struct UserSlot {
+pub(super) struct UserSlot {
     table: Arc<PerUser>,
     bucket: Bucket,
 }
@@ -97,101 +71,6 @@ impl Drop for UserSlot {
                 m.remove(&self.bucket);
             }
         }
-    }
-}
-
-/// A request, as sent on the wire.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    // Braces, not unit variants: serde's unknown-field check only applies
-    // to struct variants, and `{"cmd":"status","junk":1}` must be refused.
-    Status {},
-    Reload {},
-    Why {
-        user: String,
-        addr: IpAddr,
-        port: u16,
-    },
-    Grant {
-        user: String,
-        vm: String,
-        for_secs: Option<u64>,
-    },
-    Revoke {
-        user: String,
-        vm: String,
-    },
-    Events {},
-    /// The VMs the caller may open (now or later), for `list` and `open`.
-    List {},
-    /// A page of who may open `vm` now (uids above `after`), for `status
-    /// --vm NAME --users`.
-    Users {
-        vm: String,
-        after: Option<u32>,
-    },
-    /// A page of the access review (users above `after`), for `spicegate
-    /// report`: every user for root and the admin group, the caller's own
-    /// row for anyone else.
-    Report {
-        after: Option<u32>,
-    },
-}
-
-impl Request {
-    fn needs_admin(&self) -> bool {
-        matches!(
-            self,
-            Self::Status {}
-                | Self::Reload {}
-                | Self::Grant { .. }
-                | Self::Revoke { .. }
-                | Self::Users { .. }
-        )
-    }
-}
-
-/// A response line.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl Response {
-    pub fn ok(result: Value) -> Self {
-        Self {
-            ok: true,
-            result: Some(result),
-            error: None,
-        }
-    }
-    pub fn err(error: impl Into<String>) -> Self {
-        Self {
-            ok: false,
-            result: None,
-            error: Some(error.into()),
-        }
-    }
-}
-
-/// Resolves `name` or `#uid` to a uid.
-pub fn resolve_user(who: &str, dir: &dyn Directory) -> Result<u32, String> {
-    if let Some(num) = who.strip_prefix('#') {
-        return num
-            .parse()
-            .map_err(|_| format!("`{who}`: `#` must be followed by a numeric uid"));
-    }
-    match dir.user_uid(who) {
-        Ok(Some(uid)) => Ok(uid),
-        Ok(None) => Err(format!(
-            "unknown user `{who}` (write `#UID` for a uid without a passwd entry)"
-        )),
-        Err(e) => Err(format!("cannot look up user `{who}`: {e}")),
     }
 }
 
@@ -288,17 +167,8 @@ pub async fn serve(listener: UnixListener, shared: Shared) {
     }
 }
 
-async fn write_line<T: Serialize>(stream: &mut UnixStream, value: &T) -> anyhow::Result<()> {
-    let mut line = serde_json::to_vec(value)?;
-    line.push(b'\n');
-    tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&line))
-        .await
-        .context("client too slow to read")??;
-    Ok(())
-}
-
 /// Reads one request line of at most MAX_REQUEST bytes within the timeout.
-async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
+pub(super) async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
     let mut line = Vec::new();
     let mut reader = BufReader::new((&mut *stream).take(MAX_REQUEST as u64 + 1));
     match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
@@ -314,20 +184,7 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
     parse_request(&line)
 }
 
-/// Validates one request line as read from a client (newline included).
-/// Pure, so the fuzzer drives exactly what the socket does.
-pub fn parse_request(line: &[u8]) -> Result<Request, String> {
-    if line.len() > MAX_REQUEST {
-        return Err(format!("request larger than {MAX_REQUEST} bytes"));
-    }
-    if line.last() != Some(&b'\n') {
-        return Err("truncated request (no newline)".into());
-    }
-    let text = std::str::from_utf8(line).map_err(|_| "request is not UTF-8".to_owned())?;
-    serde_json::from_str(text.trim_end()).map_err(|e| format!("bad request: {e}"))
-}
-
-async fn handle(mut stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
+pub(super) async fn handle(mut stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
     let peer = stream.peer_cred().context("SO_PEERCRED")?.uid();
     let req = match read_request(&mut stream).await {
         Ok(r) => r,
@@ -361,7 +218,9 @@ async fn handle(mut stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
 
 /// Runs a blocking lookup (NSS) on tokio's blocking pool: the thread that
 /// serves the socket never waits on the name service.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|_| "internal error: a lookup panicked".to_owned())
@@ -370,7 +229,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 /// Whether `who` (`name` or `#uid`) names the peer itself. Asks NSS only
 /// for the peer's own entry, never for the other name: a user asking about
 /// someone else is refused before anything about that someone is looked up.
-async fn is_self(who: &str, peer: u32) -> Result<bool, String> {
+pub(super) async fn is_self(who: &str, peer: u32) -> Result<bool, String> {
     if let Some(num) = who.strip_prefix('#') {
         return Ok(num.parse::<u32>().is_ok_and(|u| u == peer));
     }
@@ -378,7 +237,7 @@ async fn is_self(who: &str, peer: u32) -> Result<bool, String> {
     blocking(move || Nss.user_name(peer).is_some_and(|n| n == who)).await
 }
 
-async fn request_engine(
+pub(super) async fn request_engine(
     req: Request,
     peer: u32,
     admin: bool,
@@ -486,7 +345,7 @@ async fn request_engine(
 
 /// One page of `report` from the engine, its names looked up here (a page
 /// of at most [`crate::report::REPORT_ROWS`] uids), off the engine thread.
-async fn report_page(
+pub(super) async fn report_page(
     after: Option<u32>,
     only: Option<u32>,
     shared: &Shared,
@@ -517,7 +376,7 @@ async fn report_page(
 static NAMES: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<u32, String>>> =
     std::sync::LazyLock::new(Default::default);
 /// Entries of [`NAMES`] before it starts over.
-const NAME_CACHE: usize = 100_000;
+pub(super) const NAME_CACHE: usize = 100_000;
 
 /// Fills every `"user": null` next to a `"uid"` in an answer with that
 /// uid's name (`#UID` without a passwd entry). The engine leaves names out:
@@ -554,7 +413,7 @@ pub fn fill_user_names(
     }
 }
 
-async fn stream_events(
+pub(super) async fn stream_events(
     mut stream: UnixStream,
     shared: &Shared,
     only_uid: Option<u32>,
@@ -601,127 +460,5 @@ async fn stream_events(
                 Err(broadcast::error::RecvError::Closed) => return Ok(()),
             }
         }
-    }
-}
-
-/// Client side: one request, one response. Fails with a sentence when the
-/// daemon is not running.
-pub async fn call(socket: &Path, req: &Request) -> anyhow::Result<Value> {
-    let mut stream = connect(socket).await?;
-    write_line(&mut stream, req).await?;
-    let resp = read_response(&mut stream).await?;
-    match (resp.ok, resp.result, resp.error) {
-        (true, Some(v), _) => Ok(v),
-        (true, None, _) => Ok(Value::Null),
-        (false, _, e) => bail!(
-            "{}",
-            e.unwrap_or_else(|| "the daemon refused the request".into())
-        ),
-    }
-}
-
-pub async fn connect(socket: &Path) -> anyhow::Result<UnixStream> {
-    UnixStream::connect(socket).await.map_err(|e| {
-        anyhow::anyhow!(
-            "the spicegate daemon is not running (cannot connect to {}: {e}); start it with `spicegate run` or `systemctl start spicegate`",
-            socket.display()
-        )
-    })
-}
-
-pub async fn read_response(stream: &mut UnixStream) -> anyhow::Result<Response> {
-    let mut line = String::new();
-    let mut reader = BufReader::new(stream);
-    reader
-        .read_line(&mut line)
-        .await
-        .context("reading the daemon's answer")?;
-    if line.is_empty() {
-        bail!("the daemon closed the connection without answering");
-    }
-    serde_json::from_str(&line).context("the daemon's answer is not valid JSON")
-}
-
-/// `--socket` for every command that talks to the daemon.
-#[derive(Debug, Clone, clap::Args)]
-pub struct SocketArg {
-    /// Control socket of the daemon.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET, global = true)]
-    pub socket: PathBuf,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wire_format() {
-        let r: Request =
-            serde_json::from_str(r#"{"cmd":"why","user":"bob","addr":"::1","port":5930}"#)
-                .expect("parses");
-        assert_eq!(
-            r,
-            Request::Why {
-                user: "bob".into(),
-                addr: "::1".parse().expect("ip"),
-                port: 5930
-            }
-        );
-        assert!(
-            serde_json::from_str::<Request>(r#"{"cmd":"revoke","user":"b","vm":"v","x":1}"#)
-                .is_err()
-        );
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"format_disk"}"#).is_err());
-        for junk in [
-            r#"{"cmd":"status","x":1}"#,
-            r#"{"cmd":"reload","policy":"/tmp/evil.toml"}"#,
-            r#"{"cmd":"list","uid":0}"#,
-            r#"{"cmd":"events","all":true}"#,
-            r#"{"cmd":"report","uid":0}"#,
-        ] {
-            assert!(
-                serde_json::from_str::<Request>(junk).is_err(),
-                "{junk} must be refused, not read as a plain request"
-            );
-        }
-        assert_eq!(
-            serde_json::from_str::<Request>(r#"{"cmd":"report","after":7}"#).ok(),
-            Some(Request::Report { after: Some(7) })
-        );
-        assert!(!Request::Report { after: None }.needs_admin());
-        for plain in ["status", "reload", "list", "events", "report"] {
-            assert!(
-                serde_json::from_str::<Request>(&format!(r#"{{"cmd":"{plain}"}}"#)).is_ok(),
-                "{plain}"
-            );
-        }
-        assert_eq!(
-            serde_json::to_string(&Request::Status {}).expect("json"),
-            r#"{"cmd":"status"}"#
-        );
-        assert!(Request::Reload {}.needs_admin() && !Request::Events {}.needs_admin());
-    }
-
-    #[test]
-    fn fills_names_where_the_engine_left_them_out() {
-        let dir = crate::directory::FakeDirectory::default().user("bob", 1001);
-        let mut v = serde_json::json!({
-            "console_user": { "uid": 1001, "user": null },
-            "vms": [{ "users": [{ "uid": 7, "user": null }, { "uid": 1001, "user": "kept" }] }],
-            "uid": 1001, "user": null,
-        });
-        fill_user_names(&mut v, &dir, &mut std::collections::HashMap::new());
-        assert_eq!(v["console_user"]["user"], "bob");
-        assert_eq!(v["vms"][0]["users"][0]["user"], "#7");
-        assert_eq!(v["vms"][0]["users"][1]["user"], "kept");
-        assert_eq!(v["user"], "bob");
-    }
-
-    #[test]
-    fn resolves_users() {
-        assert_eq!(resolve_user("#1021", &Nss), Ok(1021));
-        assert_eq!(resolve_user("root", &Nss), Ok(0));
-        assert!(resolve_user("#x", &Nss).is_err());
-        assert!(resolve_user("no-such-user-sg", &Nss).is_err());
     }
 }
