@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: what spicegate costs next to no filter, iptables
-//! owner rules and an nftables set, for policies of 100, 10,000 and
-//! 100,000 grants: connect() cost, bulk throughput, time to apply a
+//! owner rules and an nftables set, for policies of 100, 10,000, 100,000
+//! and 1,000,000 grants: connect() cost, bulk throughput, time to apply a
 //! changed policy, the daemon's start time and memory, and a deny storm.
 //! Prints one table and writes it, with the machine and the command, into
 //! docs/benchmarks.md (between markers; the text around them is kept),
@@ -11,9 +11,8 @@
 //! table, the users, the pins and the helpers sit in guards that remove
 //! them (see `bench/env.rs`).
 //!
-//! Longer than 600 lines: the orchestration of every system and size, the
-//! two storms and the build are here; issue 14 moves the storms and the
-//! per-system runs into `bench/`.
+//! The storms are in `bench/storm.rs`, the grant changes in
+//! `bench/change.rs`.
 
 mod change;
 mod charts;
@@ -22,6 +21,7 @@ mod firewall;
 mod layout;
 mod measure;
 mod report;
+mod storm;
 
 use std::{
     fs,
@@ -36,9 +36,10 @@ use anyhow::{Context as _, bail};
 
 use self::{
     env::{BenchCgroups, BenchUser, Daemon, PinDir, Proc, Scratch, Worker, check_interrupted, sh},
-    firewall::{Firewall, Iptables, Nft},
+    firewall::{Iptables, Nft, run_firewall},
     layout::Layout,
     measure::{Cg, Series, System, Targets, Workers, ms},
+    storm::{deny_storm, uid_storm},
 };
 use crate::util::{Step, cargo, is_root, target_dir, workspace};
 
@@ -409,7 +410,7 @@ fn listen(
     Ok(proc)
 }
 
-struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     bins: &'a Bins,
     scratch: &'a Scratch,
     cgroups: &'a BenchCgroups,
@@ -594,223 +595,7 @@ fn control_series(
     })
 }
 
-/// The denied user connects to its guarded endpoint as fast as it can.
-fn deny_storm(
-    d: &Daemon,
-    workers: &mut Workers,
-    t: &Targets,
-    layout: &Layout,
-    storm_ms: u64,
-) -> anyhow::Result<StormResult> {
-    eprintln!("xtask: deny storm for {:.0}s", storm_ms as f64 / 1000.0);
-    let rss_before = d.rss_kib()?;
-    let lines_before = d.deny_lines();
-    let ticks_before = d.cpu_ticks()?;
-    let start = Instant::now();
-    let a = workers
-        .get(Cg::Guarded, true)
-        .ask(&format!("connect {} {storm_ms}", t.guarded))?;
-    let secs = start.elapsed().as_secs_f64();
-    let ticks = d.cpu_ticks()?.saturating_sub(ticks_before);
-    let count: u64 = a.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let oks: u64 = a.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
-    if oks != 0 || a.get(5).map(String::as_str) != Some(&libc::EPERM.to_string()) {
-        bail!("deny storm: expected every connect refused with EPERM, got {a:?}");
-    }
-    // Lines the kernel reported near the end reach the log a moment later.
-    std::thread::sleep(Duration::from_secs(1));
-    let hz = env::ticks_per_sec();
-    Ok(StormResult {
-        grants: layout.grants,
-        secs,
-        connects: count,
-        cpu_percent: ticks as f64 / hz / secs * 100.0,
-        cpu_ticks: ticks,
-        deny_lines: d.deny_lines() - lines_before,
-        rss_before_kib: rss_before,
-        rss_after_kib: d.rss_kib()?,
-        uids: None,
-    })
-}
-
 /// Above this size iptables is left out: at 100,000 rules it already
 /// takes about 3 s to load and costs ~95x per connect; a million rules
 /// would take minutes per apply and say nothing new.
 const MAX_IPTABLES_GRANTS: u32 = 100_000;
-
-/// Distinct uids of the uid storm, from a range no policy names.
-const STORM_UIDS: u32 = 30_000;
-pub const STORM_FIRST_UID: u32 = 400_000;
-
-/// One `status` round trip on the control socket, in ms.
-fn status_ms(socket: &Path) -> anyhow::Result<f64> {
-    use std::io::{BufRead as _, Write as _};
-    let start = Instant::now();
-    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
-    s.write_all(b"{\"cmd\":\"status\"}\n")?;
-    let mut line = String::new();
-    std::io::BufReader::new(&mut s).read_line(&mut line)?;
-    if !line.contains("\"ok\":true") {
-        bail!("status failed: {line}");
-    }
-    Ok(ms(start.elapsed()))
-}
-
-fn p50_p99(mut v: Vec<f64>) -> (f64, f64) {
-    if v.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    v.sort_by(f64::total_cmp);
-    let at = |q: usize| {
-        v[((v.len() * q).div_ceil(100))
-            .saturating_sub(1)
-            .min(v.len() - 1)]
-    };
-    (at(50), at(99))
-}
-
-/// sg-flood from [`STORM_UIDS`] uids for `storm_ms`, with `status` sampled
-/// all along and a temporary grant that expires in the middle.
-fn uid_storm(
-    ctx: &Ctx<'_>,
-    d: &Daemon,
-    pin: &PinDir,
-    cgroup: &Path,
-    layout: &Layout,
-    storm_ms: u64,
-) -> anyhow::Result<UidStormResult> {
-    let secs = (storm_ms / 1000).max(4);
-    eprintln!("xtask: deny storm from {STORM_UIDS} uids for {secs}s");
-    let socket = pin.socket();
-    let quiet: Vec<f64> = (0..30)
-        .map(|_| status_ms(&socket))
-        .collect::<anyhow::Result<_>>()?;
-    let rss_before = d.rss_kib()?;
-    let lines_before = d.line_count();
-    let ticks_before = d.cpu_ticks()?;
-    let start = Instant::now();
-    let flood = Command::new(&ctx.bins.sg_flood)
-        .arg("--cgroup")
-        .arg(cgroup)
-        .args(["--connect", &ctx.targets.guarded])
-        .args(["--uid-base", &STORM_FIRST_UID.to_string()])
-        .args(["--uids", &STORM_UIDS.to_string()])
-        .args(["--secs", &secs.to_string(), "--procs", "2"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting sg-flood")?;
-    let sampler = {
-        let socket = socket.clone();
-        let end = start + Duration::from_secs(secs.saturating_sub(1));
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            std::thread::sleep(Duration::from_millis(500));
-            while Instant::now() < end {
-                if let Ok(t) = status_ms(&socket) {
-                    v.push(t);
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            v
-        })
-    };
-    // A grant of two seconds, given a second into the storm.
-    std::thread::sleep(Duration::from_secs(1));
-    let vm = format!("bench{}", layout.probe_port());
-    sh(Command::new(&ctx.bins.spicegate)
-        .arg("--socket")
-        .arg(&socket)
-        .args(["grant", &layout.denied, &vm, "--for", "2s"]))?;
-    let unix_now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let out = flood.wait_with_output().context("waiting for sg-flood")?;
-    let storm_secs = start.elapsed().as_secs_f64();
-    let ticks = d.cpu_ticks()?.saturating_sub(ticks_before);
-    let counts: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("sg-flood's summary")?;
-    let status_storm = sampler
-        .join()
-        .map_err(|_| anyhow::anyhow!("the status sampler panicked"))?;
-    // The grant expires at the start of the unix second 2 s after the one
-    // it was given in (the daemon counts whole seconds).
-    let expiry_real = {
-        let into_second = Duration::from_nanos(u64::from(unix_now.subsec_nanos()));
-        start + Duration::from_secs(1) - into_second + Duration::from_secs(2)
-    };
-    let expired_at = d
-        .line_at("temporary grant expired")
-        .ok_or_else(|| anyhow::anyhow!("the grant given during the storm never expired"))?;
-    let grant_late_ms = ms(expired_at.saturating_duration_since(expiry_real));
-    let lines = d.line_count() - lines_before;
-    Ok(UidStormResult {
-        uids: STORM_UIDS,
-        secs: storm_secs,
-        connects: counts["attempts"].as_u64().unwrap_or(0),
-        cpu_percent: ticks as f64 / env::ticks_per_sec() / storm_secs * 100.0,
-        lines_per_sec: lines as f64 / storm_secs,
-        status_quiet_ms: p50_p99(quiet),
-        status_storm_ms: p50_p99(status_storm),
-        grant_late_ms,
-        rss_before_kib: rss_before,
-        rss_after_kib: d.rss_kib()?,
-    })
-}
-
-fn run_firewall(
-    ctx: &Ctx<'_>,
-    fw: &mut dyn Firewall,
-    layout: &Layout,
-    workers: &mut Workers,
-    apply_what: &'static str,
-) -> anyhow::Result<SystemResult> {
-    let p = ctx.params;
-    let name = fw.name();
-    let text = fw.render(layout, false);
-    fw.apply(&text)?;
-    let (connect, stream) = {
-        let mut toggle = |on: bool| fw.set_active(on);
-        let mut sys = System {
-            name,
-            on_cg: Cg::Base,
-            off_cg: Cg::Base,
-            refused_errno: Some(libc::ECONNREFUSED),
-            toggle: &mut toggle,
-        };
-        measure::verify(&mut sys, workers, ctx.targets)?;
-        let c = measure::connect_rounds(&mut sys, workers, ctx.targets, p.rounds, p.batch_ms)?;
-        let s =
-            measure::stream_rounds(&mut sys, workers, ctx.targets, p.stream_rounds, p.stream_ms)?;
-        (c, s)
-    };
-    fw.set_active(true)?;
-    let mut apply_ms = Vec::new();
-    let mut apply_cpu_ms = Vec::new();
-    for i in 0..p.applies {
-        check_interrupted()?;
-        let extra = i % 2 == 0;
-        let text = fw.render(layout, extra);
-        let took = fw.apply(&text)?;
-        apply_ms.push(ms(took.wall));
-        apply_cpu_ms.push(ms(took.cpu));
-        let want = if extra {
-            Ok(())
-        } else {
-            Err(libc::ECONNREFUSED)
-        };
-        measure::expect_verdict(
-            workers.get(Cg::Base, true),
-            &ctx.targets.guarded,
-            want,
-            apply_what,
-        )?;
-    }
-    Ok(SystemResult {
-        name,
-        connect,
-        stream,
-        apply_ms,
-        apply_cpu_ms,
-        apply_what,
-    })
-}

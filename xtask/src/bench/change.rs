@@ -16,7 +16,7 @@ use super::{
     env::{Daemon, PinDir, check_interrupted, sh},
     layout::Layout,
     measure::{Cg, Targets, Workers, ms},
-    p50_p99, status_ms,
+    storm::{p50_p99, status_ms},
 };
 
 /// What changing one grant cost at one size.

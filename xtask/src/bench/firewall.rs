@@ -19,8 +19,10 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    env::{children_cpu, sh},
+    Ctx, SystemResult,
+    env::{check_interrupted, children_cpu, sh},
     layout::Layout,
+    measure::{self, Cg, System, Workers, ms},
 };
 
 /// How long one apply took: wall clock, and the CPU it used (less moved by
@@ -307,4 +309,62 @@ impl Drop for Nft {
             eprintln!("xtask: LEFTOVER nft table ip {}: {e:#}", self.table);
         }
     }
+}
+
+pub(super) fn run_firewall(
+    ctx: &Ctx<'_>,
+    fw: &mut dyn Firewall,
+    layout: &Layout,
+    workers: &mut Workers,
+    apply_what: &'static str,
+) -> anyhow::Result<SystemResult> {
+    let p = ctx.params;
+    let name = fw.name();
+    let text = fw.render(layout, false);
+    fw.apply(&text)?;
+    let (connect, stream) = {
+        let mut toggle = |on: bool| fw.set_active(on);
+        let mut sys = System {
+            name,
+            on_cg: Cg::Base,
+            off_cg: Cg::Base,
+            refused_errno: Some(libc::ECONNREFUSED),
+            toggle: &mut toggle,
+        };
+        measure::verify(&mut sys, workers, ctx.targets)?;
+        let c = measure::connect_rounds(&mut sys, workers, ctx.targets, p.rounds, p.batch_ms)?;
+        let s =
+            measure::stream_rounds(&mut sys, workers, ctx.targets, p.stream_rounds, p.stream_ms)?;
+        (c, s)
+    };
+    fw.set_active(true)?;
+    let mut apply_ms = Vec::new();
+    let mut apply_cpu_ms = Vec::new();
+    for i in 0..p.applies {
+        check_interrupted()?;
+        let extra = i % 2 == 0;
+        let text = fw.render(layout, extra);
+        let took = fw.apply(&text)?;
+        apply_ms.push(ms(took.wall));
+        apply_cpu_ms.push(ms(took.cpu));
+        let want = if extra {
+            Ok(())
+        } else {
+            Err(libc::ECONNREFUSED)
+        };
+        measure::expect_verdict(
+            workers.get(Cg::Base, true),
+            &ctx.targets.guarded,
+            want,
+            apply_what,
+        )?;
+    }
+    Ok(SystemResult {
+        name,
+        connect,
+        stream,
+        apply_ms,
+        apply_cpu_ms,
+        apply_what,
+    })
 }

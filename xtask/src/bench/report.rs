@@ -273,7 +273,7 @@ pub fn render(
              a temporary grant that expired mid-storm was out of the kernel {:.0} ms after its expiry; \
              daemon VmRSS {:.1} MB before, {:.1} MB after.",
             u.uids,
-            crate::bench::STORM_FIRST_UID,
+            crate::bench::storm::STORM_FIRST_UID,
             u.secs,
             u.connects,
             u.connects as f64 / u.secs,
