@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use spicegate_common::{PORT_GUARD_ALL, RuleKey};
 
+use crate::compile::Via;
 use crate::{
     compile::{Compiled, Dest, canonical, decide},
     events::Endpoint,
@@ -133,8 +134,15 @@ pub fn explain(
             })
             .unwrap_or_default()
     };
-    if granted {
-        if info.temp_uids.contains(&uid) {
+    let vm_def = ctx.policy.vms.get(&info.vm);
+    let via = if granted {
+        // An endpoint's VM is always in the policy it was compiled from.
+        Some(vm_def.and_then(|v| info.via(v, uid)).unwrap_or(Via::Policy))
+    } else {
+        None
+    };
+    match via {
+        Some(Via::Temporary) => {
             let until = ctx
                 .temp
                 .iter()
@@ -151,32 +159,31 @@ pub fn explain(
                 short: format!("granted temporarily, {until}"),
             };
         }
-        let vm_def = ctx.policy.vms.get(&info.vm);
-        let via: Vec<String> = vm_def
-            .map(|v| {
-                v.allow
-                    .iter()
-                    .filter(|g| g.uids.contains(&uid))
-                    .map(|g| match g.principal {
-                        crate::policy::Principal::Uids(_) => format!("`#{uid}`"),
-                        _ => format!("`{}`", g.principal),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !via.is_empty() {
+        Some(Via::Policy) => {
+            let entries: Vec<String> = vm_def
+                .map(|v| {
+                    v.allow
+                        .iter()
+                        .filter(|g| g.uids.contains(&uid))
+                        .map(|g| match g.principal {
+                            crate::policy::Principal::Uids(_) => format!("`#{uid}`"),
+                            _ => format!("`{}`", g.principal),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             return Verdict {
                 allow: true,
                 vm,
                 reason: format!(
                     "vm `{}` allows {user} (allow entry {}){local_note}",
                     info.vm,
-                    via.join(", ")
+                    entries.join(", ")
                 ),
                 short: "granted".into(),
             };
         }
-        if info.console_uid == Some(uid) {
+        Some(Via::Console) => {
             return Verdict {
                 allow: true,
                 vm,
@@ -187,17 +194,20 @@ pub fn explain(
                 short: "granted to the console user".into(),
             };
         }
-        return Verdict {
-            allow: true,
-            vm,
-            reason: format!(
-                "vm `{}` allows {user} by schedule ({}); access ends {}",
-                info.vm,
-                schedules_text(),
-                window(uid)
-            ),
-            short: format!("granted until {}", window(uid)),
-        };
+        Some(Via::Schedule) => {
+            return Verdict {
+                allow: true,
+                vm,
+                reason: format!(
+                    "vm `{}` allows {user} by schedule ({}); access ends {}",
+                    info.vm,
+                    schedules_text(),
+                    window(uid)
+                ),
+                short: format!("granted until {}", window(uid)),
+            };
+        }
+        None => {}
     }
     let audit = if info.mode == crate::policy::Mode::Audit {
         audit_note

@@ -100,6 +100,47 @@ pub struct EndpointInfo {
     pub mode: Mode,
 }
 
+/// How a uid may open a VM now: the one answer `status`, `list`, `why`
+/// and `report` share. When several apply, the first of this order wins:
+/// a temporary grant, the policy's `allow`, the console, a schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    Temporary,
+    Policy,
+    Console,
+    Schedule,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Temporary => "temporary",
+            Self::Policy => "policy",
+            Self::Console => "console",
+            Self::Schedule => "schedule",
+        }
+    }
+}
+
+impl EndpointInfo {
+    /// How `uid` may open this VM now, `None` when it may not. `vm` is the
+    /// VM's policy entry (its `allow` list).
+    pub fn via(&self, vm: &crate::policy::Vm, uid: u32) -> Option<Via> {
+        if !self.uids.contains(&uid) {
+            None
+        } else if self.temp_uids.contains(&uid) {
+            Some(Via::Temporary)
+        } else if vm.allows_uid(uid) {
+            Some(Via::Policy)
+        } else if self.console_uid == Some(uid) {
+            Some(Via::Console)
+        } else {
+            Some(Via::Schedule)
+        }
+    }
+}
+
 /// Grants that change without a policy edit.
 #[derive(Debug, Clone, Default)]
 pub struct Dynamic<'a> {

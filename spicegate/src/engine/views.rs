@@ -2,6 +2,7 @@
 //! report. Names are filled in off the engine.
 
 use super::*;
+use crate::compile::Via;
 
 impl Engine {
     /// A page of [`USERS_PAGE`] users who may open `vm` now, after uid
@@ -11,7 +12,6 @@ impl Engine {
             return Err(format!("no vm `{vm}` in the policy"));
         };
         let info = self.compiled.endpoints.values().find(|i| i.vm == vm);
-        let policy_uids = v.uids();
         let (users, next_after) = match info {
             None => (Vec::new(), None),
             Some(i) => {
@@ -25,9 +25,7 @@ impl Engine {
                 let more = page.len() > USERS_PAGE;
                 let page = &page[..page.len().min(USERS_PAGE)];
                 (
-                    page.iter()
-                        .map(|u| user_entry(i, &policy_uids, *u))
-                        .collect(),
+                    page.iter().map(|u| user_entry(i, v, *u)).collect(),
                     more.then(|| page.last().copied()).flatten(),
                 )
             }
@@ -62,19 +60,7 @@ impl Engine {
             if !now && !in_schedule && !console_vm {
                 continue;
             }
-            let via = info.map(|i| {
-                if !i.uids.contains(&uid) {
-                    "none"
-                } else if i.temp_uids.contains(&uid) {
-                    "temporary"
-                } else if vm.uids().contains(&uid) {
-                    "policy"
-                } else if i.console_uid == Some(uid) {
-                    "console"
-                } else {
-                    "schedule"
-                }
-            });
+            let via = info.map(|i| i.via(vm, uid).map_or("none", Via::as_str));
             let next = in_schedule
                 .then(|| {
                     schedule::next_change(
@@ -175,13 +161,12 @@ impl Engine {
                 })
                 .collect();
             let info = eps.first().map(|(_, i)| *i);
-            let policy_uids = vm.uids();
             let users: Vec<Value> = info
                 .map(|i| {
                     i.uids
                         .iter()
                         .take(STATUS_USERS)
-                        .map(|u| user_entry(i, &policy_uids, *u))
+                        .map(|u| user_entry(i, vm, *u))
                         .collect()
                 })
                 .unwrap_or_default();
@@ -348,19 +333,7 @@ pub const STATUS_USERS: usize = 100;
 pub const USERS_PAGE: usize = 1000;
 
 /// One `users[]` entry of `status`; the name is filled in off the engine.
-pub(super) fn user_entry(
-    i: &crate::compile::EndpointInfo,
-    policy_uids: &BTreeSet<u32>,
-    u: u32,
-) -> Value {
-    let via = if i.temp_uids.contains(&u) {
-        "temporary"
-    } else if i.console_uid == Some(u) && !policy_uids.contains(&u) {
-        "console"
-    } else if i.scheduled_uids.contains(&u) && !policy_uids.contains(&u) {
-        "schedule"
-    } else {
-        "policy"
-    };
-    json!({ "uid": u, "user": Value::Null, "temporary": via == "temporary", "via": via })
+pub(super) fn user_entry(i: &crate::compile::EndpointInfo, vm: &policy::Vm, u: u32) -> Value {
+    let via = i.via(vm, u).unwrap_or(Via::Policy);
+    json!({ "uid": u, "user": Value::Null, "temporary": via == Via::Temporary, "via": via })
 }

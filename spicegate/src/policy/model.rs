@@ -240,6 +240,12 @@ impl Vm {
             .collect()
     }
 
+    /// Whether `allow` grants `uid` (by name, group or number; not the
+    /// console), without building the set of every allowed uid.
+    pub fn allows_uid(&self, uid: u32) -> bool {
+        self.allow.iter().any(|g| g.uids.contains(&uid))
+    }
+
     /// Whether `allow` names `@console`.
     pub fn allows_console(&self) -> bool {
         self.allow.iter().any(|g| g.principal == Principal::Console)
