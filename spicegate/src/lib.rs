@@ -18,7 +18,6 @@ pub mod directory;
 pub mod engine;
 pub mod events;
 pub mod explain;
-pub mod fill;
 pub mod grants;
 pub mod hostaddrs;
 pub mod journal;

@@ -292,10 +292,25 @@ impl fmt::Display for Expect {
 
 /// Collects the results of a test's cases, prints them as one table and
 /// panics listing every case that did not get what it had to.
+/// Dropped with failures it never reported (a forgotten
+/// [`Matrix::finish`]), it panics.
 #[derive(Debug, Default)]
+#[must_use = "call finish() to report the failures"]
 pub struct Matrix {
     rows: Vec<String>,
     failures: Vec<String>,
+}
+
+impl Drop for Matrix {
+    fn drop(&mut self) {
+        if !self.failures.is_empty() && !std::thread::panicking() {
+            panic!(
+                "Matrix dropped without finish(), with {} failure(s):\n  {}",
+                self.failures.len(),
+                self.failures.join("\n  ")
+            );
+        }
+    }
 }
 
 impl Matrix {
@@ -342,16 +357,17 @@ impl Matrix {
         self.failures.push(t);
     }
 
-    pub fn finish(self) {
+    pub fn finish(mut self) {
         eprintln!("[matrix] ---- {} rows", self.rows.len());
         for r in &self.rows {
             eprintln!("[matrix] {r}");
         }
-        if !self.failures.is_empty() {
+        let failures = std::mem::take(&mut self.failures);
+        if !failures.is_empty() {
             panic!(
                 "{} case(s) got the wrong answer:\n  {}",
-                self.failures.len(),
-                self.failures.join("\n  ")
+                failures.len(),
+                failures.join("\n  ")
             );
         }
     }

@@ -437,10 +437,25 @@ impl Drop for ProbeLoop {
 }
 
 /// Collects expectation mismatches so one test reports all of them at once.
+/// Dropped with failures it never reported (a forgotten
+/// [`Checks::finish`]), it panics: no failure goes unnoticed.
 #[derive(Debug, Default)]
+#[must_use = "call finish() to report the failures"]
 pub struct Checks {
     failures: Vec<String>,
     passed: usize,
+}
+
+impl Drop for Checks {
+    fn drop(&mut self) {
+        if !self.failures.is_empty() && !std::thread::panicking() {
+            panic!(
+                "Checks dropped without finish(), with {} failure(s):\n  {}",
+                self.failures.len(),
+                self.failures.join("\n  ")
+            );
+        }
+    }
 }
 
 impl Checks {
@@ -462,13 +477,14 @@ impl Checks {
     }
 
     /// Panics listing every mismatch.
-    pub fn finish(self) {
-        if !self.failures.is_empty() {
+    pub fn finish(mut self) {
+        let failures = std::mem::take(&mut self.failures);
+        if !failures.is_empty() {
             panic!(
                 "{} of {} checks failed:\n  {}",
-                self.failures.len(),
-                self.failures.len() + self.passed,
-                self.failures.join("\n  ")
+                failures.len(),
+                failures.len() + self.passed,
+                failures.join("\n  ")
             );
         }
     }

@@ -12,8 +12,10 @@
 //! - `pins`: the pin directory, upgrades from older layouts, unloading;
 //! - `mounts`: finding cgroup2, mounting bpffs, locking the pin directory;
 //! - `readers`: counters and drops read by other threads;
+//! - `fill`: streaming a compiled policy into a new table;
 //! - `sys`: the raw bpf(2) calls aya does not make for us.
 
+mod fill;
 mod mounts;
 mod overlays;
 mod pins;
@@ -153,8 +155,7 @@ impl Kernel {
         let mut table = RuleTable::create(capacity, 0)
             .with_context(|| format!("creating a rule table of {capacity} entries"))?;
         let t1 = std::time::Instant::now();
-        crate::fill::fill(&mut table, compiled, generation)
-            .context("filling the new rule table")?;
+        fill::fill(&mut table, compiled, generation).context("filling the new rule table")?;
         let t2 = std::time::Instant::now();
         let data = IterableMap::map(&table);
         map_freeze(data.fd().as_fd()).context("freezing the new rule table")?;

@@ -21,8 +21,8 @@ fn write_ops(fd: i32, generation: u8, ops: &[(RuleKey, Option<RuleValue>)]) -> a
         let mut k = *k;
         k._pad = generation;
         match v {
-            Some(v) => crate::fill::map_update_elem(fd, &k, v)?,
-            None => match crate::fill::map_delete_elem(fd, &k) {
+            Some(v) => super::sys::map_update(fd, &k, v)?,
+            None => match super::sys::map_delete(fd, &k) {
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                 r => r?,
             },

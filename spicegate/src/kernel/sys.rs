@@ -65,8 +65,11 @@ pub(crate) fn map_freeze(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     unsafe { sys_bpf(BPF_MAP_FREEZE, &mut attr) }.map(drop)
 }
 
-/// Writes `value` at `key` of a `u32` array (BPF_MAP_UPDATE_ELEM).
-pub(super) fn map_update_u32(fd: i32, key: u32, value: u32) -> io::Result<()> {
+/// Inserts or replaces `key` -> `value` (BPF_MAP_UPDATE_ELEM).
+///
+/// `K` and `V` must be the map's key and value types: plain repr(C) data
+/// of exactly the map's key and value sizes.
+pub(crate) fn map_update<K, V>(fd: i32, key: &K, value: &V) -> io::Result<()> {
     const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
     #[repr(C)]
     struct UpdateAttr {
@@ -79,13 +82,39 @@ pub(super) fn map_update_u32(fd: i32, key: u32, value: u32) -> io::Result<()> {
     let mut attr = UpdateAttr {
         map_fd: fd as u32,
         _pad: 0,
-        key: &raw const key as u64,
-        value: &raw const value as u64,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_ref(value) as u64,
         flags: 0,
     };
-    // SAFETY: key and value point at 4-byte locals that outlive the call,
-    // the key and value sizes of a u32 array.
+    // SAFETY: key and value point at values of the map's key and value
+    // sizes (the caller's contract) that outlive the call.
     unsafe { sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
+}
+
+/// Deletes `key` (BPF_MAP_DELETE_ELEM); `K` as for [`map_update`].
+pub(crate) fn map_delete<K>(fd: i32, key: &K) -> io::Result<()> {
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    #[repr(C)]
+    struct DeleteAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        _rest: [u64; 2],
+    }
+    let mut attr = DeleteAttr {
+        map_fd: fd as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        _rest: [0; 2],
+    };
+    // SAFETY: key points at a value of the map's key size that outlives
+    // the call.
+    unsafe { sys_bpf(BPF_MAP_DELETE_ELEM, &mut attr) }.map(drop)
+}
+
+/// Writes `value` at `key` of a `u32` array.
+pub(super) fn map_update_u32(fd: i32, key: u32, value: u32) -> io::Result<()> {
+    map_update(fd, &key, &value)
 }
 
 /// Forcibly detaches a link, even if some process still holds it open.

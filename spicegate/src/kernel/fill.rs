@@ -10,7 +10,8 @@ use std::{
 use aya::maps::{HashMap, IterableMap, MapData};
 use spicegate_common::{KIND_PORT, PORT_GEN_SHIFT, RuleKey, RuleValue};
 
-use crate::{compile::Compiled, kernel::sys_bpf};
+use super::sys::{map_update, sys_bpf};
+use crate::compile::Compiled;
 
 type RuleTable = HashMap<MapData, RuleKey, RuleValue>;
 
@@ -57,12 +58,6 @@ pub fn fill(table: &mut RuleTable, compiled: &Compiled, generation: u32) -> io::
     })
 }
 
-/// Fills a fresh overlay with `entries`.
-pub fn fill_entries(table: &mut RuleTable, entries: &[(RuleKey, RuleValue)]) -> io::Result<()> {
-    let fd = IterableMap::map(table).fd().as_fd().as_raw_fd();
-    write_all(fd, entries.iter().copied())
-}
-
 /// Writes every entry: in batches where the kernel has
 /// BPF_MAP_UPDATE_BATCH for hash maps (5.6+), one update per entry if not.
 fn write_all(fd: i32, entries: impl Iterator<Item = (RuleKey, RuleValue)>) -> io::Result<()> {
@@ -82,7 +77,7 @@ fn write_all(fd: i32, entries: impl Iterator<Item = (RuleKey, RuleValue)>) -> io
         }
         if !batched {
             for (k, v) in keys.iter().zip(values.iter()) {
-                map_update_elem(fd, k, v)?;
+                map_update(fd, k, v)?;
             }
         }
         keys.clear();
@@ -142,48 +137,4 @@ fn map_update_batch(fd: i32, keys: &[RuleKey], values: &[RuleValue]) -> io::Resu
         done += attr.count as usize;
     }
     Ok(())
-}
-
-/// Inserts or replaces one entry (BPF_MAP_UPDATE_ELEM).
-pub fn map_update_elem(fd: i32, key: &RuleKey, value: &RuleValue) -> io::Result<()> {
-    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-    #[repr(C)]
-    struct UpdateAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    let mut attr = UpdateAttr {
-        map_fd: fd as u32,
-        _pad: 0,
-        key: std::ptr::from_ref(key) as u64,
-        value: std::ptr::from_ref(value) as u64,
-        flags: 0,
-    };
-    // SAFETY: key and value point at repr(C) values of the map's key and
-    // value sizes that outlive the call.
-    unsafe { sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
-}
-
-/// Deletes one entry (BPF_MAP_DELETE_ELEM).
-pub fn map_delete_elem(fd: i32, key: &RuleKey) -> io::Result<()> {
-    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-    #[repr(C)]
-    struct DeleteAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        _rest: [u64; 2],
-    }
-    let mut attr = DeleteAttr {
-        map_fd: fd as u32,
-        _pad: 0,
-        key: std::ptr::from_ref(key) as u64,
-        _rest: [0; 2],
-    };
-    // SAFETY: key points at a repr(C) key of the map's key size that
-    // outlives the call.
-    unsafe { sys_bpf(BPF_MAP_DELETE_ELEM, &mut attr) }.map(drop)
 }
