@@ -322,6 +322,35 @@ expect reload-broken-keeps-old allow "$(connect_as $NO_UID)"
 policy $OK_UID
 check reload-back systemctl reload spicegate.service
 
+# --- the reload path unit: off by default; once enabled, a change of the
+# policy is reloaded, a half-written file is refused (the old policy stays
+# in force) and the next change is picked up.
+count_in_journal() { journalctl -b -u spicegate.service -o cat --no-pager | grep -c "$1"; }
+# wait_more PATTERN N: up to 15 s for more than N journal lines with PATTERN.
+wait_more() {
+    local i
+    for i in $(seq 150); do
+        [ "$(count_in_journal "$1")" -gt "$2" ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+check reload-path-disabled-by-default sh -c "! systemctl is-enabled --quiet spicegate-reload.path"
+check reload-path-enable systemctl enable --now spicegate-reload.path
+n=$(count_in_journal '^reloaded policy')
+policy $NO_UID
+check reload-path-reloads-on-change wait_more '^reloaded policy' "$n"
+expect reload-path-change-in-force allow "$(connect_as $NO_UID)"
+r=$(count_in_journal '^reload refused')
+echo 'this is [not a polic' > /etc/spicegate/policy.toml
+check reload-path-refuses-broken wait_more '^reload refused' "$r"
+expect reload-path-broken-keeps-old allow "$(connect_as $NO_UID)"
+n=$(count_in_journal '^reloaded policy')
+policy $OK_UID
+check reload-path-picks-up-the-fix wait_more '^reloaded policy' "$n"
+expect reload-path-fix-in-force deny "$(connect_as $NO_UID)"
+check reload-path-disable systemctl disable --now spicegate-reload.path
+
 # --- restart: no gap.
 pid=$(mainpid)
 probes_start
