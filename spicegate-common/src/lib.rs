@@ -9,7 +9,8 @@
 /// Outer `ARRAY_OF_MAPS` (one slot) that holds the active rule table.
 ///
 /// Written by the daemon (it swaps a freshly filled inner hash map into slot
-/// [`POLICY_SLOT`] on every apply), read by the kernel program once per
+/// [`POLICY_SLOT`] whenever a change needs a new table; changes of grants
+/// only go to the overlays, [`OVERLAY_MAP`]), read by the kernel program once per
 /// connect. Swapping the whole inner map is what makes a reload atomic: a
 /// connect sees either the old table or the new one, never a mix.
 pub const POLICY_MAP: &str = "SPICEGATE_POLICY";

@@ -291,7 +291,6 @@ fn count(vm: u32, outcome: Outcome) {
     }
 }
 
-/// `::ffff:0:0/96` prefix word, in memory (network) order.
 /// A [`RuleKey`] written as three 64-bit words, so that building it needs
 /// no `memset` subprogram call (which zeroing a 24-byte struct otherwise
 /// compiles to). The BPF target is little-endian: kind, pad, port and uid
@@ -325,6 +324,7 @@ const _: () = assert!(core::mem::offset_of!(RuleKey, port) == 2);
 const _: () = assert!(core::mem::offset_of!(RuleKey, uid) == 4);
 const _: () = assert!(core::mem::offset_of!(RuleKey, addr) == 8);
 
+/// `::ffff:0:0/96` prefix word, in memory (network) order.
 const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Loopback, unspecified, or marked local by the daemon. Word compares keep
