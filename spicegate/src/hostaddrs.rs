@@ -7,16 +7,18 @@
 //! the same listeners as 127.0.0.1.
 //!
 //! Routes are read with one rtnetlink dump per family (RTM_GETROUTE), raw
-//! through libc like [`crate::sockdiag`]: one request and two fields of the
-//! answer do not need a netlink crate.
+//! through libc with the framing in netlink.rs: one request and two fields
+//! of the answer do not need a netlink crate.
 
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
-use crate::compile::LocalAddrs;
+use crate::{
+    compile::LocalAddrs,
+    netlink::{self, HEADER_LEN, NLM_F_DUMP, NLM_F_REQUEST, read_answer, send, u16_at},
+};
 
 /// Interface addresses and `local` routes of this network namespace, now.
 pub fn current() -> anyhow::Result<LocalAddrs> {
@@ -38,10 +40,6 @@ pub fn current() -> anyhow::Result<LocalAddrs> {
 const NETLINK_ROUTE: i32 = 0;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_GETROUTE: u16 = 26;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const RTN_LOCAL: u8 = 2;
 const RTA_DST: u16 = 1;
 /// `struct rtmsg`.
@@ -50,71 +48,23 @@ const RTMSG_LEN: usize = 12;
 /// (destination, prefix length) of every route of type `local`, in every
 /// routing table, IPv4 and IPv6.
 pub fn local_routes() -> io::Result<Vec<(IpAddr, u8)>> {
-    // SAFETY: plain socket(2); the fd is owned immediately.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by socket(2).
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = netlink::socket(NETLINK_ROUTE)?;
     let mut out = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        let mut req = Vec::with_capacity(16 + RTMSG_LEN);
-        req.extend_from_slice(&((16 + RTMSG_LEN) as u32).to_ne_bytes());
-        req.extend_from_slice(&RTM_GETROUTE.to_ne_bytes());
-        req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-        req.extend_from_slice(&1u32.to_ne_bytes());
-        req.extend_from_slice(&0u32.to_ne_bytes());
+        let mut req = netlink::message(
+            HEADER_LEN + RTMSG_LEN,
+            RTM_GETROUTE,
+            NLM_F_REQUEST | NLM_F_DUMP,
+        );
         let mut rtm = [0u8; RTMSG_LEN];
         rtm[0] = family;
         req.extend_from_slice(&rtm);
-        // SAFETY: req is a valid buffer of req.len() bytes.
-        if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = vec![0u8; 64 * 1024];
-        'dump: loop {
-            // SAFETY: buf is valid for buf.len() bytes.
-            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
+        send(&fd, &req)?;
+        read_answer(&fd, |kind, payload| {
+            if kind == RTM_NEWROUTE {
+                out.extend(parse_route(payload));
             }
-            let n = n as usize;
-            if n == 0 {
-                break;
-            }
-            let mut at = 0;
-            while at + 16 <= n {
-                let len = u32_at(&buf, at) as usize;
-                let kind = u16_at(&buf, at + 4);
-                if len < 16 || at + len > n {
-                    break 'dump;
-                }
-                match kind {
-                    NLMSG_DONE => break 'dump,
-                    NLMSG_ERROR if len >= 20 => {
-                        let err = i32::from_ne_bytes([
-                            buf[at + 16],
-                            buf[at + 17],
-                            buf[at + 18],
-                            buf[at + 19],
-                        ]);
-                        if err != 0 {
-                            return Err(io::Error::from_raw_os_error(-err));
-                        }
-                    }
-                    RTM_NEWROUTE => out.extend(parse_route(&buf[at + 16..at + len])),
-                    _ => {}
-                }
-                at += (len + 3) & !3;
-            }
-        }
+        })?;
     }
     Ok(out)
 }
@@ -155,13 +105,6 @@ fn parse_route(m: &[u8]) -> Option<(IpAddr, u8)> {
         _ => None,
     })?;
     Some((dst, dst_len))
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_ne_bytes([b[at], b[at + 1]])
-}
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ pub mod journal;
 pub mod kernel;
 pub mod logging;
 pub mod metrics;
+pub mod netlink;
 pub mod policy;
 pub mod policy_split;
 pub mod report;

@@ -1,23 +1,22 @@
 //! Closing established connections when access ends, with the kernel's
 //! socket-destroy facility (sock_diag `SOCK_DESTROY`, as `ss -K` uses).
 //!
-//! Raw netlink through libc: two fixed structs and one attribute, less code
-//! than wiring a netlink crate's generic message types for this one request.
+//! Raw netlink through libc (the framing in netlink.rs): two fixed structs
+//! and one attribute.
 
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::AsRawFd,
+};
+
+use crate::netlink::{
+    self, HEADER_LEN, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, read_answer, send, u16_at, u32_at,
 };
 
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const INET_DIAG_CGROUP_ID: u16 = 21;
 /// Response attribute: the socket's storage in the requested BPF maps.
 const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
@@ -54,50 +53,14 @@ pub struct TcpSocket {
     id: [u8; 48],
 }
 
-fn netlink() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the fd is owned immediately.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by socket(2).
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let tv = libc::timeval {
-        tv_sec: 2,
-        tv_usec: 0,
-    };
-    // SAFETY: valid option value pointer and length.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const tv).cast(),
-            size_of::<libc::timeval>() as u32,
-        );
-    }
-    Ok(fd)
-}
-
 fn request(kind: u16, flags: u16, family: u8, id: &[u8; 48]) -> Vec<u8> {
     request_with(kind, flags, family, id, None)
 }
 
 /// A request, with the socket-storage map to report when `marks` is given.
 fn request_with(kind: u16, flags: u16, family: u8, id: &[u8; 48], marks: Option<i32>) -> Vec<u8> {
-    let len = 16 + 56 + if marks.is_some() { 12 } else { 0 };
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&kind.to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    m.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+    let len = HEADER_LEN + 56 + if marks.is_some() { 12 } else { 0 };
+    let mut m = netlink::message(len, kind, flags);
     m.push(family);
     m.push(IPPROTO_TCP);
     m.push(0); // idiag_ext
@@ -112,44 +75,6 @@ fn request_with(kind: u16, flags: u16, family: u8, id: &[u8; 48], marks: Option<
         m.extend_from_slice(&(fd as u32).to_ne_bytes());
     }
     m
-}
-
-fn send(fd: &OwnedFd, msg: &[u8]) -> io::Result<()> {
-    // SAFETY: msg is a valid buffer; sockaddr_nl zeroed means "the kernel".
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as u16;
-    let rc = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            msg.as_ptr().cast(),
-            msg.len(),
-            0,
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: buf is valid for buf.len() bytes.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_ne_bytes([b[at], b[at + 1]])
-}
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 fn addr(family: u8, raw: &[u8]) -> IpAddr {
@@ -167,7 +92,7 @@ fn addr(family: u8, raw: &[u8]) -> IpAddr {
 /// socket-storage map), each socket's mark too.
 pub fn tcp_sockets(marks: Option<std::os::fd::BorrowedFd<'_>>) -> io::Result<Vec<TcpSocket>> {
     let marks = marks.map(|f| f.as_raw_fd());
-    let fd = netlink()?;
+    let fd = netlink::socket(NETLINK_SOCK_DIAG)?;
     let mut out = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
         send(
@@ -180,36 +105,11 @@ pub fn tcp_sockets(marks: Option<std::os::fd::BorrowedFd<'_>>) -> io::Result<Vec
                 marks,
             ),
         )?;
-        let mut buf = vec![0u8; 64 * 1024];
-        'dump: loop {
-            let n = recv(&fd, &mut buf)?;
-            let mut at = 0;
-            while at + 16 <= n {
-                let len = u32_at(&buf, at) as usize;
-                let kind = u16_at(&buf, at + 4);
-                if len < 16 || at + len > n {
-                    break 'dump;
-                }
-                match kind {
-                    NLMSG_DONE => break 'dump,
-                    NLMSG_ERROR => {
-                        let err = i32::from_ne_bytes([
-                            buf[at + 16],
-                            buf[at + 17],
-                            buf[at + 18],
-                            buf[at + 19],
-                        ]);
-                        return Err(io::Error::from_raw_os_error(-err));
-                    }
-                    SOCK_DIAG_BY_FAMILY if len >= 16 + 72 => {
-                        let m = &buf[at + 16..at + len];
-                        out.push(parse_msg(m));
-                    }
-                    _ => {}
-                }
-                at += (len + 3) & !3;
+        read_answer(&fd, |kind, payload| {
+            if kind == SOCK_DIAG_BY_FAMILY && payload.len() >= 72 {
+                out.push(parse_msg(payload));
             }
-        }
+        })?;
     }
     Ok(out)
 }
@@ -284,7 +184,7 @@ fn storage_value(nest: &[u8]) -> Option<u32> {
 
 /// Closes one socket: both ends see the connection reset.
 pub fn destroy(sock: &TcpSocket) -> io::Result<()> {
-    let fd = netlink()?;
+    let fd = netlink::socket(NETLINK_SOCK_DIAG)?;
     send(
         &fd,
         &request(
@@ -294,16 +194,11 @@ pub fn destroy(sock: &TcpSocket) -> io::Result<()> {
             &sock.id,
         ),
     )?;
-    let mut buf = [0u8; 512];
-    let n = recv(&fd, &mut buf)?;
-    if n >= 20 && u16_at(&buf, 4) == NLMSG_ERROR {
-        let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+    match read_answer(&fd, |_, _| {}) {
         // ENOENT: it closed by itself in the meantime.
-        if err != 0 && err != -libc::ENOENT {
-            return Err(io::Error::from_raw_os_error(-err));
-        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r,
     }
-    Ok(())
 }
 
 /// Inode numbers (= cgroup ids) of a cgroup directory and all below it.
