@@ -38,7 +38,7 @@ use self::{
     env::{BenchCgroups, BenchUser, Daemon, PinDir, Proc, Scratch, Worker, check_interrupted, sh},
     firewall::{Iptables, Nft, run_firewall},
     layout::Layout,
-    measure::{Cg, Series, System, Targets, Workers, ms},
+    measure::{Cg, Series, System, Targets, Workers, control_series, ms},
     storm::{deny_storm, uid_storm},
 };
 use crate::util::{Step, cargo, is_root, target_dir, workspace};
@@ -565,34 +565,6 @@ fn run_spicegate(
         },
         dr,
     ))
-}
-
-/// "No filter" against itself, interleaved like every other system: what
-/// the ratios look like when nothing differs.
-fn control_series(
-    workers: &mut Workers,
-    targets: &Targets,
-    p: Params,
-) -> anyhow::Result<SystemResult> {
-    let mut noop = |_: bool| Ok(());
-    let mut sys = System {
-        name: "no filter vs itself (A/A)",
-        on_cg: Cg::Base,
-        off_cg: Cg::Base,
-        refused_errno: None,
-        toggle: &mut noop,
-    };
-    measure::verify(&mut sys, workers, targets)?;
-    let connect = measure::connect_rounds(&mut sys, workers, targets, p.rounds, p.batch_ms)?;
-    let stream = measure::stream_rounds(&mut sys, workers, targets, p.stream_rounds, p.stream_ms)?;
-    Ok(SystemResult {
-        name: sys.name,
-        connect,
-        stream,
-        apply_ms: Vec::new(),
-        apply_cpu_ms: Vec::new(),
-        apply_what: "",
-    })
 }
 
 /// Above this size iptables is left out: at 100,000 rules it already

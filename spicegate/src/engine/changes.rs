@@ -116,14 +116,27 @@ impl Engine {
     /// and puts the result in force. On error nothing changed.
     pub(super) fn apply_pairs(
         &mut self,
+        pairs: BTreeSet<(String, u32)>,
+        console_changed: bool,
+    ) -> anyhow::Result<()> {
+        let policy = &self.loaded.policy;
+        let scheduled =
+            schedule::scheduled(policy, self.clock(), &schedule::zone(policy), self.console);
+        self.apply_pairs_scheduled(pairs, console_changed, scheduled)
+    }
+
+    /// [`Engine::apply_pairs`] with the schedule windows open now already
+    /// worked out (the tick has them).
+    pub(super) fn apply_pairs_scheduled(
+        &mut self,
         mut pairs: BTreeSet<(String, u32)>,
         console_changed: bool,
+        scheduled: BTreeSet<(String, u32)>,
     ) -> anyhow::Result<()> {
         let started = Instant::now();
         self.phases.clear();
         let clock = self.clock();
         let policy = &self.loaded.policy;
-        let scheduled = schedule::scheduled(policy, clock, &schedule::zone(policy), self.console);
         pairs.extend(self.scheduled.symmetric_difference(&scheduled).cloned());
         let temp = self.grants.active(u64::try_from(clock).unwrap_or(0));
         let dynamic = Dynamic {

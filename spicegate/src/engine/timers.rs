@@ -98,11 +98,9 @@ impl Engine {
             self.console,
         );
         if scheduled != self.scheduled {
-            let old = self.scheduled.clone();
-            match self.apply_pairs(BTreeSet::new(), false) {
-                Ok(_) => self
-                    .names
-                    .changes("schedule: ", Diff::of_pairs(&old, &scheduled)),
+            let diff = Diff::of_pairs(&self.scheduled, &scheduled);
+            match self.apply_pairs_scheduled(BTreeSet::new(), false, scheduled) {
+                Ok(()) => self.names.changes("schedule: ", diff),
                 Err(e) => log::error!("schedule change not applied: {e:#}"),
             }
         }

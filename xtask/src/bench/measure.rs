@@ -294,6 +294,34 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// "No filter" against itself, interleaved like every other system: what
+/// the ratios look like when nothing differs.
+pub fn control_series(
+    workers: &mut Workers,
+    targets: &Targets,
+    p: super::Params,
+) -> anyhow::Result<super::SystemResult> {
+    let mut noop = |_: bool| Ok(());
+    let mut sys = System {
+        name: "no filter vs itself (A/A)",
+        on_cg: Cg::Base,
+        off_cg: Cg::Base,
+        refused_errno: None,
+        toggle: &mut noop,
+    };
+    verify(&mut sys, workers, targets)?;
+    let connect = connect_rounds(&mut sys, workers, targets, p.rounds, p.batch_ms)?;
+    let stream = stream_rounds(&mut sys, workers, targets, p.stream_rounds, p.stream_ms)?;
+    Ok(super::SystemResult {
+        name: sys.name,
+        connect,
+        stream,
+        apply_ms: Vec::new(),
+        apply_cpu_ms: Vec::new(),
+        apply_what: "",
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
