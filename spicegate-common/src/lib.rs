@@ -96,6 +96,16 @@ pub const RATE_NAMED_ENTRIES: u32 = 65_536;
 /// a socket whatever became of the cgroup it was made in.
 pub const MARKS_MAP: &str = "SPICEGATE_MARKS";
 
+/// The fast mark (`HASH`, socket cookie -> VM id): the connect hook records
+/// every socket it lets through to a guarded endpoint here, and the release
+/// hook ([`PROG_RELEASE`]) removes it when the socket is closed. An insert
+/// costs a fraction of a socket-storage allocation; only when this map is
+/// full (as many granted connections open at once as it has entries) does
+/// the hook fall back to [`MARKS_MAP`], so a mark is never lost. Pinned.
+pub const GRANTED_MAP: &str = "SPICEGATE_GRANTED";
+/// Capacity of [`GRANTED_MAP`] (preallocated: about 1 MiB of kernel memory).
+pub const GRANTED_ENTRIES: u32 = 16_384;
+
 /// Per-CPU counters of denials that were not logged (`PERCPU_ARRAY` of
 /// `u64`, indexed by the `DROP_*` constants). Written by the kernel, read
 /// by the daemon for `status`, the events stream and the summary lines.
@@ -168,6 +178,10 @@ pub const OP_CONNECT: u8 = 0;
 /// [`FloodRecord::op`] and the `op=` field of deny records: a bind.
 pub const OP_BIND: u8 = 1;
 
+/// Name of the sock_release program in the object file: it removes a
+/// closed socket's fast mark ([`GRANTED_MAP`]).
+pub const PROG_RELEASE: &str = "spicegate_release";
+
 /// Name of the connect4 program in the object file.
 pub const PROG_CONNECT4: &str = "spicegate_connect4";
 /// Name of the connect6 program in the object file.
@@ -192,7 +206,10 @@ pub const RATE_SHARED_WINDOW_NS: u64 = 1_000_000_000;
 /// - 2: rate limit in an array (one slot per uid below 65,536 and a shared
 ///   one) plus a map of named uids; per-CPU drop counters; bind4 and bind6
 ///   programs (links `bind4_v2`, `bind6_v2`) beside connect4 and connect6;
-///   socket marks.
+///   socket marks. Later in layout 2 (added, nothing changed): the fast
+///   marks ([`GRANTED_MAP`], pin `granted_v2`) and the release program
+///   (link `release_v2`); a daemon of layout 2 without them leaves them
+///   alone, and one with them creates them on start.
 pub const LAYOUT_VERSION: u32 = 2;
 
 /// [`RuleKey::kind`]: "is this port guarded at all, and how". Key has only

@@ -13,15 +13,16 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_NO_WAKEUP},
     btf_maps::{Array, ArrayOfMaps, HashMap, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
-    macros::{btf_map, cgroup_sock_addr},
-    programs::SockAddrContext,
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use aya_log_ebpf::macro_support::AYA_LOGS;
 use aya_log_ebpf::warn;
 use spicegate_common::{
-    COUNTERS_MAP_ENTRIES, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_RATE_LIMITED,
+    COUNTERS_MAP_ENTRIES, DROP_FLOOD_RING, GRANTED_ENTRIES, DROP_KINDS, DROP_LOG_RING, DROP_RATE_LIMITED,
     ENDPOINT_AUDIT, FLOOD_RING_BYTES, FloodRecord, GRANT_REVOKED, KIND_BIND_PORT, KIND_ENDPOINT,
     KIND_GRANT, KIND_LISTENER, KIND_LOCAL, KIND_LOCAL_NETS, KIND_PORT, LOG_RING_BYTES,
     LOG_RING_HEADROOM, MAX_LOCAL_NET_LENS, NO_VM, OP_BIND, OP_CONNECT, OVERLAY_EMPTY,
@@ -61,6 +62,12 @@ static SPICEGATE_RATE_NAMED: HashMap<u32, RateState, { RATE_NAMED_ENTRIES as usi
 #[btf_map]
 static SPICEGATE_MARKS: SkStorage<u32> = SkStorage::new();
 
+/// The fast marks: socket cookie -> VM id of every socket let through to a
+/// guarded endpoint, removed again by `spicegate_release` (see
+/// `GRANTED_MAP`). When full, `SPICEGATE_MARKS` takes the mark instead.
+#[btf_map]
+static SPICEGATE_GRANTED: HashMap<u64, u32, { GRANTED_ENTRIES as usize }> = HashMap::new();
+
 /// Denials not logged, per CPU, by reason (DROP_*).
 #[btf_map]
 static SPICEGATE_DROPS: PerCpuArray<u64, { DROP_KINDS as usize }> = PerCpuArray::new();
@@ -91,6 +98,22 @@ pub fn spicegate_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn spicegate_connect6(ctx: SockAddrContext) -> i32 {
     decide(&ctx, AF_INET6)
+}
+
+/// Removes the fast mark of a stream socket being closed (a no-op for the
+/// sockets that have none). Runs for every socket of the subtree; the
+/// type check keeps datagram sockets to one context load.
+#[cgroup_sock(sock_release)]
+pub fn spicegate_release(ctx: SockContext) -> i32 {
+    // SAFETY: the kernel hands every cgroup_sock program a valid bpf_sock;
+    // a plain context load.
+    let kind = unsafe { (*ctx.sock).type_ };
+    if kind == SOCK_STREAM || kind == SOCK_SEQPACKET {
+        // SAFETY: the program's own context, which the helper takes.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+        let _ = SPICEGATE_GRANTED.remove(cookie);
+    }
+    1 // sock_release programs cannot refuse; 1 is "carry on"
 }
 
 /// Only a listener (`[protect] listeners`, and root) may bind a guarded
@@ -213,12 +236,9 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
     if let Some(grant) = grant(rules, port_flags, port, uid, &endpoint) {
         // SAFETY: a live entry of the frozen rule table or of an overlay
         // (see `grant`).
-        let mut vm = unsafe { (*grant).vm };
+        let vm = unsafe { (*grant).vm };
         count(vm, Outcome::Allowed);
-        // SAFETY: ctx.sk is the connecting socket; the helper checks it.
-        // A failed mark (no memory) only means the sweep will not close
-        // this connection when access ends; the connect is decided.
-        let _ = unsafe { SPICEGATE_MARKS.get_or_insert_ptr_mut(ctx, Some(&mut vm)) };
+        mark(ctx, vm);
         return ALLOW;
     }
     let endpoint_rule = rules.get_ptr(key(KIND_ENDPOINT, port, 0, &endpoint));
@@ -232,6 +252,23 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
         None => (NO_VM, port_flags & PORT_AUDIT != 0),
     };
     refuse(ctx, uid, &words, port, vm, audit, OP_CONNECT)
+}
+
+/// Marks a socket let through to a guarded endpoint, so that the sweep
+/// closes it when access ends: the fast mark (a cookie in
+/// `SPICEGATE_GRANTED`, about a tenth of the cost), or socket storage when
+/// that map is full.
+#[inline(always)]
+fn mark(ctx: &SockAddrContext, mut vm: u32) {
+    // SAFETY: the program's own context, which the helper takes.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    if SPICEGATE_GRANTED.insert(cookie, vm, 0).is_ok() {
+        return;
+    }
+    // SAFETY: ctx.sk is the connecting socket; the helper checks it.
+    // A failed mark (no memory) only means the sweep will not close
+    // this connection when access ends; the connect is decided.
+    let _ = unsafe { SPICEGATE_MARKS.get_or_insert_ptr_mut(ctx, Some(&mut vm)) };
 }
 
 /// The grant of (`port`, `uid`, `endpoint`): the overlay in force decides

@@ -37,20 +37,35 @@ struct Scope {
     /// then exactly the sockets it let through to a guarded endpoint are
     /// judged, wherever their cgroup went.
     marks: Option<std::os::fd::OwnedFd>,
+    /// The connect hook's fast marks (pinned map of socket cookies), where
+    /// most marks are; `None` where it cannot be opened (a program of the
+    /// previous release, which only marks with socket storage).
+    granted: Option<std::os::fd::OwnedFd>,
     /// Counts the connections closed.
     metrics: Arc<crate::metrics::Shared>,
 }
 
 impl Sweeper {
-    /// Starts the sweeper for the sockets the hook marked (the pinned map
-    /// at `marks`), or, where that map cannot be read, the client sockets
-    /// of `cgroup`'s subtree.
+    /// Starts the sweeper for the sockets the hook marked (the pinned maps
+    /// of `paths`: fast marks and socket storage), or, where the socket
+    /// storage cannot be read, the client sockets of `cgroup`'s subtree.
     /// Each connection closed is counted in `metrics`.
     pub fn start(
         cgroup: PathBuf,
-        marks: &std::path::Path,
+        paths: &crate::kernel::PinPaths,
         metrics: Arc<crate::metrics::Shared>,
     ) -> anyhow::Result<Self> {
+        let marks = &paths.marks();
+        let granted = match crate::kernel::open_pinned(&paths.granted()) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log::warn!(
+                    "cannot open the fast socket marks {} ({e}); only socket storage marks are read",
+                    paths.granted().display()
+                );
+                None
+            }
+        };
         let marks = match crate::kernel::open_pinned(marks) {
             Ok(fd) => Some(fd),
             Err(e) => {
@@ -64,6 +79,7 @@ impl Sweeper {
         let mut scope = Scope {
             cgroup,
             marks,
+            granted,
             metrics,
         };
         let (tx, rx) = mpsc::channel::<Arc<Compiled>>();
@@ -100,6 +116,22 @@ impl Sweeper {
     }
 }
 
+impl Scope {
+    /// Whether the hook left a fast mark on the socket with `cookie`. A
+    /// lookup that fails (not ENOENT) counts as marked: the sweep then
+    /// judges the socket rather than let it keep access.
+    fn fast_marked(&self, cookie: u64) -> bool {
+        use std::os::fd::AsRawFd as _;
+        let Some(fd) = &self.granted else {
+            return false;
+        };
+        !matches!(
+            crate::kernel::map_lookup::<u64, u32>(fd.as_raw_fd(), &cookie),
+            Ok(None)
+        )
+    }
+}
+
 /// One pass: closes every socket the hook let through to a guarded
 /// endpoint whose connect the table refuses now.
 fn sweep(scope: &mut Scope, table: &Compiled) {
@@ -131,18 +163,18 @@ fn sweep(scope: &mut Scope, table: &Compiled) {
         if s.inode == 0 {
             continue;
         }
+        if crate::compile::decide(table, s.uid, s.dst, s.dport) {
+            continue;
+        }
         if by_marks {
             // Only client sockets the hook let through: never the server
             // side of a connection, whatever its peer's port.
-            if s.marked.is_none() {
+            if s.marked.is_none() && !scope.fast_marked(s.cookie) {
                 continue;
             }
         } else if let (Some(ids), Some(id)) = (&in_scope, s.cgroup_id)
             && !ids.contains(&id)
         {
-            continue;
-        }
-        if crate::compile::decide(table, s.uid, s.dst, s.dport) {
             continue;
         }
         let user = Nss

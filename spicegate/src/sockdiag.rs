@@ -46,6 +46,8 @@ pub struct TcpSocket {
     /// dump asked for the marks map: `Some` only for sockets whose connect
     /// to a guarded endpoint the program let through.
     pub marked: Option<u32>,
+    /// The socket's cookie (unique for the boot), the key of its fast mark.
+    pub cookie: u64,
     /// The socket's inode; 0 for sockets no process holds any more
     /// (orphans closing down, time-wait entries, reported with uid 0).
     pub inode: u32,
@@ -124,6 +126,8 @@ fn parse_msg(m: &[u8]) -> TcpSocket {
     let dst = addr(family, &m[24..40]);
     let uid = u32_at(m, 64);
     let inode = u32_at(m, 68);
+    // idiag_cookie: two u32s, the low half first.
+    let cookie = u64::from(u32_at(m, 44)) | (u64::from(u32_at(m, 48)) << 32);
     // Attributes after the 72-byte inet_diag_msg.
     let mut cgroup_id = None;
     let mut marked = None;
@@ -153,6 +157,7 @@ fn parse_msg(m: &[u8]) -> TcpSocket {
         uid,
         cgroup_id,
         marked,
+        cookie,
         inode,
         id,
     }

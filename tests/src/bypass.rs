@@ -918,6 +918,45 @@ pub fn write_inner_map(pin: &Path, slot: u32, key: &[u8], value: &[u8]) -> io::R
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
 }
 
+/// How many entries the map pinned at `pin` holds, counted by walking its
+/// keys of `key_size` bytes.
+pub fn pinned_map_len(pin: &Path, key_size: usize) -> io::Result<usize> {
+    let map = obj_get(pin)?;
+    let mut key = vec![0u8; key_size];
+    let mut next = vec![0u8; key_size];
+    let mut n = 0;
+    loop {
+        let mut attr = MapElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            _pad0: 0,
+            key: if n == 0 { 0 } else { key.as_ptr() as u64 },
+            value: next.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
+            Err(e) => return Err(e),
+        }
+        n += 1;
+        key.copy_from_slice(&next);
+    }
+}
+
+/// Writes `key` -> `value` into the map pinned at `pin` (what root could
+/// do with `bpftool map update pinned`).
+pub fn write_pinned_map(pin: &Path, key: &[u8], value: &[u8]) -> io::Result<()> {
+    let map = obj_get(pin)?;
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad0: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        flags: 0,
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+}
+
 /// Opens a map by its kernel id (BPF_MAP_GET_FD_BY_ID).
 fn map_by_id(id: u32) -> io::Result<OwnedFd> {
     #[repr(C)]

@@ -327,7 +327,7 @@ impl Engine {
             drops_at_start,
         ));
         metrics.reload_ok(now, Duration::ZERO);
-        let sweeper = Sweeper::start(cfg.cgroup.clone(), &cfg.paths.marks(), Arc::clone(&metrics))?;
+        let sweeper = Sweeper::start(cfg.cgroup.clone(), &cfg.paths, Arc::clone(&metrics))?;
         let engine = Self {
             kernel,
             cfg,

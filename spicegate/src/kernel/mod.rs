@@ -38,19 +38,19 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{ArrayOfMaps, HashMap, IterableMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, links::FdLink},
 };
 use spicegate_common::{
     COUNTERS_MAP, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_RATE_LIMITED, DROPS_MAP,
-    FLOOD_MAP, LAYOUT_VERSION, MARKS_MAP, OVERLAY_MAP, OVERLAY_MAX, OVERLAY_SELECT_ACTIVE,
+    FLOOD_MAP, GRANTED_MAP, LAYOUT_VERSION, MARKS_MAP, OVERLAY_MAP, OVERLAY_MAX, OVERLAY_SELECT_ACTIVE,
     OVERLAY_SELECT_GENERATION, OVERLAY_SELECT_MAP, POLICY_MAP, POLICY_SLOT, PROG_BIND4, PROG_BIND6,
-    PROG_CONNECT4, PROG_CONNECT6, RATE_LOW_UIDS, RATE_MAP, RATE_NAMED_ENTRIES, RATE_NAMED_MAP,
+    PROG_CONNECT4, PROG_CONNECT6, PROG_RELEASE, RATE_LOW_UIDS, RATE_MAP, RATE_NAMED_ENTRIES, RATE_NAMED_MAP,
     RateState, RuleKey, RuleValue, VmCounters,
 };
 
 use crate::compile::Compiled;
 
-pub(crate) use self::sys::{map_freeze, sys_bpf};
+pub(crate) use self::sys::{map_freeze, map_lookup, sys_bpf};
 pub use self::{
     mounts::{PinLock, cgroup2_root, cgroup2_root_from, check_cgroup, ensure_bpffs, lock_pin_dir},
     pins::{
@@ -116,6 +116,7 @@ impl Kernel {
             .map_pin_path(RATE_NAMED_MAP, paths.rate_named())
             .map_pin_path(DROPS_MAP, paths.drops())
             .map_pin_path(MARKS_MAP, paths.marks())
+            .map_pin_path(GRANTED_MAP, paths.granted())
             .map_pin_path(COUNTERS_MAP, paths.counters())
             .load(EBPF_OBJECT)
             .context(
@@ -129,6 +130,13 @@ impl Kernel {
             prog.load()
                 .with_context(|| format!("verifying program {name}"))?;
         }
+        let release: &mut CgroupSock = ebpf
+            .program_mut(PROG_RELEASE)
+            .ok_or_else(|| anyhow!("program {PROG_RELEASE} missing from the object"))?
+            .try_into()?;
+        release
+            .load()
+            .with_context(|| format!("verifying program {PROG_RELEASE}"))?;
         Ok(Self {
             ebpf,
             paths: paths.clone(),
@@ -219,23 +227,16 @@ impl Kernel {
         self.overlays_intact()
     }
 
-    /// Attaches connect4, connect6, bind4 and bind6 to `cgroup` and pins the links,
+    /// Attaches the release program, then connect4, connect6, bind4 and
+    /// bind6, to `cgroup` and pins the links,
     /// replacing links a previous daemon pinned (which then detach).
     pub fn attach(&mut self, cgroup: &Path) -> anyhow::Result<()> {
         let cg = fs::File::open(cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         for (name, pin) in self.paths.links() {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing"))?
-                .try_into()?;
-            // `Single` creates a bpf_link, which the kernel runs alongside
-            // other links (multi); AllowMultiple is refused for links.
-            let id = prog
-                .attach(cg.as_fd(), CgroupAttachMode::Single)
+            let link = self
+                .attach_one(name, &cg)
                 .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
-            let link: FdLink = prog.take_link(id)?.try_into()?;
             let tmp = staging(&pin);
             let _ = fs::remove_file(&tmp);
             let pinned = link
@@ -250,6 +251,25 @@ impl Kernel {
         Ok(())
     }
 
+    /// Attaches program `name` to the cgroup `cg` with a link of its own.
+    fn attach_one(&mut self, name: &str, cg: &fs::File) -> anyhow::Result<FdLink> {
+        let program = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?;
+        // `Single` creates a bpf_link, which the kernel runs alongside
+        // other links (multi); AllowMultiple is refused for links.
+        Ok(if name == PROG_RELEASE {
+            let prog: &mut CgroupSock = program.try_into()?;
+            let id = prog.attach(cg.as_fd(), CgroupAttachMode::Single)?;
+            prog.take_link(id)?.try_into()?
+        } else {
+            let prog: &mut CgroupSockAddr = program.try_into()?;
+            let id = prog.attach(cg.as_fd(), CgroupAttachMode::Single)?;
+            prog.take_link(id)?.try_into()?
+        })
+    }
+
     /// Pins again any map whose pin someone removed. Returns the names.
     pub fn repin_missing(&self) -> anyhow::Result<Vec<&'static str>> {
         let mut done = Vec::new();
@@ -261,6 +281,7 @@ impl Kernel {
             (RATE_NAMED_MAP, self.paths.rate_named()),
             (DROPS_MAP, self.paths.drops()),
             (MARKS_MAP, self.paths.marks()),
+            (GRANTED_MAP, self.paths.granted()),
             (COUNTERS_MAP, self.paths.counters()),
         ] {
             if path.exists() {

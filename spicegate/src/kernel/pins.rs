@@ -41,6 +41,12 @@ impl PinPaths {
     pub fn marks(&self) -> PathBuf {
         self.file("marks")
     }
+    pub fn granted(&self) -> PathBuf {
+        self.file("granted")
+    }
+    pub fn release(&self) -> PathBuf {
+        self.file("release")
+    }
     pub fn link4(&self) -> PathBuf {
         self.file("connect4")
     }
@@ -53,9 +59,11 @@ impl PinPaths {
     pub fn bind6(&self) -> PathBuf {
         self.file("bind6")
     }
-    /// Every link this layout pins, with its program.
-    pub fn links(&self) -> [(&'static str, PathBuf); 4] {
+    /// Every link this layout pins, with its program. The release link
+    /// comes first, so it is attached before a connect hook marks anything.
+    pub fn links(&self) -> [(&'static str, PathBuf); 5] {
         [
+            (PROG_RELEASE, self.release()),
             (PROG_CONNECT4, self.link4()),
             (PROG_CONNECT6, self.link6()),
             (PROG_BIND4, self.bind4()),
@@ -76,7 +84,7 @@ impl PinPaths {
             .into_iter()
             .filter(|p| {
                 p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                    ["connect4_v", "connect6_v", "bind4_v", "bind6_v"]
+                    ["connect4_v", "connect6_v", "bind4_v", "bind6_v", "release_v"]
                         .iter()
                         .any(|p| n.starts_with(p))
                 })

@@ -6,6 +6,12 @@ use super::*;
 /// The `u32` value at `key` of a map (for an array of maps: the id of the
 /// inner map in that slot); `None` for an empty slot.
 pub(super) fn map_lookup_u32(fd: i32, key: u32) -> io::Result<Option<u32>> {
+    map_lookup(fd, &key)
+}
+
+/// The value at `key` of a map; `None` when the key is absent. `K` and `V`
+/// must be the map's key and value types (plain data of the map's sizes).
+pub(crate) fn map_lookup<K, V: Default>(fd: i32, key: &K) -> io::Result<Option<V>> {
     const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
     #[repr(C)]
     struct LookupAttr {
@@ -15,16 +21,16 @@ pub(super) fn map_lookup_u32(fd: i32, key: u32) -> io::Result<Option<u32>> {
         value: u64,
         flags: u64,
     }
-    let mut value = 0u32;
+    let mut value = V::default();
     let mut attr = LookupAttr {
         map_fd: fd as u32,
         _pad: 0,
-        key: &raw const key as u64,
+        key: std::ptr::from_ref(key) as u64,
         value: &raw mut value as u64,
         flags: 0,
     };
-    // SAFETY: key and value point at 4-byte locals that outlive the call,
-    // the key and value sizes of an array of maps.
+    // SAFETY: key and value point at locals of the map's key and value
+    // sizes (the caller's types) that outlive the call.
     match unsafe { sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
         Ok(_) => Ok(Some(value)),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),

@@ -56,6 +56,7 @@ fn the_kernel_object_uses_the_shared_names() {
         RATE_MAP,
         RATE_NAMED_MAP,
         MARKS_MAP,
+        GRANTED_MAP,
         DROPS_MAP,
         FLOOD_MAP,
         COUNTERS_MAP,
@@ -70,7 +71,13 @@ fn the_kernel_object_uses_the_shared_names() {
     progs.sort_unstable();
     assert_eq!(
         progs,
-        [PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6],
+        [
+            PROG_BIND4,
+            PROG_BIND6,
+            PROG_CONNECT4,
+            PROG_CONNECT6,
+            PROG_RELEASE
+        ],
         "programs of the object"
     );
 }
