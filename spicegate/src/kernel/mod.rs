@@ -42,10 +42,10 @@ use aya::{
 };
 use spicegate_common::{
     COUNTERS_MAP, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_RATE_LIMITED, DROPS_MAP,
-    FLOOD_MAP, GRANTED_MAP, LAYOUT_VERSION, MARKS_MAP, OVERLAY_MAP, OVERLAY_MAX, OVERLAY_SELECT_ACTIVE,
-    OVERLAY_SELECT_GENERATION, OVERLAY_SELECT_MAP, POLICY_MAP, POLICY_SLOT, PROG_BIND4, PROG_BIND6,
-    PROG_CONNECT4, PROG_CONNECT6, PROG_RELEASE, RATE_LOW_UIDS, RATE_MAP, RATE_NAMED_ENTRIES, RATE_NAMED_MAP,
-    RateState, RuleKey, RuleValue, VmCounters,
+    FLOOD_MAP, GRANTED_MAP, LAYOUT_VERSION, MARKS_MAP, OVERLAY_MAP, OVERLAY_MAX,
+    OVERLAY_SELECT_ACTIVE, OVERLAY_SELECT_GENERATION, OVERLAY_SELECT_MAP, POLICY_MAP, POLICY_SLOT,
+    PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, PROG_RELEASE, RATE_LOW_UIDS, RATE_MAP,
+    RATE_NAMED_ENTRIES, RATE_NAMED_MAP, RateState, RuleKey, RuleValue, VmCounters,
 };
 
 use crate::compile::Compiled;
@@ -72,6 +72,16 @@ const BPF_NOEXIST: u64 = 1;
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spicegate"));
 
 type RuleTable = HashMap<MapData, RuleKey, RuleValue>;
+
+/// Loads (verifies) one of the object's programs.
+fn verify(program: &mut aya::programs::Program) -> anyhow::Result<()> {
+    match program {
+        aya::programs::Program::CgroupSockAddr(p) => p.load()?,
+        aya::programs::Program::CgroupSock(p) => p.load()?,
+        other => bail!("unexpected program type {:?}", other.prog_type()),
+    }
+    Ok(())
+}
 
 /// The loaded program and its maps.
 pub struct Kernel {
@@ -122,21 +132,24 @@ impl Kernel {
             .context(
                 "loading the eBPF object (is this kernel >= 5.10 with BTF, and are we root?)",
             )?;
-        for name in [PROG_CONNECT4, PROG_CONNECT6, PROG_BIND4, PROG_BIND6] {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-                .try_into()?;
-            prog.load()
-                .with_context(|| format!("verifying program {name}"))?;
-        }
-        let release: &mut CgroupSock = ebpf
-            .program_mut(PROG_RELEASE)
-            .ok_or_else(|| anyhow!("program {PROG_RELEASE} missing from the object"))?
-            .try_into()?;
-        release
-            .load()
-            .with_context(|| format!("verifying program {PROG_RELEASE}"))?;
+        // The verifier takes most of the load time (some 15 ms for each
+        // connect and bind program): the programs are verified side by
+        // side, one thread each, since privileged loads run in parallel.
+        std::thread::scope(|threads| {
+            let loading: Vec<_> = ebpf
+                .programs_mut()
+                .map(|(name, program)| {
+                    let name = name.to_owned();
+                    threads.spawn(move || {
+                        verify(program).with_context(|| format!("verifying program {name}"))
+                    })
+                })
+                .collect();
+            loading.into_iter().try_for_each(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(anyhow!("a program-loading thread panicked")))
+            })
+        })?;
         Ok(Self {
             ebpf,
             paths: paths.clone(),

@@ -84,9 +84,15 @@ impl PinPaths {
             .into_iter()
             .filter(|p| {
                 p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                    ["connect4_v", "connect6_v", "bind4_v", "bind6_v", "release_v"]
-                        .iter()
-                        .any(|p| n.starts_with(p))
+                    [
+                        "connect4_v",
+                        "connect6_v",
+                        "bind4_v",
+                        "bind6_v",
+                        "release_v",
+                    ]
+                    .iter()
+                    .any(|p| n.starts_with(p))
                 })
             })
             .collect()
