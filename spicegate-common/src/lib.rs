@@ -117,6 +117,11 @@ pub const DROP_LOG_RING: u32 = 1;
 /// [`DROPS_MAP`] index: flood records ([`FloodRecord`]) the flood ring had
 /// no room for.
 pub const DROP_FLOOD_RING: u32 = 2;
+/// [`DROPS_MAP`] index (not a denial): connects let through to a guarded
+/// endpoint whose mark could not be written (the fast marks full and no
+/// memory for socket storage). The sweep cannot find those connections,
+/// so they are not closed when access ends; the daemon says so.
+pub const DROP_MARK_FAILED: u32 = 3;
 /// Entries of [`DROPS_MAP`].
 pub const DROP_KINDS: u32 = 4;
 

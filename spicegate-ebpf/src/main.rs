@@ -22,14 +22,14 @@ use aya_ebpf::{
 use aya_log_ebpf::macro_support::AYA_LOGS;
 use aya_log_ebpf::warn;
 use spicegate_common::{
-    COUNTERS_MAP_ENTRIES, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_RATE_LIMITED,
-    ENDPOINT_AUDIT, FLOOD_RING_BYTES, FloodRecord, GRANT_REVOKED, GRANTED_ENTRIES, KIND_BIND_PORT,
-    KIND_ENDPOINT, KIND_GRANT, KIND_LISTENER, KIND_LOCAL, KIND_LOCAL_NETS, KIND_PORT,
-    LOG_RING_BYTES, LOG_RING_HEADROOM, MAX_LOCAL_NET_LENS, NO_VM, OP_BIND, OP_CONNECT,
-    OVERLAY_EMPTY, OVERLAY_SELECT_ACTIVE, OVERLAY_SLOTS, POLICY_SLOT, PORT_AUDIT, PORT_GEN_SHIFT,
-    PORT_GUARD_ALL, RATE_BURST, RATE_LOW_UIDS, RATE_NAMED_ENTRIES, RATE_SHARED_BURST,
-    RATE_SHARED_SLOT, RATE_SHARED_WINDOW_NS, RATE_SLOTS, RATE_WINDOW_NS, RateState, RuleKey,
-    RuleValue, VmCounters,
+    COUNTERS_MAP_ENTRIES, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_MARK_FAILED,
+    DROP_RATE_LIMITED, ENDPOINT_AUDIT, FLOOD_RING_BYTES, FloodRecord, GRANT_REVOKED,
+    GRANTED_ENTRIES, KIND_BIND_PORT, KIND_ENDPOINT, KIND_GRANT, KIND_LISTENER, KIND_LOCAL,
+    KIND_LOCAL_NETS, KIND_PORT, LOG_RING_BYTES, LOG_RING_HEADROOM, MAX_LOCAL_NET_LENS, NO_VM,
+    OP_BIND, OP_CONNECT, OVERLAY_EMPTY, OVERLAY_SELECT_ACTIVE, OVERLAY_SLOTS, POLICY_SLOT,
+    PORT_AUDIT, PORT_GEN_SHIFT, PORT_GUARD_ALL, RATE_BURST, RATE_LOW_UIDS, RATE_NAMED_ENTRIES,
+    RATE_SHARED_BURST, RATE_SHARED_SLOT, RATE_SHARED_WINDOW_NS, RATE_SLOTS, RATE_WINDOW_NS,
+    RateState, RuleKey, RuleValue, VmCounters,
 };
 
 /// Template for the inner rule table; the daemon creates the real ones, sized
@@ -268,8 +268,11 @@ fn mark(ctx: &SockAddrContext, mut vm: u32) {
     }
     // SAFETY: ctx.sk is the connecting socket; the helper checks it.
     // A failed mark (no memory) only means the sweep will not close
-    // this connection when access ends; the connect is decided.
-    let _ = unsafe { SPICEGATE_MARKS.get_or_insert_ptr_mut(ctx, Some(&mut vm)) };
+    // this connection when access ends; the connect is decided, and the
+    // failure counted for the daemon to report.
+    if unsafe { SPICEGATE_MARKS.get_or_insert_ptr_mut(ctx, Some(&mut vm)) }.is_null() {
+        count_drop(DROP_MARK_FAILED);
+    }
 }
 
 /// The grant of (`port`, `uid`, `endpoint`): the overlay in force decides

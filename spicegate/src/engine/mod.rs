@@ -179,6 +179,8 @@ pub struct Engine {
     denial_stats: Option<Arc<crate::denials::Stats>>,
     /// Kernel drop counters when this daemon started.
     drops_at_start: kernel::KernelDrops,
+    /// Connects let through unmarked that the watchdog has reported.
+    unmarked_seen: u64,
     /// uid of the active seat0 session, from the logind watcher.
     console: Option<u32>,
     /// Schedule grants in force.
@@ -349,6 +351,7 @@ impl Engine {
             state_ok,
             denial_stats: None,
             drops_at_start,
+            unmarked_seen: drops_at_start.mark_failed,
             console: None,
             scheduled,
             last_good,

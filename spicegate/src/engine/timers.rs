@@ -54,6 +54,7 @@ impl Engine {
             }
         };
         self.metrics.set_table_in_force(in_force);
+        self.report_unmarked();
         if !kernel::attached(&self.cfg.paths, &self.cfg.cgroup) {
             log::error!(
                 SPICEGATE_EVENT = Event::Tampering;
@@ -78,6 +79,23 @@ impl Engine {
                     log::error!(SPICEGATE_EVENT = Event::Tampering; "TAMPERING: could not restore enforcement: {e:#}")
                 }
             }
+        }
+    }
+
+    /// Says when the kernel let connects through without the mark the
+    /// sweep needs to close them when access ends (no memory for socket
+    /// storage, with the fast marks full).
+    fn report_unmarked(&mut self) {
+        let Ok(drops) = self.kernel.drops() else {
+            return;
+        };
+        if drops.mark_failed > self.unmarked_seen {
+            log::error!(
+                "UNMARKED: {} connect(s) to guarded endpoints were let through but could not be marked (the kernel had no memory for socket storage, and the {} fast marks are full): those connections will not be closed when access ends",
+                drops.mark_failed - self.unmarked_seen,
+                spicegate_common::GRANTED_ENTRIES
+            );
+            self.unmarked_seen = drops.mark_failed;
         }
     }
 

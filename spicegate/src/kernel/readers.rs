@@ -17,6 +17,7 @@ pub(super) fn read_drops<T: std::borrow::Borrow<MapData>>(
         rate_limited: sums[DROP_RATE_LIMITED as usize],
         log_ring_full: sums[DROP_LOG_RING as usize],
         flood_ring_full: sums[DROP_FLOOD_RING as usize],
+        mark_failed: sums[DROP_MARK_FAILED as usize],
     })
 }
 
@@ -82,6 +83,9 @@ pub struct KernelDrops {
     pub log_ring_full: u64,
     /// The flood ring had no room for the summary record.
     pub flood_ring_full: u64,
+    /// Not a denial: connects let through whose mark could not be written
+    /// (their connections are not closed when access ends).
+    pub mark_failed: u64,
 }
 
 impl KernelDrops {
@@ -90,6 +94,7 @@ impl KernelDrops {
             rate_limited: self.rate_limited.saturating_sub(then.rate_limited),
             log_ring_full: self.log_ring_full.saturating_sub(then.log_ring_full),
             flood_ring_full: self.flood_ring_full.saturating_sub(then.flood_ring_full),
+            mark_failed: self.mark_failed.saturating_sub(then.mark_failed),
         }
     }
 }

@@ -42,6 +42,8 @@ pub struct Values {
     pub guarded_endpoints: u64,
     pub sessions_closed: u64,
     pub tampering_repaired: u64,
+    /// Connects let through whose mark the kernel could not write.
+    pub unmarked_connections: u64,
 }
 
 /// Escapes a label value: backslash, double quote and newline.
@@ -231,6 +233,13 @@ pub fn render(v: &Values) -> String {
         "Repairs by the watchdog (pins restored, rule table reinstalled, programs re-attached) since the daemon started.",
         v.tampering_repaired,
     );
+    single(
+        &mut out,
+        "spicegate_unmarked_connections_total",
+        "counter",
+        "Connects let through to a guarded endpoint whose socket the kernel could not mark (no memory): they are not closed when access ends. Since the daemon started.",
+        v.unmarked_connections,
+    );
     out
 }
 
@@ -276,6 +285,7 @@ mod tests {
             guarded_endpoints: 3,
             sessions_closed: 8,
             tampering_repaired: 9,
+            unmarked_connections: 10,
         }
     }
 
@@ -312,6 +322,7 @@ mod tests {
             "spicegate_guarded_endpoints 3",
             "spicegate_sessions_closed_total 8",
             "spicegate_tampering_repaired_total 9",
+            "spicegate_unmarked_connections_total 10",
         ] {
             assert!(samples(&text).contains(&line), "{line} missing in\n{text}");
         }
@@ -338,7 +349,7 @@ mod tests {
             let name = line.split(['{', ' ']).next().expect("a sample");
             assert_eq!(typed.last(), Some(&name), "sample before its TYPE: {line}");
         }
-        assert_eq!(typed.len(), 17, "{typed:?}");
+        assert_eq!(typed.len(), 18, "{typed:?}");
         assert!(text.ends_with('\n'));
     }
 
@@ -361,7 +372,7 @@ mod tests {
     #[test]
     fn an_empty_policy_still_renders_every_family() {
         let text = render(&Values::default());
-        assert_eq!(text.matches("# TYPE ").count(), 17);
+        assert_eq!(text.matches("# TYPE ").count(), 18);
         assert!(text.contains("spicegate_attached 0\n"));
         assert!(text.contains("spicegate_last_reload_duration_seconds 0\n"));
     }

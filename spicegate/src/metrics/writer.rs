@@ -179,6 +179,7 @@ impl Writer {
             degraded: snap.degraded,
             unresolved_names: snap.unresolved_names,
             drops: DropCounts::new(drops.since(s.shared.drops_at_start), &s.denial_stats),
+            unmarked_connections: drops.since(s.shared.drops_at_start).mark_failed,
             policy_sha256: snap.policy_sha256,
             last_reload_success,
             last_reload_seconds,
