@@ -241,7 +241,8 @@ check release-upgrade-keeps-policy grep -q "#$OK_UID" /etc/spicegate/policy.toml
 # Where the layout changed, nothing of the old layout stays pinned (the new
 # daemon gets 5 s to remove it); where it did not, every pin of the previous
 # release is still there (adopted, not duplicated). Exactly the new
-# layout's two links are pinned, and the overlays of this release too.
+# layout's two connect links are pinned, and the overlays, fast marks and
+# release link of this release too.
 if [ "$OLD_LAYOUT" != "$NEW_LAYOUT" ]; then
     for i in $(seq 50); do
         [ -z "$(pins_named "*$OLD_LAYOUT")" ] && break
@@ -255,6 +256,9 @@ else
     if [ -z "$gone" ]; then pass upgrade-old-layout-retired-or-adopted; else fail upgrade-old-layout-retired-or-adopted "pins of the previous release gone:$gone"; fi
 fi
 check_pinned upgrade-overlays-pinned "overlay$NEW_LAYOUT"
+# This release's fast socket marks and the program that removes them.
+check_pinned upgrade-fast-marks-pinned "granted$NEW_LAYOUT"
+check_pinned upgrade-release-link-pinned "release$NEW_LAYOUT"
 n=$(pins_named "connect*$NEW_LAYOUT" | wc -w)
 if [ "$n" = 2 ]; then
     pass upgrade-new-links-pinned

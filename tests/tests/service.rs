@@ -89,6 +89,8 @@ const REQUIRED: &[&str] = &[
     "release-upgrade-keeps-policy",
     "upgrade-old-layout-retired-or-adopted",
     "upgrade-overlays-pinned",
+    "upgrade-fast-marks-pinned",
+    "upgrade-release-link-pinned",
     "upgrade-new-links-pinned",
     "release-upgrade-granted-allowed",
     "release-upgrade-ungranted-denied",
