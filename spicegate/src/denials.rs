@@ -74,20 +74,22 @@ pub struct Stats {
 }
 
 /// The `drops` object of `status`: every denial not logged, by reason.
+/// Fields in alphabetical order, the order `status --json` prints them in
+/// (see control/status.rs).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DropCounts {
-    /// Kept out of the log by the kernel's rate limit (summarized).
-    pub rate_limited: u64,
-    /// The kernel's DENY ring was full.
-    pub log_ring_full: u64,
     /// The kernel's flood ring was full (summaries count fewer uids).
     pub flood_ring_full: u64,
-    /// The daemon's queue was full.
-    pub queue_full: u64,
-    /// Over the daemon's line budget (summarized).
-    pub over_budget: u64,
+    /// The kernel's DENY ring was full.
+    pub log_ring_full: u64,
     /// DENY lines written.
     pub logged: u64,
+    /// Over the daemon's line budget (summarized).
+    pub over_budget: u64,
+    /// The daemon's queue was full.
+    pub queue_full: u64,
+    /// Kept out of the log by the kernel's rate limit (summarized).
+    pub rate_limited: u64,
     /// SUPPRESSED summary lines written.
     pub summaries: u64,
 }

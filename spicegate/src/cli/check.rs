@@ -41,17 +41,18 @@ pub fn check(args: &CheckArgs, socket: &std::path::Path) -> anyhow::Result<ExitC
     };
     print!("{}", describe(&policy, &compiled, &Nss));
     if args.diff {
-        let running = super::client::call(socket, &crate::control::Request::Status {})?;
-        let mut old = std::collections::BTreeSet::new();
-        for vm in running["vms"].as_array().cloned().unwrap_or_default() {
-            for u in vm["users"].as_array().cloned().unwrap_or_default() {
-                if u["temporary"].as_bool() != Some(true)
-                    && let (Some(name), Some(uid)) = (vm["name"].as_str(), u["uid"].as_u64())
-                {
-                    old.insert((name.to_owned(), u32::try_from(uid).unwrap_or(u32::MAX)));
-                }
-            }
-        }
+        let running: crate::control::Status =
+            super::client::call(socket, &crate::control::Request::Status {})?;
+        let old: std::collections::BTreeSet<(String, u32)> = running
+            .vms
+            .iter()
+            .flat_map(|vm| {
+                vm.users
+                    .iter()
+                    .filter(|u| !u.temporary)
+                    .map(|u| (vm.name.clone(), u.uid))
+            })
+            .collect();
         let new = crate::diff::access_pairs(&compiled);
         let lines = crate::diff::diff_lines(&old, &new, &Nss);
         println!("compared with the running policy:");

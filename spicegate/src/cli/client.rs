@@ -4,10 +4,12 @@
 use std::{net::IpAddr, path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, bail};
-use serde_json::Value;
-use tokio::io::AsyncBufReadExt as _;
+use serde::de::DeserializeOwned;
 
-use crate::control::{self, Request};
+use crate::control::{
+    self, GrantAnswer, NotRunningStatus, ReloadAnswer, Request, RevokeAnswer, Status, UsersPage,
+    WhyAnswer,
+};
 
 fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
     Ok(tokio::runtime::Builder::new_current_thread()
@@ -17,7 +19,8 @@ fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
         .block_on(f))
 }
 
-pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Value> {
+/// One request and its answer, read as `T` (see [`control::call`]).
+pub fn call<T: DeserializeOwned>(socket: &Path, req: &Request) -> anyhow::Result<T> {
     block_on(control::call(socket, req))?
 }
 
@@ -26,17 +29,13 @@ pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Value> {
 pub struct ReloadArgs {}
 
 pub fn reload(socket: &Path) -> anyhow::Result<ExitCode> {
-    let v = call(socket, &Request::Reload {})?;
-    println!(
-        "policy reloaded: {}",
-        v["summary"].as_str().unwrap_or_default()
-    );
-    let changes = v["changes"].as_array().cloned().unwrap_or_default();
-    if changes.is_empty() {
+    let v: ReloadAnswer = call(socket, &Request::Reload {})?;
+    println!("policy reloaded: {}", v.summary);
+    if v.changes.is_empty() {
         println!("no change in who may open what");
     }
-    for c in changes {
-        println!("{}", c.as_str().unwrap_or_default());
+    for c in v.changes {
+        println!("{c}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -62,29 +61,26 @@ pub struct StatusArgs {
 fn status_users(socket: &Path, vm: &str, json: bool) -> anyhow::Result<ExitCode> {
     let mut after = None;
     loop {
-        let page = call(
+        let page: UsersPage = call(
             socket,
             &Request::Users {
                 vm: vm.to_owned(),
                 after,
             },
         )?;
-        for u in page["users"].as_array().cloned().unwrap_or_default() {
+        for u in page.users {
             if json {
-                println!("{u}");
+                println!("{}", serde_json::to_string(&u)?);
             } else {
                 println!(
                     "{} {} {}",
-                    u["uid"],
-                    u["user"].as_str().unwrap_or("?"),
-                    u["via"].as_str().unwrap_or("?")
+                    u.uid,
+                    u.user.as_deref().unwrap_or("?"),
+                    u.via.as_str()
                 );
             }
         }
-        match page["next_after"]
-            .as_u64()
-            .and_then(|a| u32::try_from(a).ok())
-        {
+        match page.next_after {
             Some(a) => after = Some(a),
             None => return Ok(ExitCode::SUCCESS),
         }
@@ -95,7 +91,7 @@ pub fn status(socket: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
     if let (Some(vm), true) = (&args.vm, args.users) {
         return status_users(socket, vm, args.json);
     }
-    let v = match call(socket, &Request::Status {}) {
+    let v: Status = match call(socket, &Request::Status {}) {
         Ok(v) => v,
         Err(e) if e.downcast_ref::<crate::control::NotRunning>().is_none() => return Err(e),
         Err(e) => {
@@ -103,10 +99,12 @@ pub fn status(socket: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
             let paths = crate::kernel::PinPaths::new(&args.pin.pin_dir);
             let pinned = paths.has_links();
             if args.json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "running": false, "attached": pinned, "error": format!("{e:#}") })
-                );
+                let down = NotRunningStatus {
+                    attached: pinned,
+                    error: format!("{e:#}"),
+                    running: false,
+                };
+                println!("{}", serde_json::to_string(&down)?);
             } else {
                 eprintln!("{e:#}");
                 println!(
@@ -125,103 +123,78 @@ pub fn status(socket: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let s = |p: &str| {
-        v.pointer(p).map_or_else(String::new, |x| {
-            x.as_str().map_or_else(|| x.to_string(), str::to_owned)
-        })
-    };
-    println!("daemon: running (since {})", s("/started_at"));
-    println!("attached: {} (cgroup {})", s("/attached"), s("/cgroup"));
-    println!("rule table in force: {}", s("/table_in_force"));
-    println!("mode: {}", s("/mode"));
+    print_status(&v);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `status` for people.
+fn print_status(v: &Status) {
+    println!("daemon: running (since {})", v.started_at);
+    println!("attached: {} (cgroup {})", v.attached, v.cgroup.display());
+    println!("rule table in force: {}", v.table_in_force);
+    println!("mode: {}", v.mode);
+    let p = &v.policy;
     println!(
         "policy: {} [{}] sha256 {} loaded {}",
-        s("/policy/path"),
-        s("/policy/source"),
-        s("/policy/sha256"),
-        s("/policy/loaded_at")
+        p.path.display(),
+        p.source,
+        p.sha256,
+        p.loaded_at
     );
-    println!(
-        "last reload: {} ok={} {}",
-        s("/last_reload/at"),
-        s("/last_reload/ok"),
-        s("/last_reload/message")
-    );
+    let r = &v.last_reload;
+    println!("last reload: {} ok={} {}", r.at, r.ok, r.message);
+    let c = &v.counts;
     println!(
         "counts: {} vm(s), {} guarded endpoint(s), {} port(s) guarded everywhere, {} grant(s)",
-        s("/counts/vms"),
-        s("/counts/guarded_endpoints"),
-        s("/counts/ports_guarded_everywhere"),
-        s("/counts/grants")
+        c.vms, c.guarded_endpoints, c.ports_guarded_everywhere, c.grants
     );
-    if v["degraded"].as_bool() == Some(true) {
+    if v.degraded {
         println!(
             "DEGRADED: names of the policy that do not resolve are granted nothing until they do:"
         );
-        for u in v["unresolved"].as_array().cloned().unwrap_or_default() {
-            println!(
-                "  {} ({}): {}",
-                u["name"].as_str().unwrap_or("?"),
-                u["at"].as_str().unwrap_or("?"),
-                u["why"].as_str().unwrap_or("?")
-            );
+        for u in &v.unresolved {
+            println!("  {} ({}): {}", u.name, u.at, u.why);
         }
     }
-    if let Some(ports) = v["listeners"]["ports"].as_array().filter(|p| !p.is_empty()) {
-        let users: Vec<String> = v["listeners"]["users"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+    if !v.listeners.ports.is_empty() {
+        let users: Vec<&str> = v
+            .listeners
+            .users
             .iter()
-            .map(|u| u["user"].as_str().unwrap_or("?").to_owned())
+            .map(|u| u.user.as_deref().unwrap_or("?"))
             .collect();
         println!(
             "listeners: root{}{} may bind the guarded local ports ({} port(s))",
             if users.is_empty() { "" } else { ", " },
             users.join(", "),
-            ports.len()
+            v.listeners.ports.len()
         );
     }
-    if let Ok(d) = serde_json::from_value::<crate::denials::DropCounts>(v["drops"].clone()) {
-        println!(
-            "denial log: {} DENY line(s), {} SUPPRESSED summary line(s); not logged one by one: {} rate-limited, {} over the line budget, {} lost (kernel ring full), {} lost (daemon queue full); {} summary record(s) lost (flood ring full)",
-            d.logged,
-            d.summaries,
-            d.rate_limited,
-            d.over_budget,
-            d.log_ring_full,
-            d.queue_full,
-            d.flood_ring_full
-        );
-    }
-    for vm in v["vms"].as_array().cloned().unwrap_or_default() {
-        let users: Vec<String> = vm["users"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+    let d = &v.drops;
+    println!(
+        "denial log: {} DENY line(s), {} SUPPRESSED summary line(s); not logged one by one: {} rate-limited, {} over the line budget, {} lost (kernel ring full), {} lost (daemon queue full); {} summary record(s) lost (flood ring full)",
+        d.logged,
+        d.summaries,
+        d.rate_limited,
+        d.over_budget,
+        d.log_ring_full,
+        d.queue_full,
+        d.flood_ring_full
+    );
+    for vm in &v.vms {
+        let users: Vec<String> = vm
+            .users
             .iter()
             .map(|u| {
-                let t = if u["temporary"].as_bool() == Some(true) {
-                    "*"
-                } else {
-                    ""
-                };
-                format!("{}{t}", u["user"].as_str().unwrap_or("?"))
+                let t = if u.temporary { "*" } else { "" };
+                format!("{}{t}", u.user.as_deref().unwrap_or("?"))
             })
             .collect();
-        let eps: Vec<String> = vm["endpoints"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|e| e.as_str().map(str::to_owned))
-            .collect();
-        let total = vm["users_total"].as_u64().unwrap_or(users.len() as u64);
-        let more = total.saturating_sub(users.len() as u64);
+        let more = vm.users_total.saturating_sub(users.len());
         println!(
             "vm {} [{}]: allowed now: {}{}; connects allowed {} denied {}",
-            vm["name"].as_str().unwrap_or("?"),
-            eps.join(", "),
+            vm.name,
+            vm.endpoints.join(", "),
             if users.is_empty() {
                 "(no one)".into()
             } else {
@@ -230,28 +203,23 @@ pub fn status(socket: &Path, args: &StatusArgs) -> anyhow::Result<ExitCode> {
             if more > 0 {
                 format!(
                     " and {more} more (`spicegate status --vm {} --users`)",
-                    vm["name"].as_str().unwrap_or("?")
+                    vm.name
                 )
             } else {
                 String::new()
             },
-            vm["allowed"],
-            vm["denied"]
+            vm.allowed,
+            vm.denied
         );
     }
-    for g in v["temporary_grants"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-    {
+    for g in &v.temporary_grants {
         println!(
             "temporary grant: {} on {} until {}",
-            g["user"].as_str().unwrap_or("?"),
-            g["vm"].as_str().unwrap_or("?"),
-            g["expires"].as_str().unwrap_or("revoked")
+            g.user,
+            g.vm,
+            g.expires.as_deref().unwrap_or("revoked")
         );
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Arguments of `spicegate why`.
@@ -273,7 +241,7 @@ pub fn parse_endpoint(s: &str) -> anyhow::Result<(IpAddr, u16)> {
 
 pub fn why(socket: &Path, args: &WhyArgs) -> anyhow::Result<ExitCode> {
     let (addr, port) = parse_endpoint(&args.endpoint)?;
-    let v = call(
+    let v: WhyAnswer = call(
         socket,
         &Request::Why {
             user: args.user.clone(),
@@ -281,16 +249,11 @@ pub fn why(socket: &Path, args: &WhyArgs) -> anyhow::Result<ExitCode> {
             port,
         },
     )?;
-    let allow = v["allow"].as_bool().unwrap_or(false);
-    println!(
-        "{}: {}",
-        if allow { "allow" } else { "deny" },
-        v["reason"].as_str().unwrap_or_default()
-    );
-    if let Some(bind) = v["bind"].as_str() {
+    println!("{}: {}", if v.allow { "allow" } else { "deny" }, v.reason);
+    if let Some(bind) = &v.bind {
         println!("bind: {bind}");
     }
-    Ok(if allow {
+    Ok(if v.allow {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -326,7 +289,7 @@ pub fn grant(socket: &Path, args: &GrantArgs) -> anyhow::Result<ExitCode> {
             Some(dur.as_secs().max(1))
         }
     };
-    let v = call(
+    let v: GrantAnswer = call(
         socket,
         &Request::Grant {
             user: args.user.clone(),
@@ -336,10 +299,9 @@ pub fn grant(socket: &Path, args: &GrantArgs) -> anyhow::Result<ExitCode> {
     )?;
     println!(
         "granted: {} may open {} {}",
-        v["user"].as_str().unwrap_or("?"),
-        v["vm"].as_str().unwrap_or("?"),
-        v["expires"]
-            .as_str()
+        v.user,
+        v.vm,
+        v.expires
             .map_or_else(|| "until revoked".to_owned(), |e| format!("until {e}"))
     );
     Ok(ExitCode::SUCCESS)
@@ -355,7 +317,7 @@ pub struct RevokeArgs {
 }
 
 pub fn revoke(socket: &Path, args: &RevokeArgs) -> anyhow::Result<ExitCode> {
-    let v = call(
+    let v: RevokeAnswer = call(
         socket,
         &Request::Revoke {
             user: args.user.clone(),
@@ -364,8 +326,7 @@ pub fn revoke(socket: &Path, args: &RevokeArgs) -> anyhow::Result<ExitCode> {
     )?;
     println!(
         "revoked: {} may no longer open {} (by temporary grant)",
-        v["user"].as_str().unwrap_or("?"),
-        v["vm"].as_str().unwrap_or("?")
+        v.user, v.vm
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -380,19 +341,7 @@ pub struct EventsArgs {
 
 pub fn events(socket: &Path, args: &EventsArgs) -> anyhow::Result<ExitCode> {
     block_on(async {
-        let mut stream = control::connect(socket).await?;
-        let mut line = serde_json::to_vec(&Request::Events {})?;
-        line.push(b'\n');
-        tokio::io::AsyncWriteExt::write_all(&mut stream, &line).await?;
-        let mut lines = tokio::io::BufReader::new(stream).lines();
-        let first = lines
-            .next_line()
-            .await?
-            .context("the daemon closed the connection")?;
-        let resp: control::Response = serde_json::from_str(&first)?;
-        if !resp.ok {
-            bail!("{}", resp.error.unwrap_or_default());
-        }
+        let mut lines = control::subscribe(socket).await?;
         while let Some(l) = lines.next_line().await? {
             if args.json {
                 println!("{l}");

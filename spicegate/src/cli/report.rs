@@ -2,16 +2,17 @@
 //! lines, from the running daemon (page by page) or from a policy file.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     io::Write as _,
     path::{Path, PathBuf},
     process::ExitCode,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
+use serde::Serialize;
 
 use crate::{
-    control::Request,
+    control::{Request, fill_user_names},
     directory::Nss,
     grants::{now_unix, rfc3339},
     policy::{self, Policy},
@@ -45,50 +46,17 @@ enum Pages<'a> {
 impl Pages<'_> {
     fn page(&mut self, after: Option<u32>) -> anyhow::Result<Page> {
         match self {
-            Self::Daemon(socket) => fetch(socket, after),
+            Self::Daemon(socket) => super::client::call(socket, &Request::Report { after }),
             Self::File(policy, cache) => {
                 let mut page = report::page(policy, &[], false, after, None);
                 // One page of names at a time; the cache stays bounded.
                 if cache.len() > 100_000 {
                     cache.clear();
                 }
-                report::fill_names(&mut page, &Nss, cache);
+                fill_user_names(&mut page, &Nss, cache);
                 Ok(page)
             }
         }
-    }
-}
-
-/// One page from the daemon, read straight into a [`Page`].
-fn fetch(socket: &Path, after: Option<u32>) -> anyhow::Result<Page> {
-    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("async runtime")?;
-    let line = rt.block_on(async {
-        let mut stream = crate::control::connect(socket).await?;
-        let mut req = serde_json::to_vec(&Request::Report { after })?;
-        req.push(b'\n');
-        stream.write_all(&req).await?;
-        let mut line = String::new();
-        tokio::io::BufReader::new(stream)
-            .read_line(&mut line)
-            .await
-            .context("reading the daemon's answer")?;
-        anyhow::Ok(line)
-    })?;
-    if line.is_empty() {
-        bail!("the daemon closed the connection without answering");
-    }
-    let resp: report::PageResponse =
-        serde_json::from_str(&line).context("the daemon's report page is not understood")?;
-    match (resp.ok, resp.result, resp.error) {
-        (true, Some(page), _) => Ok(page),
-        (_, _, e) => bail!(
-            "{}",
-            e.unwrap_or_else(|| "the daemon refused the request".into())
-        ),
     }
 }
 
@@ -130,14 +98,20 @@ pub fn report(socket: &Path, args: &ReportArgs) -> anyhow::Result<ExitCode> {
                 }
                 writeln!(out, "{}", csv_header(&vms))?;
             } else if args.json {
-                let head = serde_json::json!({ "report": {
-                    "generated_at": rfc3339(now_unix()),
-                    "source": if args.policy.is_some() { "policy" } else { "daemon" },
-                    "policy": args.policy,
-                    "vms": vms,
-                    "temporary_grants_known": page.temporary_known,
-                }});
-                writeln!(out, "{head}")?;
+                let head = JsonHead {
+                    report: JsonReport {
+                        generated_at: rfc3339(now_unix()),
+                        policy: args.policy.as_deref(),
+                        source: if args.policy.is_some() {
+                            "policy"
+                        } else {
+                            "daemon"
+                        },
+                        temporary_grants_known: page.temporary_known,
+                        vms: &vms,
+                    },
+                };
+                writeln!(out, "{}", serde_json::to_string(&head)?)?;
             } else {
                 writeln!(
                     out,
@@ -159,7 +133,7 @@ pub fn report(socket: &Path, args: &ReportArgs) -> anyhow::Result<ExitCode> {
             }
         } else if args.json {
             for r in &page.rows {
-                writeln!(out, "{}", json_row(r, &vms))?;
+                writeln!(out, "{}", serde_json::to_string(&json_row(r, &vms))?)?;
             }
         } else {
             if !first && !page.rows.is_empty() {
@@ -219,15 +193,47 @@ pub fn csv_row(r: &Row, n: usize) -> String {
         .join(",")
 }
 
-/// `{"user":..., "uid":..., "access":{VM: TEXT, ...}}`: the VMs the user
+/// The first line of `report --json`. Fields in alphabetical order, the
+/// order they have always been printed in.
+#[derive(Serialize)]
+struct JsonHead<'a> {
+    report: JsonReport<'a>,
+}
+
+#[derive(Serialize)]
+struct JsonReport<'a> {
+    generated_at: String,
+    /// The policy file read (`--policy`), or null.
+    policy: Option<&'a Path>,
+    /// `daemon` or `policy`.
+    source: &'static str,
+    temporary_grants_known: bool,
+    vms: &'a [String],
+}
+
+/// A user's line of `report --json`: the VMs the user may open.
+#[derive(Debug, PartialEq, Eq, Serialize)]
+pub struct JsonRow {
+    /// VM name: the text of its cell.
+    pub access: BTreeMap<String, String>,
+    /// Null for `@console`.
+    pub uid: Option<u32>,
+    pub user: String,
+}
+
+/// `{"access":{VM: TEXT, ...}, "uid":..., "user":...}`: the VMs the user
 /// may open (`uid` null for `@console`).
-pub fn json_row(r: &Row, vms: &[String]) -> serde_json::Value {
-    let access: serde_json::Map<String, serde_json::Value> = r
+pub fn json_row(r: &Row, vms: &[String]) -> JsonRow {
+    let access = r
         .cells
         .iter()
-        .filter_map(|c| Some((vms.get(c.vm)?.clone(), cell_text(&c.how).into())))
+        .filter_map(|c| Some((vms.get(c.vm)?.clone(), cell_text(&c.how))))
         .collect();
-    serde_json::json!({ "user": r.name(), "uid": r.uid, "access": access })
+    JsonRow {
+        access,
+        uid: r.uid,
+        user: r.name(),
+    }
 }
 
 /// A page as a table when it fits [`WIDTH`] columns, else one block per
@@ -349,10 +355,10 @@ mod tests {
         assert_eq!(csv_header(&vms), "user,debianx,\"win,lab\"");
         let r = row("anne", Some(1001), &[(1, sched(&["mon,tue 08:00-12:00"]))]);
         assert_eq!(csv_row(&r, 2), "anne,,\"schedule mon,tue 08:00-12:00\"");
-        let j = json_row(&r, &vms);
+        let j = serde_json::to_string(&json_row(&r, &vms)).expect("json");
         assert_eq!(
             j,
-            serde_json::json!({"user": "anne", "uid": 1001, "access": {"win,lab": "schedule mon,tue 08:00-12:00"}})
+            r#"{"access":{"win,lab":"schedule mon,tue 08:00-12:00"},"uid":1001,"user":"anne"}"#
         );
     }
 

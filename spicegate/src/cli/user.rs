@@ -10,11 +10,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use serde_json::Value;
-use tokio::io::AsyncBufReadExt as _;
 
 use super::client::call;
-use crate::control::{self, Request};
+use crate::control::{self, ListAnswer, ListVm, Request, WhyAnswer};
 
 /// Arguments of `spicegate list`.
 #[derive(Debug, clap::Args)]
@@ -25,71 +23,64 @@ pub struct ListArgs {
 }
 
 pub fn list(socket: &Path, args: &ListArgs) -> anyhow::Result<ExitCode> {
-    let v = call(socket, &Request::List {})?;
+    let v: ListAnswer = call(socket, &Request::List {})?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let vms = v["vms"].as_array().cloned().unwrap_or_default();
-    if vms.is_empty() {
+    if v.vms.is_empty() {
         println!(
             "{}: no VMs, now or later",
-            v["user"].as_str().unwrap_or("you")
+            v.user.as_deref().unwrap_or("you")
         );
     }
-    for vm in vms {
-        println!("{}", describe(&vm));
+    for vm in &v.vms {
+        println!("{}", describe(vm));
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// One line per VM: name, state, how it is reached.
-fn describe(vm: &Value) -> String {
-    let name = vm["name"].as_str().unwrap_or("?");
-    let state = if vm["allowed_now"].as_bool() == Some(true) {
-        match vm["next_change"].as_str() {
+fn describe(vm: &ListVm) -> String {
+    let state = if vm.allowed_now {
+        match &vm.next_change {
             Some(t) => format!("open now (until {t})"),
             None => "open now".to_owned(),
         }
-    } else if vm["console_only"].as_bool() == Some(true) {
+    } else if vm.console_only {
         "only while you hold this machine's console".to_owned()
     } else {
-        match vm["next_change"].as_str() {
+        match &vm.next_change {
             Some(t) => format!("later (from {t})"),
             None => "not now".to_owned(),
         }
     };
-    let mut how = format!(
-        "{} (server {})",
-        vm["host"].as_str().unwrap_or("?"),
-        vm["server"].as_str().unwrap_or("?")
-    );
-    if let Some(p) = vm["port"].as_u64() {
+    let mut how = format!("{} (server {})", vm.host, vm.server);
+    if let Some(p) = vm.port {
         how.push_str(&format!(" port {p}"));
     }
-    if let Some(p) = vm["tls_port"].as_u64() {
+    if let Some(p) = vm.tls_port {
         how.push_str(&format!(" tls-port {p}"));
     }
-    format!("{name}: {state}; {how}")
+    format!("{}: {state}; {how}", vm.name)
 }
 
 /// The `spice://` URI of a VM entry of `list`.
-pub fn spice_uri(vm: &Value) -> anyhow::Result<String> {
-    let host = vm["host"].as_str().unwrap_or("localhost");
-    let host = if host.contains(':') {
-        format!("[{host}]")
+pub fn spice_uri(vm: &ListVm) -> anyhow::Result<String> {
+    let host = if vm.host.contains(':') {
+        format!("[{}]", vm.host)
     } else {
-        host.to_owned()
+        vm.host.clone()
     };
     let mut query = Vec::new();
-    if let Some(p) = vm["port"].as_u64() {
+    if let Some(p) = vm.port {
         query.push(format!("port={p}"));
     }
-    if let Some(p) = vm["tls_port"].as_u64() {
+    if let Some(p) = vm.tls_port {
         query.push(format!("tls-port={p}"));
     }
     if query.is_empty() {
-        bail!("vm {} has no ports", vm["name"].as_str().unwrap_or("?"));
+        bail!("vm {} has no ports", vm.name);
     }
     Ok(format!("spice://{host}?{}", query.join("&")))
 }
@@ -105,18 +96,17 @@ pub struct OpenArgs {
 }
 
 pub fn open(socket: &Path, args: &OpenArgs) -> anyhow::Result<ExitCode> {
-    let v = call(socket, &Request::List {})?;
-    let vms = v["vms"].as_array().cloned().unwrap_or_default();
-    let Some(vm) = vms.iter().find(|x| x["name"].as_str() == Some(&args.vm)) else {
+    let v: ListAnswer = call(socket, &Request::List {})?;
+    let Some(vm) = v.vms.iter().find(|x| x.name == args.vm) else {
         bail!(
             "you have no access to VM `{}`: ask your administrator (see `spicegate list`)",
             args.vm
         );
     };
-    if vm["allowed_now"].as_bool() != Some(true) {
-        let when = if vm["console_only"].as_bool() == Some(true) {
+    if !vm.allowed_now {
+        let when = if vm.console_only {
             "it opens only for whoever is logged in at this machine's screen".to_owned()
-        } else if let Some(t) = vm["next_change"].as_str() {
+        } else if let Some(t) = &vm.next_change {
             format!("your access begins {t}")
         } else {
             "no access window is coming up".to_owned()
@@ -124,18 +114,14 @@ pub fn open(socket: &Path, args: &OpenArgs) -> anyhow::Result<ExitCode> {
         eprintln!("spicegate: you may not open VM `{}` now: {when}", args.vm);
         return Ok(ExitCode::from(1));
     }
-    let client: Vec<String> = v["client"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(str::to_owned))
-                .collect()
-        })
-        .filter(|c: &Vec<String>| !c.is_empty())
-        .unwrap_or_else(|| vec!["remote-viewer".to_owned()]);
+    let client = if v.client.is_empty() {
+        vec!["remote-viewer".to_owned()]
+    } else {
+        v.client.clone()
+    };
     let mut argv = client.clone();
-    if let (Some(ca), true) = (vm["ca_file"].as_str(), client[0].ends_with("remote-viewer")) {
-        argv.push(format!("--spice-ca-file={ca}"));
+    if let (Some(ca), true) = (&vm.ca_file, client[0].ends_with("remote-viewer")) {
+        argv.push(format!("--spice-ca-file={}", ca.display()));
     }
     argv.push(spice_uri(vm)?);
     if args.dry_run {
@@ -185,19 +171,7 @@ async fn follow(
     last: &mut HashMap<String, Instant>,
     every: Duration,
 ) -> anyhow::Result<()> {
-    let mut stream = control::connect(socket).await?;
-    let mut line = serde_json::to_vec(&Request::Events {})?;
-    line.push(b'\n');
-    tokio::io::AsyncWriteExt::write_all(&mut stream, &line).await?;
-    let mut lines = tokio::io::BufReader::new(stream).lines();
-    let first = lines
-        .next_line()
-        .await?
-        .context("the daemon closed the connection")?;
-    let resp: control::Response = serde_json::from_str(&first)?;
-    if !resp.ok {
-        bail!("{}", resp.error.unwrap_or_default());
-    }
+    let mut lines = control::subscribe(socket).await?;
     while let Some(l) = lines.next_line().await? {
         let Ok(rec) = serde_json::from_str::<crate::events::DenyRecord>(&l) else {
             continue;
@@ -210,7 +184,7 @@ async fn follow(
             continue;
         }
         last.insert(key, Instant::now());
-        let why = control::call(
+        let why = control::call::<WhyAnswer>(
             socket,
             &Request::Why {
                 user: format!("#{}", rec.uid),
@@ -223,11 +197,7 @@ async fn follow(
         )
         .await
         .ok();
-        let short = why
-            .as_ref()
-            .and_then(|w| w["short"].as_str())
-            .unwrap_or("not granted")
-            .to_owned();
+        let short = why.map_or_else(|| "not granted".to_owned(), |w| w.short);
         let summary = match &rec.vm {
             Some(vm) => format!("Access to VM {vm} refused"),
             None => format!("Connection to {} refused", rec.dst),
@@ -265,29 +235,39 @@ async fn show(bus: &zbus::Connection, summary: &str, body: &str) -> anyhow::Resu
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
     use super::*;
+
+    fn vm(host: &str, port: Option<u16>, tls_port: Option<u16>) -> ListVm {
+        ListVm {
+            name: "v".into(),
+            host: host.into(),
+            port,
+            tls_port,
+            ..ListVm::default()
+        }
+    }
 
     #[test]
     fn uris() {
-        let vm = json!({"name": "v", "host": "kvm.example.lan", "port": 5900, "tls_port": 5901});
         assert_eq!(
-            spice_uri(&vm).expect("uri"),
+            spice_uri(&vm("kvm.example.lan", Some(5900), Some(5901))).expect("uri"),
             "spice://kvm.example.lan?port=5900&tls-port=5901"
         );
-        let vm = json!({"name": "v", "host": "fd00::2", "port": null, "tls_port": 20002});
         assert_eq!(
-            spice_uri(&vm).expect("uri"),
+            spice_uri(&vm("fd00::2", None, Some(20002))).expect("uri"),
             "spice://[fd00::2]?tls-port=20002"
         );
-        assert!(spice_uri(&json!({"name": "v", "host": "h"})).is_err());
+        assert!(spice_uri(&vm("h", None, None)).is_err());
     }
 
     #[test]
     fn list_lines() {
-        let vm = json!({"name": "leaptest", "host": "192.0.2.7", "server": "mysrv", "port": null, "tls_port": 20004,
-                        "allowed_now": false, "next_change": "2026-11-25T07:00:00Z", "console_only": false});
+        let vm = ListVm {
+            name: "leaptest".into(),
+            server: "mysrv".into(),
+            next_change: Some("2026-11-25T07:00:00Z".into()),
+            ..vm("192.0.2.7", None, Some(20004))
+        };
         assert_eq!(
             describe(&vm),
             "leaptest: later (from 2026-11-25T07:00:00Z); 192.0.2.7 (server mysrv) tls-port 20004"

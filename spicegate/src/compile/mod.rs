@@ -103,7 +103,7 @@ pub struct EndpointInfo {
 /// How a uid may open a VM now: the one answer `status`, `list`, `why`
 /// and `report` share. When several apply, the first of this order wins:
 /// a temporary grant, the policy's `allow`, the console, a schedule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Via {
     Temporary,

@@ -3,23 +3,24 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use serde_json::Value;
+use serde::de::DeserializeOwned;
 use tokio::{
-    io::{AsyncBufReadExt as _, BufReader},
+    io::{AsyncBufReadExt as _, BufReader, Lines},
     net::UnixStream,
 };
 
 use super::{proto::write_line, *};
 
-/// Client side: one request, one response. Fails with a sentence when the
-/// daemon is not running.
-pub async fn call(socket: &Path, req: &Request) -> anyhow::Result<Value> {
+/// Client side: one request, one response, read as `T` (the answer type of
+/// that request, e.g. [`super::Status`] for [`Request::Status`]). Fails
+/// with a sentence when the daemon is not running.
+pub async fn call<T: DeserializeOwned>(socket: &Path, req: &Request) -> anyhow::Result<T> {
     let mut stream = connect(socket).await?;
     write_line(&mut stream, req).await?;
-    let resp = read_response(&mut stream).await?;
+    let resp = read_response::<T>(&mut stream).await?;
     match (resp.ok, resp.result, resp.error) {
         (true, Some(v), _) => Ok(v),
-        (true, None, _) => Ok(Value::Null),
+        (true, None, _) => bail!("the daemon's answer has no result"),
         (false, _, e) => bail!(
             "{}",
             e.unwrap_or_else(|| "the daemon refused the request".into())
@@ -49,7 +50,26 @@ pub async fn connect(socket: &Path) -> anyhow::Result<UnixStream> {
     })
 }
 
-pub async fn read_response(stream: &mut UnixStream) -> anyhow::Result<Response> {
+/// Subscribes to `events`: the lines that follow the daemon's first answer,
+/// one JSON object each (see [`crate::denials::StreamItem`]).
+pub async fn subscribe(socket: &Path) -> anyhow::Result<Lines<BufReader<UnixStream>>> {
+    let mut stream = connect(socket).await?;
+    write_line(&mut stream, &Request::Events {}).await?;
+    let mut lines = BufReader::new(stream).lines();
+    let first = lines
+        .next_line()
+        .await?
+        .context("the daemon closed the connection")?;
+    let resp: Response<String> = serde_json::from_str(&first)?;
+    if !resp.ok {
+        bail!("{}", resp.error.unwrap_or_default());
+    }
+    Ok(lines)
+}
+
+pub async fn read_response<T: DeserializeOwned>(
+    stream: &mut UnixStream,
+) -> anyhow::Result<Response<T>> {
     let mut line = String::new();
     let mut reader = BufReader::new(stream);
     reader
@@ -59,5 +79,5 @@ pub async fn read_response(stream: &mut UnixStream) -> anyhow::Result<Response> 
     if line.is_empty() {
         bail!("the daemon closed the connection without answering");
     }
-    serde_json::from_str(&line).context("the daemon's answer is not valid JSON")
+    serde_json::from_str(&line).context("the daemon's answer is not understood")
 }

@@ -7,22 +7,34 @@
 //! else may only ask about themselves. Requests are bounded in size and
 //! time, and connections in number, so no client can wedge the daemon.
 //!
-//! - `proto`: the request and response types, and reading a request;
+//! - `proto`: the requests, and reading a request;
+//! - `answers`: the response line and the answers, one type each, built by
+//!   the daemon and read by the CLI; `status`: the `status` document;
 //! - `server`: the socket, its limits, and answering requests;
 //! - `client`: one request and its answer, for the CLI.
 
+mod answers;
 mod client;
 mod proto;
 mod server;
+mod status;
 #[cfg(test)]
 mod tests;
 
 use std::{path::PathBuf, time::Duration};
 
 pub use self::{
-    client::{NotRunning, call, connect, read_response},
-    proto::{Request, Response, parse_request, resolve_user},
+    answers::{
+        Answer, GrantAnswer, ListAnswer, ListVm, Names, ReloadAnswer, Response, RevokeAnswer,
+        UserRef, UsersPage, VmUser, WhyAnswer,
+    },
+    client::{NotRunning, call, connect, read_response, subscribe},
+    proto::{Request, parse_request, resolve_user},
     server::{Shared, bind, fill_user_names, serve},
+    status::{
+        Counts, LastChange, LastReload, Listeners, NotRunningStatus, OverallMode, PolicyStatus,
+        ScheduleUser, Status, TableStatus, TemporaryGrant, UnresolvedName, VmStatus,
+    },
 };
 
 /// Default socket path.

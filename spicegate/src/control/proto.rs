@@ -4,7 +4,6 @@ use std::net::IpAddr;
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::{io::AsyncWriteExt as _, net::UnixStream};
 
 use crate::directory::Directory;
@@ -60,33 +59,6 @@ impl Request {
                 | Self::Revoke { .. }
                 | Self::Users { .. }
         )
-    }
-}
-
-/// A response line.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl Response {
-    pub fn ok(result: Value) -> Self {
-        Self {
-            ok: true,
-            result: Some(result),
-            error: None,
-        }
-    }
-    pub fn err(error: impl Into<String>) -> Self {
-        Self {
-            ok: false,
-            result: None,
-            error: Some(error.into()),
-        }
     }
 }
 

@@ -8,7 +8,6 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
@@ -19,11 +18,15 @@ use crate::{
     accounts::{Accounts, Bucket},
     denials::StreamItem,
     directory::{Directory, Nss},
-    engine::{Command, Loader},
+    engine::{Command, Loader, Reply, WhyQuery},
     policy::Settings,
 };
 
-use super::{proto::write_line, *};
+use super::{
+    answers::{Answer, Names, ReloadAnswer},
+    proto::write_line,
+    *,
+};
 
 /// Open connections per account; an entry goes when its last connection
 /// does.
@@ -152,7 +155,7 @@ pub async fn serve(listener: UnixListener, shared: Shared) {
             Err(why) => {
                 tokio::spawn(async move {
                     let mut s = stream;
-                    let _ = write_line(&mut s, &Response::err(why)).await;
+                    let _ = write_line(&mut s, &Response::<Answer>::err(why)).await;
                 });
                 continue;
             }
@@ -188,7 +191,7 @@ pub(super) async fn handle(mut stream: UnixStream, shared: &Shared) -> anyhow::R
     let peer = stream.peer_cred().context("SO_PEERCRED")?.uid();
     let req = match read_request(&mut stream).await {
         Ok(r) => r,
-        Err(e) => return write_line(&mut stream, &Response::err(e)).await,
+        Err(e) => return write_line(&mut stream, &Response::<Answer>::err(e)).await,
     };
     let admin = shared
         .settings
@@ -196,23 +199,15 @@ pub(super) async fn handle(mut stream: UnixStream, shared: &Shared) -> anyhow::R
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .is_admin(peer);
     if req.needs_admin() && !admin {
-        let resp =
-            Response::err("permission denied: only root and the policy's admin group may do this");
+        let resp = Response::<Answer>::err(
+            "permission denied: only root and the policy's admin group may do this",
+        );
         return write_line(&mut stream, &resp).await;
     }
     if matches!(req, Request::Events {}) {
         return stream_events(stream, shared, if admin { None } else { Some(peer) }).await;
     }
-    if let Request::Report { after } = req {
-        // Typed all the way to the line: a page of 100,000 cells is never
-        // a `Value` tree.
-        let page = report_page(after, (!admin).then_some(peer), shared).await;
-        return write_line(&mut stream, &crate::report::PageResponse::from(page)).await;
-    }
-    let resp = match request_engine(req, peer, admin, shared).await {
-        Ok(v) => Response::ok(v),
-        Err(e) => Response::err(e),
-    };
+    let resp = Response::from(answer(req, peer, admin, shared).await);
     write_line(&mut stream, &resp).await
 }
 
@@ -237,136 +232,114 @@ pub(super) async fn is_self(who: &str, peer: u32) -> Result<bool, String> {
     blocking(move || Nss.user_name(peer).is_some_and(|n| n == who)).await
 }
 
-pub(super) async fn request_engine(
+/// The answer to a request (`events` aside): the engine's, its names and
+/// the lines of a reload's diff looked up here, off the engine thread.
+pub(super) async fn answer(
     req: Request,
     peer: u32,
     admin: bool,
     shared: &Shared,
-) -> Result<Value, String> {
-    let (reply, rx) = oneshot::channel();
+) -> Result<Answer, String> {
     let resolve = |user: &str| {
         let user = user.to_owned();
         async move { blocking(move || resolve_user(&user, &Nss)).await? }
     };
-    let (cmd, names) = match req {
-        Request::Status {} => (Command::Status { reply }, true),
+    Ok(match req {
+        Request::Status {} => {
+            let status = ask(shared, |reply| Command::Status { reply }).await?;
+            Answer::Status(Box::new(named(status).await?))
+        }
         Request::Reload {} => {
             // Parsing waits on NSS and DNS: not on the engine's thread.
             let loader = Arc::clone(&shared.loader);
-            let loaded = blocking(move || loader.load()).await?;
-            (
-                Command::Reload {
-                    loaded: Box::new(loaded),
-                    reply,
-                },
-                false,
-            )
+            let loaded = Box::new(blocking(move || loader.load()).await?);
+            let r = ask(shared, |reply| Command::Reload { loaded, reply }).await?;
+            let diff = r.diff;
+            Answer::Reload(ReloadAnswer {
+                changes: blocking(move || diff.lines(&Nss)).await?,
+                sha256: r.sha256,
+                summary: r.summary,
+            })
         }
         Request::Why { user, addr, port } => {
             if !admin && !is_self(&user, peer).await? {
                 return Err("permission denied: you may only ask about yourself".into());
             }
             let uid = resolve(&user).await?;
-            (
-                Command::Why {
-                    uid,
-                    user,
-                    addr,
-                    port,
-                    reply,
-                },
-                false,
-            )
+            let query = WhyQuery {
+                uid,
+                user,
+                addr,
+                port,
+            };
+            Answer::Why(ask(shared, |reply| Command::Why { query, reply }).await?)
         }
         Request::Grant { user, vm, for_secs } => {
             let uid = resolve(&user).await?;
-            (
-                Command::Grant {
-                    uid,
-                    user,
-                    vm,
-                    for_secs,
-                    by: peer,
-                    reply,
-                },
-                false,
-            )
+            let cmd = |reply| Command::Grant {
+                uid,
+                user,
+                vm,
+                for_secs,
+                by: peer,
+                reply,
+            };
+            Answer::Grant(ask(shared, cmd).await?)
         }
         Request::Revoke { user, vm } => {
             let uid = resolve(&user).await?;
-            (
-                Command::Revoke {
-                    uid,
-                    user,
-                    vm,
-                    reply,
-                },
-                false,
-            )
+            let cmd = |reply| Command::Revoke {
+                uid,
+                user,
+                vm,
+                reply,
+            };
+            Answer::Revoke(ask(shared, cmd).await?)
         }
-        Request::List {} => (Command::List { uid: peer, reply }, true),
-        Request::Users { vm, after } => (Command::Users { vm, after, reply }, true),
-        Request::Report { .. } => return Err("internal: report pages are typed".into()),
+        Request::List {} => {
+            let list = ask(shared, |reply| Command::List { uid: peer, reply }).await?;
+            Answer::List(named(list).await?)
+        }
+        Request::Users { vm, after } => {
+            let page = ask(shared, |reply| Command::Users { vm, after, reply }).await?;
+            Answer::Users(named(page).await?)
+        }
+        // Every user for root and the admin group, the caller's own row
+        // for anyone else.
+        Request::Report { after } => {
+            let only = (!admin).then_some(peer);
+            let page = ask(shared, |reply| Command::Report { after, only, reply }).await?;
+            Answer::Report(named(page).await?)
+        }
         Request::Events {} => return Err("internal: events are streamed".into()),
-    };
-    shared
-        .engine
-        .send(cmd)
-        .map_err(|_| "the daemon is shutting down".to_owned())?;
-    let mut v = rx
-        .await
-        .map_err(|_| "the daemon is shutting down".to_owned())??;
-    if names {
-        v = blocking(move || {
-            let mut cache = NAMES
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            // Bounded: a policy of a million uids pages through names, it
-            // does not keep them all.
-            if cache.len() > NAME_CACHE {
-                cache.clear();
-            }
-            fill_user_names(&mut v, &Nss, &mut cache);
-            v
-        })
-        .await?;
-    }
-    if let Some(diff) = v.get_mut("diff").map(Value::take) {
-        let diff: crate::diff::Diff = serde_json::from_value(diff)
-            .map_err(|e| format!("internal error: reading the diff: {e}"))?;
-        let lines = blocking(move || diff.lines(&Nss)).await?;
-        if let Some(o) = v.as_object_mut() {
-            o.remove("diff");
-            o.insert("changes".into(), Value::from(lines));
-        }
-    }
-    Ok(v)
+    })
 }
 
-/// One page of `report` from the engine, its names looked up here (a page
-/// of at most [`crate::report::REPORT_ROWS`] uids), off the engine thread.
-pub(super) async fn report_page(
-    after: Option<u32>,
-    only: Option<u32>,
-    shared: &Shared,
-) -> Result<crate::report::Page, String> {
+/// Sends the engine a command and waits for its reply.
+async fn ask<T>(shared: &Shared, cmd: impl FnOnce(Reply<T>) -> Command) -> Result<T, String> {
     let (reply, rx) = oneshot::channel();
     shared
         .engine
-        .send(Command::Report { after, only, reply })
+        .send(cmd(reply))
         .map_err(|_| "the daemon is shutting down".to_owned())?;
-    let mut page = rx
-        .await
-        .map_err(|_| "the daemon is shutting down".to_owned())??;
+    rx.await
+        .map_err(|_| "the daemon is shutting down".to_owned())?
+}
+
+/// `answer` with its names filled in (a page of at most a few thousand
+/// uids), on the blocking pool.
+async fn named<T: Names + Send + 'static>(mut answer: T) -> Result<T, String> {
     blocking(move || {
         let mut cache = NAMES
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Bounded: a policy of a million uids pages through names, it
+        // does not keep them all.
         if cache.len() > NAME_CACHE {
             cache.clear();
         }
-        crate::report::fill_names(&mut page, &Nss, &mut cache);
-        page
+        fill_user_names(&mut answer, &Nss, &mut cache);
+        answer
     })
     .await
 }
@@ -378,39 +351,22 @@ static NAMES: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<u32
 /// Entries of [`NAMES`] before it starts over.
 pub(super) const NAME_CACHE: usize = 100_000;
 
-/// Fills every `"user": null` next to a `"uid"` in an answer with that
-/// uid's name (`#UID` without a passwd entry). The engine leaves names out:
-/// looking them up may wait on NSS.
-pub fn fill_user_names(
-    v: &mut Value,
+/// Fills every name the engine left out (`"user": null` next to a
+/// `"uid"`) with that uid's name (`#UID` without a passwd entry), asking
+/// `dir` once per uid not in `cache`.
+pub fn fill_user_names<T: Names + ?Sized>(
+    answer: &mut T,
     dir: &dyn Directory,
     cache: &mut std::collections::HashMap<u32, String>,
 ) {
-    match v {
-        Value::Object(o) => {
-            if let (Some(uid), Some(Value::Null)) = (
-                o.get("uid")
-                    .and_then(Value::as_u64)
-                    .and_then(|u| u32::try_from(u).ok()),
-                o.get("user"),
-            ) {
-                let name = cache
-                    .entry(uid)
-                    .or_insert_with(|| dir.user_name(uid).unwrap_or_else(|| format!("#{uid}")))
-                    .clone();
-                o.insert("user".into(), Value::String(name));
-            }
-            for (_, x) in o.iter_mut() {
-                fill_user_names(x, dir, cache);
-            }
+    answer.each_name(&mut |uid, user| {
+        if user.is_none() {
+            let name = cache
+                .entry(uid)
+                .or_insert_with(|| dir.user_name(uid).unwrap_or_else(|| format!("#{uid}")));
+            *user = Some(name.clone());
         }
-        Value::Array(a) => {
-            for x in a {
-                fill_user_names(x, dir, cache);
-            }
-        }
-        _ => {}
-    }
+    });
 }
 
 pub(super) async fn stream_events(
@@ -421,7 +377,7 @@ pub(super) async fn stream_events(
     let mut rx = shared.events.subscribe();
     write_line(
         &mut stream,
-        &Response::ok(Value::String("streaming events".into())),
+        &Response::ok(Answer::Streaming("streaming events".into())),
     )
     .await?;
     let (mut rd, mut wr) = stream.split();

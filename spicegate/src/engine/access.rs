@@ -11,7 +11,7 @@ impl Engine {
         vm: String,
         for_secs: Option<u64>,
         by: u32,
-    ) -> Result<Value, String> {
+    ) -> Result<GrantAnswer, String> {
         if let Err(e) = &self.state_ok {
             return Err(format!(
                 "grant refused: temporary grants are off because {e}; fix it and restart the daemon"
@@ -63,19 +63,28 @@ impl Engine {
         log::info!(
             "temporary grant: {user} ({uid}) may open vm {vm} {until} (granted by uid {by})"
         );
-        Ok(
-            json!({ "user": user, "uid": uid, "vm": vm, "expires": expires.map(rfc3339), "expires_unix": expires }),
-        )
+        Ok(GrantAnswer {
+            expires: expires.map(rfc3339),
+            expires_unix: expires,
+            uid,
+            user,
+            vm,
+        })
     }
 
-    pub(super) fn revoke(&mut self, uid: u32, user: &str, vm: &str) -> Result<Value, String> {
+    pub(super) fn revoke(
+        &mut self,
+        uid: u32,
+        user: String,
+        vm: String,
+    ) -> Result<RevokeAnswer, String> {
         let before = self.grants.grants.clone();
-        if !self.grants.remove(uid, vm) {
+        if !self.grants.remove(uid, &vm) {
             return Err(format!(
                 "{user} has no temporary grant on vm `{vm}` (policy grants are changed in the policy file)"
             ));
         }
-        if let Err(e) = self.apply_pairs([(vm.to_owned(), uid)].into(), false) {
+        if let Err(e) = self.apply_pairs([(vm.clone(), uid)].into(), false) {
             self.grants.grants = before;
             return Err(format!("revoke not applied, nothing changed: {e:#}"));
         }
@@ -90,6 +99,6 @@ impl Engine {
             ));
         }
         log::info!("temporary grant revoked: {user} ({uid}) on vm {vm}");
-        Ok(json!({ "user": user, "uid": uid, "vm": vm }))
+        Ok(RevokeAnswer { uid, user, vm })
     }
 }

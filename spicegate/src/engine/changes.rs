@@ -3,6 +3,15 @@
 
 use super::*;
 
+/// A reload put in force. The control handler renders `diff` as the
+/// `changes` lines of [`crate::control::ReloadAnswer`] (names need NSS,
+/// which the engine thread does not wait on).
+pub struct Reloaded {
+    pub summary: String,
+    pub diff: Diff,
+    pub sha256: String,
+}
+
 impl Engine {
     /// Compiles and installs; on error nothing in the kernel changed.
     pub(super) fn apply(
@@ -101,12 +110,12 @@ impl Engine {
         log::debug!(
             "kernel change: {how}, {grants} grant(s), overlay {overlay} entries, {writes} map writes, {ms:.2} ms"
         );
-        self.last_change = json!({
-            "how": how,
-            "grants": grants,
-            "overlay_entries": overlay,
-            "map_writes": writes,
-            "ms": (ms * 100.0).round() / 100.0,
+        self.last_change = Some(LastChange {
+            grants,
+            how: how.to_owned(),
+            map_writes: writes,
+            ms: (ms * 100.0).round() / 100.0,
+            overlay_entries: overlay,
         });
     }
 
@@ -175,7 +184,11 @@ impl Engine {
 
     /// `reload` and SIGHUP.
     /// `loaded` was read and parsed off this thread (see [`Loader`]).
-    pub fn reload(&mut self, why: &str, loaded: Result<Loaded, String>) -> Result<Value, String> {
+    pub fn reload(
+        &mut self,
+        why: &str,
+        loaded: Result<Loaded, String>,
+    ) -> Result<Reloaded, String> {
         let now = now_unix();
         let start = Instant::now();
         self.phases.clear();
@@ -212,15 +225,27 @@ impl Engine {
                 );
                 self.names.changes("access change: ", diff.clone());
                 self.metrics.reload_ok(now, start.elapsed());
-                self.last_reload = json!({ "at": rfc3339(now), "at_unix": now, "ok": true, "message": format!("reloaded ({why})") });
-                // The control handler renders `diff` as `changes` lines
-                // (names need NSS, which this thread does not wait on).
-                Ok(json!({ "summary": self.summary(), "diff": diff, "sha256": sha }))
+                self.last_reload = LastReload {
+                    at: rfc3339(now),
+                    at_unix: now,
+                    message: format!("reloaded ({why})"),
+                    ok: true,
+                };
+                Ok(Reloaded {
+                    summary: self.summary(),
+                    diff,
+                    sha256: sha,
+                })
             }
             Err(e) => {
                 log::error!(SPICEGATE_EVENT = Event::ReloadRefused; "reload refused ({why}), the previous policy stays in force:\n{e}");
                 self.metrics.reload_failed();
-                self.last_reload = json!({ "at": rfc3339(now), "at_unix": now, "ok": false, "message": e.clone() });
+                self.last_reload = LastReload {
+                    at: rfc3339(now),
+                    at_unix: now,
+                    message: e.clone(),
+                    ok: false,
+                };
                 Err(format!("{e}\nthe previous policy stays in force"))
             }
         }

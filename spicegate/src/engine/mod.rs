@@ -26,7 +26,6 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow};
-use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 use spicegate_common::VmCounters;
 use tokio::sync::oneshot;
@@ -34,9 +33,11 @@ use tokio::sync::oneshot;
 use crate::{
     background::{NameLog, ResolveJob, Sweeper},
     compile::{Compiled, Dest, Dynamic, LocalAddrs, compile, grant_delta, recompile_pairs},
+    control::{
+        GrantAnswer, LastChange, LastReload, ListAnswer, RevokeAnswer, Status, UsersPage, WhyAnswer,
+    },
     diff::Diff,
     directory::Nss,
-    explain::explain,
     grants::{GrantStore, TempGrant, now_unix, rfc3339},
     hostaddrs,
     journal::Event,
@@ -45,9 +46,11 @@ use crate::{
     schedule, state,
 };
 
-type Reply<T> = oneshot::Sender<Result<T, String>>;
+/// Where the engine sends its answer to a [`Command`].
+pub type Reply<T> = oneshot::Sender<Result<T, String>>;
 use self::loading::{TRIM_DELAY, locked, log_unresolved, named_uids, trusted_state_dir};
 pub use self::{
+    changes::Reloaded,
     loading::{
         CachingResolver, Loaded, Loader, NAMES_AT_START, load_policy, load_policy_at_start,
         release_free_memory,
@@ -58,19 +61,16 @@ pub use self::{
 /// Requests to the engine.
 pub enum Command {
     Status {
-        reply: Reply<Value>,
+        reply: Reply<Status>,
     },
     /// Apply a policy read by a [`Loader`] off the engine thread.
     Reload {
         loaded: Box<Result<Loaded, String>>,
-        reply: Reply<Value>,
+        reply: Reply<Reloaded>,
     },
     Why {
-        uid: u32,
-        user: String,
-        addr: IpAddr,
-        port: u16,
-        reply: Reply<Value>,
+        query: WhyQuery,
+        reply: Reply<WhyAnswer>,
     },
     Grant {
         uid: u32,
@@ -78,23 +78,23 @@ pub enum Command {
         vm: String,
         for_secs: Option<u64>,
         by: u32,
-        reply: Reply<Value>,
+        reply: Reply<GrantAnswer>,
     },
     Revoke {
         uid: u32,
         user: String,
         vm: String,
-        reply: Reply<Value>,
+        reply: Reply<RevokeAnswer>,
     },
     List {
         uid: u32,
-        reply: Reply<Value>,
+        reply: Reply<ListAnswer>,
     },
     /// One page of who may open a VM now: uids above `after`.
     Users {
         vm: String,
         after: Option<u32>,
-        reply: Reply<Value>,
+        reply: Reply<UsersPage>,
     },
     /// One page of `spicegate report` (users above `after`; with `only`,
     /// that user's row alone).
@@ -119,6 +119,14 @@ pub enum Command {
     },
     /// Stop the engine thread.
     Stop,
+}
+
+/// `why`: a user (its uid resolved, its name as asked) and an endpoint.
+pub struct WhyQuery {
+    pub uid: u32,
+    pub user: String,
+    pub addr: IpAddr,
+    pub port: u16,
 }
 
 /// Where the policy in force came from.
@@ -163,7 +171,7 @@ pub struct Engine {
     grants: GrantStore,
     vm_names: Arc<RwLock<BTreeMap<u32, String>>>,
     settings: Arc<RwLock<Settings>>,
-    last_reload: Value,
+    last_reload: LastReload,
     started_at: u64,
     counters_at_start: BTreeMap<u32, VmCounters>,
     resolver: Arc<CachingResolver>,
@@ -191,7 +199,7 @@ pub struct Engine {
     /// How long the steps of the last apply took, for `--verbose` logs.
     phases: Vec<(&'static str, Duration)>,
     /// How the last change reached the kernel, for `status`.
-    last_change: Value,
+    last_change: Option<LastChange>,
     /// What the metrics writer reads (docs/metrics.md).
     metrics: Arc<crate::metrics::Shared>,
 }
@@ -341,7 +349,12 @@ impl Engine {
             grants,
             vm_names,
             settings,
-            last_reload: json!({ "at": rfc3339(now), "at_unix": now, "ok": true, "message": "started" }),
+            last_reload: LastReload {
+                at: rfc3339(now),
+                at_unix: now,
+                message: "started".into(),
+                ok: true,
+            },
             started_at: now,
             counters_at_start,
             resolver,
@@ -357,7 +370,7 @@ impl Engine {
             last_good,
             trim_at: None,
             phases: Vec::new(),
-            last_change: Value::Null,
+            last_change: None,
             metrics,
         };
         if engine.source == Source::File {
@@ -447,30 +460,8 @@ impl Engine {
             Command::Addresses(local) => self.addresses(local),
             Command::Resolved { sha256, policy } => self.resolved(&sha256, *policy),
             Command::Stop => {}
-            Command::Why {
-                uid,
-                user,
-                addr,
-                port,
-                reply,
-            } => {
-                let clock = self.clock();
-                let ctx = crate::explain::Context {
-                    policy: &self.loaded.policy,
-                    temp: &self.grants.active(u64::try_from(clock).unwrap_or(0)),
-                    tz: &schedule::zone(&self.loaded.policy),
-                    now: clock,
-                    console: self.console,
-                };
-                let v = explain(&self.compiled, &ctx, uid, &user, addr, port);
-                let bind = crate::explain::explain_bind(&self.compiled, uid, &user, port);
-                let v = serde_json::to_value(v).map(|mut v| {
-                    if let (Some(o), Some(b)) = (v.as_object_mut(), bind) {
-                        o.insert("bind".into(), Value::String(b));
-                    }
-                    v
-                });
-                let _ = reply.send(v.map_err(|e| e.to_string()));
+            Command::Why { query, reply } => {
+                let _ = reply.send(Ok(self.why(&query)));
             }
             Command::Grant {
                 uid,
@@ -488,7 +479,7 @@ impl Engine {
                 vm,
                 reply,
             } => {
-                let _ = reply.send(self.revoke(uid, &user, &vm));
+                let _ = reply.send(self.revoke(uid, user, vm));
             }
             Command::List { uid, reply } => {
                 let _ = reply.send(Ok(self.list(uid)));

@@ -1,13 +1,21 @@
-//! The answers: `status`, `list`, and the pages of users and of the
-//! report. Names are filled in off the engine.
+//! The answers: `status`, `list`, `why`, and the pages of users and of
+//! the report (their types in control/). Names are filled in off the
+//! engine.
 
 use super::*;
-use crate::compile::Via;
+use crate::{
+    compile::Via,
+    control::{
+        Counts, ListVm, Listeners, OverallMode, PolicyStatus, ScheduleUser, TableStatus,
+        TemporaryGrant, UnresolvedName, UserRef, VmStatus, VmUser,
+    },
+    explain::{Context, explain, explain_bind},
+};
 
 impl Engine {
     /// A page of [`USERS_PAGE`] users who may open `vm` now, after uid
     /// `after`; `next_after` is set while there are more.
-    pub(super) fn users_page(&self, vm: &str, after: Option<u32>) -> Result<Value, String> {
+    pub(super) fn users_page(&self, vm: &str, after: Option<u32>) -> Result<UsersPage, String> {
         let Some(v) = self.loaded.policy.vms.get(vm) else {
             return Err(format!("no vm `{vm}` in the policy"));
         };
@@ -30,12 +38,28 @@ impl Engine {
                 )
             }
         };
-        Ok(json!({
-            "vm": vm,
-            "users_total": info.map_or(0, |i| i.uids.len()),
-            "users": users,
-            "next_after": next_after,
-        }))
+        Ok(UsersPage {
+            next_after,
+            users,
+            users_total: info.map_or(0, |i| i.uids.len()),
+            vm: vm.to_owned(),
+        })
+    }
+
+    /// `why`: the kernel's decision for the query, and the entry behind it.
+    pub(super) fn why(&self, q: &WhyQuery) -> WhyAnswer {
+        let clock = self.clock();
+        let ctx = Context {
+            policy: &self.loaded.policy,
+            temp: &self.grants.active(u64::try_from(clock).unwrap_or(0)),
+            tz: &schedule::zone(&self.loaded.policy),
+            now: clock,
+            console: self.console,
+        };
+        WhyAnswer::new(
+            explain(&self.compiled, &ctx, q.uid, &q.user, q.addr, q.port),
+            explain_bind(&self.compiled, q.uid, &q.user, q.port),
+        )
     }
 
     /// A page of `report` (see report.rs): bounded, names left out.
@@ -47,7 +71,7 @@ impl Engine {
 
     /// `list`: the VMs `uid` may open now or later, and how to reach them.
     /// Answers for that uid only.
-    pub fn list(&self, uid: u32) -> Value {
+    pub fn list(&self, uid: u32) -> ListAnswer {
         let clock = self.clock();
         let tz = schedule::zone(&self.loaded.policy);
         let mut vms = Vec::new();
@@ -97,33 +121,37 @@ impl Engine {
                 ),
                 _ => ("localhost".to_owned(), vec![]),
             };
-            vms.push(json!({
-                "name": vm.name,
-                "server": vm.server,
-                "host": host,
-                "addresses": addresses,
-                "port": vm.plain_port(),
-                "tls_port": vm.tls_port,
-                "tls": vm.tls_port.is_some(),
-                "ca_file": vm.ca_file,
-                "allowed_now": now,
-                "via": via,
-                "schedules": vm.schedules.iter().map(policy::Schedule::describe).collect::<Vec<_>>(),
-                "console_only": console_vm && !now && !in_schedule,
-                "next_change": next.map(|t| rfc3339(u64::try_from(t).unwrap_or(0))),
-            }));
+            vms.push(ListVm {
+                addresses,
+                allowed_now: now,
+                ca_file: vm.ca_file.clone(),
+                console_only: console_vm && !now && !in_schedule,
+                host,
+                name: vm.name.clone(),
+                next_change: next.map(|t| rfc3339(u64::try_from(t).unwrap_or(0))),
+                port: vm.plain_port(),
+                schedules: vm
+                    .schedules
+                    .iter()
+                    .map(policy::Schedule::describe)
+                    .collect(),
+                server: vm.server.clone(),
+                tls: vm.tls_port.is_some(),
+                tls_port: vm.tls_port,
+                via: via.map(str::to_owned),
+            });
         }
-        json!({
-            "uid": uid,
+        ListAnswer {
+            client: self.loaded.policy.settings.client.clone(),
+            uid,
             // Filled in by the control handler (NSS is not asked here).
-            "user": Value::Null,
-            "client": self.loaded.policy.settings.client,
-            "vms": vms,
-        })
+            user: None,
+            vms,
+        }
     }
 
     /// The `status` document. Field names are stable (docs/status.md).
-    pub fn status(&self) -> Value {
+    pub fn status(&self) -> Status {
         let counters = self.kernel.counters().unwrap_or_default();
         let since = |id: u32| {
             let now = counters.get(&id).copied().unwrap_or_default();
@@ -136,9 +164,8 @@ impl Engine {
         };
         let clock = self.clock();
         let tz = schedule::zone(&self.loaded.policy);
-        // Names are filled in by the control handler, off this thread
-        // (see control::fill_user_names).
-        let name = |_: u32| Value::Null;
+        // Names (`user: None`) are filled in by the control handler, off
+        // this thread (see control::fill_user_names).
         let ids: BTreeMap<&str, u32> = self
             .compiled
             .vm_names
@@ -161,7 +188,7 @@ impl Engine {
                 })
                 .collect();
             let info = eps.first().map(|(_, i)| *i);
-            let users: Vec<Value> = info
+            let users: Vec<VmUser> = info
                 .map(|i| {
                     i.uids
                         .iter()
@@ -184,7 +211,7 @@ impl Engine {
                         .any(|g| g.principal == policy::Principal::Console)
                 })
             }));
-            let windows: Vec<Value> = named
+            let windows: Vec<ScheduleUser> = named
                 .iter()
                 .take(STATUS_USERS)
                 .map(|u| {
@@ -197,11 +224,13 @@ impl Engine {
                         &tz,
                         self.console,
                     );
-                    json!({
-                        "uid": u, "user": name(*u), "open_now": open,
-                        "next_change": next.map(|t| rfc3339(u64::try_from(t).unwrap_or(0))),
-                        "next_change_unix": next,
-                    })
+                    ScheduleUser {
+                        next_change: next.map(|t| rfc3339(u64::try_from(t).unwrap_or(0))),
+                        next_change_unix: next,
+                        open_now: open,
+                        uid: *u,
+                        user: None,
+                    }
                 })
                 .collect();
             let schedules: Vec<String> = vm
@@ -215,20 +244,20 @@ impl Engine {
                 .collect();
             let (allowed, denied, audited) =
                 ids.get(vm.name.as_str()).map_or((0, 0, 0), |id| since(*id));
-            vms.push(json!({
-                "name": vm.name,
-                "server": vm.server,
-                "mode": self.loaded.policy.vm_mode(vm),
-                "endpoints": endpoints,
-                "users": users,
-                "users_total": users_total,
-                "schedules": schedules,
-                "schedule_users": windows,
-                "schedule_users_total": named.len(),
-                "allowed": allowed,
-                "denied": denied,
-                "audited": audited,
-            }));
+            vms.push(VmStatus {
+                allowed,
+                audited,
+                denied,
+                endpoints,
+                mode: self.loaded.policy.vm_mode(vm),
+                name: vm.name.clone(),
+                schedule_users: windows,
+                schedule_users_total: named.len(),
+                schedules,
+                server: vm.server.clone(),
+                users,
+                users_total,
+            });
         }
         let (_, protect_denied, protect_audited) = since(spicegate_common::NO_VM);
         let now = u64::try_from(clock).unwrap_or(0);
@@ -241,84 +270,99 @@ impl Engine {
             .chain([self.loaded.policy.settings.mode])
             .collect();
         let mode = match (modes.contains(&Mode::Enforce), modes.contains(&Mode::Audit)) {
-            (true, true) => "mixed",
-            (false, true) => "audit",
-            _ => "enforce",
+            (true, true) => OverallMode::Mixed,
+            (false, true) => OverallMode::Audit,
+            _ => OverallMode::Enforce,
         };
-        let temporary: Vec<Value> = self
+        let temporary: Vec<TemporaryGrant> = self
             .grants
             .active(now)
             .iter()
-            .map(|g| {
-                json!({
-                    "user": g.user, "uid": g.uid, "vm": g.vm,
-                    "expires": g.expires.map(rfc3339), "expires_unix": g.expires,
-                    "expires_in_secs": g.expires.map(|e| e.saturating_sub(now)),
-                    "active": self.loaded.policy.vms.contains_key(&g.vm),
-                })
+            .map(|g| TemporaryGrant {
+                active: self.loaded.policy.vms.contains_key(&g.vm),
+                expires: g.expires.map(rfc3339),
+                expires_in_secs: g.expires.map(|e| e.saturating_sub(now)),
+                expires_unix: g.expires,
+                uid: g.uid,
+                user: g.user.clone(),
+                vm: g.vm.clone(),
             })
             .collect();
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            // docs/status.md: 2 lists at most STATUS_USERS users per VM.
-            "status_format": STATUS_FORMAT,
-            "running": true,
-            "attached": kernel::attached(&self.cfg.paths, &self.cfg.cgroup),
-            // The policy slot holds the table this daemon installed (the
-            // watchdog puts it back within a second if not).
-            "table_in_force": self.kernel.table_intact().unwrap_or(false),
-            "mode": mode,
+        let policy = &self.loaded.policy;
+        let (generation, overlay_entries, map_writes) = self.kernel.table_stats();
+        Status {
+            attached: kernel::attached(&self.cfg.paths, &self.cfg.cgroup),
+            cgroup: self.cfg.cgroup.clone(),
+            console_user: self.console.map(|uid| UserRef { uid, user: None }),
+            counts: Counts {
+                grants: self.compiled.grant_count(),
+                guarded_endpoints: self.compiled.endpoints.len(),
+                kernel_entries: self.compiled.entry_count(),
+                ports_guarded_everywhere: self.compiled.guarded_everywhere.len(),
+                vms: policy.vms.len(),
+            },
             // Names of the policy that did not resolve (a start while NSS
             // or DNS was down): granted nothing until they do.
-            "degraded": !self.loaded.policy.unresolved.is_empty(),
-            "unresolved": self.loaded.policy.unresolved,
-            "console_user": self.console.map(|u| json!({ "uid": u, "user": name(u) })),
-            "time_zone": tz.iana_name().unwrap_or("system"),
-            "cgroup": self.cfg.cgroup,
-            "pin_dir": self.cfg.paths.dir,
-            "started_at": rfc3339(self.started_at),
-            "policy": {
-                "path": self.cfg.policy_path,
-                "source": match self.source { Source::File => "file", Source::LastGood => "last-good" },
-                "sha256": self.loaded.sha256,
-                "loaded_at": rfc3339(self.loaded_at),
-                "loaded_at_unix": self.loaded_at,
-                "end_sessions": self.loaded.policy.settings.end_sessions,
-                "admins": self.loaded.policy.settings.admins.as_ref().map(|(g, _)| g.clone()),
-                "files": self.loaded.policy.files,
+            degraded: !policy.unresolved.is_empty(),
+            drops: crate::denials::DropCounts::new(
+                self.kernel
+                    .drops()
+                    .unwrap_or_default()
+                    .since(self.drops_at_start),
+                self.denial_stats
+                    .as_deref()
+                    .unwrap_or(&crate::denials::Stats::default()),
+            ),
+            last_reload: self.last_reload.clone(),
+            listeners: Listeners {
+                ports: self.compiled.listen_ports.clone(),
+                users: self
+                    .compiled
+                    .listeners
+                    .iter()
+                    .map(|&uid| UserRef { uid, user: None })
+                    .collect(),
             },
-            "last_reload": self.last_reload,
-            "counts": {
-                "vms": self.loaded.policy.vms.len(),
-                "guarded_endpoints": self.compiled.endpoints.len(),
-                "ports_guarded_everywhere": self.compiled.guarded_everywhere.len(),
-                "grants": self.compiled.grant_count(),
-                "kernel_entries": self.compiled.entry_count(),
+            mode,
+            pin_dir: self.cfg.paths.dir.clone(),
+            policy: PolicyStatus {
+                admins: policy.settings.admins.as_ref().map(|(g, _)| g.clone()),
+                end_sessions: policy.settings.end_sessions,
+                files: policy.files.clone(),
+                loaded_at: rfc3339(self.loaded_at),
+                loaded_at_unix: self.loaded_at,
+                path: self.cfg.policy_path.clone(),
+                sha256: self.loaded.sha256.clone(),
+                source: match self.source {
+                    Source::File => "file",
+                    Source::LastGood => "last-good",
+                }
+                .to_owned(),
             },
+            protect_audited,
+            protect_denied,
+            running: true,
+            started_at: rfc3339(self.started_at),
+            // docs/status.md: 2 lists at most STATUS_USERS users per VM.
+            status_format: STATUS_FORMAT,
             // How changes reach the kernel: the table in force (its
             // generation), the overlay of grants changed since it was
             // built, and what the last change cost.
-            "table": {
-                "generation": self.kernel.table_stats().0,
-                "overlay_entries": self.kernel.table_stats().1,
-                "map_writes": self.kernel.table_stats().2,
-                "last_change": self.last_change,
+            table: TableStatus {
+                generation,
+                last_change: self.last_change.clone(),
+                map_writes,
+                overlay_entries,
             },
-            "protect_denied": protect_denied,
-            // Who may bind the guarded local ports besides root.
-            "listeners": {
-                "ports": self.compiled.listen_ports,
-                "users": self.compiled.listeners.iter().map(|u| json!({ "uid": u, "user": Value::Null })).collect::<Vec<_>>(),
-            },
-            // Denials not logged since this daemon started, by reason.
-            "drops": crate::denials::DropCounts::new(
-                self.kernel.drops().unwrap_or_default().since(self.drops_at_start),
-                self.denial_stats.as_deref().unwrap_or(&crate::denials::Stats::default()),
-            ),
-            "protect_audited": protect_audited,
-            "vms": vms,
-            "temporary_grants": temporary,
-        })
+            // The policy slot holds the table this daemon installed (the
+            // watchdog puts it back within a second if not).
+            table_in_force: self.kernel.table_intact().unwrap_or(false),
+            temporary_grants: temporary,
+            time_zone: tz.iana_name().unwrap_or("system").to_owned(),
+            unresolved: policy.unresolved.iter().map(UnresolvedName::from).collect(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            vms,
+        }
     }
 }
 
@@ -333,7 +377,12 @@ pub const STATUS_USERS: usize = 100;
 pub const USERS_PAGE: usize = 1000;
 
 /// One `users[]` entry of `status`; the name is filled in off the engine.
-pub(super) fn user_entry(i: &crate::compile::EndpointInfo, vm: &policy::Vm, u: u32) -> Value {
+pub(super) fn user_entry(i: &crate::compile::EndpointInfo, vm: &policy::Vm, u: u32) -> VmUser {
     let via = i.via(vm, u).unwrap_or(Via::Policy);
-    json!({ "uid": u, "user": Value::Null, "temporary": via == Via::Temporary, "via": via })
+    VmUser {
+        temporary: via == Via::Temporary,
+        uid: u,
+        user: None,
+        via,
+    }
 }

@@ -9,7 +9,8 @@
 //! in bounded pages (the engine thread never builds the whole matrix) and
 //! `spicegate report --policy FILE` computes the same rows without one.
 //! Names are left out ([`Row::user`] is `None`): the control handler fills
-//! them in off the engine thread ([`fill_names`]), a page at a time.
+//! them in off the engine thread (`control::fill_user_names`), a page at a
+//! time.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -19,7 +20,6 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    directory::Directory,
     grants::{TempGrant, rfc3339},
     policy::{Grantee, Policy, Principal, Schedule, Vm},
 };
@@ -87,35 +87,6 @@ pub struct Page {
     /// Whether temporary grants are known (from a daemon) or not (from a
     /// policy file).
     pub temporary_known: bool,
-}
-
-/// The response line of a `report` request: `{"ok":true,"result":PAGE}`
-/// or `{"ok":false,"error":"..."}`, as every answer of the control socket,
-/// read and written without a `serde_json::Value` in between.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PageResponse {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<Page>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl From<Result<Page, String>> for PageResponse {
-    fn from(r: Result<Page, String>) -> Self {
-        match r {
-            Ok(page) => Self {
-                ok: true,
-                result: Some(page),
-                error: None,
-            },
-            Err(e) => Self {
-                ok: false,
-                result: None,
-                error: Some(e),
-            },
-        }
-    }
 }
 
 /// The text of a cell: `always` (or `console`) alone when it applies,
@@ -324,16 +295,14 @@ pub fn page(
     }
 }
 
-/// Fills in the names of a page's users (`#UID` without a passwd entry),
-/// asking `dir` once per uid not in `cache`. At most one page of lookups.
-pub fn fill_names(page: &mut Page, dir: &dyn Directory, cache: &mut HashMap<u32, String>) {
-    for r in &mut page.rows {
-        if let (None, Some(uid)) = (&r.user, r.uid) {
-            let name = cache
-                .entry(uid)
-                .or_insert_with(|| dir.user_name(uid).unwrap_or_else(|| format!("#{uid}")))
-                .clone();
-            r.user = Some(name);
+/// The names of a page's rows (not the `@console` row's): filled in off
+/// the engine thread.
+impl crate::control::Names for Page {
+    fn each_name(&mut self, f: &mut dyn FnMut(u32, &mut Option<String>)) {
+        for r in &mut self.rows {
+            if let Some(uid) = r.uid {
+                f(uid, &mut r.user);
+            }
         }
     }
 }

@@ -288,7 +288,7 @@ fn names_are_filled_in_from_the_directory() {
     let p = policy(LAB);
     let mut pg = page(&p, &[], false, None, None);
     let mut cache = HashMap::new();
-    fill_names(&mut pg, &dir(), &mut cache);
+    crate::control::fill_user_names(&mut pg, &dir(), &mut cache);
     let names: Vec<String> = pg.rows.iter().map(Row::name).collect();
     assert_eq!(
         names,
