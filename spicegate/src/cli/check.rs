@@ -43,16 +43,23 @@ pub fn check(args: &CheckArgs, socket: &std::path::Path) -> anyhow::Result<ExitC
     if args.diff {
         let running: crate::control::Status =
             super::client::call(socket, &crate::control::Request::Status {})?;
-        let old: std::collections::BTreeSet<(String, u32)> = running
-            .vms
-            .iter()
-            .flat_map(|vm| {
-                vm.users
-                    .iter()
-                    .filter(|u| !u.temporary)
-                    .map(|u| (vm.name.clone(), u.uid))
-            })
-            .collect();
+        let mut old = std::collections::BTreeSet::new();
+        for vm in &running.vms {
+            let mut add = |u: &crate::control::VmUser| {
+                if !u.temporary {
+                    old.insert((vm.name.clone(), u.uid));
+                }
+            };
+            if vm.users.len() < vm.users_total {
+                // status lists the first users only: fetch them all.
+                super::client::vm_users(socket, &vm.name, |u| {
+                    add(&u);
+                    Ok(())
+                })?;
+            } else {
+                vm.users.iter().for_each(add);
+            }
+        }
         let new = crate::diff::access_pairs(&compiled);
         let lines = crate::diff::diff_lines(&old, &new, &Nss);
         println!("compared with the running policy:");

@@ -59,6 +59,28 @@ pub struct StatusArgs {
 
 /// `status --vm NAME --users`: every page, printed as it arrives.
 fn status_users(socket: &Path, vm: &str, json: bool) -> anyhow::Result<ExitCode> {
+    vm_users(socket, vm, |u| {
+        if json {
+            println!("{}", serde_json::to_string(&u)?);
+        } else {
+            println!(
+                "{} {} {}",
+                u.uid,
+                u.user.as_deref().unwrap_or("?"),
+                u.via.as_str()
+            );
+        }
+        Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Hands `each` every user who may open `vm` now, fetched page by page.
+pub fn vm_users(
+    socket: &Path,
+    vm: &str,
+    mut each: impl FnMut(crate::control::VmUser) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let mut after = None;
     loop {
         let page: UsersPage = call(
@@ -69,20 +91,11 @@ fn status_users(socket: &Path, vm: &str, json: bool) -> anyhow::Result<ExitCode>
             },
         )?;
         for u in page.users {
-            if json {
-                println!("{}", serde_json::to_string(&u)?);
-            } else {
-                println!(
-                    "{} {} {}",
-                    u.uid,
-                    u.user.as_deref().unwrap_or("?"),
-                    u.via.as_str()
-                );
-            }
+            each(u)?;
         }
         match page.next_after {
             Some(a) => after = Some(a),
-            None => return Ok(ExitCode::SUCCESS),
+            None => return Ok(()),
         }
     }
 }
