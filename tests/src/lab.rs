@@ -66,6 +66,7 @@ pub struct LabBuilder {
     args: Vec<OsString>,
     test_clock: bool,
     netns: Option<String>,
+    no_daemon: bool,
 }
 
 impl LabBuilder {
@@ -84,6 +85,14 @@ impl LabBuilder {
     /// The daemon runs in network namespace `ns` (`nsenter --net`).
     pub fn in_netns(mut self, ns: &str) -> Self {
         self.netns = Some(ns.to_owned());
+        self
+    }
+
+    /// Makes the cgroup, pin dir and policy but starts no daemon, for a
+    /// test that prepares the state dir first: it calls
+    /// [`Lab::start_daemon`].
+    pub fn without_daemon(mut self) -> Self {
+        self.no_daemon = true;
         self
     }
 
@@ -109,6 +118,7 @@ impl LabBuilder {
     fn start_on<P: PolicySource>(self, policy: P) -> Lab<P> {
         let cg = TestCgroup::new();
         let pin = PinDir::new();
+        let start = !self.no_daemon;
         let mut lab = Lab {
             daemon: None,
             pin,
@@ -116,7 +126,9 @@ impl LabBuilder {
             policy,
             opts: self,
         };
-        lab.start_again();
+        if start {
+            lab.start_daemon();
+        }
         lab
     }
 }
@@ -145,6 +157,7 @@ impl Lab<PolicyFile> {
             args: Vec::new(),
             test_clock: false,
             netns: None,
+            no_daemon: false,
         }
     }
 }
@@ -173,9 +186,10 @@ impl<P: PolicySource> Lab<P> {
         d.kill9();
     }
 
-    /// A new daemon (same options) on the same policy, cgroup, pin dir and
-    /// state dir; the old one must be gone.
-    pub fn start_again(&mut self) {
+    /// Starts a daemon (the builder's options) on the lab's policy, cgroup,
+    /// pin dir and state dir, and waits until it enforces; none may be
+    /// running.
+    pub fn start_daemon(&mut self) {
         assert!(self.daemon.is_none(), "stop the daemon first");
         let policy = self.policy.main_path();
         let args: Vec<&OsStr> = self.opts.args.iter().map(OsString::as_os_str).collect();
@@ -186,10 +200,10 @@ impl<P: PolicySource> Lab<P> {
         });
     }
 
-    /// [`Self::stop`], then [`Self::start_again`].
+    /// [`Self::stop`], then [`Self::start_daemon`]: the same pins and state.
     pub fn restart(&mut self) {
         self.stop();
-        self.start_again();
+        self.start_daemon();
     }
 
     /// The main policy file's path, as the daemon prints it.
@@ -265,11 +279,6 @@ impl<P: PolicySource> Lab<P> {
     pub fn why(&self, who: &TestUser, dst: &str) -> (bool, String) {
         let out = self.ctl(&["why", who.name.as_str(), dst]);
         (out.code == Some(0), out.stdout.trim().to_owned())
-    }
-
-    /// `spicegate reload`, whatever it answers.
-    pub fn reload(&self) -> CliOutput {
-        self.ctl(&["reload"])
     }
 
     /// Rewrites the main policy file and reloads it, which must succeed.
@@ -358,6 +367,62 @@ impl<P: PolicySource> Lab<P> {
     /// Holds an established connection of `who` to 127.0.0.1:`port`.
     pub fn hold(&self, who: &TestUser, port: u16) -> HeldConnection {
         self.probe().as_user(who).connect(v4(port)).hold(60)
+    }
+
+    /// Probes `who` again and again across `edge`: every attempt that ended
+    /// before it must get `before` (and there must be some), and `after`
+    /// must come within `limit` of it. Returns how long after the edge.
+    pub fn across_edge(
+        &self,
+        who: &TestUser,
+        port: u16,
+        edge: Instant,
+        (before, after): (Outcome, Outcome),
+        limit: Duration,
+    ) -> Duration {
+        let mut seen_before = 0;
+        loop {
+            let got = self.outcome(who, port);
+            let ended = Instant::now();
+            if ended < edge {
+                assert_eq!(
+                    got,
+                    before,
+                    "{} -> port {port}: {got} {:?} BEFORE the edge; daemon log:\n{}",
+                    who.name,
+                    edge - ended,
+                    self.log()
+                );
+                seen_before += 1;
+            } else if got == after {
+                let late = ended - edge;
+                assert!(
+                    seen_before > 0,
+                    "{}: no attempt ended before the edge (the test set the clock too late)",
+                    who.name
+                );
+                eprintln!(
+                    "[test] {} -> port {port}: {before} before the edge ({seen_before} attempts), {after} {late:?} after it",
+                    who.name
+                );
+                assert!(
+                    late <= limit,
+                    "{} -> port {port}: {after} only {late:?} after the edge (limit {limit:?}); daemon log:\n{}",
+                    who.name,
+                    self.log()
+                );
+                return late;
+            } else {
+                assert!(
+                    ended - edge <= limit,
+                    "{} -> port {port}: still {got} {:?} after the edge (expected {after} within {limit:?}); daemon log:\n{}",
+                    who.name,
+                    ended - edge,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits until `who` gets `want` at `dst`; returns how long that took.

@@ -524,7 +524,7 @@ fn broken_policy_at_start_enforces_last_good() {
 
     lab.policy
         .rewrite("[vms.v]\nserver = \"localhost\"\nports = [\n");
-    lab.start_again();
+    lab.start_daemon();
     let invalid = lab.wait_log("POLICY INVALID", Duration::from_secs(5), |l| {
         l.contains("POLICY INVALID")
     });
