@@ -268,6 +268,16 @@ fn expect_decisions(lab: &Lab, port: u16, alice: &TestUser, dave: &TestUser, whe
     c.finish();
 }
 
+/// The daemon is gone (`when`), its pins are not, and they still decide.
+fn expect_left_enforcing(lab: &Lab, port: u16, alice: &TestUser, dave: &TestUser, when: &str) {
+    assert!(
+        lab.pin.exists(),
+        "pin dir {} vanished {when}",
+        lab.pin.path().display()
+    );
+    expect_decisions(lab, port, alice, dave, when);
+}
+
 #[test]
 fn sigterm_and_sigint_exit_zero_and_enforcement_stays() {
     require_root();
@@ -276,12 +286,7 @@ fn sigterm_and_sigint_exit_zero_and_enforcement_stays() {
     expect_decisions(&lab, p, &alice, &dave, "while running");
 
     lab.stop();
-    assert!(
-        lab.pin.exists(),
-        "pin dir {} vanished after SIGTERM",
-        lab.pin.path().display()
-    );
-    expect_decisions(&lab, p, &alice, &dave, "after SIGTERM");
+    expect_left_enforcing(&lab, p, &alice, &dave, "after SIGTERM");
 
     lab.start_daemon();
     lab.daemon().signal(nix::sys::signal::Signal::SIGINT);
@@ -300,12 +305,7 @@ fn kill9_fails_closed() {
     let p = l.port();
     expect_decisions(&lab, p, &alice, &dave, "while running");
     lab.kill9();
-    assert!(
-        lab.pin.exists(),
-        "pin dir {} vanished after kill -9",
-        lab.pin.path().display()
-    );
-    expect_decisions(&lab, p, &alice, &dave, "after kill -9");
+    expect_left_enforcing(&lab, p, &alice, &dave, "after kill -9");
 }
 
 #[test]
