@@ -216,6 +216,15 @@ impl<P: PolicySource> Lab<P> {
         self.daemon().lines().join("\n")
     }
 
+    /// The daemon's log lines that `pred` accepts.
+    pub fn log_lines(&self, pred: impl Fn(&str) -> bool) -> Vec<String> {
+        self.daemon()
+            .lines()
+            .into_iter()
+            .filter(|l| pred(l))
+            .collect()
+    }
+
     pub fn has_log(&self, pred: impl Fn(&str) -> bool) -> bool {
         self.daemon().lines().iter().any(|l| pred(l))
     }
@@ -462,11 +471,18 @@ impl<P: PolicySource> Lab<P> {
 /// dual-stack listener and a lab that grants alice its port as the
 /// localhost VM `winlab`. Bind them in this order so the lab goes first.
 pub fn winlab(probe: &str) -> (TestUser, TestUser, Listener, Lab) {
+    winlab_granting(probe, &[])
+}
+
+/// [`winlab`], with `also` (say `"root"`) granted besides alice.
+pub fn winlab_granting(probe: &str, also: &[&str]) -> (TestUser, TestUser, Listener, Lab) {
     require_root();
     let alice = TestUser::new();
     let dave = TestUser::new();
     let l = Listener::dual_stack();
-    let lab = Lab::start(probe, &vm("winlab", l.port(), &[&alice.name]));
+    let mut allow = vec![alice.name.as_str()];
+    allow.extend_from_slice(also);
+    let lab = Lab::start(probe, &vm("winlab", l.port(), &allow));
     (alice, dave, l, lab)
 }
 
@@ -501,11 +517,18 @@ pub fn vm(name: &str, port: u16, allow: &[&str]) -> String {
     )
 }
 
-/// Long generated policies are shown by their head only.
+/// Long generated policies are shown by their head only, and long lines
+/// (allow lists of thousands) by their start.
 pub fn abbreviate(policy: &str) -> String {
-    let lines: Vec<&str> = policy.lines().collect();
+    let lines: Vec<String> = policy
+        .lines()
+        .map(|l| match l.char_indices().nth(200) {
+            Some((cut, _)) => format!("{}... ({} more bytes)", &l[..cut], l.len() - cut),
+            None => l.to_owned(),
+        })
+        .collect();
     if lines.len() <= 40 {
-        return policy.to_owned();
+        return lines.join("\n");
     }
     format!(
         "{}\n... ({} more lines)",
@@ -527,4 +550,22 @@ pub fn has_file_line_col(text: &str, file: &str, line: usize) -> bool {
 /// Lossy UTF-8 of a process's output.
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn abbreviate_keeps_short_policies_and_cuts_long_ones() {
+        assert_eq!(
+            super::abbreviate("[vms.v]\nports = [1]\n"),
+            "[vms.v]\nports = [1]"
+        );
+        let long = "x".repeat(500);
+        assert_eq!(
+            super::abbreviate(&long),
+            format!("{}... (300 more bytes)", "x".repeat(200))
+        );
+        let many = "a\n".repeat(50);
+        assert!(super::abbreviate(&many).ends_with("... (20 more lines)"));
+    }
 }

@@ -21,7 +21,7 @@ use std::{
 use serde_json::Value;
 use spicegate_tests::{
     Listener, Outcome, PolicyDir, TestGroup, TestUser,
-    lab::{Lab as LabBase, PolicySource as _},
+    lab::{Lab as LabBase, PolicySource as _, text},
     logind::{FakeLogind, SessionSpec},
     require_root,
     time::utc,
@@ -153,8 +153,15 @@ fn lab_on(policy: PolicyDir) -> Lab {
     LabBase::builder(PROBE).test_clock().start_dir(policy)
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+/// `spicegate check MAIN` fails, saying `want`.
+fn expect_check_refuses(main: &std::path::Path, want: &str) {
+    let out = spicegate_tests::spicegate([OsStr::new("check"), main.as_os_str()]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains(want),
+        "check: {}: {}\nexpected {want}",
+        out.status,
+        text(&out.stderr)
+    );
 }
 
 /// The entry of `vms` named `name` in a status document.
@@ -190,10 +197,6 @@ fn run(cmd: &mut Command) {
         out.status,
         text(&out.stderr)
     );
-}
-
-fn count_lines(lab: &Lab, pred: impl Fn(&str) -> bool) -> usize {
-    lab.daemon().lines().iter().filter(|l| pred(l)).count()
 }
 
 // ---- schedules ------------------------------------------------------------
@@ -365,12 +368,7 @@ fn a_window_end_closes_only_the_connections_of_whoever_lost_access() {
             lab.log()
         );
     }
-    let closed: Vec<String> = lab
-        .daemon()
-        .lines()
-        .into_iter()
-        .filter(|l| l.contains("CLOSED uid="))
-        .collect();
+    let closed = lab.log_lines(|l| l.contains("CLOSED uid="));
     let want = format!("CLOSED uid={} user={} ", anne.uid, anne.name);
     assert!(
         closed.len() == 1 && closed[0].contains(&want),
@@ -660,7 +658,7 @@ fn a_hostname_is_guarded_like_its_address_and_followed_when_it_changes() {
     lab.ctl_ok(&["reload"]);
     lab.expect_at(&other, &format!("127.0.0.7:{p}"), Denied);
     assert_eq!(
-        count_lines(&lab, |l| l.contains("no longer resolves")),
+        lab.log_lines(|l| l.contains("no longer resolves")).len(),
         1,
         "the warning is said once, not every second"
     );
@@ -856,13 +854,7 @@ fn policy_d_is_merged_in_name_order_and_a_name_defined_twice_is_refused() {
         "{s:#}"
     );
     // `check` says the same.
-    let out = spicegate_tests::spicegate([OsStr::new("check"), main_path.as_os_str()]);
-    assert!(
-        !out.status.success() && text(&out.stderr).contains(&want),
-        "check: {}: {}",
-        out.status,
-        text(&out.stderr)
-    );
+    expect_check_refuses(&main_path, &want);
 
     // Between two drop-ins, the later name is the one reported.
     lab.policy.remove_dropin("30-clash.toml");
@@ -870,18 +862,12 @@ fn policy_d_is_merged_in_name_order_and_a_name_defined_twice_is_refused() {
         "05-early.toml",
         &format!("[vms.two]\nserver = \"localhost\"\nports = [{p2}]\n"),
     );
-    let out = spicegate_tests::spicegate([OsStr::new("check"), main_path.as_os_str()]);
     let want = format!(
         "{}:1:6: vm `two` is also defined at {}:1:6",
         a.display(),
         early.display()
     );
-    assert!(
-        !out.status.success() && text(&out.stderr).contains(&want),
-        "check: {}: {}\nexpected {want}",
-        out.status,
-        text(&out.stderr)
-    );
+    expect_check_refuses(&main_path, &want);
 
     lab.policy.remove_dropin("05-early.toml");
 
@@ -892,18 +878,12 @@ fn policy_d_is_merged_in_name_order_and_a_name_defined_twice_is_refused() {
     let y = lab
         .policy
         .dropin("42-y.toml", "[settings]\nresolve_interval = \"20s\"\n");
-    let out = spicegate_tests::spicegate([OsStr::new("check"), main_path.as_os_str()]);
     let want = format!(
         "{}:2:20: setting `resolve_interval` is also set at {}:2:20",
         y.display(),
         x.display()
     );
-    assert!(
-        !out.status.success() && text(&out.stderr).contains(&want),
-        "check: {}: {}\nexpected {want}",
-        out.status,
-        text(&out.stderr)
-    );
+    expect_check_refuses(&main_path, &want);
     lab.policy.remove_dropin("41-x.toml");
     lab.policy.remove_dropin("42-y.toml");
 
@@ -918,12 +898,12 @@ fn policy_d_is_merged_in_name_order_and_a_name_defined_twice_is_refused() {
 fn audit_lines(lab: &Lab, who: &TestUser, vm: &str) -> usize {
     let uid = format!("AUDIT uid={} ", who.uid);
     let vm = format!(" vm={vm} ");
-    count_lines(lab, |l| l.contains(&uid) && l.contains(&vm))
+    lab.log_lines(|l| l.contains(&uid) && l.contains(&vm)).len()
 }
 
 fn deny_lines(lab: &Lab, who: &TestUser) -> usize {
     let uid = format!("DENY uid={} ", who.uid);
-    count_lines(lab, |l| l.contains(&uid))
+    lab.log_lines(|l| l.contains(&uid)).len()
 }
 
 #[test]
@@ -975,7 +955,8 @@ fn audit_mode_logs_what_it_would_refuse_and_refuses_nothing() {
     );
     assert_eq!(deny_lines(&lab, &u1), 0, "DENY lines in audit mode");
     assert_eq!(
-        count_lines(&lab, |l| l.contains(&format!("uid={} ", granted.uid))),
+        lab.log_lines(|l| l.contains(&format!("uid={} ", granted.uid)))
+            .len(),
         0,
         "a granted connect was logged"
     );

@@ -1410,12 +1410,8 @@ fn closed_lines_name_only_users_whose_access_ended() {
         l.contains(&format!("CLOSED uid={} ", bob.uid))
     });
     sleep(Duration::from_millis(300));
-    let wrong: Vec<String> = lab
-        .daemon()
-        .lines()
-        .into_iter()
-        .filter(|l| l.contains("CLOSED") && !l.contains(&format!("CLOSED uid={} ", bob.uid)))
-        .collect();
+    let wrong =
+        lab.log_lines(|l| l.contains("CLOSED") && !l.contains(&format!("CLOSED uid={} ", bob.uid)));
     assert!(
         wrong.is_empty(),
         "only {} (uid {}) lost access, yet the daemon says it closed other connections \

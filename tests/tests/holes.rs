@@ -14,24 +14,13 @@ use std::{
     process::{Command, Stdio},
 };
 
-use serde_json::Value;
 use spicegate_tests::{
-    Listener, PinDir, PolicyDir, TestCgroup, TestUser, ctl_as, lab::Lab, raw_request, require_root,
+    Listener, PolicyDir, TestCgroup, TestUser,
+    lab::{Lab, text, v4, vm},
+    raw_request, require_root,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_sg-probe");
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn vm_policy(port: u16, allow: &[&str]) -> String {
-    let allow: Vec<String> = allow.iter().map(|a| format!("\"{a}\"")).collect();
-    format!(
-        "[vms.v]\nserver = \"localhost\"\nports = [{port}]\nallow = [{}]\n",
-        allow.join(", ")
-    )
-}
 
 /// A lab on `policy` (a [`PolicyDir`]: its file modes matter here).
 fn lab(policy: PolicyDir) -> Lab<PolicyDir> {
@@ -44,12 +33,6 @@ fn prepared_lab(policy: PolicyDir) -> Lab<PolicyDir> {
     Lab::builder(PROBE).without_daemon().start_dir(policy)
 }
 
-fn status(pin: &PinDir) -> Value {
-    let out = pin.ctl(["status", "--json"]);
-    assert!(out.status.success(), "status failed: {}", text(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("status JSON")
-}
-
 // ---- 4. bad requests never take the daemon down --------------------------
 
 #[test]
@@ -57,7 +40,7 @@ fn absurd_grant_durations_are_refused_and_old_ones_do_not_crash_the_daemon() {
     require_root();
     let user = TestUser::new();
     let l = Listener::loopback();
-    let mut lab = prepared_lab(PolicyDir::new(&vm_policy(l.port(), &[])));
+    let mut lab = prepared_lab(PolicyDir::new(&vm("v", l.port(), &[])));
     // A grants file as a daemon without the bound could have saved it.
     let state = lab.pin.state_dir();
     fs::create_dir_all(&state).expect("state dir");
@@ -72,16 +55,15 @@ fn absurd_grant_durations_are_refused_and_old_ones_do_not_crash_the_daemon() {
     lab.start_daemon();
 
     // The grantee's own commands, and status, work with that grant.
-    let list = ctl_as(&lab.pin, &user, &["list", "--json"]);
+    let list = lab.ctl_as(&user, &["list", "--json"]);
     assert_eq!(list.code, Some(0), "list with a far-future grant: {list}");
     assert!(list.stdout.contains("9999-12-31T23:59:59Z"), "{list}");
-    let why = ctl_as(
-        &lab.pin,
+    let why = lab.ctl_as(
         &user,
         &["why", &user.name, &format!("127.0.0.1:{}", l.port())],
     );
     assert_eq!(why.code, Some(0), "why with a far-future grant: {why}");
-    let st = status(&lab.pin);
+    let st = lab.status();
     assert_eq!(st["temporary_grants"][0]["expires"], "9999-12-31T23:59:59Z");
 
     // New absurd durations are refused, by the CLI and on the wire.
@@ -112,7 +94,7 @@ fn absurd_grant_durations_are_refused_and_old_ones_do_not_crash_the_daemon() {
     // Ten years exactly is fine.
     let out = lab.pin.ctl(["grant", &user.name, "v", "--for", "3652days"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(status(&lab.pin)["running"], true);
+    assert_eq!(lab.status()["running"], true);
     drop(lab);
 }
 
@@ -123,10 +105,10 @@ fn why_about_someone_else_is_refused_before_they_are_looked_up() {
     require_root();
     let user = TestUser::new();
     let l = Listener::loopback();
-    let lab = lab(PolicyDir::new(&vm_policy(l.port(), &[])));
+    let lab = lab(PolicyDir::new(&vm("v", l.port(), &[])));
     let dst = format!("127.0.0.1:{}", l.port());
     for who in ["no-such-user-sg-holes", "root", "#0"] {
-        let out = ctl_as(&lab.pin, &user, &["why", who, &dst]);
+        let out = lab.ctl_as(&user, &["why", who, &dst]);
         assert!(
             out.code != Some(0) && out.stderr.contains("permission denied"),
             "why {who} as {}: {out}",
@@ -134,7 +116,7 @@ fn why_about_someone_else_is_refused_before_they_are_looked_up() {
         );
     }
     for me in [user.name.clone(), format!("#{}", user.uid)] {
-        let out = ctl_as(&lab.pin, &user, &["why", &me, &dst]);
+        let out = lab.ctl_as(&user, &["why", &me, &dst]);
         assert!(
             !out.stderr.contains("permission denied"),
             "why {me} as {}: {out}",
@@ -216,7 +198,7 @@ fn a_subordinate_uid_range_counts_as_its_owner_on_the_control_socket() {
     require_root();
     let (hog, other) = (TestUser::new(), TestUser::new());
     let l = Listener::loopback();
-    let lab = lab(PolicyDir::new(&vm_policy(l.port(), &[&other.name])));
+    let lab = lab(PolicyDir::new(&vm("v", l.port(), &[&other.name])));
     let first = 3_000_000 + spicegate_tests::next_id() * 65_536;
     let _subuid = SubuidFile::add(&hog.name, first, 65_536);
     // Eight uids of the hog's range, eight connections each: all 64 slots
@@ -236,7 +218,7 @@ fn a_subordinate_uid_range_counts_as_its_owner_on_the_control_socket() {
     BufReader::new(child.stdout.take().expect("stdout"))
         .read_line(&mut busy)
         .expect("reading the hog's count");
-    let served = ctl_as(&lab.pin, &other, &["list"]);
+    let served = lab.ctl_as(&other, &["list"]);
     drop(child.stdin.take());
     let _ = child.kill();
     let _ = child.wait();
@@ -261,11 +243,11 @@ fn a_policy_others_could_write_is_refused() {
     require_root();
     let user = TestUser::new();
     let l = Listener::loopback();
-    let mut lab = lab(PolicyDir::new(&vm_policy(l.port(), &[])));
-    let sha = status(&lab.pin)["policy"]["sha256"].clone();
+    let mut lab = lab(PolicyDir::new(&vm("v", l.port(), &[])));
+    let sha = lab.status()["policy"]["sha256"].clone();
 
     // What a user would write, once he can.
-    let evil = vm_policy(l.port(), &[&user.name]);
+    let evil = vm("v", l.port(), &[&user.name]);
     let refused = |what: &str, needle: &str| {
         let check = spicegate_tests::spicegate(["check".as_ref(), lab.policy.main().as_os_str()]);
         assert!(!check.status.success(), "{what}: check must fail");
@@ -276,7 +258,7 @@ fn a_policy_others_could_write_is_refused() {
         let out = text(&reload.stderr);
         assert!(out.contains(needle), "{what}: reload says:\n{out}");
         assert_eq!(
-            status(&lab.pin)["policy"]["sha256"],
+            lab.status()["policy"]["sha256"],
             sha,
             "{what}: policy changed"
         );
@@ -294,7 +276,7 @@ fn a_policy_others_could_write_is_refused() {
         &format!("owned by uid {}", user.uid),
     );
     chown(lab.policy.main(), Some(0), None).expect("chown back");
-    fs::write(lab.policy.main(), vm_policy(l.port(), &[])).expect("write");
+    fs::write(lab.policy.main(), vm("v", l.port(), &[])).expect("write");
 
     let dropin = lab.policy.dropins().join("extra.toml");
     fs::write(&dropin, "[settings]\n").expect("drop-in");
@@ -315,7 +297,7 @@ fn a_policy_others_could_write_is_refused() {
     fs::write(lab.policy.main(), &evil).expect("write");
     lab.policy.chmod(&lab.policy.main(), 0o666);
     lab.start_daemon();
-    assert_eq!(status(&lab.pin)["policy"]["source"], "last-good");
+    assert_eq!(lab.status()["policy"]["source"], "last-good");
     assert!(
         lab.daemon().lines().iter().any(|l| l.contains("mode 0666")),
         "the start must say why the file was refused"
@@ -432,7 +414,7 @@ fn only_root_and_listeners_may_bind_a_guarded_local_port() {
         "{}",
         text(&check.stdout)
     );
-    let st = status(&lab.pin);
+    let st = lab.status();
     assert_eq!(
         st["listeners"]["users"][0]["user"],
         qemu.name.as_str(),
@@ -482,12 +464,8 @@ impl Drop for NamedUser {
     }
 }
 
-fn connect_as(cg: &TestCgroup, uid: u32, port: u16) -> spicegate_tests::Outcome {
-    spicegate_tests::Probe::new(env!("CARGO_BIN_EXE_sg-probe"))
-        .cgroup(cg)
-        .as_ids(uid, uid)
-        .connect(format!("127.0.0.1:{port}"))
-        .outcome()
+fn connect_as(lab: &Lab<PolicyDir>, uid: u32, port: u16) -> spicegate_tests::Outcome {
+    lab.probe().as_ids(uid, uid).connect(v4(port)).outcome()
 }
 
 #[test]
@@ -499,7 +477,7 @@ fn a_start_with_names_that_do_not_resolve_enforces_the_rest_and_catches_up() {
     let id = spicegate_tests::next_id();
     let late_user = format!("sglate{}x{id}", std::process::id() % 10_000);
     let (p, q) = (Listener::loopback(), Listener::loopback());
-    let lab = lab(PolicyDir::new(&format!(
+    let mut lab = prepared_lab(PolicyDir::new(&format!(
         "[protect]\nports = [{pp}]\n\
          [servers.gone]\naddress = \"kvm-{id}.spicegate-test.invalid\"\n\
          [vms.local]\nserver = \"localhost\"\nports = [{qp}]\n\
@@ -514,8 +492,9 @@ fn a_start_with_names_that_do_not_resolve_enforces_the_rest_and_catches_up() {
         !lab.pin.state_dir().join("last-good").exists(),
         "the test needs a start without a last good copy"
     );
+    lab.start_daemon();
 
-    let st = status(&lab.pin);
+    let st = lab.status();
     assert_eq!(st["degraded"], true, "{st:#}");
     let names: Vec<String> = st["unresolved"]
         .as_array()
@@ -536,10 +515,10 @@ fn a_start_with_names_that_do_not_resolve_enforces_the_rest_and_catches_up() {
     );
     // The resolvable parts are enforced; the unresolvable server's port is
     // guarded everywhere and granted to no one.
-    assert_eq!(connect_as(&lab.cg, granted.uid, q.port()), Allowed);
-    assert_eq!(connect_as(&lab.cg, other.uid, q.port()), Denied);
-    assert_eq!(connect_as(&lab.cg, other.uid, p.port()), Denied);
-    assert_eq!(connect_as(&lab.cg, granted.uid, p.port()), Denied);
+    assert_eq!(connect_as(&lab, granted.uid, q.port()), Allowed);
+    assert_eq!(connect_as(&lab, other.uid, q.port()), Denied);
+    assert_eq!(connect_as(&lab, other.uid, p.port()), Denied);
+    assert_eq!(connect_as(&lab, granted.uid, p.port()), Denied);
     // A reload of the same policy is refused and says what a start does.
     let reload = lab.pin.ctl(["reload"]);
     assert!(!reload.status.success());
@@ -555,7 +534,7 @@ fn a_start_with_names_that_do_not_resolve_enforces_the_rest_and_catches_up() {
     let start = std::time::Instant::now();
     assert!(
         spicegate_tests::wait_until(std::time::Duration::from_secs(20), || {
-            connect_as(&lab.cg, late_uid, q.port()) == Allowed
+            connect_as(&lab, late_uid, q.port()) == Allowed
         }),
         "{late_user} was not granted once the account existed"
     );
@@ -563,7 +542,7 @@ fn a_start_with_names_that_do_not_resolve_enforces_the_rest_and_catches_up() {
         "[test] {late_user} granted {:?} after the account appeared",
         start.elapsed()
     );
-    let st = status(&lab.pin);
+    let st = lab.status();
     let names = st["unresolved"].to_string();
     assert!(!names.contains(&late_user), "{names}");
     assert_eq!(
@@ -586,7 +565,7 @@ fn revocation_closes_a_connection_whose_cgroup_is_gone() {
     require_root();
     let user = TestUser::new();
     let l = Listener::loopback_keeping_connections();
-    let lab = lab(PolicyDir::new(&vm_policy(l.port(), &[])));
+    let lab = lab(PolicyDir::new(&vm("v", l.port(), &[])));
     let out = lab.pin.ctl(["grant", &user.name, "v"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 
@@ -690,12 +669,7 @@ fn ending_access_leaves_the_server_side_of_a_connection_alone() {
         let _ = child.wait();
         assert_eq!(state, "server open", "the server side was closed");
     }
-    let closed: Vec<String> = lab
-        .daemon()
-        .lines()
-        .into_iter()
-        .filter(|l| l.contains("CLOSED"))
-        .collect();
+    let closed = lab.log_lines(|l| l.contains("CLOSED"));
     assert!(
         closed.is_empty(),
         "false CLOSED lines:\n{}",
@@ -746,7 +720,7 @@ fn the_engine_fuzz_corpus_never_takes_the_daemon_down() {
             lab.daemon().lines().join("\n")
         );
     }
-    let st = status(&lab.pin);
+    let st = lab.status();
     assert_eq!(st["running"], true);
     eprintln!("[test] {} corpus inputs replayed", inputs.len());
 }
