@@ -96,7 +96,8 @@ impl LabBuilder {
         self
     }
 
-    /// Writes `policy` to a [`PolicyFile`] and starts the daemon on it.
+    /// Writes `policy` to a [`PolicyFile`] and starts the daemon on it
+    /// (unless [`Self::without_daemon`]).
     pub fn start(self, policy: &str) -> Lab<PolicyFile> {
         require_root();
         assert!(!self.test_clock, "the test clock needs a PolicyDir");
@@ -104,7 +105,8 @@ impl LabBuilder {
         self.start_on(PolicyFile::new(policy))
     }
 
-    /// Starts the daemon on the main file of `dir`.
+    /// Starts the daemon on the main file of `dir` (unless
+    /// [`Self::without_daemon`]).
     pub fn start_dir(mut self, dir: PolicyDir) -> Lab<PolicyDir> {
         require_root();
         if self.test_clock {

@@ -4,8 +4,7 @@
 //! `why`, `grant`/`revoke`, closing of established connections when access
 //! ends, `events`, who may use which command, a hostile control socket (and
 //! one user holding many connections to it), and every client command
-//! without a daemon. (These were once also in a `live.rs` whose scenarios
-//! repeated these; what it checked and these did not is merged in here.)
+//! without a daemon.
 //!
 //! Each test has its own users, listeners on fresh loopback ports, child
 //! cgroup, pin dir (with its own control socket and state dir) and policy

@@ -1150,7 +1150,7 @@ fn decisions(lab: &Lab, users: &[&TestUser], port: u16) -> Vec<bool> {
     let mut out = Vec::new();
     for u in users {
         for dst in [v4(port), v6(port)] {
-            let r = b(&lab).as_user(u).connect(&dst).run();
+            let r = b(lab).as_user(u).connect(&dst).run();
             out.push(match r.outcome() {
                 Outcome::Allowed => true,
                 Outcome::Denied => false,
