@@ -28,9 +28,11 @@ pub use client::{CliOutput, CliStream, ctl_as, raw_request, spicegate_cmd};
 pub use daemon::{Daemon, DenyLine, PinDir, spicegate, spicegate_bin};
 pub mod bypass;
 pub mod desktop;
+pub mod lab;
 pub mod logind;
 pub mod nspawn;
 pub mod spice;
+pub mod time;
 pub use listener::Listener;
 pub use policy::{PolicyDir, PolicyFile};
 pub use probe::{

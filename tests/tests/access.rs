@@ -13,16 +13,18 @@ use std::{
     fs,
     io::Write as _,
     os::unix::fs::FileExt as _,
-    path::{Path, PathBuf},
-    process::{Command, Output},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use spicegate_tests::{
-    Daemon, HeldConnection, Listener, Outcome, PinDir, Probe, TestCgroup, TestGroup, TestUser,
+    Listener, Outcome, PolicyDir, TestGroup, TestUser,
+    lab::{Lab as LabBase, PolicySource as _, text},
     logind::{FakeLogind, SessionSpec},
-    require_root, wait_until,
+    require_root,
+    time::utc,
 };
 
 use Outcome::{Allowed, Denied};
@@ -37,92 +39,33 @@ const RESOLVE_LIMIT: Duration = Duration::from_secs(5);
 
 // ---- guards and helpers -------------------------------------------------
 
-/// A directory of its own for the main policy, its `policy.d` and the clock
-/// offset file; removed on drop.
-struct PolicyDir {
-    dir: PathBuf,
+/// What these tests do with the shared [`PolicyDir`] beyond the lab's
+/// `rewrite`: drop-ins, and setting the daemon's clock.
+trait PolicyDirExt {
+    fn dropin(&self, name: &str, text: &str) -> PathBuf;
+    fn remove_dropin(&self, name: &str);
+    /// Sets the daemon's clock so that it reads `unix` at the start of the
+    /// current real second.
+    fn jump_clock(&self, unix: i64) -> DaemonClock;
 }
 
-impl PolicyDir {
-    fn new(main: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "sg-access-{}-{}",
-            std::process::id(),
-            spicegate_tests::next_id()
-        ));
-        fs::create_dir_all(dir.join("policy.d"))
-            .unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-        let d = Self { dir };
-        d.write(main);
-        d.write_atomically(&d.clock(), "0");
-        d
-    }
-
-    fn main(&self) -> PathBuf {
-        self.dir.join("policy.toml")
-    }
-
-    fn write(&self, text: &str) {
-        fs::write(self.main(), text).expect("writing the policy");
-    }
-
+impl PolicyDirExt for PolicyDir {
     fn dropin(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.dir.join("policy.d").join(name);
+        let p = self.dropins().join(name);
         fs::write(&p, text).unwrap_or_else(|e| panic!("writing {}: {e}", p.display()));
         p
     }
 
     fn remove_dropin(&self, name: &str) {
-        let p = self.dir.join("policy.d").join(name);
+        let p = self.dropins().join(name);
         fs::remove_file(&p).unwrap_or_else(|e| panic!("removing {}: {e}", p.display()));
     }
 
-    fn clock(&self) -> PathBuf {
-        self.dir.join("clock-offset")
-    }
-
-    /// The daemon re-reads the file four times a second: a half-written
-    /// file would read as offset 0 (today's real time) for a tick.
-    fn write_atomically(&self, path: &Path, text: &str) {
-        let tmp = path.with_extension("tmp");
-        fs::write(&tmp, text).expect("writing the clock offset");
-        fs::rename(&tmp, path).expect("renaming the clock offset into place");
-    }
-
-    /// Sets the daemon's clock so that it reads `unix` at the start of the
-    /// current real second, and returns a [`DaemonClock`] that maps daemon
-    /// time back to real instants.
-    fn set_clock(&self, unix: i64) -> DaemonClock {
-        let (real, at) = real_second();
-        self.write_atomically(&self.clock(), &(unix - real).to_string());
-        eprintln!(
-            "[test] daemon clock set to {} (offset {} s)",
-            utc(unix),
-            unix - real
-        );
+    fn jump_clock(&self, unix: i64) -> DaemonClock {
+        let (unix, at) = PolicyDir::set_clock(self, unix);
+        eprintln!("[test] daemon clock set to {}", utc(unix));
         DaemonClock { unix, at }
     }
-}
-
-impl Drop for PolicyDir {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
-            eprintln!("[test] LEFTOVER {}: {e}", self.dir.display());
-        }
-    }
-}
-
-/// The current real Unix second and the instant it began.
-fn real_second() -> (i64, Instant) {
-    let now = Instant::now();
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970");
-    let secs = i64::try_from(since.as_secs()).expect("seconds fit i64");
-    (
-        secs,
-        now - Duration::from_nanos(u64::from(since.subsec_nanos())),
-    )
 }
 
 /// The daemon reads the real clock in whole seconds and adds the offset,
@@ -143,28 +86,6 @@ impl DaemonClock {
 /// 2026-11-23, a Monday, at hh:mm:ss UTC (h may run past 24 or below 0).
 fn monday(h: i64, m: i64, s: i64) -> i64 {
     1_795_392_000 + h * 3600 + m * 60 + s
-}
-
-/// RFC 3339 of a Unix second in UTC, as the daemon prints it.
-fn utc(unix: i64) -> String {
-    let days = unix.div_euclid(86_400);
-    let secs = unix.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
 }
 
 /// /etc/hosts with one extra line for a test name; Drop restores the
@@ -220,176 +141,27 @@ impl Drop for HostsFile {
     }
 }
 
-/// One daemon on a test cgroup, with its pins, socket and policy directory.
-/// Fields drop in order: the daemon stops, the pins are unloaded, the cgroup
-/// and the policy directory go.
-struct Lab {
-    daemon: Daemon,
-    pin: PinDir,
-    cg: TestCgroup,
-    policy: PolicyDir,
+/// The lab of these tests: a policy directory, and the daemon on the test
+/// clock.
+type Lab = spicegate_tests::lab::Lab<PolicyDir>;
+
+fn lab(main: &str) -> Lab {
+    lab_on(PolicyDir::new(main))
 }
 
-impl Lab {
-    fn start(main: &str) -> Self {
-        Self::start_with(PolicyDir::new(main), &[])
-    }
-
-    /// `spicegate run` with the test clock and `extra` hidden options.
-    fn start_with(policy: PolicyDir, extra: &[&OsStr]) -> Self {
-        require_root();
-        let cg = TestCgroup::new();
-        let pin = PinDir::new();
-        let clock = policy.clock();
-        let mut args = vec![OsStr::new("--clock-offset-file"), clock.as_os_str()];
-        args.extend_from_slice(extra);
-        let daemon = Daemon::start_with(&policy.main(), Some(cg.path()), &pin, &args);
-        Self {
-            daemon,
-            pin,
-            cg,
-            policy,
-        }
-    }
-
-    fn probe(&self, who: &TestUser, dst: &str) -> Probe {
-        Probe::new(PROBE).cgroup(&self.cg).as_user(who).connect(dst)
-    }
-
-    fn outcome_at(&self, who: &TestUser, dst: &str) -> Outcome {
-        self.probe(who, dst).outcome()
-    }
-
-    fn outcome(&self, who: &TestUser, port: u16) -> Outcome {
-        self.outcome_at(who, &format!("127.0.0.1:{port}"))
-    }
-
-    fn expect_at(&self, who: &TestUser, dst: &str, want: Outcome) {
-        let got = self.outcome_at(who, dst);
-        assert_eq!(
-            got,
-            want,
-            "{} (uid {}) -> {dst}: expected {want}, got {got}; daemon log:\n{}",
-            who.name,
-            who.uid,
-            self.log()
-        );
-    }
-
-    fn expect(&self, who: &TestUser, port: u16, want: Outcome) {
-        self.expect_at(who, &format!("127.0.0.1:{port}"), want);
-    }
-
-    /// Waits until `who` gets `want` at `dst`; returns how long that took.
-    fn becomes_at(&self, who: &TestUser, dst: &str, want: Outcome, within: Duration) -> Duration {
-        let start = Instant::now();
-        let mut last = None;
-        let held = wait_until(within, || {
-            let got = self.outcome_at(who, dst);
-            last = Some(got);
-            got == want
-        });
-        assert!(
-            held,
-            "{} (uid {}) -> {dst} did not become {want} within {within:?} (last: {last:?}); daemon log:\n{}",
-            who.name,
-            who.uid,
-            self.log()
-        );
-        let took = start.elapsed();
-        eprintln!("[test] {} -> {dst}: {want} after {took:?}", who.name);
-        took
-    }
-
-    fn becomes(&self, who: &TestUser, port: u16, want: Outcome, within: Duration) -> Duration {
-        self.becomes_at(who, &format!("127.0.0.1:{port}"), want, within)
-    }
-
-    /// Probes `who` again and again across `edge`: every attempt that ended
-    /// before it must get `before` (and there must be some), and `after`
-    /// must come within `limit` of it. Returns how long after the edge.
-    fn across_edge(
-        &self,
-        who: &TestUser,
-        port: u16,
-        edge: Instant,
-        (before, after): (Outcome, Outcome),
-        limit: Duration,
-    ) -> Duration {
-        let mut seen_before = 0;
-        loop {
-            let got = self.outcome(who, port);
-            let ended = Instant::now();
-            if ended < edge {
-                assert_eq!(
-                    got,
-                    before,
-                    "{} -> port {port}: {got} {:?} BEFORE the edge; daemon log:\n{}",
-                    who.name,
-                    edge - ended,
-                    self.log()
-                );
-                seen_before += 1;
-            } else if got == after {
-                let late = ended - edge;
-                assert!(
-                    seen_before > 0,
-                    "{}: no attempt ended before the edge (the test set the clock too late)",
-                    who.name
-                );
-                eprintln!(
-                    "[test] {} -> port {port}: {before} before the edge ({seen_before} attempts), {after} {late:?} after it",
-                    who.name
-                );
-                assert!(
-                    late <= limit,
-                    "{} -> port {port}: {after} only {late:?} after the edge (limit {limit:?}); daemon log:\n{}",
-                    who.name,
-                    self.log()
-                );
-                return late;
-            } else {
-                assert!(
-                    ended - edge <= limit,
-                    "{} -> port {port}: still {got} {:?} after the edge (expected {after} within {limit:?}); daemon log:\n{}",
-                    who.name,
-                    ended - edge,
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Holds an established connection of `who` to 127.0.0.1:`port`.
-    fn hold(&self, who: &TestUser, port: u16) -> HeldConnection {
-        self.probe(who, &format!("127.0.0.1:{port}")).hold(60)
-    }
-
-    fn status(&self) -> Value {
-        let out = self.pin.ctl(["status", "--json"]);
-        assert!(out.status.success(), "status failed: {}", text(&out.stderr));
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", text(&out.stdout)))
-    }
-
-    /// `spicegate why USER 127.0.0.1:PORT`: whether it allows, and the line.
-    fn why(&self, who: &TestUser, dst: &str) -> (bool, String) {
-        let out = self.pin.ctl(["why", who.name.as_str(), dst]);
-        (out.status.success(), text(&out.stdout).trim().to_owned())
-    }
-
-    fn reload(&self) -> Output {
-        self.pin.ctl(["reload"])
-    }
-
-    fn log(&self) -> String {
-        self.daemon.lines().join("\n")
-    }
+fn lab_on(policy: PolicyDir) -> Lab {
+    LabBase::builder(PROBE).test_clock().start_dir(policy)
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+/// `spicegate check MAIN` fails, saying `want`.
+fn expect_check_refuses(main: &std::path::Path, want: &str) {
+    let out = spicegate_tests::spicegate([OsStr::new("check"), main.as_os_str()]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains(want),
+        "check: {}: {}\nexpected {want}",
+        out.status,
+        text(&out.stderr)
+    );
 }
 
 /// The entry of `vms` named `name` in a status document.
@@ -427,10 +199,6 @@ fn run(cmd: &mut Command) {
     );
 }
 
-fn count_lines(lab: &Lab, pred: impl Fn(&str) -> bool) -> usize {
-    lab.daemon.lines().iter().filter(|l| pred(l)).count()
-}
-
 // ---- schedules ------------------------------------------------------------
 
 #[test]
@@ -448,8 +216,8 @@ fn schedule_window_opens_and_closes_at_its_edges_and_follows_clock_jumps() {
          [[vms.leaptest.schedule]]\nallow = [\"{}\"]\ndays = [\"tue\"]\nhours = \"10:00-10:01\"\n",
         anne.name, tessa.name
     ));
-    policy.set_clock(monday(9, 0, 0));
-    let lab = Lab::start_with(policy, &[]);
+    policy.jump_clock(monday(9, 0, 0));
+    let lab = lab_on(policy);
     let dst = format!("127.0.0.1:{p}");
 
     // An hour before: nobody in, and status/why say when that changes.
@@ -490,7 +258,7 @@ fn schedule_window_opens_and_closes_at_its_edges_and_follows_clock_jumps() {
     );
 
     // Three seconds before 10:00, then the edge passes in real time.
-    let clock = lab.policy.set_clock(monday(9, 59, 57));
+    let clock = lab.policy.jump_clock(monday(9, 59, 57));
     let edge = clock.when(monday(10, 0, 0));
     lab.across_edge(&anne, p, edge, (Denied, Allowed), EDGE_LIMIT);
     // A window on another weekday grants nothing on Monday.
@@ -518,7 +286,7 @@ fn schedule_window_opens_and_closes_at_its_edges_and_follows_clock_jumps() {
 
     // The window's end, three seconds ahead: an open connection of anne's
     // is closed when it passes, and new connects are refused.
-    let clock = lab.policy.set_clock(monday(10, 0, 57));
+    let clock = lab.policy.jump_clock(monday(10, 0, 57));
     let end = clock.when(monday(10, 1, 0));
     let mut held = lab.hold(&anne, p);
     lab.across_edge(&anne, p, end, (Allowed, Denied), EDGE_LIMIT);
@@ -534,18 +302,18 @@ fn schedule_window_opens_and_closes_at_its_edges_and_follows_clock_jumps() {
             format!("{:?} after", at - end)
         }
     );
-    lab.daemon
+    lab.daemon()
         .wait_for_line(&format!("CLOSED uid={}", anne.uid), Duration::from_secs(2));
 
     // Wall-clock jumps: a day ahead (Tuesday 10:00:20) and back.
-    lab.policy.set_clock(monday(34, 0, 20));
+    lab.policy.jump_clock(monday(34, 0, 20));
     lab.becomes(&tessa, p, Allowed, EDGE_LIMIT);
     lab.expect(&anne, p, Denied);
-    lab.policy.set_clock(monday(10, 0, 20));
+    lab.policy.jump_clock(monday(10, 0, 20));
     lab.becomes(&anne, p, Allowed, EDGE_LIMIT);
     lab.expect(&tessa, p, Denied);
     lab.expect(&nobody, p, Denied);
-    lab.daemon.wait_for_line(
+    lab.daemon().wait_for_line(
         &format!("schedule: + {} may now open leaptest", anne.name),
         Duration::from_secs(1),
     );
@@ -567,8 +335,8 @@ fn a_window_end_closes_only_the_connections_of_whoever_lost_access() {
          [[vms.v.schedule]]\nallow = [\"{}\"]\ndays = [\"mon\"]\nhours = \"10:00-10:01\"\n",
         bob.name, anne.name
     ));
-    policy.set_clock(monday(10, 0, 30));
-    let lab = Lab::start_with(policy, &[]);
+    policy.jump_clock(monday(10, 0, 30));
+    let lab = lab_on(policy);
     let mut held_anne = lab.hold(&anne, p);
     let mut held_bob = lab.hold(&bob, p);
     // Connections the clients end first: the listener keeps its side open,
@@ -587,7 +355,7 @@ fn a_window_end_closes_only_the_connections_of_whoever_lost_access() {
         );
     }
 
-    lab.policy.set_clock(monday(10, 1, 30));
+    lab.policy.jump_clock(monday(10, 1, 30));
     lab.becomes(&anne, p, Denied, EDGE_LIMIT);
     assert!(
         held_anne.wait_closed(Duration::from_secs(2)).is_some(),
@@ -600,12 +368,7 @@ fn a_window_end_closes_only_the_connections_of_whoever_lost_access() {
             lab.log()
         );
     }
-    let closed: Vec<String> = lab
-        .daemon
-        .lines()
-        .into_iter()
-        .filter(|l| l.contains("CLOSED uid="))
-        .collect();
+    let closed = lab.log_lines(|l| l.contains("CLOSED uid="));
     let want = format!("CLOSED uid={} user={} ", anne.uid, anne.name);
     assert!(
         closed.len() == 1 && closed[0].contains(&want),
@@ -630,8 +393,8 @@ fn a_window_past_midnight_belongs_to_the_day_it_starts() {
          [[vms.night.schedule]]\nallow = [\"{}\"]\ndays = [\"sun\"]\nhours = \"23:59-00:01\"\n",
         boss.name, sunny.name
     ));
-    policy.set_clock(monday(12, 0, 0));
-    let lab = Lab::start_with(policy, &[]);
+    policy.jump_clock(monday(12, 0, 0));
+    let lab = lab_on(policy);
     lab.expect(&boss, p, Denied);
     lab.expect(&sunny, p, Denied);
     let s = lab.status();
@@ -641,7 +404,7 @@ fn a_window_past_midnight_belongs_to_the_day_it_starts() {
     );
 
     // Monday 23:59 passes in real time.
-    let clock = lab.policy.set_clock(monday(23, 58, 57));
+    let clock = lab.policy.jump_clock(monday(23, 58, 57));
     lab.across_edge(
         &boss,
         p,
@@ -658,11 +421,11 @@ fn a_window_past_midnight_belongs_to_the_day_it_starts() {
     );
 
     // Past midnight, Tuesday 00:00:xx: still Monday's window.
-    lab.policy.set_clock(monday(24, 0, 30));
+    lab.policy.jump_clock(monday(24, 0, 30));
     std::thread::sleep(Duration::from_millis(600));
     lab.expect(&boss, p, Allowed);
     lab.expect(&sunny, p, Denied);
-    let clock = lab.policy.set_clock(monday(24, 0, 57));
+    let clock = lab.policy.jump_clock(monday(24, 0, 57));
     lab.across_edge(
         &boss,
         p,
@@ -672,16 +435,16 @@ fn a_window_past_midnight_belongs_to_the_day_it_starts() {
     );
 
     // Monday 00:00:30 belongs to Sunday's window, not to Monday's.
-    lab.policy.set_clock(monday(0, 0, 30));
+    lab.policy.jump_clock(monday(0, 0, 30));
     lab.becomes(&sunny, p, Allowed, EDGE_LIMIT);
     lab.expect(&boss, p, Denied);
     // Sunday 23:59:30.
-    lab.policy.set_clock(monday(0, 0, -30));
+    lab.policy.jump_clock(monday(0, 0, -30));
     std::thread::sleep(Duration::from_millis(600));
     lab.expect(&sunny, p, Allowed);
     lab.expect(&boss, p, Denied);
     // Tuesday 23:59:30: Tuesday is nobody's day.
-    lab.policy.set_clock(monday(47, 59, 30));
+    lab.policy.jump_clock(monday(47, 59, 30));
     lab.becomes(&sunny, p, Denied, EDGE_LIMIT);
     lab.expect(&boss, p, Denied);
 }
@@ -701,10 +464,11 @@ fn console_user_follows_the_active_seat0_session() {
     let policy = PolicyDir::new(&format!(
         "[vms.lab]\nserver = \"localhost\"\nports = [{p}]\nallow = [\"@console\"]\n"
     ));
-    let lab = Lab::start_with(
-        policy,
-        &[OsStr::new("--logind-bus"), OsStr::new(&logind.address)],
-    );
+    let lab = LabBase::builder(PROBE)
+        .test_clock()
+        .arg("--logind-bus")
+        .arg(&logind.address)
+        .start_dir(policy);
     let dst = format!("127.0.0.1:{p}");
     // Signals make it fast; the 2 s re-check is only a safety net.
     let within = Duration::from_millis(1500);
@@ -747,7 +511,7 @@ fn console_user_follows_the_active_seat0_session() {
         "[test] ann's connection: {line} {:?} after the switch",
         at - switched
     );
-    lab.daemon
+    lab.daemon()
         .wait_for_line(&format!("CLOSED uid={}", ann.uid), Duration::from_secs(2));
 
     // Sessions that never count: remote (SSH), a greeter, an inactive one.
@@ -782,7 +546,7 @@ fn console_user_follows_the_active_seat0_session() {
     lab.becomes(&ann, p, Denied, Duration::from_secs(5));
     lab.expect(&bob, p, Denied);
     assert_eq!(console(&lab), Value::Null);
-    lab.daemon
+    lab.daemon()
         .wait_for_line("logind is not reachable", Duration::from_secs(1));
     // logind restarts: followed again (the watcher reconnects every 2 s).
     logind.come_back();
@@ -820,7 +584,7 @@ fn a_hostname_is_guarded_like_its_address_and_followed_when_it_changes() {
             g = granted.name
         )
     };
-    let lab = Lab::start(&policy_text("1s"));
+    let lab = lab(&policy_text("1s"));
     let endpoints = |lab: &Lab| vm(&lab.status(), "by-name")["endpoints"].clone();
 
     // Guarded and granted exactly like the literal address.
@@ -847,7 +611,7 @@ fn a_hostname_is_guarded_like_its_address_and_followed_when_it_changes() {
     let (allow, why) = lab.why(&other, &format!("192.0.2.55:{p}"));
     assert!(!allow && why.contains("vm `by-name`"), "{why}");
     lab.expect_at(&other, &format!("127.0.0.7:{q}"), Denied);
-    lab.daemon
+    lab.daemon()
         .wait_for_line("groups or hostnames changed", Duration::from_secs(1));
 
     // And back to another loopback address: guarded again.
@@ -860,14 +624,12 @@ fn a_hostname_is_guarded_like_its_address_and_followed_when_it_changes() {
     );
 
     // With a long interval, only `reload` looks again, and at once.
-    lab.policy.write(&policy_text("1h"));
-    let out = lab.reload();
-    assert!(out.status.success(), "reload: {}", text(&out.stderr));
+    lab.policy.rewrite(&policy_text("1h"));
+    lab.ctl_ok(&["reload"]);
     hosts.point(&name, "192.0.2.56");
     std::thread::sleep(Duration::from_millis(2500));
     lab.expect_at(&other, &format!("127.0.0.9:{p}"), Denied);
-    let out = lab.reload();
-    assert!(out.status.success(), "reload: {}", text(&out.stderr));
+    lab.ctl_ok(&["reload"]);
     lab.expect_at(&other, &format!("127.0.0.9:{p}"), Allowed);
     assert_eq!(
         endpoints(&lab),
@@ -875,13 +637,12 @@ fn a_hostname_is_guarded_like_its_address_and_followed_when_it_changes() {
     );
 
     // The name stops resolving: the last addresses stay, with a warning.
-    lab.policy.write(&policy_text("1s"));
+    lab.policy.rewrite(&policy_text("1s"));
     hosts.point(&name, "127.0.0.7");
-    let out = lab.reload();
-    assert!(out.status.success(), "reload: {}", text(&out.stderr));
+    lab.ctl_ok(&["reload"]);
     lab.expect_at(&other, &format!("127.0.0.7:{p}"), Denied);
     hosts.remove();
-    let warning = lab.daemon.wait_for_line(
+    let warning = lab.daemon().wait_for_line(
         &format!("hostname {name} no longer resolves"),
         RESOLVE_LIMIT,
     );
@@ -894,11 +655,10 @@ fn a_hostname_is_guarded_like_its_address_and_followed_when_it_changes() {
         serde_json::json!([format!("localhost:{p}")])
     );
     // A reload keeps them as well rather than failing.
-    let out = lab.reload();
-    assert!(out.status.success(), "reload: {}", text(&out.stderr));
+    lab.ctl_ok(&["reload"]);
     lab.expect_at(&other, &format!("127.0.0.7:{p}"), Denied);
     assert_eq!(
-        count_lines(&lab, |l| l.contains("no longer resolves")),
+        lab.log_lines(|l| l.contains("no longer resolves")).len(),
         1,
         "the warning is said once, not every second"
     );
@@ -929,18 +689,16 @@ fn a_hostname_that_does_not_resolve_is_refused_by_check_and_guarded_everywhere_a
 
     // At start it enforces anyway: the server's port is guarded on every
     // address, granted to no one (root included), until the name resolves.
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
-    daemon.wait_for_line(
+    let lab = LabBase::builder(PROBE).start_dir(policy);
+    lab.daemon().wait_for_line(
         &format!("UNRESOLVED hostname {name}"),
         Duration::from_secs(2),
     );
-    let out = pin.ctl(["status", "--json"]);
+    let out = lab.pin.ctl(["status", "--json"]);
     let st: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
     assert_eq!(st["degraded"], true, "{st:#}");
-    let root = Probe::new(PROBE)
-        .cgroup(&cg)
+    let root = lab
+        .probe()
         .as_ids(0, 0)
         .connect(format!("127.0.0.1:{p}"))
         .outcome();
@@ -960,7 +718,7 @@ fn group_members_are_looked_up_again() {
     let w = TestUser::new();
     let l = Listener::loopback_keeping_connections();
     let p = l.port();
-    let lab = Lab::start(&format!(
+    let lab = lab(&format!(
         "[settings]\nresolve_interval = \"1s\"\n\
          [vms.v]\nserver = \"localhost\"\nports = [{p}]\nallow = [\"@{}\"]\n",
         g.name
@@ -972,7 +730,7 @@ fn group_members_are_looked_up_again() {
     run(Command::new("gpasswd").args(["-a", &u.name, &g.name]));
     lab.becomes(&u, p, Allowed, RESOLVE_LIMIT);
     lab.expect(&w, p, Denied);
-    lab.daemon.wait_for_line(
+    lab.daemon().wait_for_line(
         &format!("groups or hostnames changed: + {} may now open v", u.name),
         Duration::from_secs(1),
     );
@@ -1041,7 +799,7 @@ fn policy_d_is_merged_in_name_order_and_a_name_defined_twice_is_refused() {
     // Only *.toml counts.
     policy.dropin("README", "this is not TOML [");
     policy.dropin("30-off.toml.disabled", "[vms.one]\nbroken");
-    let lab = Lab::start_with(policy, &[]);
+    let lab = lab_on(policy);
     let main_path = lab.policy.main();
 
     lab.expect(&u, p1, Denied);
@@ -1069,7 +827,7 @@ fn policy_d_is_merged_in_name_order_and_a_name_defined_twice_is_refused() {
 
     // `one` defined again in a drop-in, while the main file also grants u
     // `one`: the reload is refused as a whole.
-    lab.policy.write(&main(&format!("\"{}\"", u.name)));
+    lab.policy.rewrite(&main(&format!("\"{}\"", u.name)));
     let clash = lab.policy.dropin(
         "30-clash.toml",
         &format!("[vms.one]\nserver = \"localhost\"\nports = [{p1}]\n"),
@@ -1079,7 +837,7 @@ fn policy_d_is_merged_in_name_order_and_a_name_defined_twice_is_refused() {
         clash.display(),
         main_path.display()
     );
-    let out = lab.reload();
+    let out = lab.pin.ctl(["reload"]);
     let err = text(&out.stderr);
     assert!(!out.status.success(), "reload with a clash succeeded");
     assert!(err.contains(&want), "reload said:\n{err}\nexpected {want}");
@@ -1096,13 +854,7 @@ fn policy_d_is_merged_in_name_order_and_a_name_defined_twice_is_refused() {
         "{s:#}"
     );
     // `check` says the same.
-    let out = spicegate_tests::spicegate([OsStr::new("check"), main_path.as_os_str()]);
-    assert!(
-        !out.status.success() && text(&out.stderr).contains(&want),
-        "check: {}: {}",
-        out.status,
-        text(&out.stderr)
-    );
+    expect_check_refuses(&main_path, &want);
 
     // Between two drop-ins, the later name is the one reported.
     lab.policy.remove_dropin("30-clash.toml");
@@ -1110,18 +862,12 @@ fn policy_d_is_merged_in_name_order_and_a_name_defined_twice_is_refused() {
         "05-early.toml",
         &format!("[vms.two]\nserver = \"localhost\"\nports = [{p2}]\n"),
     );
-    let out = spicegate_tests::spicegate([OsStr::new("check"), main_path.as_os_str()]);
     let want = format!(
         "{}:1:6: vm `two` is also defined at {}:1:6",
         a.display(),
         early.display()
     );
-    assert!(
-        !out.status.success() && text(&out.stderr).contains(&want),
-        "check: {}: {}\nexpected {want}",
-        out.status,
-        text(&out.stderr)
-    );
+    expect_check_refuses(&main_path, &want);
 
     lab.policy.remove_dropin("05-early.toml");
 
@@ -1132,24 +878,17 @@ fn policy_d_is_merged_in_name_order_and_a_name_defined_twice_is_refused() {
     let y = lab
         .policy
         .dropin("42-y.toml", "[settings]\nresolve_interval = \"20s\"\n");
-    let out = spicegate_tests::spicegate([OsStr::new("check"), main_path.as_os_str()]);
     let want = format!(
         "{}:2:20: setting `resolve_interval` is also set at {}:2:20",
         y.display(),
         x.display()
     );
-    assert!(
-        !out.status.success() && text(&out.stderr).contains(&want),
-        "check: {}: {}\nexpected {want}",
-        out.status,
-        text(&out.stderr)
-    );
+    expect_check_refuses(&main_path, &want);
     lab.policy.remove_dropin("41-x.toml");
     lab.policy.remove_dropin("42-y.toml");
 
     // Clash gone: the reload applies, main file change included.
-    let out = lab.reload();
-    assert!(out.status.success(), "reload: {}", text(&out.stderr));
+    lab.ctl_ok(&["reload"]);
     lab.expect(&u, p1, Allowed);
     lab.expect(&u, p2, Allowed);
 }
@@ -1159,12 +898,12 @@ fn policy_d_is_merged_in_name_order_and_a_name_defined_twice_is_refused() {
 fn audit_lines(lab: &Lab, who: &TestUser, vm: &str) -> usize {
     let uid = format!("AUDIT uid={} ", who.uid);
     let vm = format!(" vm={vm} ");
-    count_lines(lab, |l| l.contains(&uid) && l.contains(&vm))
+    lab.log_lines(|l| l.contains(&uid) && l.contains(&vm)).len()
 }
 
 fn deny_lines(lab: &Lab, who: &TestUser) -> usize {
     let uid = format!("DENY uid={} ", who.uid);
-    count_lines(lab, |l| l.contains(&uid))
+    lab.log_lines(|l| l.contains(&uid)).len()
 }
 
 #[test]
@@ -1179,7 +918,7 @@ fn audit_mode_logs_what_it_would_refuse_and_refuses_nothing() {
     let (p1, p2, pp) = (l1.port(), l2.port(), lp.port());
 
     // Everything in audit mode.
-    let lab = Lab::start(&format!(
+    let lab = lab(&format!(
         "[settings]\nmode = \"audit\"\n[protect]\nports = [{pp}]\n\
          [vms.lab]\nserver = \"localhost\"\nports = [{p1}]\nallow = [\"{}\"]\n",
         granted.name
@@ -1188,7 +927,7 @@ fn audit_mode_logs_what_it_would_refuse_and_refuses_nothing() {
     lab.expect(&u1, p1, Allowed);
     lab.expect(&u1, pp, Allowed);
     lab.expect(&granted, p1, Allowed);
-    let line = lab.daemon.wait_for_line(
+    let line = lab.daemon().wait_for_line(
         &format!("AUDIT uid={} user={}", u1.uid, u1.name),
         Duration::from_secs(5),
     );
@@ -1197,7 +936,7 @@ fn audit_mode_logs_what_it_would_refuse_and_refuses_nothing() {
         "{line}"
     );
     let protect = lab
-        .daemon
+        .daemon()
         .wait_for_line(&format!("dst=127.0.0.1:{pp} vm=-"), Duration::from_secs(5));
     assert!(protect.contains("AUDIT uid="), "{protect}");
     let s = lab.status();
@@ -1216,26 +955,26 @@ fn audit_mode_logs_what_it_would_refuse_and_refuses_nothing() {
     );
     assert_eq!(deny_lines(&lab, &u1), 0, "DENY lines in audit mode");
     assert_eq!(
-        count_lines(&lab, |l| l.contains(&format!("uid={} ", granted.uid))),
+        lab.log_lines(|l| l.contains(&format!("uid={} ", granted.uid)))
+            .len(),
         0,
         "a granted connect was logged"
     );
 
     // Global enforce, one VM in audit mode: mixed.
-    lab.policy.write(&format!(
+    lab.policy.rewrite(&format!(
         "[vms.audited]\nserver = \"localhost\"\nports = [{p1}]\nmode = \"audit\"\n\
          [vms.enforced]\nserver = \"localhost\"\nports = [{p2}]\n"
     ));
-    let out = lab.reload();
-    assert!(out.status.success(), "reload: {}", text(&out.stderr));
+    lab.ctl_ok(&["reload"]);
     lab.expect(&u2, p1, Allowed);
     lab.expect(&u2, p2, Denied);
-    let line = lab.daemon.wait_for_line(
+    let line = lab.daemon().wait_for_line(
         &format!("AUDIT uid={} user={}", u2.uid, u2.name),
         Duration::from_secs(5),
     );
     assert!(line.contains(" vm=audited "), "{line}");
-    lab.daemon.wait_for_deny(
+    lab.daemon().wait_for_deny(
         "DENY of u2 on enforced",
         |d| d.uid == u2.uid && d.vm == "enforced" && d.dst == format!("127.0.0.1:{p2}"),
         Duration::from_secs(5),
@@ -1262,16 +1001,15 @@ fn audit_mode_logs_what_it_would_refuse_and_refuses_nothing() {
     );
 
     // Global audit, one VM enforcing: mixed the other way round.
-    lab.policy.write(&format!(
+    lab.policy.rewrite(&format!(
         "[settings]\nmode = \"audit\"\n\
          [vms.audited]\nserver = \"localhost\"\nports = [{p1}]\n\
          [vms.enforced]\nserver = \"localhost\"\nports = [{p2}]\nmode = \"enforce\"\n"
     ));
-    let out = lab.reload();
-    assert!(out.status.success(), "reload: {}", text(&out.stderr));
+    lab.ctl_ok(&["reload"]);
     lab.expect(&u1, p1, Allowed);
     lab.expect(&u1, p2, Denied);
-    lab.daemon.wait_for_deny(
+    lab.daemon().wait_for_deny(
         "DENY of u1 on enforced",
         |d| d.uid == u1.uid && d.vm == "enforced",
         Duration::from_secs(5),

@@ -2,12 +2,14 @@
 //! `reload` (atomic under load, refused when invalid, printing who gained
 //! and lost what), SIGHUP, `check --diff`, the last good policy, `status`,
 //! `why`, `grant`/`revoke`, closing of established connections when access
-//! ends, `events`, who may use which command, a hostile control socket, and
-//! every client command without a daemon.
+//! ends, `events`, who may use which command, a hostile control socket (and
+//! one user holding many connections to it), and every client command
+//! without a daemon.
 //!
 //! Each test has its own users, listeners on fresh loopback ports, child
 //! cgroup, pin dir (with its own control socket and state dir) and policy
-//! file, all in guards. The CLI always talks to the test's own socket.
+//! file, all in guards (`spicegate_tests::lab::Lab`). The CLI always talks
+//! to the test's own socket.
 //!
 //! Run as root, one test at a time: `cargo xtask test`, or
 //! `cargo build --bins && SPICEGATE_BIN=$PWD/target/debug/spicegate \
@@ -16,9 +18,9 @@
 use std::{
     ffi::OsStr,
     io::{BufRead as _, BufReader, Write as _},
-    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    os::unix::{fs::PermissionsExt as _, net::UnixStream, process::CommandExt as _},
     path::Path,
-    process::Command,
+    process::{Command, Stdio},
     thread::{JoinHandle, sleep},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -27,190 +29,16 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use spicegate_tests::{
     Batch, CliOutput, CliStream, Daemon, HeldConnection, Listener, Outcome, PinDir, PolicyFile,
-    Probe, ProbeLoop, TestCgroup, TestGroup, TestUser, ctl_as, raw_request, require_root,
-    spicegate_cmd, wait_until,
+    Probe, ProbeLoop, TestCgroup, TestGroup, TestUser,
+    lab::{Lab, has_file_line_col, toml_list, v4, vm},
+    raw_request, require_root, spicegate_cmd,
+    time::now_unix,
+    wait_until,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_sg-probe");
 
 use Outcome::{Allowed, Denied};
-
-// ---------------------------------------------------------------------------
-// The lab: one daemon on its own cgroup, pin dir, socket and policy file.
-// ---------------------------------------------------------------------------
-
-/// Field order is drop order: the daemon stops, then the pins are unloaded
-/// (and the socket/state dir removed), then the cgroup is emptied and
-/// removed, then the policy file goes. Users and listeners are declared by
-/// the tests before the lab, so they outlive it.
-struct Lab {
-    daemon: Option<Daemon>,
-    pin: PinDir,
-    cg: TestCgroup,
-    policy: PolicyFile,
-}
-
-impl Lab {
-    fn start(policy: &str) -> Self {
-        require_root();
-        eprintln!("[test] policy:\n{}", abbreviate(policy));
-        let policy = PolicyFile::new(policy);
-        let cg = TestCgroup::new();
-        let pin = PinDir::new();
-        let daemon = Daemon::start(policy.path(), Some(cg.path()), &pin);
-        Self {
-            daemon: Some(daemon),
-            pin,
-            cg,
-            policy,
-        }
-    }
-
-    fn daemon(&self) -> &Daemon {
-        self.daemon.as_ref().expect("the lab's daemon is running")
-    }
-
-    /// SIGTERM and wait; the daemon must exit cleanly.
-    fn stop(&mut self) {
-        let mut d = self.daemon.take().expect("the lab's daemon is running");
-        let st = d.stop();
-        assert!(st.success(), "spicegate run exited with {st} on SIGTERM");
-    }
-
-    /// A new daemon on the same policy file, cgroup, pin dir and state dir.
-    fn start_again(&mut self) {
-        assert!(self.daemon.is_none(), "stop the daemon first");
-        self.daemon = Some(Daemon::start(
-            self.policy.path(),
-            Some(self.cg.path()),
-            &self.pin,
-        ));
-    }
-
-    fn restart(&mut self) {
-        self.stop();
-        self.start_again();
-    }
-
-    fn path(&self) -> String {
-        self.policy.path().display().to_string()
-    }
-
-    /// A probe inside this lab's cgroup.
-    fn probe(&self) -> Probe {
-        Probe::new(PROBE).cgroup(&self.cg)
-    }
-
-    fn outcome(&self, who: &TestUser, port: u16) -> Outcome {
-        self.probe().as_user(who).connect(v4(port)).outcome()
-    }
-
-    /// Panics unless every (user, outcome) holds on 127.0.0.1:port; `when`
-    /// says at which point of the test.
-    fn expect(&self, port: u16, want: &[(&TestUser, Outcome)], when: &str) {
-        let wrong: Vec<String> = want
-            .iter()
-            .filter_map(|(u, w)| {
-                let got = self.outcome(u, port);
-                (got != *w).then(|| format!("{} (uid {}): expected {w}, got {got}", u.name, u.uid))
-            })
-            .collect();
-        assert!(
-            wrong.is_empty(),
-            "{when}: wrong decisions on 127.0.0.1:{port}:\n  {}",
-            wrong.join("\n  ")
-        );
-    }
-
-    /// `spicegate --socket <ours> <args>` as root.
-    fn ctl(&self, args: &[&str]) -> CliOutput {
-        CliOutput::new(self.pin.ctl(args), args)
-    }
-
-    /// Like [`Lab::ctl`], panicking unless it exits 0.
-    fn ctl_ok(&self, args: &[&str]) -> CliOutput {
-        let out = self.ctl(args);
-        assert_eq!(out.code, Some(0), "spicegate {args:?} failed:\n{out}");
-        out
-    }
-
-    /// `spicegate --socket <ours> <args>` as `user` (no supplementary groups).
-    fn ctl_as(&self, user: &TestUser, args: &[&str]) -> CliOutput {
-        ctl_as(&self.pin, user, args)
-    }
-
-    /// `status --json`, parsed.
-    fn status(&self) -> Value {
-        let out = self.ctl_ok(&["status", "--json"]);
-        serde_json::from_str(&out.stdout)
-            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{}", out.stdout))
-    }
-
-    /// Rewrites the policy file and runs `spicegate reload`, which must succeed.
-    fn reload_to(&self, policy: &str) -> CliOutput {
-        self.policy.rewrite(policy);
-        self.ctl_ok(&["reload"])
-    }
-
-    fn has_log(&self, pred: impl Fn(&str) -> bool) -> bool {
-        self.daemon().lines().iter().any(|l| pred(l))
-    }
-
-    fn wait_log(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
-        let mut found = None;
-        let ok = wait_until(timeout, || {
-            found = self.daemon().lines().into_iter().find(|l| pred(l));
-            found.is_some()
-        });
-        match found {
-            Some(l) if ok => l,
-            _ => panic!(
-                "the daemon logged no line with {what} within {timeout:?}; its log:\n{}",
-                self.daemon().lines().join("\n")
-            ),
-        }
-    }
-}
-
-fn v4(port: u16) -> String {
-    format!("127.0.0.1:{port}")
-}
-
-fn toml_list(items: &[&str]) -> String {
-    let quoted: Vec<String> = items.iter().map(|s| format!("\"{s}\"")).collect();
-    format!("[{}]", quoted.join(", "))
-}
-
-/// `[vms.<name>]` on localhost guarding `port`, granting `allow`.
-fn vm(name: &str, port: u16, allow: &[&str]) -> String {
-    format!(
-        "[vms.{name}]\nserver = \"localhost\"\nports = [{port}]\nallow = {}\n",
-        toml_list(allow)
-    )
-}
-
-/// Long generated policies are shown by their head only.
-fn abbreviate(policy: &str) -> String {
-    let lines: Vec<&str> = policy.lines().collect();
-    if lines.len() <= 40 {
-        return policy.to_owned();
-    }
-    format!(
-        "{}\n... ({} more lines)",
-        lines[..30].join("\n"),
-        lines.len() - 30
-    )
-}
-
-/// Whether `text` holds `FILE:LINE:COL` for `file` and `line` (any column).
-fn has_file_line_col(text: &str, file: &str, line: usize) -> bool {
-    let prefix = format!("{file}:{line}:");
-    text.match_indices(&prefix).any(|(at, _)| {
-        let rest = &text[at + prefix.len()..];
-        let digits = rest.chars().take_while(char::is_ascii_digit).count();
-        digits > 0 && rest[digits..].starts_with(':')
-    })
-}
 
 /// Parses a one-line `{"ok":false,"error":"..."}` answer; returns the error.
 fn error_answer(answer: &str, what: &str) -> String {
@@ -222,13 +50,6 @@ fn error_answer(answer: &str, what: &str) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("{what}: no error string in {v}"))
         .to_owned()
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
 }
 
 /// `sha256sum FILE`.
@@ -304,7 +125,7 @@ fn reload_is_atomic_under_load() {
             toml_list(&uids)
         ));
     }
-    let lab = Lab::start(&b);
+    let lab = Lab::start(PROBE, &b);
     let big = lab.status();
     let big_grants = big["counts"]["grants"].as_u64().unwrap_or(0);
     let big_entries = big["counts"]["kernel_entries"].as_u64().unwrap_or(0);
@@ -314,7 +135,7 @@ fn reload_is_atomic_under_load() {
         big["counts"]
     );
     lab.reload_to(&a);
-    lab.expect(
+    lab.expect_all(
         l.port(),
         &[(&keep, Allowed), (&deny, Denied), (&flip, Denied)],
         "policy A before the load",
@@ -417,7 +238,7 @@ fn invalid_reload_is_refused_and_old_policy_stays() {
     let no = TestUser::new();
     let l = Listener::loopback();
     let good = vm("v", l.port(), &[&yes.name]);
-    let lab = Lab::start(&good);
+    let lab = Lab::start(PROBE, &good);
     let path = lab.path();
     let before = lab.status();
     let decisions = [(&yes, Allowed), (&no, Denied)];
@@ -436,7 +257,7 @@ fn invalid_reload_is_refused_and_old_policy_stays() {
         has_file_line_col(&out.stderr, &path, bad_line),
         "no `{path}:{bad_line}:COL` in the refusal:\n{out}"
     );
-    lab.expect(l.port(), &decisions, "after the refused syntax error");
+    lab.expect_all(l.port(), &decisions, "after the refused syntax error");
     let s = lab.status();
     assert_eq!(
         s["last_reload"]["ok"], false,
@@ -466,10 +287,11 @@ fn invalid_reload_is_refused_and_old_policy_stays() {
         "a reload with an unknown user succeeded:\n{out}"
     );
     assert!(
-        has_file_line_col(&out.stderr, &path, bad_line) && out.stderr.contains(&ghost),
+        has_file_line_col(&out.stderr, &path, bad_line)
+            && out.stderr.contains(&format!("unknown user `{ghost}`")),
         "no `{path}:{bad_line}:COL` naming {ghost} in the refusal:\n{out}"
     );
-    lab.expect(l.port(), &decisions, "after the refused unknown user");
+    lab.expect_all(l.port(), &decisions, "after the refused unknown user");
     let s = lab.status();
     assert_eq!(
         s["last_reload"]["ok"], false,
@@ -509,8 +331,8 @@ fn reload_prints_gains_and_losses_and_sighup_reloads() {
     let l = Listener::loopback();
     let a = vm("v", l.port(), &[&anne.name]);
     let b = vm("v", l.port(), &[&bob.name]);
-    let lab = Lab::start(&a);
-    lab.expect(l.port(), &[(&anne, Allowed), (&bob, Denied)], "policy A");
+    let lab = Lab::start(PROBE, &a);
+    lab.expect_all(l.port(), &[(&anne, Allowed), (&bob, Denied)], "policy A");
 
     let out = lab.reload_to(&b);
     let gained = format!("+ {} may now open v", bob.name);
@@ -521,7 +343,7 @@ fn reload_prints_gains_and_losses_and_sighup_reloads() {
             && out.stdout.lines().any(|l| l == lost),
         "reload should print `{gained}` and `{lost}`:\n{out}"
     );
-    lab.expect(
+    lab.expect_all(
         l.port(),
         &[(&anne, Denied), (&bob, Allowed)],
         "after reload to B",
@@ -555,7 +377,7 @@ fn reload_prints_gains_and_losses_and_sighup_reloads() {
         "no `reloaded policy ... (SIGHUP)` line within 5 s of SIGHUP; log:\n{}",
         lab.daemon().lines().join("\n")
     );
-    lab.expect(
+    lab.expect_all(
         l.port(),
         &[(&anne, Allowed), (&bob, Denied)],
         "after SIGHUP to A",
@@ -582,7 +404,7 @@ fn reload_prints_gains_and_losses_and_sighup_reloads() {
             .any(|l| l.contains("reload refused") && l.contains("SIGHUP"))),
         "no `reload refused (SIGHUP)` line for a broken policy"
     );
-    lab.expect(
+    lab.expect_all(
         l.port(),
         &[(&anne, Allowed), (&bob, Denied)],
         "after a refused SIGHUP",
@@ -601,7 +423,7 @@ fn check_diff_against_running_policy() {
     let l = Listener::loopback();
     let l2 = Listener::loopback();
     let a = vm("v", l.port(), &[&anne.name]);
-    let lab = Lab::start(&a);
+    let lab = Lab::start(PROBE, &a);
     let sha = lab.status()["policy"]["sha256"].clone();
 
     let next = PolicyFile::new(&format!(
@@ -622,12 +444,12 @@ fn check_diff_against_running_policy() {
         );
     }
     // Nothing applied.
-    lab.expect(
+    lab.expect_all(
         l.port(),
         &[(&anne, Allowed), (&bob, Denied)],
         "after check --diff",
     );
-    lab.expect(
+    lab.expect_all(
         l2.port(),
         &[(&anne, Allowed), (&bob, Allowed)],
         "w is not guarded yet",
@@ -653,7 +475,7 @@ fn check_diff_against_running_policy() {
         "check --diff of a broken file succeeded:\n{out}"
     );
     assert!(has_file_line_col(&out.stderr, &file, 1), "{out}");
-    lab.expect(
+    lab.expect_all(
         l.port(),
         &[(&anne, Allowed), (&bob, Denied)],
         "after a broken check --diff",
@@ -692,7 +514,7 @@ fn broken_policy_at_start_enforces_last_good() {
     let anne = TestUser::new();
     let bob = TestUser::new();
     let l = Listener::loopback();
-    let mut lab = Lab::start(&vm("v", l.port(), &[&anne.name]));
+    let mut lab = Lab::start(PROBE, &vm("v", l.port(), &[&anne.name]));
     // The last good policy is the last one applied, not the one at start.
     let b = vm("v", l.port(), &[&bob.name]);
     lab.reload_to(&b);
@@ -701,7 +523,7 @@ fn broken_policy_at_start_enforces_last_good() {
 
     lab.policy
         .rewrite("[vms.v]\nserver = \"localhost\"\nports = [\n");
-    lab.start_again();
+    lab.start_daemon();
     let invalid = lab.wait_log("POLICY INVALID", Duration::from_secs(5), |l| {
         l.contains("POLICY INVALID")
     });
@@ -720,7 +542,7 @@ fn broken_policy_at_start_enforces_last_good() {
         s["policy"]
     );
     assert_eq!(s["policy"]["sha256"], good_sha, "not the last good policy");
-    lab.expect(
+    lab.expect_all(
         l.port(),
         &[(&anne, Denied), (&bob, Allowed)],
         "started on a broken file",
@@ -729,7 +551,7 @@ fn broken_policy_at_start_enforces_last_good() {
     // Fixed and reloaded: the file is in force again.
     lab.reload_to(&vm("v", l.port(), &[&anne.name]));
     assert_eq!(lab.status()["policy"]["source"], "file");
-    lab.expect(
+    lab.expect_all(
         l.port(),
         &[(&anne, Allowed), (&bob, Denied)],
         "after the fix",
@@ -793,11 +615,14 @@ fn status_json_fields() {
     let anne = TestUser::with_supplementary(&g);
     let bob = TestUser::new();
     let l = Listener::loopback();
-    let mut lab = Lab::start(&format!(
-        "[protect]\nports = [{}]\n{}",
-        l.port(),
-        vm("v", l.port(), &[&format!("@{}", g.name)])
-    ));
+    let mut lab = Lab::start(
+        PROBE,
+        &format!(
+            "[protect]\nports = [{}]\n{}",
+            l.port(),
+            vm("v", l.port(), &[&format!("@{}", g.name)])
+        ),
+    );
     let s0 = lab.status();
     assert_eq!(s0["running"], true, "{s0}");
     assert_eq!(s0["attached"], true, "{s0}");
@@ -846,7 +671,7 @@ fn status_json_fields() {
 
     // Kernel counters: one allowed, two denied.
     let (a0, d0) = (v["allowed"].as_u64(), v["denied"].as_u64());
-    lab.expect(
+    lab.expect_all(
         l.port(),
         &[(&anne, Allowed), (&bob, Denied), (&bob, Denied)],
         "counters",
@@ -892,7 +717,7 @@ fn status_json_fields() {
         true,
         "not attached after the watchdog"
     );
-    lab.expect(
+    lab.expect_all(
         l.port(),
         &[(&anne, Allowed), (&bob, Denied)],
         "after re-attach",
@@ -935,11 +760,14 @@ fn why_reports_decision_and_entry() {
     let l = Listener::loopback();
     let protected = Listener::loopback();
     let open = Listener::loopback();
-    let lab = Lab::start(&format!(
-        "[protect]\nports = [{}]\n{}",
-        protected.port(),
-        vm("v", l.port(), &[&format!("@{}", g.name), &bob.name])
-    ));
+    let lab = Lab::start(
+        PROBE,
+        &format!(
+            "[protect]\nports = [{}]\n{}",
+            protected.port(),
+            vm("v", l.port(), &[&format!("@{}", g.name), &bob.name])
+        ),
+    );
     let lab_why = |user: &str, ep: &str| lab.ctl(&["why", user, ep]);
     let first_word = |out: &CliOutput| {
         out.stdout
@@ -953,7 +781,10 @@ fn why_reports_decision_and_entry() {
     assert_eq!(out.code, Some(0), "{out}");
     assert_eq!(first_word(&out), "allow", "{out}");
     assert!(
-        out.stdout.contains(&format!("allow entry `@{}`", g.name)),
+        out.stdout.starts_with(&format!(
+            "allow: vm `v` allows {} (allow entry `@{}`)",
+            anne.name, g.name
+        )),
         "{out}"
     );
     let out = lab_why(&anne.name, &format!("[::1]:{}", l.port()));
@@ -972,8 +803,7 @@ fn why_reports_decision_and_entry() {
     // Deny: exit 1.
     let out = lab_why("root", &v4(l.port()));
     assert_eq!(out.code, Some(1), "{out}");
-    assert_eq!(first_word(&out), "deny", "{out}");
-    assert!(out.stdout.contains("vm `v`"), "{out}");
+    assert!(out.stdout.starts_with("deny: vm `v`"), "{out}");
     let ghost = format!("#{}", 3_100_000 + std::process::id() % 1000);
     let out = lab_why(&ghost, &v4(l.port()));
     assert_eq!(
@@ -1003,13 +833,13 @@ fn why_reports_decision_and_entry() {
     assert!(out.failed() && out.stdout.is_empty(), "{out}");
 
     // The kernel agrees with every answer.
-    lab.expect(
+    lab.expect_all(
         l.port(),
         &[(&anne, Allowed), (&bob, Allowed)],
         "why said allow",
     );
-    lab.expect(open.port(), &[(&anne, Allowed)], "why said not guarded");
-    lab.expect(protected.port(), &[(&anne, Denied)], "why said [protect]");
+    lab.expect_all(open.port(), &[(&anne, Allowed)], "why said not guarded");
+    lab.expect_all(protected.port(), &[(&anne, Denied)], "why said [protect]");
     assert_eq!(
         lab.probe().connect(v4(l.port())).outcome(),
         Denied,
@@ -1030,7 +860,7 @@ fn permissions() {
     let other = TestUser::new();
     let l = Listener::loopback();
     let policy = |settings: &str| format!("{settings}{}", vm("v", l.port(), &[&other.name]));
-    let lab = Lab::start(&policy(""));
+    let lab = Lab::start(PROBE, &policy(""));
 
     // The socket must be reachable by everyone: its directory traversable,
     // the socket itself read-write for all.
@@ -1074,7 +904,7 @@ fn permissions() {
         refused(who, &["status"]);
         refused(who, &["status", "--json"]);
     }
-    lab.expect(
+    lab.expect_all(
         l.port(),
         &[(&user, Denied), (&other, Allowed)],
         "after refused commands",
@@ -1099,7 +929,10 @@ fn permissions() {
     // ... about someone else does not.
     let out = lab.ctl_as(&user, &["why", &other.name, &v4(l.port())]);
     assert!(
-        out.failed() && out.stdout.is_empty() && out.stderr.contains("permission denied"),
+        out.failed()
+            && out.stdout.is_empty()
+            && out.stderr.contains("permission denied")
+            && out.stderr.contains("only ask about yourself"),
         "why about another user was answered:\n{out}"
     );
     let out = lab.ctl_as(&user, &["why", "root", &v4(l.port())]);
@@ -1123,7 +956,7 @@ fn permissions() {
     assert_eq!(out.code, Some(0), "{out}");
     let out = lab.ctl_as(&admin, &grant_args);
     assert_eq!(out.code, Some(0), "{out}");
-    lab.expect(l.port(), &[(&user, Allowed)], "after the admin's grant");
+    lab.expect_all(l.port(), &[(&user, Allowed)], "after the admin's grant");
     let out = lab.ctl_as(&admin, &["revoke", user.name.as_str(), "v"]);
     assert_eq!(out.code, Some(0), "{out}");
     let out = lab.ctl_as(&admin, &["why", &other.name, &v4(l.port())]);
@@ -1131,7 +964,7 @@ fn permissions() {
     // Everyone else still may not.
     refused(&user, &["reload"]);
     refused(&user, &grant_args);
-    lab.expect(
+    lab.expect_all(
         l.port(),
         &[(&user, Denied), (&other, Allowed)],
         "at the end",
@@ -1139,7 +972,7 @@ fn permissions() {
 }
 
 // ---------------------------------------------------------------------------
-// 9. a hostile control socket
+// 9. a hostile control socket, and one user holding many connections
 // ---------------------------------------------------------------------------
 
 #[test]
@@ -1148,7 +981,7 @@ fn control_socket_survives_garbage() {
     let anne = TestUser::new();
     let bob = TestUser::new();
     let l = Listener::loopback();
-    let mut lab = Lab::start(&vm("v", l.port(), &[&anne.name]));
+    let mut lab = Lab::start(PROBE, &vm("v", l.port(), &[&anne.name]));
     let sock = lab.pin.socket();
     let t = Duration::from_secs(10);
 
@@ -1273,11 +1106,58 @@ fn control_socket_survives_garbage() {
     assert_eq!(s["running"], true);
     let out = lab.ctl(&["why", &anne.name, &v4(l.port())]);
     assert_eq!(out.code, Some(0), "{out}");
-    lab.expect(
+    lab.expect_all(
         l.port(),
         &[(&anne, Allowed), (&bob, Denied)],
         "after the garbage",
     );
+}
+
+/// A user holding many control connections (idle ones, say) gets a "busy"
+/// answer past its own share, and another user is still served.
+#[test]
+fn one_user_cannot_take_every_control_slot() {
+    require_root();
+    let (hog, other) = (TestUser::new(), TestUser::new());
+    let l = Listener::loopback();
+    let lab = Lab::start(PROBE, &vm("v", l.port(), &[&other.name]));
+    // Nine connections, the ninth's answer printed; the rest held until
+    // stdin closes (the daemon drops idle ones after its request timeout).
+    let script = "import socket,sys\n\
+                  s=[socket.socket(socket.AF_UNIX) for _ in range(9)]\n\
+                  [c.connect(sys.argv[1]) for c in s]\n\
+                  s[8].settimeout(3)\n\
+                  print(s[8].recv(4096).decode().strip(), flush=True)\n\
+                  sys.stdin.read()\n";
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(lab.pin.socket())
+        .uid(hog.uid)
+        .gid(hog.gid)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("reading the ninth answer");
+    eprintln!("[test] {}'s ninth connection: {first}", hog.name);
+    let served = lab.ctl_as(&other, &["list"]);
+    drop(child.stdin.take());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        first.contains("\"ok\":false") && first.contains("already have 8 connections"),
+        "the ninth connection of one user must be turned away: {first}"
+    );
+    assert_eq!(
+        served.code,
+        Some(0),
+        "another user is served while the first holds 8: {served}"
+    );
+    assert_eq!(lab.status()["running"], true);
 }
 
 // ---------------------------------------------------------------------------
@@ -1292,14 +1172,14 @@ fn temporary_grant_and_revoke() {
     let carl = TestUser::new(); // never granted
     let l = Listener::loopback();
     let p = l.port();
-    let mut lab = Lab::start(&vm("v", p, &[]));
-    lab.expect(p, &[(&anne, Denied), (&bob, Denied)], "before any grant");
+    let mut lab = Lab::start(PROBE, &vm("v", p, &[]));
+    lab.expect_all(p, &[(&anne, Denied), (&bob, Denied)], "before any grant");
 
     let secs = 4;
     let granted_at = now_unix();
     let out = lab.ctl_ok(&["grant", &anne.name, "v", "--for", &format!("{secs}s")]);
     assert!(out.stdout.contains(&anne.name), "{out}");
-    lab.expect(p, &[(&anne, Allowed), (&carl, Denied)], "after grant --for");
+    lab.expect_all(p, &[(&anne, Allowed), (&carl, Denied)], "after grant --for");
     let s = lab.status();
     let grants = s["temporary_grants"]
         .as_array()
@@ -1329,13 +1209,13 @@ fn temporary_grant_and_revoke() {
 
     // It survives a reload and a restart.
     lab.ctl_ok(&["reload"]);
-    lab.expect(p, &[(&anne, Allowed)], "after reload");
+    lab.expect_all(p, &[(&anne, Allowed)], "after reload");
     lab.restart();
     assert!(
         now_unix() < expires,
         "the restart took too long: the {secs} s grant expired before it could be checked"
     );
-    lab.expect(p, &[(&anne, Allowed)], "after a restart");
+    lab.expect_all(p, &[(&anne, Allowed)], "after a restart");
     assert!(
         lab.status()["temporary_grants"]
             .as_array()
@@ -1385,7 +1265,7 @@ fn temporary_grant_and_revoke() {
     // Until revoked; revoke takes it away at once.
     let out = lab.ctl_ok(&["grant", &bob.name, "v"]);
     assert!(out.stdout.contains("until revoked"), "{out}");
-    lab.expect(p, &[(&bob, Allowed)], "after grant without --for");
+    lab.expect_all(p, &[(&bob, Allowed)], "after grant without --for");
     let s = lab.status();
     let g = &s["temporary_grants"][0];
     assert!(
@@ -1394,7 +1274,7 @@ fn temporary_grant_and_revoke() {
         s["temporary_grants"]
     );
     lab.ctl_ok(&["revoke", &bob.name, "v"]);
-    lab.expect(p, &[(&bob, Denied)], "right after revoke");
+    lab.expect_all(p, &[(&bob, Denied)], "right after revoke");
     assert!(
         lab.status()["temporary_grants"]
             .as_array()
@@ -1418,7 +1298,7 @@ fn temporary_grant_and_revoke() {
             "{args:?} should fail with a reason:\n{out}"
         );
     }
-    lab.expect(p, &[(&bob, Denied), (&carl, Denied)], "at the end");
+    lab.expect_all(p, &[(&bob, Denied), (&carl, Denied)], "at the end");
 }
 
 // ---------------------------------------------------------------------------
@@ -1458,7 +1338,7 @@ fn revocation_closes_established_connections() {
     let carl = TestUser::new(); // keeps access throughout
     let l = Listener::loopback_keeping_connections();
     let p = l.port();
-    let lab = Lab::start(&vm("v", p, &[&anne.name, &carl.name]));
+    let lab = Lab::start(PROBE, &vm("v", p, &[&anne.name, &carl.name]));
     lab.ctl_ok(&["grant", &bob.name, "v"]);
     let held = |u: &TestUser| lab.probe().as_user(u).connect(v4(p)).hold(60);
     let mut ha = held(&anne);
@@ -1501,7 +1381,7 @@ fn revocation_closes_established_connections() {
         "the connection of a user who kept access was closed"
     );
     assert!(!lab.has_log(|l| l.contains(&format!("CLOSED uid={} ", carl.uid))));
-    lab.expect(
+    lab.expect_all(
         p,
         &[(&anne, Denied), (&bob, Denied), (&carl, Allowed)],
         "at the end",
@@ -1515,11 +1395,11 @@ fn closed_lines_name_only_users_whose_access_ended() {
     let bob = TestUser::new(); // loses it
     let l = Listener::loopback_keeping_connections();
     let p = l.port();
-    let lab = Lab::start(&vm("v", p, &[&anne.name, &bob.name]));
+    let lab = Lab::start(PROBE, &vm("v", p, &[&anne.name, &bob.name]));
     // Anne connects and closes at once. The listener keeps its end open, so
     // her socket lingers, closed by her, in FIN-WAIT-2 (an orphan: no
     // longer attached to any process) for up to a minute.
-    lab.expect(p, &[(&anne, Allowed)], "anne's short connect");
+    lab.expect_all(p, &[(&anne, Allowed)], "anne's short connect");
     let mut hb = lab.probe().as_user(&bob).connect(v4(p)).hold(60);
 
     lab.reload_to(&vm("v", p, &[&anne.name]));
@@ -1529,12 +1409,8 @@ fn closed_lines_name_only_users_whose_access_ended() {
         l.contains(&format!("CLOSED uid={} ", bob.uid))
     });
     sleep(Duration::from_millis(300));
-    let wrong: Vec<String> = lab
-        .daemon()
-        .lines()
-        .into_iter()
-        .filter(|l| l.contains("CLOSED") && !l.contains(&format!("CLOSED uid={} ", bob.uid)))
-        .collect();
+    let wrong =
+        lab.log_lines(|l| l.contains("CLOSED") && !l.contains(&format!("CLOSED uid={} ", bob.uid)));
     assert!(
         wrong.is_empty(),
         "only {} (uid {}) lost access, yet the daemon says it closed other connections \
@@ -1554,7 +1430,7 @@ fn revocation_keeps_connections_with_end_sessions_false() {
     let l = Listener::loopback_keeping_connections();
     let p = l.port();
     let settings = "[settings]\nend_sessions = false\n";
-    let lab = Lab::start(&format!("{settings}{}", vm("v", p, &[&anne.name])));
+    let lab = Lab::start(PROBE, &format!("{settings}{}", vm("v", p, &[&anne.name])));
     assert_eq!(lab.status()["policy"]["end_sessions"], false);
     lab.ctl_ok(&["grant", &bob.name, "v"]);
     let mut ha = lab.probe().as_user(&anne).connect(v4(p)).hold(60);
@@ -1574,7 +1450,7 @@ fn revocation_keeps_connections_with_end_sessions_false() {
         "a CLOSED line although end_sessions = false"
     );
     // New connects are refused all the same.
-    lab.expect(
+    lab.expect_all(
         p,
         &[(&anne, Denied), (&bob, Denied)],
         "after the revocations",
@@ -1599,7 +1475,7 @@ fn events_stream() {
     let early = TestUser::new(); // marks when the streams are up
     let l = Listener::loopback();
     let p = l.port();
-    let lab = Lab::start(&vm("v", p, &[]));
+    let lab = Lab::start(PROBE, &vm("v", p, &[]));
     let all = CliStream::spawn(events(&lab.pin, None), "events as root");
     let mine = CliStream::spawn(events(&lab.pin, Some(&anne)), "events as anne");
     // Both streams are subscribed once root's sees a denial made after
@@ -1681,6 +1557,7 @@ fn commands_fail_clearly_without_daemon() {
             vec!["grant", "root", "v"],
             vec!["revoke", "root", "v"],
             vec!["events"],
+            vec!["list"],
             vec!["check", "--diff", &good_path],
         ] {
             let out = CliOutput::new(pin.ctl(args.iter().map(OsStr::new)), &args);

@@ -15,87 +15,16 @@ use std::{
 };
 
 use spicegate_tests::{
-    Checks, Daemon, DenyLine, Listener, Outcome, PinDir, PolicyFile, Probe, TestCgroup, TestGroup,
-    TestUser, interface_addrs, require_root, unused_uid,
+    Checks, Daemon, DenyLine, Listener, Outcome, PinDir, PolicyFile, Probe, TestGroup, TestUser,
+    interface_addrs,
+    lab::{Lab, v4, v6, vm, winlab},
+    require_root, unused_uid,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_sg-probe");
 const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 use Outcome::{Allowed, Denied};
-
-/// One enforcing daemon on its own cgroup and pin dir. Field order is drop
-/// order: the daemon stops, then the pins are unloaded, then the cgroup is
-/// emptied and removed. Users and listeners are declared by the tests before
-/// the lab, so they outlive it.
-struct Lab {
-    daemon: Option<Daemon>,
-    pin: PinDir,
-    cg: TestCgroup,
-    policy: PolicyFile,
-}
-
-impl Lab {
-    fn start(policy: &str) -> Self {
-        require_root();
-        eprintln!("[test] policy:\n{policy}");
-        let policy = PolicyFile::new(policy);
-        let cg = TestCgroup::new();
-        let pin = PinDir::new();
-        let daemon = Daemon::start(policy.path(), Some(cg.path()), &pin);
-        Self {
-            daemon: Some(daemon),
-            pin,
-            cg,
-            policy,
-        }
-    }
-
-    /// A probe inside this lab's cgroup.
-    fn probe(&self) -> Probe {
-        Probe::new(PROBE).cgroup(&self.cg)
-    }
-
-    fn daemon(&self) -> &Daemon {
-        self.daemon.as_ref().expect("the lab's daemon is running")
-    }
-
-    fn daemon_mut(&mut self) -> &mut Daemon {
-        self.daemon.as_mut().expect("the lab's daemon is running")
-    }
-
-    /// Starts a new daemon on the same policy, cgroup and pin dir.
-    fn restart(&mut self) {
-        let old = self.daemon.take();
-        drop(old);
-        self.daemon = Some(Daemon::start(
-            self.policy.path(),
-            Some(self.cg.path()),
-            &self.pin,
-        ));
-    }
-}
-
-/// `[vms.<vm>]` on `localhost` guarding `port`, granting `allow`.
-fn localhost_vm(vm: &str, port: u16, allow: &[&str]) -> String {
-    format!(
-        "[vms.{vm}]\nserver = \"localhost\"\nports = [{port}]\nallow = {}\n",
-        toml_list(allow)
-    )
-}
-
-fn toml_list(items: &[&str]) -> String {
-    let quoted: Vec<String> = items.iter().map(|s| format!("\"{s}\"")).collect();
-    format!("[{}]", quoted.join(", "))
-}
-
-fn v4(port: u16) -> String {
-    format!("127.0.0.1:{port}")
-}
-
-fn v6(port: u16) -> String {
-    format!("[::1]:{port}")
-}
 
 #[test]
 fn grant_matrix() {
@@ -108,15 +37,18 @@ fn grant_matrix() {
     let ghost = unused_uid(); // granted by #uid, no passwd entry
     let guarded = Listener::loopback();
     let open = Listener::loopback();
-    let lab = Lab::start(&localhost_vm(
-        "lab",
-        guarded.port(),
-        &[
-            &alice.name,
-            &format!("@{}", staff.name),
-            &format!("#{ghost}"),
-        ],
-    ));
+    let lab = Lab::start(
+        PROBE,
+        &vm(
+            "lab",
+            guarded.port(),
+            &[
+                &alice.name,
+                &format!("@{}", staff.name),
+                &format!("#{ghost}"),
+            ],
+        ),
+    );
 
     let g = v4(guarded.port());
     let o = v4(open.port());
@@ -141,11 +73,14 @@ fn root_is_allowed_only_when_granted() {
     let dave = TestUser::new();
     let by_name = Listener::loopback();
     let by_uid = Listener::loopback();
-    let lab = Lab::start(&format!(
-        "{}{}",
-        localhost_vm("byname", by_name.port(), &["root"]),
-        localhost_vm("byuid", by_uid.port(), &["#0"])
-    ));
+    let lab = Lab::start(
+        PROBE,
+        &format!(
+            "{}{}",
+            vm("byname", by_name.port(), &["root"]),
+            vm("byuid", by_uid.port(), &["#0"])
+        ),
+    );
     let mut c = Checks::new();
     for l in [&by_name, &by_uid] {
         c.expect(&lab.probe().connect(v4(l.port())), Allowed);
@@ -160,7 +95,7 @@ fn local_form(listen: &str, dsts: &[(&str, bool)]) {
     let alice = TestUser::new();
     let dave = TestUser::new();
     let l = Listener::bind(listen);
-    let lab = Lab::start(&localhost_vm("winlab", l.port(), &[&alice.name]));
+    let lab = Lab::start(PROBE, &vm("winlab", l.port(), &[&alice.name]));
     let mut c = Checks::new();
     for (addr, v6_socket) in dsts {
         let dst = if addr.contains(':') {
@@ -234,10 +169,13 @@ fn server_with_local_address_is_localhost() {
     let dave = TestUser::new();
     let l = Listener::dual_stack();
     let p = l.port();
-    let lab = Lab::start(&format!(
-        "[servers.here]\naddress = \"127.0.0.1\"\n[vms.local]\nserver = \"here\"\nports = [{p}]\nallow = [\"{}\"]\n",
-        alice.name
-    ));
+    let lab = Lab::start(
+        PROBE,
+        &format!(
+            "[servers.here]\naddress = \"127.0.0.1\"\n[vms.local]\nserver = \"here\"\nports = [{p}]\nallow = [\"{}\"]\n",
+            alice.name
+        ),
+    );
     let mut c = Checks::new();
     for dst in [v4(p), format!("127.0.0.2:{p}"), v6(p)] {
         c.expect(&lab.probe().as_user(&alice).connect(&dst), Allowed);
@@ -254,10 +192,13 @@ fn protect_guards_a_port_on_every_address() {
     let only_protected = Listener::dual_stack();
     let protected_and_vm = Listener::dual_stack();
     let (p1, p2) = (only_protected.port(), protected_and_vm.port());
-    let lab = Lab::start(&format!(
-        "[protect]\nports = [{p1}, \"{p2}-{p2}\"]\n{}",
-        localhost_vm("winlab", p2, &[&alice.name])
-    ));
+    let lab = Lab::start(
+        PROBE,
+        &format!(
+            "[protect]\nports = [{p1}, \"{p2}-{p2}\"]\n{}",
+            vm("winlab", p2, &[&alice.name])
+        ),
+    );
     let mut c = Checks::new();
     for dst in [v4(p1), v6(p1), format!("127.0.0.5:{p1}")] {
         c.expect(&lab.probe().as_user(&alice).connect(&dst), Denied);
@@ -284,10 +225,13 @@ fn vm_on_remote_server_leaves_loopback_alone() {
     let l = Listener::dual_stack();
     let p = l.port();
     // Nothing is ever sent to 192.0.2.1: only loopback connects are made.
-    let lab = Lab::start(&format!(
-        "[servers.far]\naddress = \"{REMOTE}\"\n[vms.remote]\nserver = \"far\"\nports = [{p}]\nallow = [\"{}\"]\n",
-        alice.name
-    ));
+    let lab = Lab::start(
+        PROBE,
+        &format!(
+            "[servers.far]\naddress = \"{REMOTE}\"\n[vms.remote]\nserver = \"far\"\nports = [{p}]\nallow = [\"{}\"]\n",
+            alice.name
+        ),
+    );
     let mut c = Checks::new();
     for dst in [v4(p), v6(p)] {
         c.expect(&lab.probe().as_user(&dave).connect(&dst), Allowed);
@@ -300,11 +244,8 @@ fn vm_on_remote_server_leaves_loopback_alone() {
 #[test]
 fn fastopen_sendto_is_decided_like_connect() {
     require_root();
-    let alice = TestUser::new();
-    let dave = TestUser::new();
-    let l = Listener::dual_stack();
+    let (alice, dave, l, lab) = winlab(PROBE);
     let p = l.port();
-    let lab = Lab::start(&localhost_vm("winlab", p, &[&alice.name]));
     let mut c = Checks::new();
     for dst in [v4(p), v6(p)] {
         c.expect(&lab.probe().as_user(&dave).connect(&dst).fastopen(), Denied);
@@ -327,29 +268,27 @@ fn expect_decisions(lab: &Lab, port: u16, alice: &TestUser, dave: &TestUser, whe
     c.finish();
 }
 
+/// The daemon is gone (`when`), its pins are not, and they still decide.
+fn expect_left_enforcing(lab: &Lab, port: u16, alice: &TestUser, dave: &TestUser, when: &str) {
+    assert!(
+        lab.pin.exists(),
+        "pin dir {} vanished {when}",
+        lab.pin.path().display()
+    );
+    expect_decisions(lab, port, alice, dave, when);
+}
+
 #[test]
 fn sigterm_and_sigint_exit_zero_and_enforcement_stays() {
     require_root();
-    let alice = TestUser::new();
-    let dave = TestUser::new();
-    let l = Listener::dual_stack();
+    let (alice, dave, l, mut lab) = winlab(PROBE);
     let p = l.port();
-    let mut lab = Lab::start(&localhost_vm("winlab", p, &[&alice.name]));
     expect_decisions(&lab, p, &alice, &dave, "while running");
 
-    let st = lab.daemon_mut().stop();
-    assert!(
-        st.success(),
-        "spicegate run should exit 0 on SIGTERM, got {st}"
-    );
-    assert!(
-        lab.pin.exists(),
-        "pin dir {} vanished after SIGTERM",
-        lab.pin.path().display()
-    );
-    expect_decisions(&lab, p, &alice, &dave, "after SIGTERM");
+    lab.stop();
+    expect_left_enforcing(&lab, p, &alice, &dave, "after SIGTERM");
 
-    lab.restart();
+    lab.start_daemon();
     lab.daemon().signal(nix::sys::signal::Signal::SIGINT);
     let st = lab.daemon_mut().stop();
     assert!(
@@ -362,29 +301,18 @@ fn sigterm_and_sigint_exit_zero_and_enforcement_stays() {
 #[test]
 fn kill9_fails_closed() {
     require_root();
-    let alice = TestUser::new();
-    let dave = TestUser::new();
-    let l = Listener::dual_stack();
+    let (alice, dave, l, mut lab) = winlab(PROBE);
     let p = l.port();
-    let mut lab = Lab::start(&localhost_vm("winlab", p, &[&alice.name]));
     expect_decisions(&lab, p, &alice, &dave, "while running");
-    lab.daemon_mut().kill9();
-    assert!(
-        lab.pin.exists(),
-        "pin dir {} vanished after kill -9",
-        lab.pin.path().display()
-    );
-    expect_decisions(&lab, p, &alice, &dave, "after kill -9");
+    lab.kill9();
+    expect_left_enforcing(&lab, p, &alice, &dave, "after kill -9");
 }
 
 #[test]
 fn restart_adopts_pinned_state_without_a_gap() {
     require_root();
-    let alice = TestUser::new();
-    let dave = TestUser::new();
-    let l = Listener::dual_stack();
+    let (alice, dave, l, mut lab) = winlab(PROBE);
     let p = l.port();
-    let mut lab = Lab::start(&localhost_vm("winlab", p, &[&alice.name]));
 
     // ~4 s of connects every 5 ms from each user, across two restarts.
     let loop_probe = |u: &TestUser| {
@@ -400,23 +328,13 @@ fn restart_adopts_pinned_state_without_a_gap() {
     sleep(Duration::from_millis(300));
 
     let t = Instant::now();
-    let st = lab.daemon_mut().stop();
-    assert!(st.success(), "SIGTERM: spicegate run exited {st}");
-    lab.daemon = Some(Daemon::start(
-        lab.policy.path(),
-        Some(lab.cg.path()),
-        &lab.pin,
-    ));
+    lab.restart();
     eprintln!("[test] SIGTERM + restart took {:?}", t.elapsed());
     sleep(Duration::from_millis(300));
 
     let t = Instant::now();
-    lab.daemon_mut().kill9();
-    lab.daemon = Some(Daemon::start(
-        lab.policy.path(),
-        Some(lab.cg.path()),
-        &lab.pin,
-    ));
+    lab.kill9();
+    lab.start_daemon();
     eprintln!("[test] kill -9 + restart took {:?}", t.elapsed());
     sleep(Duration::from_millis(100));
 
@@ -443,14 +361,10 @@ fn restart_adopts_pinned_state_without_a_gap() {
 #[test]
 fn unload_removes_enforcement() {
     require_root();
-    let alice = TestUser::new();
-    let dave = TestUser::new();
-    let l = Listener::dual_stack();
+    let (alice, dave, l, mut lab) = winlab(PROBE);
     let p = l.port();
-    let mut lab = Lab::start(&localhost_vm("winlab", p, &[&alice.name]));
     expect_decisions(&lab, p, &alice, &dave, "while running");
-    let st = lab.daemon_mut().stop();
-    assert!(st.success(), "SIGTERM: spicegate run exited {st}");
+    lab.stop();
 
     let out = lab.pin.unload();
     assert!(
@@ -480,10 +394,13 @@ fn deny_lines_name_uid_user_pid_comm_destination_and_vm() {
     let vm_port = Listener::dual_stack();
     let protect_port = Listener::dual_stack();
     let (p1, p2) = (vm_port.port(), protect_port.port());
-    let lab = Lab::start(&format!(
-        "[protect]\nports = [{p2}]\n{}",
-        localhost_vm("winlab", p1, &[&alice.name])
-    ));
+    let lab = Lab::start(
+        PROBE,
+        &format!(
+            "[protect]\nports = [{p2}]\n{}",
+            vm("winlab", p1, &[&alice.name])
+        ),
+    );
 
     let dave_user = dave.name.clone();
     let ghost_user = format!("#{ghost}");
@@ -563,7 +480,7 @@ fn deny_lines_are_rate_limited_per_uid() {
     let other = TestUser::new();
     let l = Listener::loopback();
     let p = l.port();
-    let lab = Lab::start(&localhost_vm("winlab", p, &["root"]));
+    let lab = Lab::start(PROBE, &vm("winlab", p, &["root"]));
 
     let t0 = Instant::now();
     let burst = lab.probe().as_user(&dave).connect(v4(p)).count(100).run();
@@ -623,7 +540,7 @@ fn attaches_to_the_real_cgroup_root_by_default() {
     let dave = TestUser::new();
     let l = Listener::loopback();
     let p = l.port();
-    let policy = PolicyFile::new(&localhost_vm("rootvm", p, &[&alice.name]));
+    let policy = PolicyFile::new(&vm("rootvm", p, &[&alice.name]));
     let pin = PinDir::new();
     let mut daemon = Daemon::start(policy.path(), None, &pin);
     let line = daemon.wait_for_line("enforcing policy", Duration::from_secs(1));

@@ -20,7 +20,6 @@
 //! Run as root, one test at a time: `cargo xtask test`.
 
 use std::{
-    ffi::OsStr,
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     os::unix::net::UnixStream,
@@ -32,8 +31,10 @@ use std::{
 
 use serde_json::Value;
 use spicegate_tests::{
-    CliStream, Daemon, Listener, PinDir, PolicyDir, TestCgroup, TestUser, logind::FakeLogind,
-    logind::SessionSpec, require_root, spicegate_cmd,
+    CliStream, Listener, PinDir, PolicyDir, TestCgroup, TestUser,
+    lab::Lab,
+    logind::{FakeLogind, SessionSpec},
+    require_root, spicegate_cmd,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_sg-probe");
@@ -232,35 +233,26 @@ fn a_flood_from_30000_uids_does_not_stall_the_daemon() {
     ));
     let mut logind = FakeLogind::start();
     logind.activate(SessionSpec::local(con1.uid));
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let clock_file = policy.clock();
-    let daemon = Daemon::start_with(
-        &policy.main(),
-        Some(cg.path()),
-        &pin,
-        &[
-            OsStr::new("--clock-offset-file"),
-            clock_file.as_os_str(),
-            OsStr::new("--logind-bus"),
-            OsStr::new(&logind.address),
-        ],
-    );
-    let socket = pin.socket();
-    let pid = daemon.pid();
+    let mut lab = Lab::builder(PROBE)
+        .test_clock()
+        .arg("--logind-bus")
+        .arg(&logind.address)
+        .start_dir(policy);
+    let socket = lab.pin.socket();
+    let pid = lab.daemon().pid();
 
     // Baselines without a flood.
     let grant = |u: &TestUser, extra: &[&str]| {
         let mut args = vec!["grant", u.name.as_str(), "v"];
         args.extend_from_slice(extra);
-        let (_, out) = ctl(&pin, &args);
+        let (_, out) = ctl(&lab.pin, &args);
         assert!(out.status.success(), "grant {} failed", u.name);
     };
     grant(&rita, &[]);
-    let (revoke_quiet, out) = ctl(&pin, &["revoke", &rita.name, "v"]);
+    let (revoke_quiet, out) = ctl(&lab.pin, &["revoke", &rita.name, "v"]);
     assert!(out.status.success(), "revoke failed");
     grant(&rita, &[]);
-    let (reload_quiet, out) = ctl(&pin, &["reload"]);
+    let (reload_quiet, out) = ctl(&lab.pin, &["reload"]);
     assert!(out.status.success(), "reload failed");
     let mut quiet = Vec::new();
     for _ in 0..30 {
@@ -278,7 +270,7 @@ fn a_flood_from_30000_uids_does_not_stall_the_daemon() {
 
     let events = CliStream::spawn(
         {
-            let mut c = spicegate_cmd(&pin, None);
+            let mut c = spicegate_cmd(&lab.pin, None);
             c.args(["events", "--json"]);
             c
         },
@@ -287,13 +279,13 @@ fn a_flood_from_30000_uids_does_not_stall_the_daemon() {
     std::thread::sleep(Duration::from_millis(300));
 
     // The flood.
-    let lines_before = daemon.lines().len();
+    let lines_before = lab.daemon().lines().len();
     let rss_before = rss_kb(pid);
     let cpu_before = cpu_secs(pid);
     let flood_start = Instant::now();
     let flood = Command::new(FLOOD)
         .arg("--cgroup")
-        .arg(cg.path())
+        .arg(lab.cg.path())
         .args(["--connect", &format!("127.0.0.1:{pv}")])
         .args(["--uid-base", &FLOOD_BASE.to_string()])
         .args(["--uids", &FLOOD_UIDS.to_string()])
@@ -340,7 +332,7 @@ fn a_flood_from_30000_uids_does_not_stall_the_daemon() {
     ] {
         let t = Instant::now();
         let got = spicegate_tests::Probe::new(PROBE)
-            .cgroup(&cg)
+            .cgroup(&lab.cg)
             .as_ids(uid, gid)
             .connect(format!("127.0.0.1:{pv}"))
             .outcome();
@@ -349,7 +341,7 @@ fn a_flood_from_30000_uids_does_not_stall_the_daemon() {
             spicegate_tests::Outcome::Denied,
             "{who} must be refused on vm v"
         );
-        daemon.wait_for_deny(
+        lab.daemon().wait_for_deny(
             &format!("the DENY of {who}"),
             |d| d.uid == uid,
             DENY_LINE_LIMIT.saturating_sub(t.elapsed()),
@@ -361,27 +353,27 @@ fn a_flood_from_30000_uids_does_not_stall_the_daemon() {
     }
 
     // 1a. A temporary grant ends on time.
-    let clock = policy.set_clock(monday(11, 59, 0));
+    let clock = lab.policy.set_clock(monday(11, 59, 0));
     grant(&tina, &["--for", "5s"]);
     let expires = request(&socket, r#"{"cmd":"status"}"#).1["result"]["temporary_grants"]
         .as_array()
         .and_then(|g| g.iter().find(|x| x["uid"] == tina.uid).cloned())
         .and_then(|g| g["expires_unix"].as_i64())
         .expect("tina's grant in status");
-    let tina_s = Stream::start(&cg, tina.uid, tina.gid, pv, "temporary grant of tina");
+    let tina_s = Stream::start(&lab.cg, tina.uid, tina.gid, pv, "temporary grant of tina");
     let grant_late = tina_s.turned_at(when(clock, expires), true);
     drop(tina_s);
 
     // 1b. A schedule window ends on time (Monday 12:00).
-    let clock = policy.set_clock(monday(11, 59, 56));
+    let clock = lab.policy.set_clock(monday(11, 59, 56));
     std::thread::sleep(Duration::from_millis(300));
-    let sam_s = Stream::start(&cg, sam.uid, sam.gid, ps, "schedule window of sam");
+    let sam_s = Stream::start(&lab.cg, sam.uid, sam.gid, ps, "schedule window of sam");
     let window_late = sam_s.turned_at(when(clock, monday(12, 0, 0)), true);
     drop(sam_s);
 
     // 1c. A console switch ends the old user's access on time.
-    let con1_s = Stream::start(&cg, con1.uid, con1.gid, pc, "console of con1");
-    let con2_s = Stream::start(&cg, con2.uid, con2.gid, pc, "console for con2");
+    let con1_s = Stream::start(&lab.cg, con1.uid, con1.gid, pc, "console of con1");
+    let con2_s = Stream::start(&lab.cg, con2.uid, con2.gid, pc, "console for con2");
     std::thread::sleep(Duration::from_millis(1500));
     let switch = Instant::now();
     logind.activate(SessionSpec::local(con2.uid));
@@ -390,9 +382,9 @@ fn a_flood_from_30000_uids_does_not_stall_the_daemon() {
     drop((con1_s, con2_s));
 
     // 1d. revoke and reload.
-    let (revoke_flood, out) = ctl(&pin, &["revoke", &rita.name, "v"]);
+    let (revoke_flood, out) = ctl(&lab.pin, &["revoke", &rita.name, "v"]);
     assert!(out.status.success(), "revoke during the flood failed");
-    let (reload_flood, out) = ctl(&pin, &["reload"]);
+    let (reload_flood, out) = ctl(&lab.pin, &["reload"]);
     assert!(out.status.success(), "reload during the flood failed");
     eprintln!("[flood] during the flood: revoke {revoke_flood:?}, reload {reload_flood:?}");
     assert!(
@@ -421,7 +413,7 @@ fn a_flood_from_30000_uids_does_not_stall_the_daemon() {
     let flood_secs = flood_start.elapsed().as_secs_f64();
     assert!(status.success(), "sg-flood failed: {out}");
     let cpu = (cpu_secs(pid) - cpu_before) / flood_secs;
-    let lines_during = daemon.lines().len() - lines_before;
+    let lines_during = lab.daemon().lines().len() - lines_before;
     let rss_after = rss_kb(pid);
     let counts: Value = serde_json::from_str(out.trim()).expect("sg-flood's JSON");
     eprintln!("[flood] sg-flood: {counts}");
@@ -456,11 +448,7 @@ fn a_flood_from_30000_uids_does_not_stall_the_daemon() {
         rate <= MAX_LINES_PER_SEC,
         "{rate:.1} log lines a second during the flood"
     );
-    let summaries: Vec<String> = daemon
-        .lines()
-        .into_iter()
-        .filter(|l| l.contains("SUPPRESSED denials="))
-        .collect();
+    let summaries = lab.log_lines(|l| l.contains("SUPPRESSED denials="));
     assert!(
         summaries.len() as f64 >= flood_secs * 0.5,
         "only {} SUPPRESSED lines in {flood_secs:.0} s",
@@ -490,7 +478,7 @@ fn a_flood_from_30000_uids_does_not_stall_the_daemon() {
         drops["rate_limited"].as_u64().unwrap_or(0) > 100_000,
         "status does not count the rate-limited denials: {drops}"
     );
-    let text = pin.ctl(["status"]);
+    let text = lab.pin.ctl(["status"]);
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
     assert!(
         text.contains("rate-limited"),
@@ -521,7 +509,7 @@ fn a_flood_from_30000_uids_does_not_stall_the_daemon() {
     eprintln!(
         "[flood] edges late by: grant {grant_late:?}, window {window_late:?}, console out {switch_late:?}, in {switch_in_late:?}"
     );
-    drop(daemon);
+    drop(lab.daemon.take());
 }
 
 fn wait_for(mut cond: impl FnMut() -> bool) {

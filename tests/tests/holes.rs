@@ -14,27 +14,23 @@ use std::{
     process::{Command, Stdio},
 };
 
-use serde_json::Value;
 use spicegate_tests::{
-    Daemon, Listener, PinDir, PolicyDir, TestCgroup, TestUser, ctl_as, raw_request, require_root,
+    Listener, PolicyDir, TestCgroup, TestUser,
+    lab::{Lab, text, v4, vm},
+    raw_request, require_root,
 };
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+const PROBE: &str = env!("CARGO_BIN_EXE_sg-probe");
+
+/// A lab on `policy` (a [`PolicyDir`]: its file modes matter here).
+fn lab(policy: PolicyDir) -> Lab<PolicyDir> {
+    Lab::builder(PROBE).start_dir(policy)
 }
 
-fn vm_policy(port: u16, allow: &[&str]) -> String {
-    let allow: Vec<String> = allow.iter().map(|a| format!("\"{a}\"")).collect();
-    format!(
-        "[vms.v]\nserver = \"localhost\"\nports = [{port}]\nallow = [{}]\n",
-        allow.join(", ")
-    )
-}
-
-fn status(pin: &PinDir) -> Value {
-    let out = pin.ctl(["status", "--json"]);
-    assert!(out.status.success(), "status failed: {}", text(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("status JSON")
+/// Like [`lab`], with no daemon yet: the test prepares its state dir, then
+/// calls `start_daemon`.
+fn prepared_lab(policy: PolicyDir) -> Lab<PolicyDir> {
+    Lab::builder(PROBE).without_daemon().start_dir(policy)
 }
 
 // ---- 4. bad requests never take the daemon down --------------------------
@@ -44,11 +40,9 @@ fn absurd_grant_durations_are_refused_and_old_ones_do_not_crash_the_daemon() {
     require_root();
     let user = TestUser::new();
     let l = Listener::loopback();
-    let policy = PolicyDir::new(&vm_policy(l.port(), &[]));
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
+    let mut lab = prepared_lab(PolicyDir::new(&vm("v", l.port(), &[])));
     // A grants file as a daemon without the bound could have saved it.
-    let state = pin.state_dir();
+    let state = lab.pin.state_dir();
     fs::create_dir_all(&state).expect("state dir");
     fs::write(
         state.join("grants.json"),
@@ -58,23 +52,22 @@ fn absurd_grant_durations_are_refused_and_old_ones_do_not_crash_the_daemon() {
         ),
     )
     .expect("writing grants.json");
-    let daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+    lab.start_daemon();
 
     // The grantee's own commands, and status, work with that grant.
-    let list = ctl_as(&pin, &user, &["list", "--json"]);
+    let list = lab.ctl_as(&user, &["list", "--json"]);
     assert_eq!(list.code, Some(0), "list with a far-future grant: {list}");
     assert!(list.stdout.contains("9999-12-31T23:59:59Z"), "{list}");
-    let why = ctl_as(
-        &pin,
+    let why = lab.ctl_as(
         &user,
         &["why", &user.name, &format!("127.0.0.1:{}", l.port())],
     );
     assert_eq!(why.code, Some(0), "why with a far-future grant: {why}");
-    let st = status(&pin);
+    let st = lab.status();
     assert_eq!(st["temporary_grants"][0]["expires"], "9999-12-31T23:59:59Z");
 
     // New absurd durations are refused, by the CLI and on the wire.
-    let out = pin.ctl(["grant", &user.name, "v", "--for", "10000y"]);
+    let out = lab.pin.ctl(["grant", &user.name, "v", "--for", "10000y"]);
     assert!(!out.status.success(), "--for 10000y must be refused");
     assert!(
         text(&out.stderr).contains("longer than 10 years"),
@@ -83,7 +76,7 @@ fn absurd_grant_durations_are_refused_and_old_ones_do_not_crash_the_daemon() {
     );
     for secs in ["18446744073709551615", "315576001", "0"] {
         let answer = raw_request(
-            &pin.socket(),
+            &lab.pin.socket(),
             format!(
                 r#"{{"cmd":"grant","user":"{}","vm":"v","for_secs":{secs}}}
 "#,
@@ -99,10 +92,10 @@ fn absurd_grant_durations_are_refused_and_old_ones_do_not_crash_the_daemon() {
         );
     }
     // Ten years exactly is fine.
-    let out = pin.ctl(["grant", &user.name, "v", "--for", "3652days"]);
+    let out = lab.pin.ctl(["grant", &user.name, "v", "--for", "3652days"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(status(&pin)["running"], true);
-    drop(daemon);
+    assert_eq!(lab.status()["running"], true);
+    drop(lab);
 }
 
 // ---- 5. the control socket: order of checks, fairness ---------------------
@@ -112,13 +105,10 @@ fn why_about_someone_else_is_refused_before_they_are_looked_up() {
     require_root();
     let user = TestUser::new();
     let l = Listener::loopback();
-    let policy = PolicyDir::new(&vm_policy(l.port(), &[]));
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let _daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+    let lab = lab(PolicyDir::new(&vm("v", l.port(), &[])));
     let dst = format!("127.0.0.1:{}", l.port());
     for who in ["no-such-user-sg-holes", "root", "#0"] {
-        let out = ctl_as(&pin, &user, &["why", who, &dst]);
+        let out = lab.ctl_as(&user, &["why", who, &dst]);
         assert!(
             out.code != Some(0) && out.stderr.contains("permission denied"),
             "why {who} as {}: {out}",
@@ -126,7 +116,7 @@ fn why_about_someone_else_is_refused_before_they_are_looked_up() {
         );
     }
     for me in [user.name.clone(), format!("#{}", user.uid)] {
-        let out = ctl_as(&pin, &user, &["why", &me, &dst]);
+        let out = lab.ctl_as(&user, &["why", &me, &dst]);
         assert!(
             !out.stderr.contains("permission denied"),
             "why {me} as {}: {out}",
@@ -208,10 +198,7 @@ fn a_subordinate_uid_range_counts_as_its_owner_on_the_control_socket() {
     require_root();
     let (hog, other) = (TestUser::new(), TestUser::new());
     let l = Listener::loopback();
-    let policy = PolicyDir::new(&vm_policy(l.port(), &[&other.name]));
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let _daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+    let lab = lab(PolicyDir::new(&vm("v", l.port(), &[&other.name])));
     let first = 3_000_000 + spicegate_tests::next_id() * 65_536;
     let _subuid = SubuidFile::add(&hog.name, first, 65_536);
     // Eight uids of the hog's range, eight connections each: all 64 slots
@@ -220,7 +207,7 @@ fn a_subordinate_uid_range_counts_as_its_owner_on_the_control_socket() {
     let mut child = Command::new("python3")
         .arg("-c")
         .arg(HOG)
-        .arg(pin.socket())
+        .arg(lab.pin.socket())
         .arg(uids.join(","))
         .arg("8")
         .stdin(Stdio::piped())
@@ -231,7 +218,7 @@ fn a_subordinate_uid_range_counts_as_its_owner_on_the_control_socket() {
     BufReader::new(child.stdout.take().expect("stdout"))
         .read_line(&mut busy)
         .expect("reading the hog's count");
-    let served = ctl_as(&pin, &other, &["list"]);
+    let served = lab.ctl_as(&other, &["list"]);
     drop(child.stdin.take());
     let _ = child.kill();
     let _ = child.wait();
@@ -256,66 +243,63 @@ fn a_policy_others_could_write_is_refused() {
     require_root();
     let user = TestUser::new();
     let l = Listener::loopback();
-    let policy = PolicyDir::new(&vm_policy(l.port(), &[]));
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let mut daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
-    let sha = status(&pin)["policy"]["sha256"].clone();
+    let mut lab = lab(PolicyDir::new(&vm("v", l.port(), &[])));
+    let sha = lab.status()["policy"]["sha256"].clone();
 
     // What a user would write, once he can.
-    let evil = vm_policy(l.port(), &[&user.name]);
+    let evil = vm("v", l.port(), &[&user.name]);
     let refused = |what: &str, needle: &str| {
-        let check = spicegate_tests::spicegate(["check".as_ref(), policy.main().as_os_str()]);
+        let check = spicegate_tests::spicegate(["check".as_ref(), lab.policy.main().as_os_str()]);
         assert!(!check.status.success(), "{what}: check must fail");
         let out = text(&check.stdout) + &text(&check.stderr);
         assert!(out.contains(needle), "{what}: check says:\n{out}");
-        let reload = pin.ctl(["reload"]);
+        let reload = lab.pin.ctl(["reload"]);
         assert!(!reload.status.success(), "{what}: reload must be refused");
         let out = text(&reload.stderr);
         assert!(out.contains(needle), "{what}: reload says:\n{out}");
         assert_eq!(
-            status(&pin)["policy"]["sha256"],
+            lab.status()["policy"]["sha256"],
             sha,
             "{what}: policy changed"
         );
     };
 
-    fs::write(policy.main(), &evil).expect("write");
-    policy.chmod(&policy.main(), 0o666);
+    fs::write(lab.policy.main(), &evil).expect("write");
+    lab.policy.chmod(&lab.policy.main(), 0o666);
     refused("policy file 0666", "mode 0666");
-    policy.chmod(&policy.main(), 0o620);
+    lab.policy.chmod(&lab.policy.main(), 0o620);
     refused("policy file 0620", "mode 0620");
-    policy.chmod(&policy.main(), 0o644);
-    chown(policy.main(), Some(user.uid), None).expect("chown");
+    lab.policy.chmod(&lab.policy.main(), 0o644);
+    chown(lab.policy.main(), Some(user.uid), None).expect("chown");
     refused(
         "policy file owned by a user",
         &format!("owned by uid {}", user.uid),
     );
-    chown(policy.main(), Some(0), None).expect("chown back");
-    fs::write(policy.main(), vm_policy(l.port(), &[])).expect("write");
+    chown(lab.policy.main(), Some(0), None).expect("chown back");
+    fs::write(lab.policy.main(), vm("v", l.port(), &[])).expect("write");
 
-    let dropin = policy.dropins().join("extra.toml");
+    let dropin = lab.policy.dropins().join("extra.toml");
     fs::write(&dropin, "[settings]\n").expect("drop-in");
-    policy.chmod(&dropin, 0o664);
+    lab.policy.chmod(&dropin, 0o664);
     refused("policy.d file 0664", "mode 0664");
     fs::remove_file(&dropin).expect("rm");
-    policy.chmod(&policy.dropins(), 0o777);
+    lab.policy.chmod(&lab.policy.dropins(), 0o777);
     refused("policy.d 0777", "mode 0777");
-    policy.chmod(&policy.dropins(), 0o755);
-    policy.chmod(policy.dir(), 0o775);
+    lab.policy.chmod(&lab.policy.dropins(), 0o755);
+    lab.policy.chmod(lab.policy.dir(), 0o775);
     refused("the policy's directory 0775", "mode 0775");
-    policy.chmod(policy.dir(), 0o755);
-    let ok = pin.ctl(["reload"]);
+    lab.policy.chmod(lab.policy.dir(), 0o755);
+    let ok = lab.pin.ctl(["reload"]);
     assert!(ok.status.success(), "{}", text(&ok.stderr));
 
     // At start: the last good copy is enforced instead.
-    let _ = daemon.stop();
-    fs::write(policy.main(), &evil).expect("write");
-    policy.chmod(&policy.main(), 0o666);
-    let daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
-    assert_eq!(status(&pin)["policy"]["source"], "last-good");
+    lab.stop();
+    fs::write(lab.policy.main(), &evil).expect("write");
+    lab.policy.chmod(&lab.policy.main(), 0o666);
+    lab.start_daemon();
+    assert_eq!(lab.status()["policy"]["source"], "last-good");
     assert!(
-        daemon.lines().iter().any(|l| l.contains("mode 0666")),
+        lab.daemon().lines().iter().any(|l| l.contains("mode 0666")),
         "the start must say why the file was refused"
     );
 }
@@ -373,14 +357,11 @@ fn only_root_and_listeners_may_bind_a_guarded_local_port() {
     let qemu_group = spicegate_tests::TestGroup::new();
     let qemu = TestUser::with_primary(&qemu_group);
     let (p, q, r) = (free_port(), free_port(), free_port());
-    let policy = PolicyDir::new(&format!(
+    let lab = lab(PolicyDir::new(&format!(
         "[protect]\nports = [{p}]\nlisteners = [\"@{}\"]\n\
          [vms.console]\nserver = \"localhost\"\nports = [{q}]\nallow = [\"{}\"]\n",
         qemu_group.name, squatter.name
-    ));
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+    )));
 
     // Every local address, both families, both kinds of guarded port.
     for (addr, port) in [
@@ -392,26 +373,26 @@ fn only_root_and_listeners_may_bind_a_guarded_local_port() {
         ("127.0.0.1", q),
     ] {
         assert_eq!(
-            bind_as(&cg, squatter.uid, squatter.gid, addr, port),
+            bind_as(&lab.cg, squatter.uid, squatter.gid, addr, port),
             "refused 1",
             "{} must not bind {addr}:{port}",
             squatter.name
         );
         assert_eq!(
-            bind_as(&cg, qemu.uid, qemu.gid, addr, port),
+            bind_as(&lab.cg, qemu.uid, qemu.gid, addr, port),
             "bound",
             "the listener {} may bind {addr}:{port}",
             qemu.name
         );
-        assert_eq!(bind_as(&cg, 0, 0, addr, port), "bound", "root may bind");
+        assert_eq!(bind_as(&lab.cg, 0, 0, addr, port), "bound", "root may bind");
     }
     // A port nobody guards is anyone's.
     assert_eq!(
-        bind_as(&cg, squatter.uid, squatter.gid, "127.0.0.1", r),
+        bind_as(&lab.cg, squatter.uid, squatter.gid, "127.0.0.1", r),
         "bound"
     );
 
-    let deny = daemon.wait_for_deny(
+    let deny = lab.daemon().wait_for_deny(
         "the refused bind",
         |d| d.uid == squatter.uid && d.line.contains("op=bind"),
         std::time::Duration::from_secs(3),
@@ -419,19 +400,21 @@ fn only_root_and_listeners_may_bind_a_guarded_local_port() {
     assert!(deny.line.contains(&format!(":{p}")), "{}", deny.line);
 
     // why, check and status name the listeners.
-    let why = pin.ctl(["why", &squatter.name, &format!("127.0.0.1:{q}")]);
+    let why = lab
+        .pin
+        .ctl(["why", &squatter.name, &format!("127.0.0.1:{q}")]);
     assert!(
         text(&why.stdout).contains(&format!("may not listen on port {q}")),
         "{}",
         text(&why.stdout)
     );
-    let check = spicegate_tests::spicegate(["check".as_ref(), policy.main().as_os_str()]);
+    let check = spicegate_tests::spicegate(["check".as_ref(), lab.policy.main().as_os_str()]);
     assert!(
         text(&check.stdout).contains(&format!("{}({})", qemu.name, qemu.uid)),
         "{}",
         text(&check.stdout)
     );
-    let st = status(&pin);
+    let st = lab.status();
     assert_eq!(
         st["listeners"]["users"][0]["user"],
         qemu.name.as_str(),
@@ -481,12 +464,8 @@ impl Drop for NamedUser {
     }
 }
 
-fn connect_as(cg: &TestCgroup, uid: u32, port: u16) -> spicegate_tests::Outcome {
-    spicegate_tests::Probe::new(env!("CARGO_BIN_EXE_sg-probe"))
-        .cgroup(cg)
-        .as_ids(uid, uid)
-        .connect(format!("127.0.0.1:{port}"))
-        .outcome()
+fn connect_as(lab: &Lab<PolicyDir>, uid: u32, port: u16) -> spicegate_tests::Outcome {
+    lab.probe().as_ids(uid, uid).connect(v4(port)).outcome()
 }
 
 #[test]
@@ -498,7 +477,7 @@ fn a_start_with_names_that_do_not_resolve_enforces_the_rest_and_catches_up() {
     let id = spicegate_tests::next_id();
     let late_user = format!("sglate{}x{id}", std::process::id() % 10_000);
     let (p, q) = (Listener::loopback(), Listener::loopback());
-    let policy = PolicyDir::new(&format!(
+    let mut lab = prepared_lab(PolicyDir::new(&format!(
         "[protect]\nports = [{pp}]\n\
          [servers.gone]\naddress = \"kvm-{id}.spicegate-test.invalid\"\n\
          [vms.local]\nserver = \"localhost\"\nports = [{qp}]\n\
@@ -508,16 +487,14 @@ fn a_start_with_names_that_do_not_resolve_enforces_the_rest_and_catches_up() {
         other.name,
         pp = p.port(),
         qp = q.port(),
-    ));
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
+    )));
     assert!(
-        !pin.state_dir().join("last-good").exists(),
+        !lab.pin.state_dir().join("last-good").exists(),
         "the test needs a start without a last good copy"
     );
-    let daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+    lab.start_daemon();
 
-    let st = status(&pin);
+    let st = lab.status();
     assert_eq!(st["degraded"], true, "{st:#}");
     let names: Vec<String> = st["unresolved"]
         .as_array()
@@ -533,17 +510,17 @@ fn a_start_with_names_that_do_not_resolve_enforces_the_rest_and_catches_up() {
         assert!(names.contains(&want), "{want} not in {names:?}");
     }
     assert!(
-        daemon.lines().iter().any(|l| l.contains("DEGRADED")),
+        lab.daemon().lines().iter().any(|l| l.contains("DEGRADED")),
         "the start must say it is degraded"
     );
     // The resolvable parts are enforced; the unresolvable server's port is
     // guarded everywhere and granted to no one.
-    assert_eq!(connect_as(&cg, granted.uid, q.port()), Allowed);
-    assert_eq!(connect_as(&cg, other.uid, q.port()), Denied);
-    assert_eq!(connect_as(&cg, other.uid, p.port()), Denied);
-    assert_eq!(connect_as(&cg, granted.uid, p.port()), Denied);
+    assert_eq!(connect_as(&lab, granted.uid, q.port()), Allowed);
+    assert_eq!(connect_as(&lab, other.uid, q.port()), Denied);
+    assert_eq!(connect_as(&lab, other.uid, p.port()), Denied);
+    assert_eq!(connect_as(&lab, granted.uid, p.port()), Denied);
     // A reload of the same policy is refused and says what a start does.
-    let reload = pin.ctl(["reload"]);
+    let reload = lab.pin.ctl(["reload"]);
     assert!(!reload.status.success());
     assert!(
         text(&reload.stderr).contains("at start spicegate enforces the rest"),
@@ -557,7 +534,7 @@ fn a_start_with_names_that_do_not_resolve_enforces_the_rest_and_catches_up() {
     let start = std::time::Instant::now();
     assert!(
         spicegate_tests::wait_until(std::time::Duration::from_secs(20), || {
-            connect_as(&cg, late_uid, q.port()) == Allowed
+            connect_as(&lab, late_uid, q.port()) == Allowed
         }),
         "{late_user} was not granted once the account existed"
     );
@@ -565,7 +542,7 @@ fn a_start_with_names_that_do_not_resolve_enforces_the_rest_and_catches_up() {
         "[test] {late_user} granted {:?} after the account appeared",
         start.elapsed()
     );
-    let st = status(&pin);
+    let st = lab.status();
     let names = st["unresolved"].to_string();
     assert!(!names.contains(&late_user), "{names}");
     assert_eq!(
@@ -573,7 +550,7 @@ fn a_start_with_names_that_do_not_resolve_enforces_the_rest_and_catches_up() {
         "the group and the hostname still do not resolve"
     );
     assert!(
-        daemon
+        lab.daemon()
             .lines()
             .iter()
             .any(|l| l.contains(&format!("RESOLVED: user {late_user}"))),
@@ -588,36 +565,33 @@ fn revocation_closes_a_connection_whose_cgroup_is_gone() {
     require_root();
     let user = TestUser::new();
     let l = Listener::loopback_keeping_connections();
-    let policy = PolicyDir::new(&vm_policy(l.port(), &[]));
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
-    let out = pin.ctl(["grant", &user.name, "v"]);
+    let lab = lab(PolicyDir::new(&vm("v", l.port(), &[])));
+    let out = lab.pin.ctl(["grant", &user.name, "v"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     // Connected from a cgroup that then goes away (as a session scope
     // does when the session ends), the process living on elsewhere.
-    let sub = cg.path().join("session");
+    let sub = lab.cg.path().join("session");
     fs::create_dir(&sub).expect("mkdir the session cgroup");
     let mut held = spicegate_tests::Probe::new(env!("CARGO_BIN_EXE_sg-probe"))
         .cgroup_dir(&sub)
         .as_user(&user)
         .connect(format!("127.0.0.1:{}", l.port()))
         .hold(60);
-    fs::write(cg.path().join("cgroup.procs"), held.pid.to_string()).expect("moving the probe");
+    fs::write(lab.cg.path().join("cgroup.procs"), held.pid.to_string()).expect("moving the probe");
     assert!(
         spicegate_tests::wait_until(std::time::Duration::from_secs(5), || fs::remove_dir(&sub)
             .is_ok()),
         "the session cgroup could not be removed"
     );
 
-    let out = pin.ctl(["revoke", &user.name, "v"]);
+    let out = lab.pin.ctl(["revoke", &user.name, "v"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let closed = held.wait_closed(std::time::Duration::from_secs(3));
     assert!(
         closed.is_some(),
         "the revoked connection from a removed cgroup stayed open; daemon log:\n{}",
-        daemon.lines().join("\n")
+        lab.daemon().lines().join("\n")
     );
 }
 
@@ -661,16 +635,13 @@ fn ending_access_leaves_the_server_side_of_a_connection_alone() {
     let serving = TestUser::new(); // granted nothing
     let guarded = free_port();
     let server_port = free_port();
-    let policy = PolicyDir::new(&format!("[protect]\nports = [{guarded}]\n"));
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+    let lab = lab(PolicyDir::new(&format!("[protect]\nports = [{guarded}]\n")));
     // root's client uses the guarded port as its *source* port (root may
     // bind it); the server side's remote port is then the guarded one.
     let mut child = Command::new("python3")
         .arg("-c")
         .arg(PAIR)
-        .arg(cg.path())
+        .arg(lab.cg.path())
         .arg(serving.uid.to_string())
         .arg(server_port.to_string())
         .arg(guarded.to_string())
@@ -685,7 +656,7 @@ fn ending_access_leaves_the_server_side_of_a_connection_alone() {
         "the pair did not connect"
     );
     // Every apply sweeps (now and a second later).
-    let out = pin.ctl(["reload"]);
+    let out = lab.pin.ctl(["reload"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     std::thread::sleep(std::time::Duration::from_millis(2500));
     {
@@ -698,11 +669,7 @@ fn ending_access_leaves_the_server_side_of_a_connection_alone() {
         let _ = child.wait();
         assert_eq!(state, "server open", "the server side was closed");
     }
-    let closed: Vec<String> = daemon
-        .lines()
-        .into_iter()
-        .filter(|l| l.contains("CLOSED"))
-        .collect();
+    let closed = lab.log_lines(|l| l.contains("CLOSED"));
     assert!(
         closed.is_empty(),
         "false CLOSED lines:\n{}",
@@ -717,15 +684,12 @@ fn the_engine_fuzz_corpus_never_takes_the_daemon_down() {
     require_root();
     // The fuzz target's policy (fuzz/fuzz_targets/engine.rs), on this
     // test's own cgroup, pins and socket.
-    let policy = PolicyDir::new(
+    let mut lab = lab(PolicyDir::new(
         "[protect]\nports = [47911]\nlisteners = [\"#64055\"]\n\
          [vms.v]\nserver = \"localhost\"\nports = [47910, 47911]\ntls_port = 47911\nallow = [\"root\", \"#1001\"]\n\
          [[vms.v.schedule]]\nallow = [\"#1002\"]\ndays = [\"mon\", \"sun\"]\nhours = \"22:00-06:00\"\n\
          [vms.c]\nserver = \"localhost\"\nports = [47912]\nallow = [\"@console\"]\n",
-    );
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let mut daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
+    ));
     let dir = spicegate_tests::workspace_dir().join("fuzz/corpus/engine");
     let mut inputs: Vec<PathBuf> = fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -743,20 +707,20 @@ fn the_engine_fuzz_corpus_never_takes_the_daemon_down() {
             line.push(b'\n');
         }
         let _ = raw_request(
-            &pin.socket(),
+            &lab.pin.socket(),
             &line,
             false,
             std::time::Duration::from_secs(10),
         );
         assert!(
-            daemon.has_exited().is_none(),
+            lab.daemon_mut().has_exited().is_none(),
             "the daemon died on {}: {:?}\nlog:\n{}",
             input.display(),
             String::from_utf8_lossy(&data),
-            daemon.lines().join("\n")
+            lab.daemon().lines().join("\n")
         );
     }
-    let st = status(&pin);
+    let st = lab.status();
     assert_eq!(st["running"], true);
     eprintln!("[test] {} corpus inputs replayed", inputs.len());
 }

@@ -26,7 +26,8 @@ use std::{
 
 use serde_json::Value;
 use spicegate_tests::{
-    CliOutput, Daemon, Listener, Outcome, PinDir, PolicyFile, Probe, TestCgroup, TestUser,
+    CliOutput, Daemon, Listener, Outcome, PinDir, PolicyFile, TestCgroup, TestUser,
+    lab::{Lab, v4, vm},
     require_root, spicegate, wait_until, workspace_dir,
 };
 
@@ -160,10 +161,6 @@ fn connects(text: &str, vm: &str, outcome: &str) -> Option<f64> {
     )
 }
 
-fn v4(port: u16) -> String {
-    format!("127.0.0.1:{port}")
-}
-
 fn policy(metrics: Option<&Path>, protect: u16, vms: &[(&str, u16, &[&str])]) -> String {
     let mut p = String::new();
     if let Some(m) = metrics {
@@ -171,19 +168,9 @@ fn policy(metrics: Option<&Path>, protect: u16, vms: &[(&str, u16, &[&str])]) ->
     }
     p += &format!("[protect]\nports = [{protect}]\n");
     for (name, port, allow) in vms {
-        let allow: Vec<String> = allow.iter().map(|a| format!("\"{a}\"")).collect();
-        p += &format!(
-            "\n[vms.{name}]\nserver = \"localhost\"\nports = [{port}]\nallow = [{}]\n",
-            allow.join(", ")
-        );
+        p += &format!("\n{}", vm(name, *port, allow));
     }
     p
-}
-
-fn status(pin: &PinDir) -> Value {
-    let out = CliOutput::new(pin.ctl(["status", "--json"]), &["status", "--json"]);
-    assert_eq!(out.code, Some(0), "status --json failed:\n{out}");
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
 }
 
 /// Whether a scrape agrees with `status` on every VM's counters, the
@@ -286,19 +273,15 @@ fn metrics_scraped_through_node_exporter_match_status() {
             ("idlevm", idle.port(), &[&alice.name]),
         ],
     );
-    let pol = PolicyFile::new(&text);
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let daemon = Daemon::start(pol.path(), Some(cg.path()), &pin);
-    daemon.wait_for_line(
+    let lab = Lab::start(PROBE, &text);
+    lab.daemon().wait_for_line(
         "METRICS: writing Prometheus metrics to",
         Duration::from_secs(5),
     );
 
     // Known connects: 3 granted, 2 refused to the VM, 1 refused on the
     // [protect] port of no VM.
-    let probe =
-        |u: &TestUser, port: u16| Probe::new(PROBE).cgroup(&cg).as_user(u).connect(v4(port));
+    let probe = |u: &TestUser, port: u16| lab.probe().as_user(u).connect(v4(port));
     for _ in 0..3 {
         assert_eq!(probe(&alice, vm_port.port()).outcome(), Outcome::Allowed);
     }
@@ -309,7 +292,7 @@ fn metrics_scraped_through_node_exporter_match_status() {
     let held = probe(&alice, vm_port.port()).hold(60);
 
     let exporter = NodeExporter::start(&dir.0);
-    let st = status(&pin);
+    let st = lab.status();
     let vm = st["vms"]
         .as_array()
         .and_then(|v| v.iter().find(|v| v["name"] == "metricsvm"))
@@ -357,8 +340,8 @@ fn metrics_scraped_through_node_exporter_match_status() {
     promtool(&["check", "rules", &rules.display().to_string()], None);
 
     // A broken reload is counted; the previous policy stays.
-    pol.rewrite("[vms.broken\n");
-    let out = CliOutput::new(pin.ctl(["reload"]), &["reload"]);
+    lab.policy.rewrite("[vms.broken\n");
+    let out = CliOutput::new(lab.pin.ctl(["reload"]), &["reload"]);
     assert_eq!(out.code, Some(1), "a broken reload must fail:\n{out}");
     assert!(
         wait_until(Duration::from_secs(12), || {
@@ -370,7 +353,7 @@ fn metrics_scraped_through_node_exporter_match_status() {
 
     // A reload that takes alice off the VM closes her held connection.
     let before = sample(&last, "spicegate_last_reload_success_timestamp_seconds");
-    pol.rewrite(&policy(
+    lab.policy.rewrite(&policy(
         Some(&dir.file()),
         protect.port(),
         &[
@@ -378,15 +361,16 @@ fn metrics_scraped_through_node_exporter_match_status() {
             ("idlevm", idle.port(), &[&alice.name]),
         ],
     ));
-    let out = CliOutput::new(pin.ctl(["reload"]), &["reload"]);
+    let out = CliOutput::new(lab.pin.ctl(["reload"]), &["reload"]);
     assert_eq!(out.code, Some(0), "reload failed:\n{out}");
-    daemon.wait_for_line("CLOSED uid=", Duration::from_secs(3));
+    lab.daemon()
+        .wait_for_line("CLOSED uid=", Duration::from_secs(3));
     drop(held);
     assert!(
         wait_until(Duration::from_secs(12), || {
             last = exporter.scrape();
             sample(&last, "spicegate_sessions_closed_total") == Some(1.0)
-                && disagreements(&last, &status(&pin)).is_empty()
+                && disagreements(&last, &lab.status()).is_empty()
         }),
         "closed session not counted or metrics not matching status within 12 s:\n{last}"
     );
@@ -398,12 +382,12 @@ fn metrics_scraped_through_node_exporter_match_status() {
     assert!(sample(&last, "spicegate_last_reload_duration_seconds").is_some_and(|s| s > 0.0));
 
     // Without metrics_file the file goes (nobody would update it).
-    pol.rewrite(&policy(
+    lab.policy.rewrite(&policy(
         None,
         protect.port(),
         &[("metricsvm", vm_port.port(), &[])],
     ));
-    let out = CliOutput::new(pin.ctl(["reload"]), &["reload"]);
+    let out = CliOutput::new(lab.pin.ctl(["reload"]), &["reload"]);
     assert_eq!(out.code, Some(0), "reload failed:\n{out}");
     assert!(
         wait_until(Duration::from_secs(12), || !dir.file().exists()),
@@ -411,7 +395,7 @@ fn metrics_scraped_through_node_exporter_match_status() {
         dir.file().display()
     );
     drop(exporter);
-    drop(daemon);
+    drop(lab);
 }
 
 #[test]

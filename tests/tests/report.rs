@@ -7,13 +7,16 @@
 //! `cargo xtask build && SPICEGATE_BIN=$PWD/target/debug/spicegate \
 //!  cargo test -p spicegate-tests --test report -- --test-threads=1`.
 
-use std::{collections::BTreeMap, ffi::OsStr, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use spicegate_tests::{
-    CliOutput, Daemon, Listener, PinDir, PolicyFile, TestCgroup, TestGroup, TestUser, ctl_as,
+    CliOutput, Listener, TestGroup, TestUser, ctl_as,
+    lab::Lab,
     logind::{FakeLogind, SessionSpec},
     require_root, spicegate, wait_until,
 };
+
+const PROBE: &str = env!("CARGO_BIN_EXE_sg-probe");
 
 /// RFC 4180 CSV: rows of fields (quoted fields may hold commas, quotes and
 /// line breaks).
@@ -92,7 +95,7 @@ fn report_agrees_with_why_for_every_user_and_vm() {
     ];
     let [pa, pb, pc] = [ls[0].port(), ls[1].port(), ls[2].port()];
     let mut logind = FakeLogind::start();
-    let policy = PolicyFile::new(&format!(
+    let policy = format!(
         "[settings]\ntimezone = \"UTC\"\nadmins = \"{adm}\"\n\
          [vms.alpha]\nserver = \"localhost\"\nports = [{pa}]\nallow = [\"{anne}\", \"@{grp}\"]\n\
          [[vms.alpha.schedule]]\nallow = [\"{tessa}\"]\ndays = [\"mon\", \"tue\"]\nhours = \"08:00-12:00\"\n\
@@ -103,16 +106,12 @@ fn report_agrees_with_why_for_every_user_and_vm() {
         anne = anne.name,
         grp = grp.name,
         tessa = tessa.name,
-    ));
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let daemon = Daemon::start_with(
-        policy.path(),
-        Some(cg.path()),
-        &pin,
-        &[OsStr::new("--logind-bus"), OsStr::new(&logind.address)],
     );
-    let ctl = |args: &[&str]| CliOutput::new(pin.ctl(args), args);
+    let mut lab = Lab::builder(PROBE)
+        .arg("--logind-bus")
+        .arg(&logind.address)
+        .start(&policy);
+    let ctl = |args: &[&str]| CliOutput::new(lab.pin.ctl(args), args);
     ok(&ctl(&["grant", &tim.name, "gamma", "--for", "2h"]));
     ok(&ctl(&["grant", &tessa.name, "alpha"]));
     logind.activate(SessionSpec::local(cons.uid));
@@ -124,7 +123,7 @@ fn report_agrees_with_why_for_every_user_and_vm() {
         }),
         "the daemon never saw {} at the console; log:\n{}",
         cons.name,
-        daemon.lines().join("\n")
+        lab.daemon().lines().join("\n")
     );
 
     let out = ctl(&["report", "--csv"]);
@@ -218,9 +217,9 @@ fn report_agrees_with_why_for_every_user_and_vm() {
 
     // The admin group sees everyone; other users their own row (and the
     // @console row), with only the columns of those rows.
-    let as_boss = ctl_as(&pin, &boss, &["report", "--csv"]);
+    let as_boss = ctl_as(&lab.pin, &boss, &["report", "--csv"]);
     assert_eq!(matrix(ok(&as_boss)), (vms.clone(), m.clone()));
-    let as_gm1 = ctl_as(&pin, &gm1, &["report", "--csv"]);
+    let as_gm1 = ctl_as(&lab.pin, &gm1, &["report", "--csv"]);
     let (own_vms, own) = matrix(ok(&as_gm1));
     assert_eq!(own_vms, ["alpha", "beta"], "{as_gm1}");
     assert_eq!(
@@ -229,7 +228,7 @@ fn report_agrees_with_why_for_every_user_and_vm() {
     );
     assert_eq!(own[&gm1.name]["alpha"], "always");
     assert_eq!(own["@console"]["beta"], "console");
-    let as_outsider = ctl_as(&pin, &outsider, &["report", "--csv"]);
+    let as_outsider = ctl_as(&lab.pin, &outsider, &["report", "--csv"]);
     let (_, theirs) = matrix(ok(&as_outsider));
     assert_eq!(theirs.keys().collect::<Vec<_>>(), ["@console"]);
     for u in [&anne, &gm2, &tessa, &tim] {
@@ -239,7 +238,7 @@ fn report_agrees_with_why_for_every_user_and_vm() {
             u.name
         );
     }
-    drop(daemon);
+    drop(lab.daemon.take());
 
     // From the policy file, without a daemon: the same cells, temporary
     // grants aside (and said to be unknown).
@@ -252,7 +251,7 @@ fn report_agrees_with_why_for_every_user_and_vm() {
     let args: Vec<&str> = file
         .iter()
         .copied()
-        .chain([policy.path().to_str().expect("utf-8 path"), "--csv"])
+        .chain([lab.policy.path().to_str().expect("utf-8 path"), "--csv"])
         .collect();
     let offline = CliOutput::new(spicegate(&args), &args);
     assert!(
@@ -270,7 +269,7 @@ fn report_agrees_with_why_for_every_user_and_vm() {
     let args: Vec<&str> = file
         .iter()
         .copied()
-        .chain([policy.path().to_str().expect("utf-8 path")])
+        .chain([lab.policy.path().to_str().expect("utf-8 path")])
         .collect();
     let plain = CliOutput::new(spicegate(&args), &args);
     assert!(
@@ -299,19 +298,18 @@ fn paged_report(vms: u16, users: u32) -> Duration {
             base + v
         ));
     }
-    let policy = PolicyFile::new(&text);
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let _daemon = Daemon::start(policy.path(), Some(cg.path()), &pin);
+    let lab = Lab::start(PROBE, &text);
     let t = std::time::Instant::now();
     // Meanwhile the engine answers `why` (it computes one page at a time,
     // and the names are looked up off it).
     let (out, slowest_why) = std::thread::scope(|s| {
-        let report = s.spawn(|| pin.ctl(["report", "--csv"]));
+        let report = s.spawn(|| lab.pin.ctl(["report", "--csv"]));
         let mut slowest = Duration::ZERO;
         while !report.is_finished() {
             let w = std::time::Instant::now();
-            let why = pin.ctl(["why", "#300000", &format!("127.0.0.1:{base}")]);
+            let why = lab
+                .pin
+                .ctl(["why", "#300000", &format!("127.0.0.1:{base}")]);
             assert!(why.status.success());
             slowest = slowest.max(w.elapsed());
         }
@@ -340,7 +338,7 @@ fn paged_report(vms: u16, users: u32) -> Duration {
         "/nonexistent/spicegate.sock",
         "report",
         "--policy",
-        policy.path().to_str().expect("utf-8 path"),
+        lab.policy.path().to_str().expect("utf-8 path"),
         "--csv",
     ]);
     assert!(file.status.success());

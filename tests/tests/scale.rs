@@ -6,11 +6,13 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use spicegate_tests::{Daemon, Listener, PinDir, PolicyFile, TestCgroup, require_root};
+use spicegate_tests::{
+    Listener,
+    lab::{Lab, text},
+    require_root,
+};
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+const PROBE: &str = env!("CARGO_BIN_EXE_sg-probe");
 
 #[test]
 fn status_lists_100_users_per_vm_and_pages_the_rest() {
@@ -18,17 +20,17 @@ fn status_lists_100_users_per_vm_and_pages_the_rest() {
     let l = Listener::loopback();
     // 2,500 numeric uids: no passwd entries, so the names are `#UID`.
     let allow: Vec<String> = (300_000..302_500).map(|u| format!("\"#{u}\"")).collect();
-    let policy = PolicyFile::new(&format!(
-        "[vms.big]\nserver = \"localhost\"\nports = [{}]\nallow = [{}]\n",
-        l.port(),
-        allow.join(", ")
-    ));
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let _daemon = Daemon::start(policy.path(), Some(cg.path()), &pin);
+    let lab = Lab::start(
+        PROBE,
+        &format!(
+            "[vms.big]\nserver = \"localhost\"\nports = [{}]\nallow = [{}]\n",
+            l.port(),
+            allow.join(", ")
+        ),
+    );
 
     let start = Instant::now();
-    let out = pin.ctl(["status", "--json"]);
+    let out = lab.pin.ctl(["status", "--json"]);
     let took = start.elapsed();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let st: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
@@ -40,20 +42,20 @@ fn status_lists_100_users_per_vm_and_pages_the_rest() {
     eprintln!("[test] status --json with 2,500 users: {took:?}");
     assert!(took < Duration::from_secs(2), "status took {took:?}");
 
-    let plain = pin.ctl(["status"]);
+    let plain = lab.pin.ctl(["status"]);
     assert!(
         text(&plain.stdout).contains("and 2400 more (`spicegate status --vm big --users`)"),
         "{}",
         text(&plain.stdout)
     );
 
-    let out = pin.ctl(["status", "--vm", "big", "--users"]);
+    let out = lab.pin.ctl(["status", "--vm", "big", "--users"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let lines: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
     assert_eq!(lines.len(), 2500, "every user, in pages");
     assert_eq!(lines[0], "300000 #300000 policy");
     assert_eq!(lines[2499], "302499 #302499 policy");
-    let unknown = pin.ctl(["status", "--vm", "nope", "--users"]);
+    let unknown = lab.pin.ctl(["status", "--vm", "nope", "--users"]);
     assert!(!unknown.status.success());
     assert!(
         text(&unknown.stderr).contains("no vm `nope`"),
@@ -71,7 +73,7 @@ fn status_lists_100_users_per_vm_and_pages_the_rest() {
 #[test]
 fn a_one_grant_change_writes_in_proportion_to_the_change_not_the_table() {
     use spicegate_tests::{
-        Outcome, Probe, TestUser,
+        Outcome, TestUser,
         bypass::{inner_map_len, outer_map_slot, pinned},
     };
     require_root();
@@ -98,21 +100,17 @@ fn a_one_grant_change_writes_in_proportion_to_the_change_not_the_table() {
             allow.join(", ")
         ));
     }
-    let policy = PolicyFile::new(&policy);
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let _daemon = Daemon::start(policy.path(), Some(cg.path()), &pin);
-    let policy_pin = pinned(pin.path(), "policy").expect("policy map pinned");
-    let overlay_pin = pinned(pin.path(), "overlay_v").expect("overlay map pinned");
+    let lab = Lab::start(PROBE, &policy);
+    let policy_pin = pinned(lab.pin.path(), "policy").expect("policy map pinned");
+    let overlay_pin = pinned(lab.pin.path(), "overlay_v").expect("overlay map pinned");
     let probe = |u: &TestUser| {
-        Probe::new(env!("CARGO_BIN_EXE_sg-probe"))
-            .cgroup(&cg)
+        lab.probe()
             .as_user(u)
             .connect(format!("127.0.0.1:{}", l.port()))
             .outcome()
     };
     let status = || -> Value {
-        let out = pin.ctl(["status", "--json"]);
+        let out = lab.pin.ctl(["status", "--json"]);
         assert!(out.status.success(), "{}", text(&out.stderr));
         serde_json::from_slice(&out.stdout).expect("status JSON")
     };
@@ -142,7 +140,7 @@ fn a_one_grant_change_writes_in_proportion_to_the_change_not_the_table() {
         (vec!["revoke", bob.name.as_str(), "v0"], Outcome::Denied, 0),
     ] {
         let before = status()["table"]["map_writes"].as_u64().unwrap_or(0);
-        let out = pin.ctl(&args);
+        let out = lab.pin.ctl(&args);
         assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
         let st = status();
         let t = &st["table"];

@@ -44,7 +44,9 @@ use spicegate_tests::{
         detach_pinned_link, link_local_addrs, load_connect_prog, outer_map_slot, pin_files, pinned,
         rewrite_port_insns, run_daemon_to_exit, status_json, write_inner_map,
     },
-    cgroup2_root, interface_addrs, require_root, spicegate_cmd, wait_until,
+    cgroup2_root, interface_addrs,
+    lab::{Lab, v4, v6, vm, winlab, winlab_granting},
+    require_root, spicegate_cmd, wait_until,
 };
 
 const BYPASS: &str = env!("CARGO_BIN_EXE_sg-bypass");
@@ -52,96 +54,46 @@ const PROBE: &str = env!("CARGO_BIN_EXE_sg-probe");
 /// How long the watchdog may take to notice and repair tampering.
 const REPAIR_DEADLINE: Duration = Duration::from_millis(2500);
 
-/// One enforcing daemon on its own cgroup and pin dir. Field order is drop
-/// order: daemon, pins, cgroup.
-struct Lab {
-    daemon: Option<Daemon>,
-    pin: PinDir,
-    cg: TestCgroup,
-    policy: PolicyFile,
+/// sg-bypass inside `lab`'s cgroup.
+fn b(lab: &Lab) -> Bypass {
+    Bypass::new(BYPASS).cgroup(&lab.cg)
 }
 
-impl Lab {
-    fn start(policy: &str) -> Self {
-        require_root();
-        eprintln!("[test] policy:\n{policy}");
-        let policy = PolicyFile::new(policy);
-        let cg = TestCgroup::new();
-        let pin = PinDir::new();
-        let daemon = Daemon::start(policy.path(), Some(cg.path()), &pin);
-        Self {
-            daemon: Some(daemon),
-            pin,
-            cg,
-            policy,
-        }
-    }
-
-    /// Like [`Lab::start`], with the daemon in network namespace `ns`,
-    /// re-reading its addresses and routes every second.
-    fn start_in(ns: &NetNs, policy: &str) -> Self {
-        require_root();
-        eprintln!("[test] policy (daemon in netns {}):\n{policy}", ns.name());
-        let policy = PolicyFile::new(policy);
-        let cg = TestCgroup::new();
-        let pin = PinDir::new();
-        let daemon = Daemon::start_in_netns(
-            policy.path(),
-            Some(cg.path()),
-            &pin,
-            ns.name(),
-            &["--addr-interval".as_ref(), "1".as_ref()],
-        );
-        Self {
-            daemon: Some(daemon),
-            pin,
-            cg,
-            policy,
-        }
-    }
-
-    /// sg-bypass inside this lab's cgroup.
-    fn b(&self) -> Bypass {
-        Bypass::new(BYPASS).cgroup(&self.cg)
-    }
-
-    fn daemon(&self) -> &Daemon {
-        self.daemon.as_ref().expect("the lab's daemon is running")
-    }
-
-    fn daemon_mut(&mut self) -> &mut Daemon {
-        self.daemon.as_mut().expect("the lab's daemon is running")
-    }
-
-    /// A new daemon on the same policy, cgroup and pin dir.
-    fn start_daemon(&mut self) {
-        assert!(self.daemon.is_none(), "a daemon is still running");
-        self.daemon = Some(Daemon::start(
-            self.policy.path(),
-            Some(self.cg.path()),
-            &self.pin,
-        ));
-    }
-
-    fn attached(&self) -> Option<bool> {
-        status_json(&self.pin)["attached"].as_bool()
-    }
+/// Whether the lab's daemon says its programs are attached.
+fn attached(lab: &Lab) -> Option<bool> {
+    status_json(&lab.pin)["attached"].as_bool()
 }
 
-fn localhost_vm(name: &str, port: u16, allow: &[&str]) -> String {
-    let allow: Vec<String> = allow.iter().map(|a| format!("\"{a}\"")).collect();
+/// A listener inside `ns` (vm `inside`) and a dual-stack one on the host
+/// (vm `host`), both granted to `alice`; with `protect`, the host's port is
+/// also in `[protect]`.
+fn inside_and_host(ns: &NetNs, alice: &TestUser, protect: bool) -> (Listener, Listener, Lab) {
+    let inside = ns.listener("[::]:0");
+    let host = Listener::dual_stack();
+    let (q, p) = (inside.port(), host.port());
+    let head = if protect {
+        format!("[protect]\nports = [{p}]\n")
+    } else {
+        String::new()
+    };
+    let lab = Lab::start(
+        PROBE,
+        &format!(
+            "{head}{}{}",
+            vm("inside", q, &[&alice.name]),
+            vm("host", p, &[&alice.name])
+        ),
+    );
+    (inside, host, lab)
+}
+
+/// Stdout and stderr of a command, together.
+fn said(out: &std::process::Output) -> String {
     format!(
-        "[vms.{name}]\nserver = \"localhost\"\nports = [{port}]\nallow = [{}]\n",
-        allow.join(", ")
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     )
-}
-
-fn v4(port: u16) -> String {
-    format!("127.0.0.1:{port}")
-}
-
-fn v6(port: u16) -> String {
-    format!("[::1]:{port}")
 }
 
 fn sock(ip: IpAddr, port: u16) -> String {
@@ -158,17 +110,6 @@ fn both(
 ) {
     m.check(case, &make(alice), Expect::Allowed);
     m.check(case, &make(dave), Expect::Denied);
-}
-
-/// A granted and an ungranted user, a dual-stack listener and a lab that
-/// grants alice its port as the localhost VM `winlab`.
-fn simple_lab() -> (TestUser, TestUser, Listener, Lab) {
-    require_root();
-    let alice = TestUser::new();
-    let dave = TestUser::new();
-    let l = Listener::dual_stack();
-    let lab = Lab::start(&localhost_vm("winlab", l.port(), &[&alice.name]));
-    (alice, dave, l, lab)
 }
 
 /// A TCP port on 127.0.0.1 that is bound but not listening: connects to it
@@ -210,12 +151,12 @@ fn closed_port() -> (OwnedFd, u16) {
 
 #[test]
 fn plain_connect_ipv4_and_ipv6() {
-    let (alice, dave, l, lab) = simple_lab();
+    let (alice, dave, l, lab) = winlab(PROBE);
     let p = l.port();
     let mut m = Matrix::new();
     for dst in [v4(p), v6(p)] {
         both(&mut m, "plain connect", &alice, &dave, |u| {
-            lab.b().as_user(u).connect(&dst)
+            b(&lab).as_user(u).connect(&dst)
         });
     }
     m.finish();
@@ -223,7 +164,7 @@ fn plain_connect_ipv4_and_ipv6() {
 
 #[test]
 fn every_address_of_this_host_reaches_the_same_listener_and_is_guarded() {
-    let (alice, dave, l, lab) = simple_lab();
+    let (alice, dave, l, lab) = winlab(PROBE);
     let p = l.port();
     let mut m = Matrix::new();
     // (destination, through an AF_INET6 socket as an IPv4-mapped address)
@@ -259,7 +200,7 @@ fn every_address_of_this_host_reaches_the_same_listener_and_is_guarded() {
     }
     for (dst, mapped) in &forms {
         both(&mut m, "address form", &alice, &dave, |u| {
-            let b = lab.b().as_user(u).connect(dst);
+            let b = b(&lab).as_user(u).connect(dst);
             if *mapped { b.v6_socket() } else { b }
         });
     }
@@ -279,14 +220,8 @@ fn ipv4_compatible_and_translated_ipv6_forms_never_reach_the_listener() {
     let alice = TestUser::new();
     let dave = TestUser::new();
     let ns = NetNs::new();
-    let inside = ns.listener("[::]:0");
-    let host = Listener::dual_stack();
+    let (inside, host, lab) = inside_and_host(&ns, &alice, true);
     let (q, p) = (inside.port(), host.port());
-    let lab = Lab::start(&format!(
-        "[protect]\nports = [{p}]\n{}{}",
-        localhost_vm("inside", q, &[&alice.name]),
-        localhost_vm("host", p, &[&alice.name])
-    ));
     let odd = [
         "::127.0.0.1",
         "::ffff:0:127.0.0.1",
@@ -297,13 +232,13 @@ fn ipv4_compatible_and_translated_ipv6_forms_never_reach_the_listener() {
     let mut m = Matrix::new();
     // Controls: the namespace's own listener is reachable and guarded.
     both(&mut m, "netns control ::1", &alice, &dave, |u| {
-        lab.b().netns(&ns).as_user(u).connect(v6(q))
+        b(&lab).netns(&ns).as_user(u).connect(v6(q))
     });
     for a in odd {
         for u in [&alice, &dave] {
             m.check(
                 &format!("netns odd form {a}"),
-                &lab.b().netns(&ns).as_user(u).connect(format!("[{a}]:{q}")),
+                &b(&lab).netns(&ns).as_user(u).connect(format!("[{a}]:{q}")),
                 Expect::NotConnected,
             );
         }
@@ -312,13 +247,13 @@ fn ipv4_compatible_and_translated_ipv6_forms_never_reach_the_listener() {
         for u in [&alice, &dave] {
             m.check(
                 &format!("host odd form {a} on a [protect] port"),
-                &lab.b().as_user(u).connect(format!("[{a}]:{p}")),
+                &b(&lab).as_user(u).connect(format!("[{a}]:{p}")),
                 Expect::Denied,
             );
         }
     }
     both(&mut m, "host control ::1", &alice, &dave, |u| {
-        lab.b().as_user(u).connect(v6(p))
+        b(&lab).as_user(u).connect(v6(p))
     });
     m.finish();
 }
@@ -349,10 +284,14 @@ fn anyip_local_routes_are_folded_into_localhost() {
     ]);
     let l = ns.listener("[::]:0");
     let q = l.port();
-    let lab = Lab::start_in(&ns, &localhost_vm("vmonly", q, &[&alice.name]));
+    let lab = Lab::builder(PROBE)
+        .in_netns(ns.name())
+        .arg("--addr-interval")
+        .arg("1")
+        .start(&vm("vmonly", q, &[&alice.name]));
     let mut m = Matrix::new();
     let at = |u: &TestUser, dst: &str, mapped: bool| {
-        let b = lab.b().netns(&ns).as_user(u).connect(dst);
+        let b = b(&lab).netns(&ns).as_user(u).connect(dst);
         if mapped { b.v6_socket() } else { b }
     };
     for (dst, mapped) in [
@@ -408,11 +347,14 @@ fn local_route_and_other_namespace_addresses_on_protect_and_vm_ports() {
     let protected = ns.listener("[::]:0");
     let vm_only = ns.listener("[::]:0");
     let (q1, q2) = (protected.port(), vm_only.port());
-    let lab = Lab::start(&format!(
-        "[protect]\nports = [{q1}]\n{}{}",
-        localhost_vm("protected", q1, &[&alice.name]),
-        localhost_vm("vmonly", q2, &[&alice.name])
-    ));
+    let lab = Lab::start(
+        PROBE,
+        &format!(
+            "[protect]\nports = [{q1}]\n{}{}",
+            vm("protected", q1, &[&alice.name]),
+            vm("vmonly", q2, &[&alice.name])
+        ),
+    );
     let mut m = Matrix::new();
     let forms = |q: u16| {
         [
@@ -422,11 +364,11 @@ fn local_route_and_other_namespace_addresses_on_protect_and_vm_ports() {
         ]
     };
     both(&mut m, "netns control 127.0.0.1", &alice, &dave, |u| {
-        lab.b().netns(&ns).as_user(u).connect(v4(q2))
+        b(&lab).netns(&ns).as_user(u).connect(v4(q2))
     });
     for (dst, mapped) in forms(q1) {
         let b = |u: &TestUser| {
-            let b = lab.b().netns(&ns).as_user(u).connect(&dst);
+            let b = b(&lab).netns(&ns).as_user(u).connect(&dst);
             if mapped { b.v6_socket() } else { b }
         };
         m.check(
@@ -442,7 +384,7 @@ fn local_route_and_other_namespace_addresses_on_protect_and_vm_ports() {
         ));
     }
     for (dst, mapped) in forms(q2) {
-        let mut b = lab.b().netns(&ns).as_user(&dave).connect(&dst);
+        let mut b = b(&lab).netns(&ns).as_user(&dave).connect(&dst);
         if mapped {
             b = b.v6_socket();
         }
@@ -466,18 +408,12 @@ fn fastopen_case(via: &str) {
     let dave = TestUser::new();
     let ns = NetNs::new();
     ns.sysctl("net.ipv4.tcp_fastopen", "5");
-    let inside = ns.listener("[::]:0");
-    let host = Listener::dual_stack();
+    let (inside, host, lab) = inside_and_host(&ns, &alice, false);
     let (q, p) = (inside.port(), host.port());
-    let lab = Lab::start(&format!(
-        "{}{}",
-        localhost_vm("inside", q, &[&alice.name]),
-        localhost_vm("host", p, &[&alice.name])
-    ));
     let mut m = Matrix::new();
     for dst in [v4(p), v6(p)] {
         both(&mut m, &format!("{via} on the host"), &alice, &dave, |u| {
-            lab.b().as_user(u).connect(&dst).via(via)
+            b(&lab).as_user(u).connect(&dst).via(via)
         });
     }
     for dst in [v4(q), v6(q)] {
@@ -486,7 +422,7 @@ fn fastopen_case(via: &str) {
             &format!("{via} in a netns with tcp_fastopen=5 (no cookie)"),
             &alice,
             &dave,
-            |u| lab.b().netns(&ns).as_user(u).connect(&dst).via(via),
+            |u| b(&lab).netns(&ns).as_user(u).connect(&dst).via(via),
         );
     }
     m.finish();
@@ -504,7 +440,7 @@ fn tcp_fastopen_connect_sockopt_then_connect() {
 
 #[test]
 fn io_uring_connect_and_sendmsg_fastopen() {
-    let (alice, dave, l, lab) = simple_lab();
+    let (alice, dave, l, lab) = winlab(PROBE);
     let p = l.port();
     let disabled = fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
         .map(|s| s.trim().to_owned())
@@ -526,7 +462,7 @@ fn io_uring_connect_and_sendmsg_fastopen() {
     ] {
         for dst in [v4(p), v6(p)] {
             both(&mut m, &format!("io_uring {via}"), &alice, &dave, |u| {
-                lab.b().as_user(u).connect(&dst).via(via)
+                b(&lab).as_user(u).connect(&dst).via(via)
             });
         }
     }
@@ -535,18 +471,18 @@ fn io_uring_connect_and_sendmsg_fastopen() {
 
 #[test]
 fn nonblocking_connect_einprogress() {
-    let (alice, dave, l, lab) = simple_lab();
+    let (alice, dave, l, lab) = winlab(PROBE);
     let p = l.port();
     let mut m = Matrix::new();
     for dst in [v4(p), v6(p)] {
         let a = m.check(
             "non-blocking connect",
-            &lab.b().as_user(&alice).connect(&dst).via("nonblock"),
+            &b(&lab).as_user(&alice).connect(&dst).via("nonblock"),
             Expect::Allowed,
         );
         let d = m.check(
             "non-blocking connect",
-            &lab.b().as_user(&dave).connect(&dst).via("nonblock"),
+            &b(&lab).as_user(&dave).connect(&dst).via("nonblock"),
             Expect::Denied,
         );
         // The refusal is synchronous: no EINPROGRESS for dave.
@@ -567,7 +503,7 @@ fn nonblocking_connect_einprogress() {
 
 #[test]
 fn connect_after_bind_to_a_chosen_local_address_and_port() {
-    let (alice, dave, l, lab) = simple_lab();
+    let (alice, dave, l, lab) = winlab(PROBE);
     let p = l.port();
     let free_port = |ip: &str| {
         std::net::TcpListener::bind(format!("{ip}:0"))
@@ -589,7 +525,7 @@ fn connect_after_bind_to_a_chosen_local_address_and_port() {
     }
     for (local, dst) in &binds {
         both(&mut m, "bind then connect", &alice, &dave, |u| {
-            lab.b().as_user(u).bind(local).connect(dst)
+            b(&lab).as_user(u).bind(local).connect(dst)
         });
     }
     m.finish();
@@ -604,20 +540,20 @@ fn second_connect_on_the_same_socket_after_a_refused_one() {
     let open = Listener::loopback();
     let (_closed_fd, closed) = closed_port();
     let p = guarded.port();
-    let lab = Lab::start(&localhost_vm("winlab", p, &[&alice.name]));
+    let lab = Lab::start(PROBE, &vm("winlab", p, &[&alice.name]));
     let mut m = Matrix::new();
     let g = v4(p);
     let mapped = format!("[::ffff:127.0.0.1]:{p}");
     // Refused, then the same again.
     m.check(
         "again after EPERM",
-        &lab.b().as_user(&dave).first(&g).connect(&g),
+        &b(&lab).as_user(&dave).first(&g).connect(&g),
         Expect::Denied,
     );
     // Refused, disconnected with AF_UNSPEC, then another spelling.
     m.check(
         "AF_UNSPEC then another spelling",
-        &lab.b()
+        &b(&lab)
             .as_user(&dave)
             .v6_socket()
             .first(&g)
@@ -628,7 +564,7 @@ fn second_connect_on_the_same_socket_after_a_refused_one() {
     // Refused, then a connect that fails elsewhere (ECONNREFUSED), then again.
     let r = m.check(
         "EPERM, ECONNREFUSED, then again",
-        &lab.b()
+        &b(&lab)
             .as_user(&dave)
             .first(&g)
             .first(v4(closed))
@@ -647,7 +583,7 @@ fn second_connect_on_the_same_socket_after_a_refused_one() {
         };
         m.check(
             "connected elsewhere, AF_UNSPEC, then guarded",
-            &lab.b()
+            &b(&lab)
                 .as_user(u)
                 .first(v4(open.port()))
                 .first("unspec")
@@ -658,7 +594,7 @@ fn second_connect_on_the_same_socket_after_a_refused_one() {
     // The granted user's socket survives a failed connect too.
     m.check(
         "ECONNREFUSED then guarded",
-        &lab.b().as_user(&alice).first(v4(closed)).connect(&g),
+        &b(&lab).as_user(&alice).first(v4(closed)).connect(&g),
         Expect::Allowed,
     );
     m.finish();
@@ -666,16 +602,16 @@ fn second_connect_on_the_same_socket_after_a_refused_one() {
 
 #[test]
 fn mptcp_and_seqpacket_sockets() {
-    let (alice, dave, l, lab) = simple_lab();
+    let (alice, dave, l, lab) = winlab(PROBE);
     let p = l.port();
     let mut m = Matrix::new();
-    let probe = lab.b().as_user(&dave).proto("mptcp").connect(v4(p)).run();
+    let probe = b(&lab).as_user(&dave).proto("mptcp").connect(v4(p)).run();
     match probe.step("socket") {
         Some("ok") => {
             for dst in [v4(p), v6(p)] {
                 for via in ["connect", "fastopen", "nonblock"] {
                     both(&mut m, &format!("MPTCP (IPPROTO_MPTCP=262) {via}"), &alice, &dave, |u| {
-                        lab.b().as_user(u).proto("mptcp").connect(&dst).via(via)
+                        b(&lab).as_user(u).proto("mptcp").connect(&dst).via(via)
                     });
                 }
             }
@@ -690,7 +626,7 @@ fn mptcp_and_seqpacket_sockets() {
         for proto in ["0", "tcp", "mptcp"] {
             let r = m.check(
                 &format!("SOCK_SEQPACKET proto {proto}"),
-                &lab.b()
+                &b(&lab)
                     .as_user(&dave)
                     .seqpacket()
                     .proto(proto)
@@ -734,7 +670,7 @@ fn sctp_one_to_one_and_one_to_many_if_the_kernel_has_it() {
     // Nothing speaks SCTP on the port: a granted connect gets past the hook
     // and is refused by the peer; an ungranted one stops at the hook.
     let (_fd, port) = closed_port();
-    let lab = Lab::start(&localhost_vm("sctpvm", port, &[&alice.name]));
+    let lab = Lab::start(PROBE, &vm("sctpvm", port, &[&alice.name]));
     let mut m = Matrix::new();
     for dst in [v4(port), v6(port)] {
         for seq in [false, true] {
@@ -744,7 +680,7 @@ fn sctp_one_to_one_and_one_to_many_if_the_kernel_has_it() {
                 "SCTP one-to-one"
             };
             let make = |u: &TestUser| {
-                let b = lab.b().as_user(u).proto("sctp").connect(&dst);
+                let b = b(&lab).as_user(u).proto("sctp").connect(&dst);
                 if seq { b.seqpacket() } else { b }
             };
             m.check(case, &make(&alice), Expect::PassedHookNoListener);
@@ -760,13 +696,13 @@ fn sctp_one_to_one_and_one_to_many_if_the_kernel_has_it() {
 /// must decide that internal connect as the calling user.
 #[test]
 fn smc_sockets_if_the_kernel_has_them() {
-    let (alice, dave, l, lab) = simple_lab();
+    let (alice, dave, l, lab) = winlab(PROBE);
     let p = l.port();
     let mut m = Matrix::new();
     let mut tried = 0;
     for (what, af_smc) in [("AF_SMC", true), ("AF_INET + IPPROTO_SMC", false)] {
         let make = |u: &TestUser, dst: &str| {
-            let b = lab.b().as_user(u).connect(dst);
+            let b = b(&lab).as_user(u).connect(dst);
             if af_smc { b.af_smc() } else { b.proto("smc") }
         };
         let probe = make(&dave, &v4(p)).run();
@@ -789,7 +725,7 @@ fn smc_sockets_if_the_kernel_has_them() {
 
 #[test]
 fn processes_in_child_cgroups_of_the_attached_cgroup() {
-    let (alice, dave, l, lab) = simple_lab();
+    let (alice, dave, l, lab) = winlab(PROBE);
     let p = l.port();
     let child = ChildCgroup::new(lab.cg.path(), "child");
     let grandchild = ChildCgroup::new(child.path(), "grandchild");
@@ -812,7 +748,7 @@ fn processes_in_child_cgroups_of_the_attached_cgroup() {
 /// too, after the child's: the answer must not change.
 #[test]
 fn child_cgroup_with_its_own_allow_all_connect_programs() {
-    let (alice, dave, l, lab) = simple_lab();
+    let (alice, dave, l, lab) = winlab(PROBE);
     let p = l.port();
     let decoy = Listener::dual_stack();
     let mut m = Matrix::new();
@@ -908,7 +844,7 @@ fn child_cgroup_with_its_own_allow_all_connect_programs() {
         }
     }
     if guards.len() == 2 {
-        let r = lab.b().as_user(&dave).connect(v4(decoy.port())).run();
+        let r = b(&lab).as_user(&dave).connect(v4(decoy.port())).run();
         m.note(format!(
             "ROOT-ONLY: a rewrite program multi-attached by root to spicegate's own cgroup after it: dave -> decoy port gets {} ({})",
             r.outcome(),
@@ -937,7 +873,7 @@ fn child_cgroup_with_its_own_allow_all_connect_programs() {
 
 #[test]
 fn unprivileged_user_cannot_move_out_of_the_attached_cgroup() {
-    let (_alice, dave, l, lab) = simple_lab();
+    let (_alice, dave, l, lab) = winlab(PROBE);
     let p = l.port();
     let outside = TestCgroup::new();
     let root = cgroup2_root();
@@ -967,7 +903,7 @@ fn unprivileged_user_cannot_move_out_of_the_attached_cgroup() {
     };
     let r = m.check(
         "write own pid to another cgroup.procs as the user",
-        &lab.b()
+        &b(&lab)
             .as_user(&dave)
             .move_to_cgroup(outside.path())
             .move_to_cgroup(&root)
@@ -986,7 +922,7 @@ fn unprivileged_user_cannot_move_out_of_the_attached_cgroup() {
     argv.extend(inner_argv.iter().map(String::as_str));
     let r = m.check(
         "write own pid to another cgroup.procs as root of a user namespace",
-        &lab.b().as_user(&dave).exec(&argv),
+        &b(&lab).as_user(&dave).exec(&argv),
         Expect::Denied,
     );
     check_moves(&mut m, &r);
@@ -996,13 +932,9 @@ fn unprivileged_user_cannot_move_out_of_the_attached_cgroup() {
 
 #[test]
 fn user_and_network_namespaces_via_unshare() {
-    require_root();
-    let alice = TestUser::new();
-    let dave = TestUser::new();
-    let l = Listener::dual_stack();
-    let p = l.port();
     // root is granted: a user namespace's uid 0 must not count as root.
-    let lab = Lab::start(&localhost_vm("winlab", p, &[&alice.name, "root"]));
+    let (alice, dave, l, lab) = winlab_granting(PROBE, &["root"]);
+    let p = l.port();
     let copy = BinCopy::new(Path::new(BYPASS), 0, 0, false);
     let mut m = Matrix::new();
     let unshared = |u: &TestUser, flags: &str, lo_up: bool, dst: &str| {
@@ -1013,7 +945,7 @@ fn user_and_network_namespaces_via_unshare() {
         let inner_argv = inner.connect(dst).argv();
         let mut argv = vec!["unshare", flags];
         argv.extend(inner_argv.iter().map(String::as_str));
-        lab.b().as_user(u).exec(&argv)
+        b(&lab).as_user(u).exec(&argv)
     };
     for dst in [v4(p), v6(p)] {
         // User namespace only: uid 0 inside, same network: the listener.
@@ -1056,14 +988,14 @@ fn network_namespace_with_a_veth_pair_to_the_host() {
     let l = Listener::bind(&sock(host_ip, 0));
     let p = l.port();
     // Started after the veth exists, so its host address is "local".
-    let lab = Lab::start(&localhost_vm("winlab", p, &[&alice.name]));
+    let lab = Lab::start(PROBE, &vm("winlab", p, &[&alice.name]));
     let mut m = Matrix::new();
     both(
         &mut m,
         &format!("from a netns over veth to the host's {host_ip}"),
         &alice,
         &dave,
-        |u| lab.b().netns(&ns).as_user(u).connect(sock(host_ip, p)),
+        |u| b(&lab).netns(&ns).as_user(u).connect(sock(host_ip, p)),
     );
     for via in ["fastopen", "uring"] {
         both(
@@ -1072,7 +1004,7 @@ fn network_namespace_with_a_veth_pair_to_the_host() {
             &alice,
             &dave,
             |u| {
-                lab.b()
+                b(&lab)
                     .netns(&ns)
                     .as_user(u)
                     .connect(sock(host_ip, p))
@@ -1086,12 +1018,8 @@ fn network_namespace_with_a_veth_pair_to_the_host() {
 
 #[test]
 fn setuid_helpers_are_decided_by_the_real_uid() {
-    require_root();
-    let alice = TestUser::new();
-    let dave = TestUser::new();
-    let l = Listener::dual_stack();
+    let (alice, dave, l, lab) = winlab_granting(PROBE, &["root"]);
     let p = l.port();
-    let lab = Lab::start(&localhost_vm("winlab", p, &[&alice.name, "root"]));
     let tmp = std::env::temp_dir();
     assert!(
         allows_setuid(&tmp),
@@ -1110,7 +1038,7 @@ fn setuid_helpers_are_decided_by_the_real_uid() {
             dst.to_owned(),
         ];
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let b = lab.b();
+        let b = b(&lab);
         match u {
             Some(u) => b.as_user(u).exec(&argv),
             None => b.exec(&argv),
@@ -1159,7 +1087,7 @@ fn setuid_helpers_are_decided_by_the_real_uid() {
 /// SIGKILL, a dead gap and another restart: dave is refused every time.
 #[test]
 fn daemon_stopped_killed_and_restarting_refuses_throughout() {
-    let (alice, dave, l, mut lab) = simple_lab();
+    let (alice, dave, l, mut lab) = winlab(PROBE);
     let p = l.port();
     let looping = |u: &TestUser, dst: String| {
         Probe::new(PROBE)
@@ -1176,14 +1104,11 @@ fn daemon_stopped_killed_and_restarting_refuses_throughout() {
         ("alice v4", looping(&alice, v4(p)), Outcome::Allowed),
     ];
     sleep(Duration::from_millis(200));
-    let st = lab.daemon_mut().stop();
-    assert!(st.success(), "SIGTERM: spicegate run exited {st}");
-    lab.daemon = None;
+    lab.stop();
     sleep(Duration::from_millis(500));
     lab.start_daemon();
     sleep(Duration::from_millis(200));
-    lab.daemon_mut().kill9();
-    lab.daemon = None;
+    lab.kill9();
     sleep(Duration::from_millis(500));
     lab.start_daemon();
     sleep(Duration::from_millis(200));
@@ -1225,7 +1150,7 @@ fn decisions(lab: &Lab, users: &[&TestUser], port: u16) -> Vec<bool> {
     let mut out = Vec::new();
     for u in users {
         for dst in [v4(port), v6(port)] {
-            let r = lab.b().as_user(u).connect(&dst).run();
+            let r = b(lab).as_user(u).connect(&dst).run();
             out.push(match r.outcome() {
                 Outcome::Allowed => true,
                 Outcome::Denied => false,
@@ -1259,12 +1184,12 @@ fn kill9_rounds(during: KillDuring, rounds: u32) {
     let dave = TestUser::new();
     let l = Listener::dual_stack();
     let p = l.port();
-    let pol_a = localhost_vm("winlab", p, &[&alice.name, &carol.name]);
-    let pol_b = localhost_vm("winlab", p, &[&bob.name, &carol.name]);
+    let pol_a = vm("winlab", p, &[&alice.name, &carol.name]);
+    let pol_b = vm("winlab", p, &[&bob.name, &carol.name]);
     let users = [&alice, &bob, &carol, &dave];
     let want =
         |a: bool| -> Vec<bool> { [a, !a, true, false].iter().flat_map(|x| [*x, *x]).collect() };
-    let mut lab = Lab::start(&pol_a);
+    let mut lab = Lab::start(PROBE, &pol_a);
     let mut rng = Rng::from_time();
     eprintln!("[test] random seed {}", rng.seed());
     let mut current_a = true;
@@ -1275,9 +1200,7 @@ fn kill9_rounds(during: KillDuring, rounds: u32) {
     );
     // How long a start takes here, so kills during a start spread over it.
     let t = Instant::now();
-    let st = lab.daemon_mut().stop();
-    assert!(st.success(), "SIGTERM: spicegate run exited {st}");
-    lab.daemon = None;
+    lab.stop();
     lab.start_daemon();
     let start_ms = (t.elapsed().as_millis() as u64).max(50);
     eprintln!("[test] a stop and start takes {start_ms} ms");
@@ -1299,8 +1222,7 @@ fn kill9_rounds(during: KillDuring, rounds: u32) {
                 reload.arg("reload");
                 let client = std::thread::spawn(move || reload.output());
                 sleep(delay);
-                lab.daemon_mut().kill9();
-                lab.daemon = None;
+                lab.kill9();
                 client
                     .join()
                     .expect("reload thread")
@@ -1317,9 +1239,7 @@ fn kill9_rounds(during: KillDuring, rounds: u32) {
                     .unwrap_or_else(|e| e.to_string())
             }
             KillDuring::Start => {
-                let st = lab.daemon_mut().stop();
-                assert!(st.success(), "SIGTERM: spicegate run exited {st}");
-                lab.daemon = None;
+                lab.stop();
                 let mut d = Daemon::spawn(lab.policy.path(), Some(lab.cg.path()), &lab.pin);
                 sleep(delay);
                 let started = d.lines().iter().any(|l| l.contains("enforcing policy"));
@@ -1361,7 +1281,7 @@ fn kill9_rounds(during: KillDuring, rounds: u32) {
                 want(next_a)
             ));
         }
-        if lab.attached() != Some(true) {
+        if attached(&lab) != Some(true) {
             failures.push(format!(
                 "round {round}: status of the restarted daemon says not attached"
             ));
@@ -1395,23 +1315,19 @@ fn oversized_policy(port: u16, alice: &str) -> String {
     // 4,000,000 limit. The server is TEST-NET-2 and is never contacted.
     format!(
         "{}[servers.far]\naddress = \"198.51.100.7\"\n[vms.huge]\nserver = \"far\"\nports = [\"1-65535\"]\nallow = [{}]\n",
-        localhost_vm("winlab", port, &[alice]),
+        vm("winlab", port, &[alice]),
         uids.join(", ")
     )
 }
 
 #[test]
 fn oversized_policy_is_refused_by_reload_and_at_start() {
-    let (alice, dave, l, lab) = simple_lab();
+    let (alice, dave, l, lab) = winlab(PROBE);
     let p = l.port();
     let before = status_json(&lab.pin);
     lab.policy.rewrite(&oversized_policy(p, &alice.name));
     let out = lab.pin.ctl(["reload"]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = said(&out);
     assert!(
         !out.status.success(),
         "reload of an oversized policy succeeded: {text}"
@@ -1427,7 +1343,7 @@ fn oversized_policy_is_refused_by_reload_and_at_start() {
     );
     let mut m = Matrix::new();
     both(&mut m, "after the refused reload", &alice, &dave, |u| {
-        lab.b().as_user(u).connect(v4(p))
+        b(&lab).as_user(u).connect(v4(p))
     });
 
     // At start: exits non-zero, attaches nothing, pins no link.
@@ -1472,21 +1388,16 @@ fn full_state_directory_refuses_grant_and_still_reloads() {
     let dave = TestUser::new();
     let l = Listener::dual_stack();
     let p = l.port();
-    let policy = PolicyFile::new(&localhost_vm("winlab", p, &[&alice.name]));
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let disk = TmpfsMount::new(&pin.state_dir(), "size=16k,mode=0700");
-    let daemon = Daemon::start(policy.path(), Some(cg.path()), &pin);
+    let mut lab = Lab::builder(PROBE)
+        .without_daemon()
+        .start(&vm("winlab", p, &[&alice.name]));
+    let disk = TmpfsMount::new(&lab.pin.state_dir(), "size=16k,mode=0700");
+    lab.start_daemon();
     let filled = disk.fill("filler");
     eprintln!("[test] filled the state directory with {filled} bytes");
-    let b = || Bypass::new(BYPASS).cgroup(&cg);
 
-    let out = pin.ctl(["grant", &dave.name, "winlab"]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = lab.pin.ctl(["grant", &dave.name, "winlab"]);
+    let text = said(&out);
     assert!(
         !out.status.success(),
         "grant succeeded on a full state directory: {text}"
@@ -1499,10 +1410,10 @@ fn full_state_directory_refuses_grant_and_still_reloads() {
     m.note(format!("grant on a full disk: {}", text.trim()));
     m.check(
         "after the refused grant",
-        &b().as_user(&dave).connect(v4(p)),
+        &b(&lab).as_user(&dave).connect(v4(p)),
         Expect::Denied,
     );
-    let st = status_json(&pin);
+    let st = status_json(&lab.pin);
     assert_eq!(
         st["temporary_grants"].as_array().map(Vec::len),
         Some(0),
@@ -1510,8 +1421,9 @@ fn full_state_directory_refuses_grant_and_still_reloads() {
         st["temporary_grants"]
     );
 
-    policy.rewrite(&localhost_vm("winlab", p, &[&alice.name, &dave.name]));
-    let out = pin.ctl(["reload"]);
+    lab.policy
+        .rewrite(&vm("winlab", p, &[&alice.name, &dave.name]));
+    let out = lab.pin.ctl(["reload"]);
     assert!(
         out.status.success(),
         "reload should still apply with a full state directory: {}",
@@ -1519,11 +1431,11 @@ fn full_state_directory_refuses_grant_and_still_reloads() {
     );
     m.check(
         "after the reload that grants dave",
-        &b().as_user(&dave).connect(v4(p)),
+        &b(&lab).as_user(&dave).connect(v4(p)),
         Expect::Allowed,
     );
     let warned = wait_until(Duration::from_secs(2), || {
-        daemon.lines().iter().any(|l| {
+        lab.daemon().lines().iter().any(|l| {
             l.contains("copy of the good policy")
                 || l.contains("last-good")
                 || l.contains("last good")
@@ -1532,10 +1444,10 @@ fn full_state_directory_refuses_grant_and_still_reloads() {
     if !warned {
         m.fail(format!(
             "no warning about the last-good copy after a reload on a full disk; log:\n{}",
-            daemon.lines().join("\n")
+            lab.daemon().lines().join("\n")
         ));
     }
-    drop(daemon);
+    drop(lab.daemon.take());
     drop(disk);
     m.finish();
 }
@@ -1557,7 +1469,7 @@ impl Drop for RemoveOnDrop {
 fn pin_dir_on_a_missing_bpffs_fails_clearly_and_attaches_nothing() {
     require_root();
     let l = Listener::dual_stack();
-    let policy = PolicyFile::new(&localhost_vm("winlab", l.port(), &["root"]));
+    let policy = PolicyFile::new(&vm("winlab", l.port(), &["root"]));
     let cg = TestCgroup::new();
     let pin = PinDir::new();
     let base = std::env::temp_dir().join(format!(
@@ -1610,7 +1522,7 @@ fn pin_dir_on_a_missing_bpffs_fails_clearly_and_attaches_nothing() {
 fn missing_cgroup_fails_clearly_and_leaves_no_links() {
     require_root();
     let l = Listener::dual_stack();
-    let policy = PolicyFile::new(&localhost_vm("winlab", l.port(), &["root"]));
+    let policy = PolicyFile::new(&vm("winlab", l.port(), &["root"]));
     let pin = PinDir::new();
     let missing = cgroup2_root().join(format!(
         "spicegate-test-{}-{}-missing",
@@ -1648,7 +1560,7 @@ fn missing_cgroup_fails_clearly_and_leaves_no_links() {
 fn no_cgroup2_mounted_fails_clearly_and_leaves_nothing() {
     require_root();
     let l = Listener::dual_stack();
-    let policy = PolicyFile::new(&localhost_vm("winlab", l.port(), &["root"]));
+    let policy = PolicyFile::new(&vm("winlab", l.port(), &["root"]));
     let pin = PinDir::new();
     let mut cmd = std::process::Command::new("unshare");
     cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
@@ -1712,7 +1624,7 @@ fn assert_failed_start_left_nothing(pin: &PinDir) {
 fn failed_starts_name_the_problem_and_leave_nothing_behind() {
     require_root();
     let l = Listener::dual_stack();
-    let policy = PolicyFile::new(&localhost_vm("winlab", l.port(), &["root"]));
+    let policy = PolicyFile::new(&vm("winlab", l.port(), &["root"]));
     let pin = PinDir::new();
     let not_a_cgroup = std::env::temp_dir();
     let run = run_daemon_to_exit(
@@ -1748,17 +1660,17 @@ fn failed_starts_name_the_problem_and_leave_nothing_behind() {
 /// What a tampering case did to the running daemon's pins or links.
 fn tamper(what: &str, act: impl FnOnce(&Lab, &TestUser, u16)) {
     let deadline = REPAIR_DEADLINE;
-    let (alice, dave, l, lab) = simple_lab();
+    let (alice, dave, l, lab) = winlab(PROBE);
     let p = l.port();
     let mut m = Matrix::new();
     both(&mut m, "before tampering", &alice, &dave, |u| {
-        lab.b().as_user(u).connect(v4(p))
+        b(&lab).as_user(u).connect(v4(p))
     });
     let lines_before = lab.daemon().lines().len();
     let t0 = Instant::now();
     act(&lab, &dave, p);
     // What dave gets right after, before the watchdog's next tick.
-    let window = lab.b().as_user(&dave).connect(v4(p)).run();
+    let window = b(&lab).as_user(&dave).connect(v4(p)).run();
     m.note(format!(
         "{what}: dave right after ({:?} later): {}",
         t0.elapsed(),
@@ -1772,8 +1684,8 @@ fn tamper(what: &str, act: impl FnOnce(&Lab, &TestUser, u16)) {
     let t_log = t0.elapsed();
     let mut refused_at = None;
     let repaired = wait_until(deadline, || {
-        let ok = lab.attached() == Some(true)
-            && lab.b().as_user(&dave).connect(v4(p)).run().outcome() == Outcome::Denied;
+        let ok = attached(&lab) == Some(true)
+            && b(&lab).as_user(&dave).connect(v4(p)).run().outcome() == Outcome::Denied;
         if ok {
             refused_at = Some(t0.elapsed());
         }
@@ -1790,14 +1702,14 @@ fn tamper(what: &str, act: impl FnOnce(&Lab, &TestUser, u16)) {
     if !repaired {
         m.fail(format!(
             "{what}: not attached and refusing again within {deadline:?} (status attached: {:?})",
-            lab.attached()
+            attached(&lab)
         ));
     }
     both(&mut m, "after the repair", &alice, &dave, |u| {
-        lab.b().as_user(u).connect(v4(p))
+        b(&lab).as_user(u).connect(v4(p))
     });
     both(&mut m, "after the repair", &alice, &dave, |u| {
-        lab.b().as_user(u).connect(v6(p))
+        b(&lab).as_user(u).connect(v6(p))
     });
     for prefix in ["connect4", "connect6", "policy"] {
         if pinned(lab.pin.path(), prefix).is_none() {
@@ -1880,7 +1792,7 @@ fn tampering_policy_slot_emptied_is_repaired() {
 /// installed, so the kernel refuses the write and dave stays refused.
 #[test]
 fn tampering_a_grant_written_into_the_table_is_refused_by_the_kernel() {
-    let (alice, dave, l, lab) = simple_lab();
+    let (alice, dave, l, lab) = winlab(PROBE);
     let p = l.port();
     let pin = pinned(lab.pin.path(), "policy").expect("policy map pinned");
     let r = copy_grant_in_table(&pin, alice.uid, dave.uid);
@@ -1894,8 +1806,8 @@ fn tampering_a_grant_written_into_the_table_is_refused_by_the_kernel() {
         Ok(true) => panic!("the kernel accepted a write into the table in force"),
         Ok(false) => panic!("no grant of alice's found in the table in force"),
     }
-    let d = lab.b().as_user(&dave).connect(v4(p)).run().outcome();
-    let a = lab.b().as_user(&alice).connect(v4(p)).run().outcome();
+    let d = b(&lab).as_user(&dave).connect(v4(p)).run().outcome();
+    let a = b(&lab).as_user(&alice).connect(v4(p)).run().outcome();
     assert_eq!(d, Outcome::Denied, "dave after the forged write");
     assert_eq!(a, Outcome::Allowed, "alice after the forged write");
 }
@@ -1934,17 +1846,15 @@ fn tampering_a_grant_written_into_the_overlays_is_repaired() {
 /// Signal-driven stop while a reload runs: also old-or-new.
 #[test]
 fn sigterm_during_reload_keeps_enforcing() {
-    let (alice, dave, l, mut lab) = simple_lab();
+    let (alice, dave, l, mut lab) = winlab(PROBE);
     let p = l.port();
     lab.policy
-        .rewrite(&localhost_vm("winlab", p, &[&alice.name, &dave.name]));
+        .rewrite(&vm("winlab", p, &[&alice.name, &dave.name]));
     lab.daemon().signal(Signal::SIGHUP);
     lab.daemon().signal(Signal::SIGTERM);
-    let st = lab.daemon_mut().stop();
-    assert!(st.success(), "SIGTERM during a reload: exit {st}");
-    lab.daemon = None;
-    let a = lab.b().as_user(&alice).connect(v4(p)).run().outcome();
-    let d = lab.b().as_user(&dave).connect(v4(p)).run().outcome();
+    lab.stop();
+    let a = b(&lab).as_user(&alice).connect(v4(p)).run().outcome();
+    let d = b(&lab).as_user(&dave).connect(v4(p)).run().outcome();
     eprintln!("[test] after SIGHUP+SIGTERM: alice {a}, dave {d}");
     assert_eq!(a, Outcome::Allowed, "alice is granted in both policies");
     assert!(

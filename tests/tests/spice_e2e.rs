@@ -20,10 +20,14 @@ use std::{
 };
 
 use spicegate_tests::{
-    Daemon, PinDir, PolicyFile, TestCgroup, TestUser, require_root,
+    TestUser,
+    lab::Lab,
+    require_root,
     spice::{Qemu, SpiceChannel, SpiceClient, UserHome, Xvfb, tcp_sockets},
     wait_until,
 };
+
+const PROBE: &str = env!("CARGO_BIN_EXE_sg-probe");
 
 const VM: &str = "spicevm";
 /// remote-viewer starts GTK, then connects; generous for a loaded CI box.
@@ -77,11 +81,7 @@ fn remote_viewer_gets_the_display_only_when_granted() {
         "[vms.{VM}]\nserver = \"localhost\"\nports = [{port}]\nallow = [\"{}\"]\n",
         alice.name
     );
-    eprintln!("[test] policy:\n{policy}");
-    let policy = PolicyFile::new(&policy);
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let daemon = Daemon::start(policy.path(), Some(cg.path()), &pin);
+    let lab = Lab::start(PROBE, &policy);
     eprintln!("[test] set up in {:.1}s", started.elapsed().as_secs_f64());
     assert!(
         qemu.channels().is_empty(),
@@ -91,7 +91,7 @@ fn remote_viewer_gets_the_display_only_when_granted() {
 
     // --- granted: alice gets the display.
     let t = Instant::now();
-    let mut granted = SpiceClient::start(&cg, &alice, &alice_home, &x, &qemu.uri());
+    let mut granted = SpiceClient::start(&lab.cg, &alice, &alice_home, &x, &qemu.uri());
     let mut chans = Vec::new();
     let connected = wait_until(CONNECT_TIMEOUT, || {
         chans = qemu.channels();
@@ -109,7 +109,7 @@ fn remote_viewer_gets_the_display_only_when_granted() {
         describe(&chans, port),
         granted.exited(),
         granted.output().join("\n"),
-        daemon.lines().join("\n")
+        lab.daemon().lines().join("\n")
     );
     eprintln!(
         "[test] granted {} connected in {:.1}s: {}",
@@ -146,8 +146,8 @@ fn remote_viewer_gets_the_display_only_when_granted() {
     );
 
     // --- refused: mallory's connect is refused in the kernel.
-    let mut refused = SpiceClient::start(&cg, &mallory, &mallory_home, &x, &qemu.uri());
-    let deny = daemon.wait_for_deny(
+    let mut refused = SpiceClient::start(&lab.cg, &mallory, &mallory_home, &x, &qemu.uri());
+    let deny = lab.daemon().wait_for_deny(
         &format!("DENY uid={}", mallory.uid),
         |d| d.uid == mallory.uid,
         CONNECT_TIMEOUT,
@@ -262,9 +262,9 @@ fn remote_viewer_gets_the_display_only_when_granted() {
         }
     );
     assert!(
-        daemon.deny_lines().iter().all(|d| d.uid != alice.uid),
+        lab.daemon().deny_lines().iter().all(|d| d.uid != alice.uid),
         "the granted user was refused somewhere: {:?}",
-        daemon.deny_lines()
+        lab.daemon().deny_lines()
     );
     assert_eq!(
         granted.exited(),

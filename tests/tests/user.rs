@@ -17,145 +17,26 @@
 //!  cargo test -p spicegate-tests --test user -- --test-threads=1`.
 
 use std::{
-    ffi::{OsStr, OsString},
     fs,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::Command,
     thread::sleep,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use serde_json::{Value, json};
 use spicegate_tests::{
-    CliOutput, Daemon, Listener, Outcome, PinDir, PolicyFile, Probe, TestCgroup, TestGroup,
-    TestUser, ctl_as,
+    CliOutput, Listener, Outcome, TestGroup, TestUser,
     desktop::{Background, DesktopSession},
+    lab::Lab,
     logind::{FakeLogind, SessionSpec},
-    require_root, spicegate_cmd, unused_uid, wait_until, workspace_dir,
+    require_root, spicegate_cmd,
+    time::{now_unix, utc},
+    unused_uid, wait_until, workspace_dir,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_sg-probe");
-
-// ---------------------------------------------------------------------------
-// The lab: one daemon on its own cgroup, pin dir, socket and policy file.
-// ---------------------------------------------------------------------------
-
-/// Field order is drop order: the daemon stops, the pins are unloaded (and
-/// the socket and state dir removed), the cgroup goes, then the policy
-/// file. Users, listeners and a fake logind are made before the lab, so
-/// they outlive it.
-struct Lab {
-    daemon: Option<Daemon>,
-    pin: PinDir,
-    cg: TestCgroup,
-    policy: PolicyFile,
-    extra: Vec<OsString>,
-}
-
-impl Lab {
-    fn start(policy: &str) -> Self {
-        Self::start_with(policy, &[])
-    }
-
-    /// With more `spicegate run` arguments (`--logind-bus ADDR`).
-    fn start_with(policy: &str, extra: &[&str]) -> Self {
-        require_root();
-        eprintln!("[test] policy:\n{policy}");
-        let policy = PolicyFile::new(policy);
-        let cg = TestCgroup::new();
-        let pin = PinDir::new();
-        let extra: Vec<OsString> = extra.iter().map(OsString::from).collect();
-        let args: Vec<&OsStr> = extra.iter().map(OsString::as_os_str).collect();
-        let daemon = Daemon::start_with(policy.path(), Some(cg.path()), &pin, &args);
-        Self {
-            daemon: Some(daemon),
-            pin,
-            cg,
-            policy,
-            extra,
-        }
-    }
-
-    fn daemon(&self) -> &Daemon {
-        self.daemon.as_ref().expect("the lab's daemon runs")
-    }
-
-    /// Stops the daemon (SIGTERM, must exit cleanly) and starts a new one
-    /// on the same policy, cgroup, pin dir, socket and state dir.
-    fn restart(&mut self) {
-        let mut old = self.daemon.take().expect("the lab's daemon runs");
-        let st = old.stop();
-        assert!(st.success(), "spicegate run exited with {st} on SIGTERM");
-        let args: Vec<&OsStr> = self.extra.iter().map(OsString::as_os_str).collect();
-        self.daemon = Some(Daemon::start_with(
-            self.policy.path(),
-            Some(self.cg.path()),
-            &self.pin,
-            &args,
-        ));
-    }
-
-    /// `spicegate --socket <ours> <args>` as `user`.
-    fn as_user(&self, user: &TestUser, args: &[&str]) -> CliOutput {
-        ctl_as(&self.pin, user, args)
-    }
-
-    /// Like [`Lab::as_user`], panicking unless it exits 0.
-    fn ok_as(&self, user: &TestUser, args: &[&str]) -> CliOutput {
-        let out = self.as_user(user, args);
-        assert_eq!(out.code, Some(0), "as {}: {out}", user.name);
-        out
-    }
-
-    /// `list --json` as `user`, parsed.
-    fn list_json(&self, user: &TestUser) -> Value {
-        let out = self.ok_as(user, &["list", "--json"]);
-        serde_json::from_str(&out.stdout)
-            .unwrap_or_else(|e| panic!("`list --json` as {} is not JSON ({e}):\n{out}", user.name))
-    }
-
-    /// Rewrites the policy and reloads it as root.
-    fn reload_to(&self, policy: &str) {
-        eprintln!("[test] new policy:\n{policy}");
-        self.policy.rewrite(policy);
-        let out = CliOutput::new(self.pin.ctl(["reload"]), &["reload"]);
-        assert_eq!(out.code, Some(0), "reload failed:\n{out}");
-    }
-
-    /// `n` connects of `who` to 127.0.0.1:port, each of which must be
-    /// refused; returns once the daemon has logged the first.
-    fn deny(&self, who: &TestUser, port: u16, n: u32) -> Instant {
-        let r = Probe::new(PROBE)
-            .cgroup(&self.cg)
-            .as_user(who)
-            .connect(format!("127.0.0.1:{port}"))
-            .count(n)
-            .interval_ms(30)
-            .run();
-        assert!(
-            r.outcomes.len() == n as usize && r.outcomes.iter().all(|o| *o == Outcome::Denied),
-            "{} -> 127.0.0.1:{port} x{n}: expected all denied, got {:?}",
-            who.name,
-            r.outcomes
-        );
-        let pid = r.pid;
-        self.daemon().wait_for_deny(
-            &format!("{}'s DENY line on port {port}", who.name),
-            |d| d.uid == who.uid && d.pid == pid,
-            Duration::from_secs(5),
-        );
-        Instant::now()
-    }
-
-    fn outcome(&self, who: &TestUser, port: u16) -> Outcome {
-        Probe::new(PROBE)
-            .cgroup(&self.cg)
-            .as_user(who)
-            .connect(format!("127.0.0.1:{port}"))
-            .outcome()
-    }
-}
 
 /// A directory removed on Drop.
 struct Scratch(PathBuf);
@@ -182,13 +63,6 @@ impl Drop for Scratch {
     }
 }
 
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
-}
-
 /// A weekday three days from today (UTC) and the unix time it begins at:
 /// neither today nor tomorrow, so a test crossing midnight still sees it
 /// in the future.
@@ -205,24 +79,7 @@ fn weekday_name(day: u64) -> &'static str {
 
 /// `YYYY-MM-DDTHH:MM:SSZ`, as the daemon prints instants.
 fn rfc3339(unix: u64) -> String {
-    let days = i64::try_from(unix / 86_400).expect("sane time");
-    let secs = unix % 86_400;
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    utc(i64::try_from(unix).expect("sane time"))
 }
 
 /// The entry named `name` of a `list --json` document.
@@ -331,7 +188,10 @@ allow = ["#{nobody}"]
         anne = anne.name,
         team = team.name,
     );
-    let lab = Lab::start_with(&base, &["--logind-bus", &logind.address]);
+    let lab = Lab::builder(PROBE)
+        .arg("--logind-bus")
+        .arg(&logind.address)
+        .start(&base);
 
     // Anne: lab, remote and today now, later on its day; hidden is not hers.
     let doc = lab.list_json(&anne);
@@ -373,7 +233,7 @@ allow = ["#{nobody}"]
             "next_change": rfc3339(midnight), "schedules": [today_name],
         }),
     );
-    let text = lab.ok_as(&anne, &["list"]);
+    let text = lab.ctl_ok_as(&anne, &["list"]);
     let want = format!(
         "lab: open now; localhost (server localhost) port {} tls-port {}\n\
          later: later (from {}); localhost (server localhost) port {}\n\
@@ -409,7 +269,7 @@ allow = ["#{nobody}"]
     let doc = lab.list_json(&bob);
     assert_eq!(doc["uid"], bob.uid, "{doc:#}");
     assert_eq!(doc["vms"], json!([]), "bob's list: {doc:#}");
-    let text = lab.ok_as(&bob, &["list"]);
+    let text = lab.ctl_ok_as(&bob, &["list"]);
     assert_eq!(
         text.stdout,
         format!("{}: no VMs, now or later\n", bob.name),
@@ -463,7 +323,7 @@ allow = ["#{nobody}"]
             .is_some_and(|t| t.ends_with('Z') || t.contains('+')),
         "a temporary grant's `list` entry names when it ends: {doc:#}"
     );
-    let text = lab.ok_as(&bob, &["list"]).stdout;
+    let text = lab.ctl_ok_as(&bob, &["list"]).stdout;
     assert!(
         text.contains("open now (until "),
         "bob's `list` says until when the grant holds: {text}"
@@ -499,7 +359,7 @@ allow = ["#{nobody}"]
         "{doc:#}"
     );
     expect_fields(entry(&doc, "screen"), &console_only);
-    let text = lab.ok_as(&anne, &["list"]);
+    let text = lab.ctl_ok_as(&anne, &["list"]);
     let line = format!(
         "screen: only while you hold this machine's console; localhost (server localhost) port {}",
         p(6)
@@ -677,12 +537,12 @@ allow = ["@console"]
     };
     let myviewer = dir.join("myviewer").display().to_string();
     let remote_viewer = dir.join("remote-viewer").display().to_string();
-    let lab = Lab::start(&policy(&format!("{myviewer} --full-screen")));
+    let lab = Lab::start(PROBE, &policy(&format!("{myviewer} --full-screen")));
     let ids = format!("ruid={0} euid={0}", anne.uid);
     let tls_uri = format!("spice://localhost?port={}&tls-port={}", p(0), p(1));
 
     // A client not named remote-viewer gets its own words and the URI only.
-    let out = lab.ok_as(&anne, &["open", "tlsvm", "--dry-run"]);
+    let out = lab.ctl_ok_as(&anne, &["open", "tlsvm", "--dry-run"]);
     assert_eq!(
         out.stdout,
         format!("{myviewer} --full-screen {tls_uri}\n"),
@@ -693,7 +553,7 @@ allow = ["@console"]
         None,
         "--dry-run started the client"
     );
-    lab.ok_as(&anne, &["open", "tlsvm"]);
+    lab.ctl_ok_as(&anne, &["open", "tlsvm"]);
     assert_eq!(
         recorded(&dir, "myviewer"),
         Some(vec![
@@ -704,7 +564,7 @@ allow = ["@console"]
         ]),
         "argv of the client `open tlsvm` started"
     );
-    lab.ok_as(&anne, &["open", "v6vm"]);
+    lab.ctl_ok_as(&anne, &["open", "v6vm"]);
     assert_eq!(
         recorded(&dir, "myviewer"),
         Some(vec![
@@ -718,13 +578,13 @@ allow = ["@console"]
 
     // remote-viewer also gets the CA file, when the VM has one.
     lab.reload_to(&policy(&remote_viewer));
-    let out = lab.ok_as(&anne, &["open", "tlsvm", "--dry-run"]);
+    let out = lab.ctl_ok_as(&anne, &["open", "tlsvm", "--dry-run"]);
     assert_eq!(
         out.stdout,
         format!("{remote_viewer} --spice-ca-file=/etc/spicegate-test/ca.pem {tls_uri}\n"),
         "{out}"
     );
-    lab.ok_as(&anne, &["open", "tlsvm"]);
+    lab.ctl_ok_as(&anne, &["open", "tlsvm"]);
     assert_eq!(
         recorded(&dir, "remote-viewer"),
         Some(vec![
@@ -735,7 +595,7 @@ allow = ["@console"]
         ]),
         "argv of remote-viewer for `open tlsvm`"
     );
-    lab.ok_as(&anne, &["open", "tlsonly"]);
+    lab.ctl_ok_as(&anne, &["open", "tlsonly"]);
     assert_eq!(
         recorded(&dir, "remote-viewer"),
         Some(vec![
@@ -747,7 +607,7 @@ allow = ["@console"]
     );
 
     // Not now: a sentence, when access begins, exit 1, no client.
-    let out = lab.as_user(&anne, &["open", "later"]);
+    let out = lab.ctl_as(&anne, &["open", "later"]);
     assert_eq!(out.code, Some(1), "{out}");
     assert!(
         out.stderr.contains("may not open VM `later`")
@@ -756,7 +616,7 @@ allow = ["@console"]
                 .contains(&format!("your access begins {}", rfc3339(begins))),
         "`open later` must say she may not open it and when access begins:\n{out}"
     );
-    let out = lab.as_user(&anne, &["open", "screen"]);
+    let out = lab.ctl_as(&anne, &["open", "screen"]);
     assert_eq!(out.code, Some(1), "{out}");
     assert!(
         out.stderr.contains("may not open VM `screen`")
@@ -767,8 +627,8 @@ allow = ["@console"]
     );
 
     // Another's VM and a VM that does not exist read the same: no access.
-    let theirs = lab.as_user(&anne, &["open", "bobs"]);
-    let none = lab.as_user(&anne, &["open", "no-such-vm"]);
+    let theirs = lab.ctl_as(&anne, &["open", "bobs"]);
+    let none = lab.ctl_as(&anne, &["open", "no-such-vm"]);
     for (out, vm) in [(&theirs, "bobs"), (&none, "no-such-vm")] {
         assert!(out.failed(), "{out}");
         assert!(
@@ -783,7 +643,7 @@ allow = ["@console"]
         "`open` must not tell another user's VM from a missing one"
     );
     for (user, vm) in [(&anne, "later"), (&anne, "bobs"), (&anne, "no-such-vm")] {
-        let out = lab.as_user(user, &["open", vm, "--dry-run"]);
+        let out = lab.ctl_as(user, &["open", vm, "--dry-run"]);
         assert!(
             out.failed() && out.stdout.is_empty(),
             "dry run of {vm}:\n{out}"
@@ -796,7 +656,7 @@ allow = ["@console"]
     );
 
     // Bob opens his own.
-    let out = lab.ok_as(&bob, &["open", "bobs", "--dry-run"]);
+    let out = lab.ctl_ok_as(&bob, &["open", "bobs", "--dry-run"]);
     assert_eq!(
         out.stdout,
         format!("{remote_viewer} spice://localhost?port={}\n", p(5)),
@@ -833,8 +693,10 @@ fn notify_shows_a_desktop_notification() {
     let p = |i: usize| ports[i].port();
     let (day, begins) = weekday_in_three_days();
     let other = unused_uid();
-    let mut lab = Lab::start(&format!(
-        r##"[settings]
+    let mut lab = Lab::start(
+        PROBE,
+        &format!(
+            r##"[settings]
 timezone = "UTC"
 
 [vms.ng]
@@ -859,12 +721,13 @@ allow = ["@console"]
 server = "localhost"
 ports = [{p3}]
 "##,
-        p0 = p(0),
-        p1 = p(1),
-        p2 = p(2),
-        p3 = p(3),
-        anne = anne.name,
-    ));
+            p0 = p(0),
+            p1 = p(1),
+            p2 = p(2),
+            p3 = p(3),
+            anne = anne.name,
+        ),
+    );
 
     let t = Instant::now();
     let mut desk = DesktopSession::start(&anne);
