@@ -415,6 +415,34 @@ fn reload_prints_gains_and_losses_and_sighup_reloads() {
 // 4. check --diff
 // ---------------------------------------------------------------------------
 
+/// `status` lists 100 users per VM; `check --diff` must compare against
+/// all of them, or every user past the 100th shows as gaining access.
+#[test]
+fn check_diff_sees_every_user_of_a_large_vm() {
+    require_root();
+    let l = Listener::loopback();
+    let uids: Vec<String> = (0..250).map(|i| format!("#{}", 3_500_000 + i)).collect();
+    let uids: Vec<&str> = uids.iter().map(String::as_str).collect();
+    let lab = Lab::start(PROBE, &vm("v", l.port(), &uids));
+    let out = lab.ctl_ok(&["check", "--diff", &lab.path()]);
+    assert!(
+        out.stdout.contains("no change in who may open what"),
+        "check --diff of the running 250-user policy:\n{out}"
+    );
+    // One more user: exactly one line of change.
+    let mut more = uids.clone();
+    more.push("#3600000");
+    let next = PolicyFile::new(&vm("v", l.port(), &more));
+    let out = lab.ctl_ok(&["check", "--diff", &next.path().display().to_string()]);
+    let changes: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("+ ") || l.starts_with("- "))
+        .collect();
+    assert_eq!(changes.len(), 1, "one user more:\n{out}");
+    assert!(changes[0].contains("3600000"), "{out}");
+}
+
 #[test]
 fn check_diff_against_running_policy() {
     require_root();

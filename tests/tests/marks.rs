@@ -13,27 +13,23 @@ use std::{
 };
 
 use spicegate_tests::{
-    Daemon, Listener, PinDir, PolicyDir, Probe, TestCgroup, TestUser,
+    Listener, TestUser,
     bypass::{pinned_map_len, write_pinned_map},
+    lab::{Lab, vm},
     require_root, wait_until,
 };
+
+const PROBE: &str = env!("CARGO_BIN_EXE_sg-probe");
 
 /// `GRANTED_ENTRIES` of spicegate-common: the capacity of the fast marks.
 const GRANTED_ENTRIES: u64 = 16_384;
 
-fn granted(pin: &PinDir) -> PathBuf {
-    pin.path().join("granted_v2")
+fn granted(lab: &Lab) -> PathBuf {
+    lab.pin.path().join("granted_v2")
 }
 
 fn fast_marks(map: &Path) -> usize {
     pinned_map_len(map, 8).expect("counting the fast marks")
-}
-
-fn vm_policy(port: u16, user: &TestUser) -> String {
-    format!(
-        "[vms.v]\nserver = \"localhost\"\nports = [{port}]\nallow = [\"{}\"]\n",
-        user.name
-    )
 }
 
 #[test]
@@ -41,18 +37,11 @@ fn a_granted_connect_is_marked_fast_and_the_mark_goes_with_the_socket() {
     require_root();
     let user = TestUser::new();
     let l = Listener::loopback_keeping_connections();
-    let policy = PolicyDir::new(&vm_policy(l.port(), &user));
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let _daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
-    let map = granted(&pin);
+    let lab = Lab::start(PROBE, &vm("v", l.port(), &[&user.name]));
+    let map = granted(&lab);
     assert_eq!(fast_marks(&map), 0, "fast marks before any connect");
 
-    let held = Probe::new(env!("CARGO_BIN_EXE_sg-probe"))
-        .cgroup_dir(cg.path())
-        .as_user(&user)
-        .connect(format!("127.0.0.1:{}", l.port()))
-        .hold(60);
+    let held = lab.hold(&user, l.port());
     assert_eq!(fast_marks(&map), 1, "the granted connection's fast mark");
     drop(held); // kills the probe: its socket is released
     assert!(
@@ -67,11 +56,8 @@ fn with_the_fast_marks_full_a_revoked_connection_is_still_closed() {
     require_root();
     let user = TestUser::new();
     let l = Listener::loopback_keeping_connections();
-    let policy = PolicyDir::new(&vm_policy(l.port(), &user));
-    let cg = TestCgroup::new();
-    let pin = PinDir::new();
-    let daemon = Daemon::start(&policy.main(), Some(cg.path()), &pin);
-    let map = granted(&pin);
+    let lab = Lab::start(PROBE, &vm("v", l.port(), &[&user.name]));
+    let map = granted(&lab);
 
     // What someone holding that many granted connections open would do:
     // fill the fast marks (cookies count up from 1; these never occur).
@@ -81,11 +67,7 @@ fn with_the_fast_marks_full_a_revoked_connection_is_still_closed() {
     }
     assert_eq!(fast_marks(&map) as u64, GRANTED_ENTRIES);
 
-    let mut held = Probe::new(env!("CARGO_BIN_EXE_sg-probe"))
-        .cgroup_dir(cg.path())
-        .as_user(&user)
-        .connect(format!("127.0.0.1:{}", l.port()))
-        .hold(60);
+    let mut held = lab.hold(&user, l.port());
     assert_eq!(
         fast_marks(&map) as u64,
         GRANTED_ENTRIES,
@@ -93,23 +75,10 @@ fn with_the_fast_marks_full_a_revoked_connection_is_still_closed() {
     );
     // The policy without the user: the connection must be closed all the
     // same (its mark went to socket storage).
-    std::fs::write(
-        policy.main(),
-        format!(
-            "[vms.v]\nserver = \"localhost\"\nports = [{}]\nallow = []\n",
-            l.port()
-        ),
-    )
-    .expect("rewriting the policy");
-    let out = pin.ctl(["reload"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.reload_to(&vm("v", l.port(), &[]));
     assert!(
         held.wait_closed(Duration::from_secs(3)).is_some(),
         "the revoked connection marked in socket storage stayed open; daemon log:\n{}",
-        daemon.lines().join("\n")
+        lab.log()
     );
 }
