@@ -18,6 +18,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use spicegate_testkit::cgroup::Cgroup;
+
+pub use crate::netif::link_local_addrs;
 use crate::{Listener, Outcome, PinDir, TestCgroup, TestUser};
 
 // ---------------------------------------------------------------- sg-bypass
@@ -1345,74 +1348,14 @@ pub fn allows_setuid(path: &Path) -> bool {
 /// A cgroup below another one (a test cgroup). Drop kills what is left in
 /// it and removes it; drop it before its parent.
 #[derive(Debug)]
-pub struct ChildCgroup {
-    path: PathBuf,
-}
+pub struct ChildCgroup(Cgroup);
 
 impl ChildCgroup {
     pub fn new(parent: &Path, name: &str) -> Self {
-        let path = parent.join(name);
-        fs::create_dir(&path).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
-        Self { path }
+        Self(Cgroup::create(parent.join(name)).unwrap_or_else(|e| panic!("{e}")))
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.0.path()
     }
-}
-
-impl Drop for ChildCgroup {
-    fn drop(&mut self) {
-        let procs = |p: &Path| fs::read_to_string(p.join("cgroup.procs")).unwrap_or_default();
-        if !procs(&self.path).trim().is_empty() {
-            let _ = fs::write(self.path.join("cgroup.kill"), "1");
-        }
-        let removed = crate::wait_until(Duration::from_secs(5), || {
-            match fs::remove_dir(&self.path) {
-                Ok(()) => true,
-                Err(e) => e.kind() == io::ErrorKind::NotFound,
-            }
-        });
-        if !removed {
-            eprintln!("[harness] LEFTOVER cgroup {}", self.path.display());
-        }
-    }
-}
-
-/// This machine's IPv6 link-local addresses with their interface index
-/// (`fe80::...%IFINDEX`), which `interface_addrs` leaves out.
-pub fn link_local_addrs() -> Vec<(std::net::Ipv6Addr, u32)> {
-    let mut out = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
-        return out;
-    }
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: cur is a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_addr is non-null and its family says which struct it is.
-        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET6 {
-            continue;
-        }
-        // SAFETY: the family is AF_INET6.
-        let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
-        let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-        if (ip.segments()[0] & 0xffc0) != 0xfe80 {
-            continue;
-        }
-        // SAFETY: ifa_name is the interface's NUL-terminated name.
-        let index = unsafe { libc::if_nametoindex(ifa.ifa_name) };
-        if index != 0 && !out.contains(&(ip, index)) {
-            out.push((ip, index));
-        }
-    }
-    // SAFETY: head came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
-    out
 }
