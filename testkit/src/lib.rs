@@ -103,6 +103,11 @@ impl TempDir {
         Ok(Self { path })
     }
 
+    /// `<temp dir>/<tag>-<pid>-<n>` (see [`unique_name`]).
+    pub fn unique(tag: &str) -> io::Result<Self> {
+        Self::new(&unique_name(tag))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -18,10 +18,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use spicegate_testkit::cgroup::Cgroup;
+use spicegate_testkit::{TempDir, cgroup::Cgroup};
 
 pub use crate::netif::link_local_addrs;
-use crate::{Listener, Outcome, PinDir, TestCgroup, TestUser};
+use crate::{Listener, Outcome, PinDir, TestCgroup, TestUser, probe::Failures};
 
 // ---------------------------------------------------------------- sg-bypass
 
@@ -218,20 +218,7 @@ impl BypassRun {
 
     /// `ok` / `err N NAME` as an [`Outcome`].
     pub fn parse_outcome(text: &str) -> Option<Outcome> {
-        if text == "ok" {
-            return Some(Outcome::Allowed);
-        }
-        let errno: i32 = text
-            .strip_prefix("err ")?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()?;
-        Some(if errno == libc::EPERM {
-            Outcome::Denied
-        } else {
-            Outcome::OtherErr(errno)
-        })
+        Outcome::parse(text)
     }
 
     /// The final connect's outcome; panics when the helper made none.
@@ -301,19 +288,7 @@ impl fmt::Display for Expect {
 #[must_use = "call finish() to report the failures"]
 pub struct Matrix {
     rows: Vec<String>,
-    failures: Vec<String>,
-}
-
-impl Drop for Matrix {
-    fn drop(&mut self) {
-        if !self.failures.is_empty() && !std::thread::panicking() {
-            panic!(
-                "Matrix dropped without finish(), with {} failure(s):\n  {}",
-                self.failures.len(),
-                self.failures.join("\n  ")
-            );
-        }
-    }
+    failures: Failures,
 }
 
 impl Matrix {
@@ -365,7 +340,7 @@ impl Matrix {
         for r in &self.rows {
             eprintln!("[matrix] {r}");
         }
-        let failures = std::mem::take(&mut self.failures);
+        let failures = self.failures.take();
         if !failures.is_empty() {
             panic!(
                 "{} case(s) got the wrong answer:\n  {}",
@@ -1291,24 +1266,19 @@ impl Drop for TmpfsMount {
 /// owned by `uid:gid`, optionally setuid. Drop removes the directory.
 #[derive(Debug)]
 pub struct BinCopy {
-    dir: PathBuf,
     path: PathBuf,
+    dir: TempDir,
 }
 
 impl BinCopy {
     pub fn new(src: &Path, uid: u32, gid: u32, setuid: bool) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "spicegate-test-{}-{}-bin",
-            std::process::id(),
-            crate::next_id()
-        ));
-        fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let dir = TempDir::unique("spicegate-test-bin").unwrap_or_else(|e| panic!("{e}"));
         let guard = Self {
-            path: dir.join(src.file_name().unwrap_or_default()),
+            path: dir.path().join(src.file_name().unwrap_or_default()),
             dir,
         };
-        fs::set_permissions(&guard.dir, fs::Permissions::from_mode(0o755))
-            .unwrap_or_else(|e| panic!("chmod {}: {e}", guard.dir.display()));
+        fs::set_permissions(guard.dir.path(), fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", guard.dir.path().display()));
         fs::copy(src, &guard.path).unwrap_or_else(|e| {
             panic!("copying {} to {}: {e}", src.display(), guard.path.display())
         });
@@ -1327,14 +1297,6 @@ impl BinCopy {
 
     pub fn path_str(&self) -> String {
         self.path.display().to_string()
-    }
-}
-
-impl Drop for BinCopy {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
-            eprintln!("[harness] LEFTOVER {}: {e}", self.dir.display());
-        }
     }
 }
 

@@ -23,7 +23,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn parse(line: &str) -> Option<Self> {
+    /// A helper's `ok` or `err <errno> [NAME]`.
+    pub(crate) fn parse(line: &str) -> Option<Self> {
         if line == "ok" {
             return Some(Self::Allowed);
         }
@@ -292,10 +293,15 @@ impl ProbeChild {
 
 impl Drop for ProbeChild {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_and_reap(&mut self.child);
+    }
+}
+
+/// SIGKILL and wait, when there is still a child.
+fn kill_and_reap(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
 
@@ -329,10 +335,7 @@ impl HeldConnection {
 
     /// The probe's stderr after killing it (for failure messages).
     fn stderr(&mut self) -> String {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_and_reap(&mut self.child);
         let mut s = String::new();
         if let Some(mut e) = self.err.take() {
             let _ = e.read_to_string(&mut s);
@@ -347,10 +350,7 @@ impl HeldConnection {
 
 impl Drop for HeldConnection {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_and_reap(&mut self.child);
     }
 }
 
@@ -442,20 +442,8 @@ impl Drop for ProbeLoop {
 #[derive(Debug, Default)]
 #[must_use = "call finish() to report the failures"]
 pub struct Checks {
-    failures: Vec<String>,
+    failures: Failures,
     passed: usize,
-}
-
-impl Drop for Checks {
-    fn drop(&mut self) {
-        if !self.failures.is_empty() && !std::thread::panicking() {
-            panic!(
-                "Checks dropped without finish(), with {} failure(s):\n  {}",
-                self.failures.len(),
-                self.failures.join("\n  ")
-            );
-        }
-    }
 }
 
 impl Checks {
@@ -478,13 +466,42 @@ impl Checks {
 
     /// Panics listing every mismatch.
     pub fn finish(mut self) {
-        let failures = std::mem::take(&mut self.failures);
+        let failures = self.failures.take();
         if !failures.is_empty() {
             panic!(
                 "{} of {} checks failed:\n  {}",
                 failures.len(),
                 failures.len() + self.passed,
                 failures.join("\n  ")
+            );
+        }
+    }
+}
+
+/// The failures a [`Checks`] or a [`crate::bypass::Matrix`] collected.
+/// Dropped while it still holds some (its owner's `finish()` was never
+/// called), it panics: no failure goes unnoticed.
+#[derive(Debug, Default)]
+pub(crate) struct Failures(Vec<String>);
+
+impl Failures {
+    pub(crate) fn push(&mut self, failure: String) {
+        self.0.push(failure);
+    }
+
+    /// Every failure, which counts as reported from now on.
+    pub(crate) fn take(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Drop for Failures {
+    fn drop(&mut self) {
+        if !self.0.is_empty() && !std::thread::panicking() {
+            panic!(
+                "dropped without finish(), with {} failure(s):\n  {}",
+                self.0.len(),
+                self.0.join("\n  ")
             );
         }
     }
