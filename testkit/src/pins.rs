@@ -71,6 +71,29 @@ impl PinDir {
     }
 }
 
+impl PinDir {
+    /// Unloads (when loaded) and removes the run directory, so that the
+    /// next daemon starts from nothing; an unload that fails is an error.
+    pub fn clear(&self) -> io::Result<()> {
+        if self.path.exists() {
+            let out = self.unload()?;
+            if !out.status.success() {
+                return Err(io::Error::other(format!(
+                    "`spicegate unload --pin-dir {}` failed: {}",
+                    self.path.display(),
+                    out.status
+                )));
+            }
+        }
+        match fs::remove_dir_all(&self.run_dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(context(format!("removing {}", self.run_dir.display()), e))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Shows what a one-shot command did, on stderr (the test's output, shown
 /// when it fails).
 pub fn echo_output(cmd: &Command, out: &Output) {
