@@ -138,6 +138,19 @@ impl LineLog {
         Self::default()
     }
 
+    /// Collects whichever of `child`'s stdout and stderr are piped, each
+    /// echoed after its prefix when it has one (see [`LineLog::read`]).
+    pub fn of_child(child: &mut Child, echo_out: Option<String>, echo_err: Option<String>) -> Self {
+        let mut log = Self::new();
+        if let Some(out) = child.stdout.take() {
+            log.read(out, echo_out);
+        }
+        if let Some(err) = child.stderr.take() {
+            log.read(err, echo_err);
+        }
+        log
+    }
+
     /// Reads `stream` to its end on a thread; with `echo`, every line is
     /// also written to stderr after that prefix (the test's output, shown
     /// when it fails).

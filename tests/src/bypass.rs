@@ -14,7 +14,7 @@ use std::{
         unix::{ffi::OsStrExt as _, fs::PermissionsExt as _},
     },
     path::{Path, PathBuf},
-    process::{Command, ExitStatus, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -397,9 +397,16 @@ pub fn run_to_exit(mut cmd: Command, timeout: Duration) -> Exited {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd
+    let child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+    wait_collecting(child, timeout, what)
+}
+
+/// Reads the piped stdout and stderr of `child` to their ends on threads
+/// (a long run could fill a pipe buffer) and waits for it; kills it after
+/// `timeout`.
+pub(crate) fn wait_collecting(mut child: Child, timeout: Duration, what: String) -> Exited {
     let mut out = child.stdout.take().expect("stdout is piped");
     let mut err = child.stderr.take().expect("stderr is piped");
     let out_t = std::thread::spawn(move || {

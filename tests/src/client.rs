@@ -102,9 +102,7 @@ impl CliStream {
         let mut proc = Proc::spawn(&mut cmd, what)
             .unwrap_or_else(|e| panic!("{e}"))
             .with_grace(Duration::ZERO);
-        let out = proc.child().stdout.take().expect("piped stdout");
-        let mut log = LineLog::new();
-        log.read(out, Some(format!("[{what}]")));
+        let log = LineLog::of_child(proc.child(), Some(format!("[{what}]")), None);
         Self {
             _proc: proc,
             log,

@@ -253,13 +253,11 @@ impl Daemon {
             .with_grace(Duration::from_secs(10));
         let pid = proc.pid();
         eprintln!("[harness] started {cmd:?} as pid {pid}");
-        let mut log = LineLog::new();
-        if let Some(out) = proc.child().stdout.take() {
-            log.read(out, Some(format!("[spicegate {pid} stdout]")));
-        }
-        if let Some(err) = proc.child().stderr.take() {
-            log.read(err, Some(format!("[spicegate {pid}]")));
-        }
+        let log = LineLog::of_child(
+            proc.child(),
+            Some(format!("[spicegate {pid} stdout]")),
+            Some(format!("[spicegate {pid}]")),
+        );
         Self { proc, log }
     }
 

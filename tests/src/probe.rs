@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{TestCgroup, TestUser};
+use crate::{TestCgroup, TestUser, bypass::wait_collecting};
 
 /// What one connect attempt got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,40 +235,16 @@ impl ProbeChild {
 
     /// Waits for it (at most 60 s) and collects what it printed.
     pub fn wait(mut self) -> ProbeResult {
-        let mut child = self.child.take().expect("probe already reaped");
-        // Read the pipes on threads: a long run could fill a pipe buffer.
-        let mut out = child.stdout.take().expect("probe stdout is piped");
-        let mut err = child.stderr.take().expect("probe stderr is piped");
-        let out_t = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = out.read_to_string(&mut s);
-            s
-        });
-        let err_t = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(st)) => break st,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "sg-probe {} (pid {}) still running after 60 s",
-                        self.what, self.pid
-                    );
-                }
-                Err(e) => panic!("waiting for sg-probe {}: {e}", self.what),
-            }
+        let child = self.child.take().expect("probe already reaped");
+        let exited = wait_collecting(child, Duration::from_secs(60), self.what.clone());
+        let (stdout, stderr) = (exited.stdout, exited.stderr);
+        let status = match exited.status {
+            Some(st) if !exited.timed_out => st,
+            _ => panic!(
+                "sg-probe {} (pid {}) still running after 60 s",
+                self.what, self.pid
+            ),
         };
-        let stdout = out_t.join().unwrap_or_default();
-        let stderr = err_t.join().unwrap_or_default();
         if status.code() == Some(3) || status.code().is_none() {
             panic!(
                 "sg-probe {} could not run: {status}; stderr: {stderr}",

@@ -42,13 +42,8 @@ impl Proc {
         let mut proc = kit::Proc::spawn(&mut cmd, what).unwrap_or_else(|e| panic!("{e}"));
         let what = format!("{what} {}", proc.pid());
         eprintln!("[spice] started {what}: {cmd:?}");
-        let mut log = LineLog::new();
-        if let Some(out) = proc.child().stdout.take() {
-            log.read(out, Some(format!("[{what}]")));
-        }
-        if let Some(err) = proc.child().stderr.take() {
-            log.read(err, Some(format!("[{what}]")));
-        }
+        let echo = Some(format!("[{what}]"));
+        let log = LineLog::of_child(proc.child(), echo.clone(), echo);
         Self { proc, log }
     }
 

@@ -279,13 +279,7 @@ impl Daemon {
             .stderr(Stdio::piped());
         let spawned = Instant::now();
         let mut proc = spawn(&mut cmd, "spicegate run", Duration::from_secs(10))?;
-        let stderr = proc
-            .child()
-            .stderr
-            .take()
-            .ok_or_else(|| anyhow!("daemon stderr"))?;
-        let mut log = LineLog::new();
-        log.read(stderr, None);
+        let log = LineLog::of_child(proc.child(), None, None);
         Ok(Self { proc, log, spawned })
     }
 
