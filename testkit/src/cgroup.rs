@@ -121,25 +121,28 @@ impl Drop for Cgroup {
                 );
             }
         }
-        // A killed task leaves the cgroup a moment after it vanishes from
-        // cgroup.procs; rmdir says EBUSY until then.
-        let mut last = None;
-        let removed = wait_until(Duration::from_secs(5), || {
-            match fs::remove_dir(&self.path) {
-                Ok(()) => true,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => true,
-                Err(e) => {
-                    last = Some(e);
-                    false
-                }
-            }
-        });
-        if !removed {
-            eprintln!(
-                "{p} LEFTOVER cgroup {}: rmdir failed: {last:?}",
-                self.path.display()
-            );
+        if let Err(e) = rmdir(&self.path) {
+            eprintln!("{p} LEFTOVER cgroup {}: {e}", self.path.display());
         }
+    }
+}
+
+/// Removes the (empty) cgroup directory `path`, trying for 5 s: a killed
+/// task leaves the cgroup a moment after it vanishes from cgroup.procs,
+/// and rmdir says EBUSY until then. A cgroup already gone is no error.
+pub fn rmdir(path: &Path) -> io::Result<()> {
+    let mut last = None;
+    let removed = wait_until(Duration::from_secs(5), || match fs::remove_dir(path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+        Err(e) => {
+            last = Some(e);
+            false
+        }
+    });
+    match last {
+        Some(e) if !removed => Err(context(format!("rmdir {}", path.display()), e)),
+        _ => Ok(()),
     }
 }
 

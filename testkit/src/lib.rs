@@ -2,6 +2,7 @@
 //! helper binaries (sg-probe, sg-bypass, sg-flood) and the benchmark
 //! (`cargo xtask bench`, sg-bench) all need, once.
 //!
+//! - [`flags`]: the helpers' command lines;
 //! - [`privilege`]: joining a cgroup and dropping to a uid/gid, in the
 //!   order the kernel needs;
 //! - [`sockaddr`]: `sockaddr_in`/`sockaddr_in6` from and to `SocketAddr`,
@@ -25,6 +26,7 @@
 //! does not use this crate.
 
 pub mod cgroup;
+pub mod flags;
 pub mod pins;
 pub mod privilege;
 pub mod proc;

@@ -49,6 +49,7 @@
 //! or setup failure (no `result` line).
 
 use spicegate_testkit::{
+    flags::{self, Flags},
     privilege,
     sockaddr::{SockAddr, errno, errno_name},
 };
@@ -116,19 +117,8 @@ fn context(what: &str, err: std::io::Error) -> std::io::Error {
     std::io::Error::new(err.kind(), format!("{what}: {err}"))
 }
 
-fn parse_addr(s: &str) -> SocketAddr {
-    s.parse().unwrap_or_else(|_| {
-        usage(&format!(
-            "bad address {s:?} (a.b.c.d:port or [v6%scope]:port)"
-        ))
-    })
-}
-
-fn number(flag: &str, value: &str) -> u32 {
-    value
-        .parse()
-        .unwrap_or_else(|_| usage(&format!("bad {flag}")))
-}
+/// What an address flag takes, for the usage message.
+const ADDR: &str = "ADDR:PORT (a.b.c.d:port or [v6%scope]:port)";
 
 fn parse_args() -> Args {
     let mut a = Args {
@@ -149,25 +139,21 @@ fn parse_args() -> Args {
         bind: None,
         first: Vec::new(),
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .unwrap_or_else(|| usage(&format!("{name} needs a value")))
-        };
+    let mut f = Flags::new(std::env::args().skip(1), usage);
+    while let Some(flag) = f.next_flag() {
         match flag.as_str() {
-            "--netns" => a.netns = Some(value("--netns")),
-            "--cgroup" => a.cgroup = Some(value("--cgroup")),
-            "--uid" => a.uid = Some(number("--uid", &value("--uid"))),
-            "--gid" => a.gid = Some(number("--gid", &value("--gid"))),
-            "--move-to-cgroup" => a.move_to.push(value("--move-to-cgroup")),
+            "--netns" => a.netns = Some(f.value(&flag)),
+            "--cgroup" => a.cgroup = Some(f.value(&flag)),
+            "--uid" => a.uid = Some(f.parsed(&flag)),
+            "--gid" => a.gid = Some(f.parsed(&flag)),
+            "--move-to-cgroup" => a.move_to.push(f.value(&flag)),
             "--lo-up" => a.lo_up = true,
             "--ids" => a.ids = true,
-            "--connect" => a.connect = Some(parse_addr(&value("--connect"))),
-            "--via" => a.via = value("--via"),
+            "--connect" => a.connect = Some(f.parsed(&format!("--connect {ADDR}"))),
+            "--via" => a.via = f.value(&flag),
             "--v6-socket" => a.v6_socket = true,
             "--proto" => {
-                a.proto = match value("--proto").as_str() {
+                a.proto = match f.value(&flag).as_str() {
                     "tcp" => libc::IPPROTO_TCP,
                     "mptcp" => IPPROTO_MPTCP,
                     "sctp" => libc::IPPROTO_SCTP,
@@ -176,24 +162,24 @@ fn parse_args() -> Args {
                 }
             }
             "--type" => {
-                a.seqpacket = match value("--type").as_str() {
+                a.seqpacket = match f.value(&flag).as_str() {
                     "stream" => false,
                     "seqpacket" => true,
                     _ => usage("--type is stream or seqpacket"),
                 }
             }
             "--af-smc" => a.smc_family = true,
-            "--bind" => a.bind = Some(parse_addr(&value("--bind"))),
+            "--bind" => a.bind = Some(f.parsed(&format!("--bind {ADDR}"))),
             "--first" => {
-                let v = value("--first");
+                let v = f.value(&flag);
                 a.first.push(if v == "unspec" {
                     Target::Unspec
                 } else {
-                    Target::Addr(parse_addr(&v))
+                    Target::Addr(flags::parse(&v, &format!("--first {ADDR}"), usage))
                 });
             }
             "--exec" => {
-                a.exec = it.by_ref().collect();
+                a.exec = f.rest();
                 if a.exec.is_empty() {
                     usage("--exec needs a program");
                 }

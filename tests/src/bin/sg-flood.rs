@@ -18,6 +18,7 @@
 //! error.
 
 use spicegate_testkit::{
+    flags::Flags,
     privilege,
     sockaddr::{SockAddr, errno},
 };
@@ -56,19 +57,15 @@ fn parse() -> Args {
         secs: 30,
         procs: 2,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = || {
-            it.next()
-                .unwrap_or_else(|| usage(&format!("{flag} needs a value")))
-        };
+    let mut f = Flags::new(std::env::args().skip(1), usage);
+    while let Some(flag) = f.next_flag() {
         match flag.as_str() {
-            "--cgroup" => a.cgroup = Some(val()),
-            "--connect" => a.connect = val().parse().unwrap_or_else(|_| usage("bad --connect")),
-            "--uid-base" => a.uid_base = val().parse().unwrap_or_else(|_| usage("bad --uid-base")),
-            "--uids" => a.uids = val().parse().unwrap_or_else(|_| usage("bad --uids")),
-            "--secs" => a.secs = val().parse().unwrap_or_else(|_| usage("bad --secs")),
-            "--procs" => a.procs = val().parse().unwrap_or_else(|_| usage("bad --procs")),
+            "--cgroup" => a.cgroup = Some(f.value(&flag)),
+            "--connect" => a.connect = f.parsed(&flag),
+            "--uid-base" => a.uid_base = f.parsed(&flag),
+            "--uids" => a.uids = f.parsed(&flag),
+            "--secs" => a.secs = f.parsed(&flag),
+            "--procs" => a.procs = f.parsed(&flag),
             _ => usage(&format!("unknown flag {flag}")),
         }
     }

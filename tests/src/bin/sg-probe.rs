@@ -37,6 +37,7 @@
 //!   no attempt was made.
 
 use spicegate_testkit::{
+    flags::Flags,
     privilege,
     sockaddr::{SockAddr, errno, errno_name},
 };
@@ -78,13 +79,6 @@ fn setup_failed(err: std::io::Error) -> ! {
     exit(EXIT_SETUP)
 }
 
-/// `value` as the number or address `flag` takes.
-fn parsed<T: std::str::FromStr>(flag: &str, value: &str) -> T {
-    value
-        .parse()
-        .unwrap_or_else(|_| usage(&format!("bad {flag}")))
-}
-
 fn parse_args() -> Args {
     let mut cgroup = None;
     let mut uid = None;
@@ -95,20 +89,16 @@ fn parse_args() -> Args {
     let mut count = 1;
     let mut interval = Duration::ZERO;
     let mut hold = None;
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .unwrap_or_else(|| usage(&format!("{flag} needs a value")))
-        };
+    let mut f = Flags::new(std::env::args().skip(1), usage);
+    while let Some(flag) = f.next_flag() {
         match flag.as_str() {
-            "--cgroup" => cgroup = Some(value()),
-            "--uid" => uid = Some(parsed(&flag, &value())),
-            "--gid" => gid = Some(parsed(&flag, &value())),
-            "--connect" => connect = Some(parsed("--connect ADDR:PORT", &value())),
-            "--count" => count = parsed(&flag, &value()),
-            "--interval-ms" => interval = Duration::from_millis(parsed(&flag, &value())),
-            "--hold" => hold = Some(Duration::from_secs(parsed(&flag, &value()))),
+            "--cgroup" => cgroup = Some(f.value(&flag)),
+            "--uid" => uid = Some(f.parsed(&flag)),
+            "--gid" => gid = Some(f.parsed(&flag)),
+            "--connect" => connect = Some(f.parsed("--connect ADDR:PORT")),
+            "--count" => count = f.parsed(&flag),
+            "--interval-ms" => interval = Duration::from_millis(f.parsed(&flag)),
+            "--hold" => hold = Some(Duration::from_secs(f.parsed(&flag))),
             "--v6-socket" => v6_socket = true,
             "--fastopen" => fastopen = true,
             other => usage(&format!("unknown argument {other}")),

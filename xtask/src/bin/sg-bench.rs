@@ -37,6 +37,7 @@
 //! EOF or error. It runs until killed.
 
 use spicegate_testkit::{
+    flags::{self, Flags},
     privilege,
     sockaddr::{SockAddr, errno},
 };
@@ -65,17 +66,13 @@ fn main() {
     let mut gid = None;
     let mut cpu = None;
     let mut addrs = Vec::new();
-    let mut it = rest.iter();
-    while let Some(a) = it.next() {
-        let mut value = || {
-            it.next()
-                .unwrap_or_else(|| fail(&format!("{a} needs a value")))
-        };
+    let mut f = Flags::new(rest.iter().cloned(), fail);
+    while let Some(a) = f.next_flag() {
         match a.as_str() {
-            "--cgroup" => cgroup = Some(value().clone()),
-            "--uid" => uid = Some(number(value())),
-            "--gid" => gid = Some(number(value())),
-            "--cpu" => cpu = Some(number(value())),
+            "--cgroup" => cgroup = Some(f.value(&a)),
+            "--uid" => uid = Some(f.parsed::<u32>(&a)),
+            "--gid" => gid = Some(f.parsed::<u32>(&a)),
+            "--cpu" => cpu = Some(f.parsed::<u32>(&a)),
             other => addrs.push(v4(other)),
         }
     }
@@ -100,11 +97,6 @@ fn main() {
         "listen" => listen(&addrs),
         other => fail(&format!("unknown mode {other}")),
     }
-}
-
-fn number(s: &str) -> u32 {
-    s.parse()
-        .unwrap_or_else(|_| fail(&format!("not a number: {s}")))
 }
 
 fn v4(s: &str) -> SocketAddrV4 {
@@ -201,7 +193,7 @@ fn serve() {
 }
 
 fn millis(s: &str) -> Duration {
-    Duration::from_millis(u64::from(number(s)))
+    Duration::from_millis(flags::parse(s, "MS", fail))
 }
 
 fn connect_loop(addr: SocketAddrV4, length: Duration) -> String {
