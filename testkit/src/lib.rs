@@ -85,9 +85,47 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// An `io::Error` of the same kind with `what` in front of its message.
+/// An `io::Error` of the same kind with `what` in front of its message;
+/// [`os_errno`] still finds the errno.
 pub(crate) fn context(what: impl std::fmt::Display, e: io::Error) -> io::Error {
-    io::Error::new(e.kind(), format!("{what}: {e}"))
+    io::Error::new(
+        e.kind(),
+        Context {
+            what: what.to_string(),
+            source: e,
+        },
+    )
+}
+
+/// What failed, and why.
+#[derive(Debug)]
+struct Context {
+    what: String,
+    source: io::Error,
+}
+
+impl std::fmt::Display for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.what, self.source)
+    }
+}
+
+impl std::error::Error for Context {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// The errno behind `e`, also when the kit put a step in front of it
+/// (0 when there is none).
+pub fn os_errno(e: &io::Error) -> i32 {
+    e.raw_os_error()
+        .or_else(|| {
+            e.get_ref()?
+                .downcast_ref::<Context>()
+                .map(|c| os_errno(&c.source))
+        })
+        .unwrap_or(0)
 }
 
 /// A directory under the temp dir, removed with its contents on drop.
@@ -126,5 +164,15 @@ impl Drop for TempDir {
                 self.path.display()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn context_keeps_the_errno() {
+        let e = super::context("joining x", std::io::Error::from_raw_os_error(libc::EACCES));
+        assert_eq!(super::os_errno(&e), libc::EACCES);
+        assert!(e.to_string().starts_with("joining x: "), "{e}");
     }
 }

@@ -50,7 +50,7 @@
 
 use spicegate_testkit::{
     flags::{self, Flags},
-    privilege,
+    os_errno, privilege,
     sockaddr::{SockAddr, errno, errno_name},
 };
 use std::{
@@ -643,7 +643,7 @@ fn main() {
         setup_failed(e);
     }
     for dir in &a.move_to {
-        let r = privilege::join_cgroup(dir).map_err(|e| e.raw_os_error().unwrap_or(0));
+        let r = privilege::join_cgroup(dir).map_err(|e| os_errno(&e));
         step(&format!("move-to {dir}"), r);
     }
     if let Ok(cg) = fs::read_to_string("/proc/self/cgroup") {
