@@ -14,11 +14,14 @@ use std::{
         unix::{ffi::OsStrExt as _, fs::PermissionsExt as _},
     },
     path::{Path, PathBuf},
-    process::{Command, ExitStatus, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
-use crate::{Listener, Outcome, PinDir, TestCgroup, TestUser};
+use spicegate_testkit::{TempDir, cgroup::Cgroup};
+
+pub use crate::netif::link_local_addrs;
+use crate::{Listener, Outcome, PinDir, TestCgroup, TestUser, probe::Failures};
 
 // ---------------------------------------------------------------- sg-bypass
 
@@ -215,20 +218,7 @@ impl BypassRun {
 
     /// `ok` / `err N NAME` as an [`Outcome`].
     pub fn parse_outcome(text: &str) -> Option<Outcome> {
-        if text == "ok" {
-            return Some(Outcome::Allowed);
-        }
-        let errno: i32 = text
-            .strip_prefix("err ")?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()?;
-        Some(if errno == libc::EPERM {
-            Outcome::Denied
-        } else {
-            Outcome::OtherErr(errno)
-        })
+        Outcome::parse(text)
     }
 
     /// The final connect's outcome; panics when the helper made none.
@@ -298,19 +288,7 @@ impl fmt::Display for Expect {
 #[must_use = "call finish() to report the failures"]
 pub struct Matrix {
     rows: Vec<String>,
-    failures: Vec<String>,
-}
-
-impl Drop for Matrix {
-    fn drop(&mut self) {
-        if !self.failures.is_empty() && !std::thread::panicking() {
-            panic!(
-                "Matrix dropped without finish(), with {} failure(s):\n  {}",
-                self.failures.len(),
-                self.failures.join("\n  ")
-            );
-        }
-    }
+    failures: Failures,
 }
 
 impl Matrix {
@@ -362,7 +340,7 @@ impl Matrix {
         for r in &self.rows {
             eprintln!("[matrix] {r}");
         }
-        let failures = std::mem::take(&mut self.failures);
+        let failures = self.failures.take();
         if !failures.is_empty() {
             panic!(
                 "{} case(s) got the wrong answer:\n  {}",
@@ -419,9 +397,16 @@ pub fn run_to_exit(mut cmd: Command, timeout: Duration) -> Exited {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd
+    let child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+    wait_collecting(child, timeout, what)
+}
+
+/// Reads the piped stdout and stderr of `child` to their ends on threads
+/// (a long run could fill a pipe buffer) and waits for it; kills it after
+/// `timeout`.
+pub(crate) fn wait_collecting(mut child: Child, timeout: Duration, what: String) -> Exited {
     let mut out = child.stdout.take().expect("stdout is piped");
     let mut err = child.stderr.take().expect("stderr is piped");
     let out_t = std::thread::spawn(move || {
@@ -1327,24 +1312,19 @@ impl Drop for TmpfsMount {
 /// owned by `uid:gid`, optionally setuid. Drop removes the directory.
 #[derive(Debug)]
 pub struct BinCopy {
-    dir: PathBuf,
     path: PathBuf,
+    dir: TempDir,
 }
 
 impl BinCopy {
     pub fn new(src: &Path, uid: u32, gid: u32, setuid: bool) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "spicegate-test-{}-{}-bin",
-            std::process::id(),
-            crate::next_id()
-        ));
-        fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let dir = TempDir::unique("spicegate-test-bin").unwrap_or_else(|e| panic!("{e}"));
         let guard = Self {
-            path: dir.join(src.file_name().unwrap_or_default()),
+            path: dir.path().join(src.file_name().unwrap_or_default()),
             dir,
         };
-        fs::set_permissions(&guard.dir, fs::Permissions::from_mode(0o755))
-            .unwrap_or_else(|e| panic!("chmod {}: {e}", guard.dir.display()));
+        fs::set_permissions(guard.dir.path(), fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", guard.dir.path().display()));
         fs::copy(src, &guard.path).unwrap_or_else(|e| {
             panic!("copying {} to {}: {e}", src.display(), guard.path.display())
         });
@@ -1366,14 +1346,6 @@ impl BinCopy {
     }
 }
 
-impl Drop for BinCopy {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
-            eprintln!("[harness] LEFTOVER {}: {e}", self.dir.display());
-        }
-    }
-}
-
 /// Whether the filesystem holding `path` honours setuid bits.
 pub fn allows_setuid(path: &Path) -> bool {
     nix::sys::statvfs::statvfs(path)
@@ -1384,74 +1356,14 @@ pub fn allows_setuid(path: &Path) -> bool {
 /// A cgroup below another one (a test cgroup). Drop kills what is left in
 /// it and removes it; drop it before its parent.
 #[derive(Debug)]
-pub struct ChildCgroup {
-    path: PathBuf,
-}
+pub struct ChildCgroup(Cgroup);
 
 impl ChildCgroup {
     pub fn new(parent: &Path, name: &str) -> Self {
-        let path = parent.join(name);
-        fs::create_dir(&path).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
-        Self { path }
+        Self(Cgroup::create(parent.join(name)).unwrap_or_else(|e| panic!("{e}")))
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.0.path()
     }
-}
-
-impl Drop for ChildCgroup {
-    fn drop(&mut self) {
-        let procs = |p: &Path| fs::read_to_string(p.join("cgroup.procs")).unwrap_or_default();
-        if !procs(&self.path).trim().is_empty() {
-            let _ = fs::write(self.path.join("cgroup.kill"), "1");
-        }
-        let removed = crate::wait_until(Duration::from_secs(5), || {
-            match fs::remove_dir(&self.path) {
-                Ok(()) => true,
-                Err(e) => e.kind() == io::ErrorKind::NotFound,
-            }
-        });
-        if !removed {
-            eprintln!("[harness] LEFTOVER cgroup {}", self.path.display());
-        }
-    }
-}
-
-/// This machine's IPv6 link-local addresses with their interface index
-/// (`fe80::...%IFINDEX`), which `interface_addrs` leaves out.
-pub fn link_local_addrs() -> Vec<(std::net::Ipv6Addr, u32)> {
-    let mut out = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
-        return out;
-    }
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: cur is a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_addr is non-null and its family says which struct it is.
-        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET6 {
-            continue;
-        }
-        // SAFETY: the family is AF_INET6.
-        let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
-        let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-        if (ip.segments()[0] & 0xffc0) != 0xfe80 {
-            continue;
-        }
-        // SAFETY: ifa_name is the interface's NUL-terminated name.
-        let index = unsafe { libc::if_nametoindex(ifa.ifa_name) };
-        if index != 0 && !out.contains(&(ip, index)) {
-            out.push((ip, index));
-        }
-    }
-    // SAFETY: head came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
-    out
 }

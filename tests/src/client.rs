@@ -4,14 +4,14 @@
 
 use std::{
     fmt,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     os::unix::net::UnixStream,
     path::Path,
-    process::{Child, Command, Output, Stdio},
-    sync::{Arc, Mutex},
-    thread::JoinHandle,
+    process::{Command, Output, Stdio},
     time::Duration,
 };
+
+use spicegate_testkit::proc::{LineLog, Proc};
 
 use crate::{PinDir, TestUser, spicegate_bin};
 
@@ -91,45 +91,29 @@ pub fn ctl_as(pin: &PinDir, user: &TestUser, args: &[&str]) -> CliOutput {
 /// (and echoed to the test's stderr). Drop kills and reaps it.
 #[derive(Debug)]
 pub struct CliStream {
-    child: Option<Child>,
-    lines: Arc<Mutex<Vec<String>>>,
-    reader: Option<JoinHandle<()>>,
+    _proc: Proc,
+    log: LineLog,
     what: String,
 }
 
 impl CliStream {
     pub fn spawn(mut cmd: Command, what: &str) -> Self {
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {what} ({cmd:?}): {e}"));
-        let out = child.stdout.take().expect("piped stdout");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let lines2 = Arc::clone(&lines);
-        let prefix = what.to_owned();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[{prefix}] {line}");
-                lines2
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(line);
-            }
-        });
+        let mut proc = Proc::spawn(&mut cmd, what)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_grace(Duration::ZERO);
+        let log = LineLog::of_child(proc.child(), Some(format!("[{what}]")), None);
         Self {
-            child: Some(child),
-            lines,
-            reader: Some(reader),
+            _proc: proc,
+            log,
             what: what.to_owned(),
         }
     }
 
     /// Every line so far, parsed as JSON (a line that is not fails the test).
     pub fn json_lines(&self) -> Vec<serde_json::Value> {
-        self.lines
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.log
+            .lines()
             .iter()
             .map(|l| {
                 serde_json::from_str(l)
@@ -157,20 +141,6 @@ impl CliStream {
                 self.json_lines()
             )
         })
-    }
-}
-
-impl Drop for CliStream {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if let Some(r) = self.reader.take()
-            && r.join().is_err()
-        {
-            eprintln!("[harness] the output reader of {} panicked", self.what);
-        }
     }
 }
 

@@ -3,18 +3,16 @@
 
 use std::{
     ffi::OsStr,
-    fs,
-    io::{BufRead as _, BufReader, Read},
+    ops::Deref,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Output, Stdio},
-    sync::{Arc, Mutex},
-    thread::JoinHandle,
+    process::{Command, ExitStatus, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
+use nix::sys::signal::Signal;
+use spicegate_testkit::{
+    pins,
+    proc::{LineLog, Proc},
 };
 
 /// How long the daemon may take to load, attach and say so.
@@ -65,13 +63,7 @@ where
         .env_remove("JOURNAL_STREAM")
         .stdin(Stdio::null());
     let out = cmd.output().map_err(|e| format!("running {cmd:?}: {e}"))?;
-    eprintln!("[harness] {cmd:?} -> {}", out.status);
-    for l in String::from_utf8_lossy(&out.stdout).lines() {
-        eprintln!("[spicegate stdout] {l}");
-    }
-    for l in String::from_utf8_lossy(&out.stderr).lines() {
-        eprintln!("[spicegate stderr] {l}");
-    }
+    spicegate_testkit::pins::echo_output(&cmd, &out);
     Ok(out)
 }
 
@@ -79,33 +71,17 @@ where
 /// created: the daemon makes it), with its own control socket and state
 /// directory under `/tmp/spicegate-test-<pid>-<n>/`, so no test touches
 /// `/run/spicegate` or `/var/lib/spicegate`. Drop runs `spicegate unload`
-/// on it and removes whatever is still there.
+/// on it and removes whatever is still there (the test kit's
+/// [`pins::PinDir`], which it dereferences to for `path()`, `socket()`,
+/// `state_dir()` and `exists()`).
 #[derive(Debug)]
-pub struct PinDir {
-    path: PathBuf,
-    run_dir: PathBuf,
-}
+pub struct PinDir(pins::PinDir);
 
 impl PinDir {
     pub fn new() -> Self {
-        let name = format!("spicegate-test-{}-{}", std::process::id(), crate::next_id());
-        let path = PathBuf::from("/sys/fs/bpf").join(&name);
+        let name = spicegate_testkit::unique_name("spicegate-test");
         let run_dir = std::env::temp_dir().join(&name);
-        Self { path, run_dir }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The daemon's control socket for this test.
-    pub fn socket(&self) -> PathBuf {
-        self.run_dir.join("control.sock")
-    }
-
-    /// The daemon's state directory for this test.
-    pub fn state_dir(&self) -> PathBuf {
-        self.run_dir.join("state")
+        Self(pins::PinDir::new(&name, run_dir, &spicegate_bin()))
     }
 
     /// `spicegate --socket <this test's socket> <args>`.
@@ -120,17 +96,9 @@ impl PinDir {
         spicegate(all)
     }
 
-    pub fn exists(&self) -> bool {
-        self.path.exists()
-    }
-
     /// `spicegate unload --pin-dir <this>`.
     pub fn unload(&self) -> Output {
-        spicegate([
-            OsStr::new("unload"),
-            OsStr::new("--pin-dir"),
-            self.path.as_os_str(),
-        ])
+        self.0.unload().unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
@@ -140,40 +108,11 @@ impl Default for PinDir {
     }
 }
 
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if self.run_dir.exists()
-            && let Err(e) = fs::remove_dir_all(&self.run_dir)
-        {
-            eprintln!("[harness] LEFTOVER run dir {}: {e}", self.run_dir.display());
-        }
-        if !self.path.exists() {
-            return;
-        }
-        // Never panic here: this often runs while a failed test unwinds.
-        match try_spicegate([
-            OsStr::new("unload"),
-            OsStr::new("--pin-dir"),
-            self.path.as_os_str(),
-        ]) {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "[harness] `spicegate unload --pin-dir {}` failed: {}",
-                self.path.display(),
-                out.status
-            ),
-            Err(e) => eprintln!("[harness] could not unload {}: {e}", self.path.display()),
-        }
-        if self.path.exists() {
-            // Unpinning a link with no other holder detaches it.
-            match fs::remove_dir_all(&self.path) {
-                Ok(()) => eprintln!(
-                    "[harness] removed {} by hand after unload left it",
-                    self.path.display()
-                ),
-                Err(e) => eprintln!("[harness] LEFTOVER pin dir {}: {e}", self.path.display()),
-            }
-        }
+impl Deref for PinDir {
+    type Target = pins::PinDir;
+
+    fn deref(&self) -> &pins::PinDir {
+        &self.0
     }
 }
 
@@ -228,10 +167,8 @@ impl DenyLine {
 /// SIGTERM (SIGKILL after 10 s) and reaps it; enforcement stays pinned, so
 /// a [`PinDir`] must outlive it to remove that.
 pub struct Daemon {
-    child: Option<Child>,
-    pid: u32,
-    lines: Arc<Mutex<Vec<String>>>,
-    readers: Vec<JoinHandle<()>>,
+    proc: Proc,
+    log: LineLog,
 }
 
 impl Daemon {
@@ -311,45 +248,26 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-        let pid = child.id();
+        let mut proc = Proc::spawn(&mut cmd, "spicegate")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_grace(Duration::from_secs(10));
+        let pid = proc.pid();
         eprintln!("[harness] started {cmd:?} as pid {pid}");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let mut readers = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            readers.push(collect(
-                out,
-                format!("[spicegate {pid} stdout]"),
-                Arc::clone(&lines),
-            ));
-        }
-        if let Some(err) = child.stderr.take() {
-            readers.push(collect(
-                err,
-                format!("[spicegate {pid}]"),
-                Arc::clone(&lines),
-            ));
-        }
-        Self {
-            child: Some(child),
-            pid,
-            lines,
-            readers,
-        }
+        let log = LineLog::of_child(
+            proc.child(),
+            Some(format!("[spicegate {pid} stdout]")),
+            Some(format!("[spicegate {pid}]")),
+        );
+        Self { proc, log }
     }
 
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.proc.pid()
     }
 
     /// Every line so far.
     pub fn lines(&self) -> Vec<String> {
-        self.lines
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.log.lines()
     }
 
     /// Every DENY line so far.
@@ -362,9 +280,7 @@ impl Daemon {
 
     /// Whether the process has exited (reaping it if so).
     pub fn has_exited(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+        self.proc.exited()
     }
 
     /// Waits for a line containing `pattern`; panics with the log so far on
@@ -399,7 +315,7 @@ impl Daemon {
             if let Some(found) = lines.iter().find_map(|l| find(l)) {
                 return found;
             }
-            let exited = self.readers.iter().all(JoinHandle::is_finished);
+            let exited = self.log.closed();
             if exited || Instant::now() >= deadline {
                 // Let the readers catch the last lines before giving up.
                 if exited && let Some(found) = self.lines().iter().find_map(|l| find(l)) {
@@ -407,7 +323,7 @@ impl Daemon {
                 }
                 panic!(
                     "spicegate pid {} {} before printing a line with {what:?}; its output:\n{}",
-                    self.pid,
+                    self.pid(),
                     if exited {
                         "closed its output (exited?)"
                     } else {
@@ -430,7 +346,7 @@ impl Daemon {
                 let _ = self.reap(Duration::from_secs(5));
                 panic!(
                     "spicegate pid {} ignored SIGTERM for 10 s; log:\n{}",
-                    self.pid,
+                    self.pid(),
                     self.lines().join("\n")
                 );
             }
@@ -441,86 +357,20 @@ impl Daemon {
     pub fn kill9(&mut self) {
         self.signal(Signal::SIGKILL);
         if self.reap(Duration::from_secs(5)).is_none() {
-            panic!("spicegate pid {} survived SIGKILL for 5 s", self.pid);
+            panic!("spicegate pid {} survived SIGKILL for 5 s", self.pid());
         }
     }
 
     pub fn signal(&self, sig: Signal) {
-        if self.child.is_some() {
-            let _ = kill(Pid::from_raw(self.pid as i32), sig);
-        }
+        self.proc.signal(sig as libc::c_int);
     }
 
     fn reap(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let child = self.child.as_mut()?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            match child.try_wait() {
-                Ok(Some(st)) => {
-                    self.child = None;
-                    self.join_readers();
-                    eprintln!("[harness] spicegate pid {} exited: {st}", self.pid);
-                    return Some(st);
-                }
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                Ok(None) => return None,
-                Err(e) => {
-                    eprintln!("[harness] waiting for spicegate pid {}: {e}", self.pid);
-                    return None;
-                }
-            }
-        }
+        let st = self.proc.wait_exit(timeout)?;
+        self.log.join(Duration::from_secs(2));
+        eprintln!("[harness] spicegate pid {} exited: {st}", self.pid());
+        Some(st)
     }
-
-    fn join_readers(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !self.readers.iter().all(JoinHandle::is_finished) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        for r in self.readers.drain(..) {
-            if r.is_finished() {
-                let _ = r.join();
-            }
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.is_none() {
-            return;
-        }
-        self.signal(Signal::SIGTERM);
-        if self.reap(Duration::from_secs(10)).is_none() {
-            eprintln!(
-                "[harness] spicegate pid {} ignored SIGTERM; killing it",
-                self.pid
-            );
-            self.signal(Signal::SIGKILL);
-            if self.reap(Duration::from_secs(5)).is_none() {
-                eprintln!("[harness] LEFTOVER process: spicegate pid {}", self.pid);
-            }
-        }
-    }
-}
-
-fn collect(
-    stream: impl Read + Send + 'static,
-    prefix: String,
-    lines: Arc<Mutex<Vec<String>>>,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            eprintln!("{prefix} {line}");
-            lines
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(line);
-        }
-    })
 }
 
 #[cfg(test)]

@@ -13,110 +13,53 @@ use std::{
     fs,
     io::{BufRead as _, BufReader},
     os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    path::Path,
+    process::{Command, ExitStatus, Stdio},
     sync::mpsc,
     time::Duration,
 };
 
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::{Gid, Pid, Uid, chown},
-};
+use nix::unistd::{Gid, Uid, chown};
+use spicegate_testkit::{TempDir, proc::Proc};
 
 use crate::TestUser;
 
 /// How long each piece may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A background process started by a test. Drop sends SIGTERM (SIGKILL
-/// after 5 s) and reaps it; it never panics.
+/// A background process started by a test. Drop (the kit's [`Proc`])
+/// sends SIGTERM (SIGKILL after 5 s) and reaps it; it never panics.
 #[derive(Debug)]
-pub struct Background {
-    child: Option<Child>,
-    pid: u32,
-    what: String,
-}
+pub struct Background(Proc);
 
 impl Background {
     pub fn spawn(mut cmd: Command, what: &str) -> Self {
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {what} ({cmd:?}): {e}"));
-        let pid = child.id();
-        eprintln!("[harness] started {what} as pid {pid}: {cmd:?}");
-        Self {
-            child: Some(child),
-            pid,
-            what: what.to_owned(),
-        }
+        let proc = Proc::spawn(&mut cmd, what).unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("[harness] started {what} as pid {}: {cmd:?}", proc.pid());
+        Self(proc)
     }
 
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.0.pid()
     }
 
     /// Its exit status, if it has exited (reaping it).
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+        self.0.exited()
     }
 
     /// Panics unless it still runs.
     pub fn expect_running(&mut self) {
         if let Some(st) = self.exited() {
-            panic!("{} (pid {}) exited with {st}", self.what, self.pid);
+            panic!("{} (pid {}) exited with {st}", self.0.what(), self.pid());
         }
     }
 
     fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
-        self.child.as_mut().and_then(|c| c.stdout.take())
+        self.0.child().stdout.take()
     }
 }
 
-impl Drop for Background {
-    fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        if let Ok(pid) = i32::try_from(self.pid) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        }
-        let gone = crate::wait_until(Duration::from_secs(5), || {
-            matches!(child.try_wait(), Ok(Some(_)))
-        });
-        if !gone {
-            eprintln!(
-                "[harness] {} (pid {}) ignored SIGTERM; killing it",
-                self.what, self.pid
-            );
-            let _ = child.kill();
-            if child.wait().is_err() {
-                eprintln!("[harness] LEFTOVER process: {} pid {}", self.what, self.pid);
-            }
-        }
-    }
-}
-
-/// A directory removed (with its contents) on Drop.
-#[derive(Debug)]
-struct OwnedDir(PathBuf);
-
-impl Drop for OwnedDir {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.0)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            eprintln!("[harness] LEFTOVER directory {}: {e}", self.0.display());
-        }
-    }
-}
-
-/// One notification as dunst keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notification {
     pub id: i64,
@@ -136,7 +79,7 @@ pub struct DesktopSession {
     display: String,
     uid: u32,
     gid: u32,
-    dir: OwnedDir,
+    dir: TempDir,
 }
 
 const BUS_CONFIG: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
@@ -173,14 +116,9 @@ impl DesktopSession {
     /// Starts Xvfb, the session bus and dunst as `user`, and waits until
     /// dunst owns org.freedesktop.Notifications.
     pub fn start(user: &TestUser) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "spicegate-desktop-{}-{}",
-            std::process::id(),
-            crate::next_id()
-        ));
-        fs::create_dir(&path)
-            .unwrap_or_else(|e| panic!("creating session dir {}: {e}", path.display()));
-        let dir = OwnedDir(path.clone());
+        let dir =
+            TempDir::unique("spicegate-desktop").unwrap_or_else(|e| panic!("the session dir: {e}"));
+        let path = dir.path().to_owned();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o700))
             .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
         chown(
@@ -303,7 +241,7 @@ impl DesktopSession {
     /// `program` as this session's user, with the session's environment.
     pub fn command(&self, program: impl AsRef<Path>) -> Command {
         let mut c = as_user(self.uid, self.gid, program);
-        c.env("HOME", &self.dir.0)
+        c.env("HOME", self.dir.path())
             .env("DISPLAY", &self.display)
             .env("DBUS_SESSION_BUS_ADDRESS", &self.address)
             .env_remove("XDG_RUNTIME_DIR")
@@ -314,7 +252,7 @@ impl DesktopSession {
     /// Adds this session's environment to a command that already runs as
     /// the user (such as one from [`crate::spicegate_cmd`]).
     pub fn enter(&self, cmd: &mut Command) {
-        cmd.env("HOME", &self.dir.0)
+        cmd.env("HOME", self.dir.path())
             .env("DISPLAY", &self.display)
             .env("DBUS_SESSION_BUS_ADDRESS", &self.address)
             .env_remove("XDG_RUNTIME_DIR");
@@ -361,7 +299,7 @@ impl DesktopSession {
 
     /// One of the session's log files (for failure messages).
     pub fn log(&self, name: &str) -> String {
-        fs::read_to_string(self.dir.0.join(name)).unwrap_or_default()
+        fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }
 
     /// The pids of the session's processes.

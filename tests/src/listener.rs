@@ -1,6 +1,7 @@
 //! Listening sockets the probes connect to. Each accepts and drops
 //! connections on its own thread until it is dropped.
 
+use spicegate_testkit::sockaddr::SockAddr;
 use std::{
     net::{SocketAddr, TcpListener},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -131,9 +132,9 @@ fn make_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     if addr.is_ipv6() {
         setopt(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
     }
-    let (ss, len) = sockaddr(addr);
-    // SAFETY: ss is valid for len bytes.
-    if unsafe { libc::bind(sock.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
+    let sa = SockAddr::new(addr);
+    // SAFETY: the address is valid for its length.
+    if unsafe { libc::bind(sock.as_raw_fd(), sa.as_ptr(), sa.len()) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: plain syscall.
@@ -141,41 +142,6 @@ fn make_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(TcpListener::from(sock))
-}
-
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in>(), sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in6>(), sin6) };
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (ss, len as libc::socklen_t)
 }
 
 impl Drop for Listener {

@@ -524,20 +524,7 @@ fn remove_cgroup_tree(path: &Path) -> Result<(), String> {
             }
         }
     }
-    let mut last = None;
-    let gone = crate::wait_until(Duration::from_secs(5), || match fs::remove_dir(path) {
-        Ok(()) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-        Err(e) => {
-            last = Some(e);
-            false
-        }
-    });
-    if gone {
-        Ok(())
-    } else {
-        Err(format!("rmdir {}: {last:?}", path.display()))
-    }
+    spicegate_testkit::cgroup::rmdir(path).map_err(|e| e.to_string())
 }
 
 impl Drop for Container {

@@ -5,6 +5,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use spicegate_testkit::{TempDir, unique_name};
+
 #[derive(Debug)]
 pub struct PolicyFile {
     path: PathBuf,
@@ -12,11 +14,7 @@ pub struct PolicyFile {
 
 impl PolicyFile {
     pub fn new(contents: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "spicegate-test-{}-{}.toml",
-            std::process::id(),
-            crate::next_id()
-        ));
+        let path = std::env::temp_dir().join(format!("{}.toml", unique_name("spicegate-test")));
         fs::write(&path, contents)
             .unwrap_or_else(|e| panic!("writing policy {}: {e}", path.display()));
         Self { path }
@@ -61,20 +59,17 @@ impl Drop for PolicyFile {
 /// `--clock-offset-file`); removed on drop.
 #[derive(Debug)]
 pub struct PolicyDir {
-    dir: PathBuf,
+    dir: TempDir,
 }
 
 impl PolicyDir {
     pub fn new(main: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "sg-policy-{}-{}",
-            std::process::id(),
-            crate::next_id()
-        ));
-        fs::create_dir_all(dir.join("policy.d"))
-            .unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-        let d = Self { dir };
-        for p in [d.dir.clone(), d.dropins()] {
+        let d = Self {
+            dir: TempDir::unique("sg-policy").unwrap_or_else(|e| panic!("{e}")),
+        };
+        fs::create_dir(d.dropins())
+            .unwrap_or_else(|e| panic!("creating {}: {e}", d.dropins().display()));
+        for p in [d.dir().to_owned(), d.dropins()] {
             d.chmod(&p, 0o755);
         }
         fs::write(d.main(), main).expect("writing the policy");
@@ -84,15 +79,15 @@ impl PolicyDir {
     }
 
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     pub fn main(&self) -> PathBuf {
-        self.dir.join("policy.toml")
+        self.dir().join("policy.toml")
     }
 
     pub fn dropins(&self) -> PathBuf {
-        self.dir.join("policy.d")
+        self.dir().join("policy.d")
     }
 
     pub fn chmod(&self, p: &Path, mode: u32) {
@@ -103,13 +98,13 @@ impl PolicyDir {
 
     /// The file `--clock-offset-file` points the daemon at.
     pub fn clock(&self) -> PathBuf {
-        self.dir.join("clock-offset")
+        self.dir().join("clock-offset")
     }
 
     /// Seconds the daemon adds to the clock, replaced atomically (it reads
     /// the file four times a second).
     pub fn set_offset(&self, secs: i64) {
-        let tmp = self.dir.join("clock-offset.tmp");
+        let tmp = self.dir().join("clock-offset.tmp");
         fs::write(&tmp, secs.to_string()).expect("writing the clock offset");
         fs::rename(&tmp, self.clock()).expect("placing the clock offset");
     }
@@ -127,13 +122,5 @@ impl PolicyDir {
             unix,
             now - std::time::Duration::from_nanos(u64::from(since.subsec_nanos())),
         )
-    }
-}
-
-impl Drop for PolicyDir {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
-            eprintln!("[harness] LEFTOVER {}: {e}", self.dir.display());
-        }
     }
 }

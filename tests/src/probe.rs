@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{TestCgroup, TestUser};
+use crate::{TestCgroup, TestUser, bypass::wait_collecting};
 
 /// What one connect attempt got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,7 +23,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn parse(line: &str) -> Option<Self> {
+    /// A helper's `ok` or `err <errno> [NAME]`.
+    pub(crate) fn parse(line: &str) -> Option<Self> {
         if line == "ok" {
             return Some(Self::Allowed);
         }
@@ -234,40 +235,16 @@ impl ProbeChild {
 
     /// Waits for it (at most 60 s) and collects what it printed.
     pub fn wait(mut self) -> ProbeResult {
-        let mut child = self.child.take().expect("probe already reaped");
-        // Read the pipes on threads: a long run could fill a pipe buffer.
-        let mut out = child.stdout.take().expect("probe stdout is piped");
-        let mut err = child.stderr.take().expect("probe stderr is piped");
-        let out_t = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = out.read_to_string(&mut s);
-            s
-        });
-        let err_t = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(st)) => break st,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "sg-probe {} (pid {}) still running after 60 s",
-                        self.what, self.pid
-                    );
-                }
-                Err(e) => panic!("waiting for sg-probe {}: {e}", self.what),
-            }
+        let child = self.child.take().expect("probe already reaped");
+        let exited = wait_collecting(child, Duration::from_secs(60), self.what.clone());
+        let (stdout, stderr) = (exited.stdout, exited.stderr);
+        let status = match exited.status {
+            Some(st) if !exited.timed_out => st,
+            _ => panic!(
+                "sg-probe {} (pid {}) still running after 60 s",
+                self.what, self.pid
+            ),
         };
-        let stdout = out_t.join().unwrap_or_default();
-        let stderr = err_t.join().unwrap_or_default();
         if status.code() == Some(3) || status.code().is_none() {
             panic!(
                 "sg-probe {} could not run: {status}; stderr: {stderr}",
@@ -292,10 +269,15 @@ impl ProbeChild {
 
 impl Drop for ProbeChild {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_and_reap(&mut self.child);
+    }
+}
+
+/// SIGKILL and wait, when there is still a child.
+fn kill_and_reap(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
 
@@ -329,10 +311,7 @@ impl HeldConnection {
 
     /// The probe's stderr after killing it (for failure messages).
     fn stderr(&mut self) -> String {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_and_reap(&mut self.child);
         let mut s = String::new();
         if let Some(mut e) = self.err.take() {
             let _ = e.read_to_string(&mut s);
@@ -347,10 +326,7 @@ impl HeldConnection {
 
 impl Drop for HeldConnection {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_and_reap(&mut self.child);
     }
 }
 
@@ -442,20 +418,8 @@ impl Drop for ProbeLoop {
 #[derive(Debug, Default)]
 #[must_use = "call finish() to report the failures"]
 pub struct Checks {
-    failures: Vec<String>,
+    failures: Failures,
     passed: usize,
-}
-
-impl Drop for Checks {
-    fn drop(&mut self) {
-        if !self.failures.is_empty() && !std::thread::panicking() {
-            panic!(
-                "Checks dropped without finish(), with {} failure(s):\n  {}",
-                self.failures.len(),
-                self.failures.join("\n  ")
-            );
-        }
-    }
 }
 
 impl Checks {
@@ -478,13 +442,42 @@ impl Checks {
 
     /// Panics listing every mismatch.
     pub fn finish(mut self) {
-        let failures = std::mem::take(&mut self.failures);
+        let failures = self.failures.take();
         if !failures.is_empty() {
             panic!(
                 "{} of {} checks failed:\n  {}",
                 failures.len(),
                 failures.len() + self.passed,
                 failures.join("\n  ")
+            );
+        }
+    }
+}
+
+/// The failures a [`Checks`] or a [`crate::bypass::Matrix`] collected.
+/// Dropped while it still holds some (its owner's `finish()` was never
+/// called), it panics: no failure goes unnoticed.
+#[derive(Debug, Default)]
+pub(crate) struct Failures(Vec<String>);
+
+impl Failures {
+    pub(crate) fn push(&mut self, failure: String) {
+        self.0.push(failure);
+    }
+
+    /// Every failure, which counts as reported from now on.
+    pub(crate) fn take(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Drop for Failures {
+    fn drop(&mut self) {
+        if !self.0.is_empty() && !std::thread::panicking() {
+            panic!(
+                "dropped without finish(), with {} failure(s):\n  {}",
+                self.0.len(),
+                self.0.join("\n  ")
             );
         }
     }

@@ -14,31 +14,24 @@ use std::{
     net::TcpListener,
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
-    thread::JoinHandle,
-    time::{Duration, Instant},
+    process::{Command, ExitStatus, Stdio},
+    time::Duration,
 };
 
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::{Gid, Pid, Uid, chown},
-};
+use nix::unistd::{Gid, Uid, chown};
+pub use spicegate_testkit::TempDir;
+use spicegate_testkit::proc::{self as kit, LineLog};
 
 use crate::{TestCgroup, TestUser};
 
 // ------------------------------------------------------------ processes
 
 /// A child process whose stdout and stderr lines are collected (and echoed
-/// to the test's stderr with a prefix). Drop sends SIGTERM, then SIGKILL
-/// after `grace`, and reaps it.
+/// to the test's stderr with a prefix). Drop (the kit's [`kit::Proc`])
+/// sends SIGTERM, then SIGKILL after 5 s, and reaps it.
 struct Proc {
-    child: Child,
-    what: String,
-    lines: Arc<Mutex<Vec<String>>>,
-    readers: Vec<JoinHandle<()>>,
-    grace: Duration,
-    status: Option<ExitStatus>,
+    proc: kit::Proc,
+    log: LineLog,
 }
 
 impl Proc {
@@ -46,131 +39,48 @@ impl Proc {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {what} ({cmd:?}): {e}"));
-        let what = format!("{what} {}", child.id());
+        let mut proc = kit::Proc::spawn(&mut cmd, what).unwrap_or_else(|e| panic!("{e}"));
+        let what = format!("{what} {}", proc.pid());
         eprintln!("[spice] started {what}: {cmd:?}");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let mut readers = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            readers.push(collect(out, what.clone(), Arc::clone(&lines)));
-        }
-        if let Some(err) = child.stderr.take() {
-            readers.push(collect(err, what.clone(), Arc::clone(&lines)));
-        }
-        Self {
-            child,
-            what,
-            lines,
-            readers,
-            grace: Duration::from_secs(5),
-            status: None,
-        }
+        let echo = Some(format!("[{what}]"));
+        let log = LineLog::of_child(proc.child(), echo.clone(), echo);
+        Self { proc, log }
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.pid()
     }
 
     fn lines(&self) -> Vec<String> {
-        self.lines
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.log.lines()
     }
 
     /// The exit status, once it has exited (reaping it).
     fn exited(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().ok().flatten();
-        }
-        self.status
+        self.proc.exited()
     }
 
     fn reap(&mut self, timeout: Duration) -> bool {
-        crate::wait_until(timeout, || self.exited().is_some())
+        self.proc.wait_exit(timeout).is_some()
     }
 
     fn stop(&mut self) {
-        if self.exited().is_some() {
-            return;
-        }
-        let pid = Pid::from_raw(self.pid() as i32);
-        let _ = kill(pid, Signal::SIGTERM);
-        if !self.reap(self.grace) {
-            eprintln!("[spice] {} ignored SIGTERM; killing it", self.what);
-            let _ = kill(pid, Signal::SIGKILL);
-            if !self.reap(Duration::from_secs(5)) {
-                eprintln!("[spice] LEFTOVER process {}", self.what);
-            }
+        if !self.proc.stop() {
+            eprintln!(
+                "[spice] LEFTOVER process {} {}",
+                self.proc.what(),
+                self.pid()
+            );
         }
         // Readers end when the last holder of the pipes is gone.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !self.readers.iter().all(JoinHandle::is_finished) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        for r in self.readers.drain(..) {
-            if r.is_finished() {
-                let _ = r.join();
-            }
-        }
+        self.log.join(Duration::from_secs(2));
     }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn collect(
-    stream: impl Read + Send + 'static,
-    prefix: String,
-    lines: Arc<Mutex<Vec<String>>>,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            eprintln!("[{prefix}] {line}");
-            lines
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(line);
-        }
-    })
-}
-
-/// A directory under the temp dir, removed (with its contents) on Drop.
-#[derive(Debug)]
-pub struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "spicegate-test-{tag}-{}-{}",
-            std::process::id(),
-            crate::next_id()
-        ));
-        fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-        Self { path }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.path)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            eprintln!("[spice] LEFTOVER directory {}: {e}", self.path.display());
-        }
-    }
+/// A directory `spicegate-test-<tag>-<pid>-<n>` under the temp dir,
+/// removed (with its contents) on Drop.
+fn temp_dir(tag: &str) -> TempDir {
+    TempDir::unique(&format!("spicegate-test-{tag}")).unwrap_or_else(|e| panic!("{e}"))
 }
 
 // ------------------------------------------------------------------ QEMU
@@ -292,7 +202,7 @@ impl Qemu {
 
     fn try_start(name: &str) -> Result<Self, String> {
         let port = free_loopback_port();
-        let dir = TempDir::new("qemu");
+        let dir = temp_dir("qemu");
         let qmp_path = dir.path().join("qmp.sock");
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-name", name, "-machine"])
@@ -428,7 +338,7 @@ pub struct Xvfb {
 
 impl Xvfb {
     pub fn start() -> Self {
-        let dir = TempDir::new("xvfb");
+        let dir = temp_dir("xvfb");
         let cookie = random_bytes(16);
         let auth = dir.path().join("auth");
         fs::write(&auth, xauthority(&cookie)).expect("writing the Xvfb auth file");
@@ -617,7 +527,7 @@ pub struct UserHome {
 
 impl UserHome {
     pub fn new(user: &TestUser, x: &Xvfb) -> Self {
-        let dir = TempDir::new(&format!("home-{}", user.name));
+        let dir = temp_dir(&format!("home-{}", user.name));
         let owner = (Some(Uid::from_raw(user.uid)), Some(Gid::from_raw(user.gid)));
         let auth = dir.path().join(".Xauthority");
         fs::write(&auth, xauthority(&x.cookie)).expect("writing the user's Xauthority");

@@ -1,40 +1,22 @@
-//! Throw-away Unix users and groups, made with the shadow tools so NSS (and
-//! therefore the daemon) sees them like any real account.
+//! Throw-away Unix users and groups for one test: the test kit's
+//! [`SystemUser`] and [`SystemGroup`] with unique names, dereferencing to
+//! them (`user.name`, `user.uid`, `user.gid`).
 
-use std::process::Command;
+use std::ops::Deref;
 
 use nix::unistd::{Gid, Group, Uid, User};
-
-fn run(cmd: &mut Command) -> Result<(), String> {
-    match cmd.output() {
-        Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => Err(format!(
-            "{cmd:?}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Err(e) => Err(format!("{cmd:?}: {e}")),
-    }
-}
+use spicegate_testkit::users::{SystemGroup, SystemUser};
 
 /// A system group `sgg<pid%10000><n>`; Drop runs groupdel.
 #[derive(Debug)]
-pub struct TestGroup {
-    pub name: String,
-    pub gid: u32,
-}
+pub struct TestGroup(SystemGroup);
 
 impl TestGroup {
     pub fn new() -> Self {
         let name = format!("sgg{:04}{}", std::process::id() % 10000, crate::next_id());
-        run(Command::new("groupadd").arg("--system").arg(&name))
-            .expect("groupadd for a test group");
-        let gid = Group::from_name(&name)
-            .expect("looking up the new test group")
-            .unwrap_or_else(|| panic!("group {name} missing right after groupadd"))
-            .gid
-            .as_raw();
-        Self { name, gid }
+        Self(
+            SystemGroup::create(&name).unwrap_or_else(|e| panic!("groupadd for a test group: {e}")),
+        )
     }
 }
 
@@ -44,24 +26,18 @@ impl Default for TestGroup {
     }
 }
 
-impl Drop for TestGroup {
-    fn drop(&mut self) {
-        if let Err(e) = run(Command::new("groupdel").arg(&self.name)) {
-            eprintln!("[harness] LEFTOVER group {}: {e}", self.name);
-        }
+impl Deref for TestGroup {
+    type Target = SystemGroup;
+
+    fn deref(&self) -> &SystemGroup {
+        &self.0
     }
 }
 
 /// A system user `sgt<pid%10000><n>` without home or login shell; Drop runs
 /// userdel (and removes its personal group if userdel left it).
 #[derive(Debug)]
-pub struct TestUser {
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
-    /// Whether useradd made a personal group of the same name.
-    own_group: bool,
-}
+pub struct TestUser(SystemUser);
 
 impl TestUser {
     /// A user with its own personal group as primary group.
@@ -81,31 +57,12 @@ impl TestUser {
 
     fn create(primary: Option<&TestGroup>, supplementary: Option<&TestGroup>) -> Self {
         let name = format!("sgt{:04}{}", std::process::id() % 10000, crate::next_id());
-        let mut cmd = Command::new("useradd");
-        cmd.args([
-            "--system",
-            "--no-create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-        ]);
-        match primary {
-            Some(g) => cmd.args(["--no-user-group", "--gid", &g.name]),
-            None => cmd.arg("--user-group"),
-        };
-        if let Some(g) = supplementary {
-            cmd.args(["--groups", &g.name]);
-        }
-        cmd.arg(&name);
-        run(&mut cmd).expect("useradd for a test user");
-        let user = User::from_name(&name)
-            .expect("looking up the new test user")
-            .unwrap_or_else(|| panic!("user {name} missing right after useradd"));
-        Self {
-            name,
-            uid: user.uid.as_raw(),
-            gid: user.gid.as_raw(),
-            own_group: primary.is_none(),
-        }
+        let user = SystemUser::create(
+            &name,
+            primary.map(|g| g.name.as_str()),
+            supplementary.map(|g| g.name.as_str()),
+        );
+        Self(user.unwrap_or_else(|e| panic!("useradd for a test user: {e}")))
     }
 }
 
@@ -115,19 +72,11 @@ impl Default for TestUser {
     }
 }
 
-impl Drop for TestUser {
-    fn drop(&mut self) {
-        if let Err(e) = run(Command::new("userdel").arg(&self.name)) {
-            eprintln!("[harness] LEFTOVER user {}: {e}", self.name);
-        }
-        // userdel removes the personal group only when login.defs says
-        // USERGROUPS_ENAB yes; do not depend on it.
-        if self.own_group
-            && matches!(Group::from_gid(Gid::from_raw(self.gid)), Ok(Some(g)) if g.name == self.name)
-            && let Err(e) = run(Command::new("groupdel").arg(&self.name))
-        {
-            eprintln!("[harness] LEFTOVER group {}: {e}", self.name);
-        }
+impl Deref for TestUser {
+    type Target = SystemUser;
+
+    fn deref(&self) -> &SystemUser {
+        &self.0
     }
 }
 

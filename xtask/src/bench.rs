@@ -35,7 +35,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use self::{
-    env::{BenchCgroups, BenchUser, Daemon, PinDir, Proc, Scratch, Worker, check_interrupted, sh},
+    env::{BenchCgroups, Daemon, PinDir, Proc, SystemUser, TempDir, Worker, check_interrupted, sh},
     firewall::{Iptables, Nft, run_firewall},
     layout::Layout,
     measure::{Cg, Series, System, Targets, Workers, control_series, ms},
@@ -211,10 +211,10 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 
     // Declared in this order so they are dropped in reverse: helpers first,
     // then users, cgroups and the scratch directory.
-    let scratch = Scratch::new()?;
+    let scratch = env::scratch()?;
     let cgroups = BenchCgroups::new()?;
-    let granted = BenchUser::new('g')?;
-    let denied = BenchUser::new('d')?;
+    let granted = env::bench_user('g')?;
+    let denied = env::bench_user('d')?;
     let base_port = pick_base_port()?;
     let layouts: Vec<Layout> = args
         .sizes
@@ -246,7 +246,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         listener_cpu,
         &ports,
     )?;
-    let start = |cg: &str, u: &BenchUser, what: &str| {
+    let start = |cg: &str, u: &SystemUser, what: &str| {
         Worker::start(&bins.sg_bench, &cgroups.leaf(cg), worker_cpu, u, what)
     };
     let mut workers = Workers {
@@ -400,7 +400,7 @@ fn listen(
     }
     cmd.args(ports.iter().map(|p| format!("127.0.0.1:{p}")));
     cmd.stdin(Stdio::null()).stdout(Stdio::piped());
-    let mut proc = Proc::spawn(&mut cmd, "sg-bench listen")?;
+    let mut proc = env::spawn(&mut cmd, "sg-bench listen", Duration::ZERO)?;
     let out = proc.child().stdout.take().context("listener stdout")?;
     let mut line = String::new();
     std::io::BufReader::new(out).read_line(&mut line)?;
@@ -412,7 +412,7 @@ fn listen(
 
 pub(super) struct Ctx<'a> {
     bins: &'a Bins,
-    scratch: &'a Scratch,
+    scratch: &'a TempDir,
     cgroups: &'a BenchCgroups,
     targets: &'a Targets,
     params: Params,
@@ -431,7 +431,7 @@ fn run_size(
     check_interrupted()?;
     if layout.grants <= MAX_IPTABLES_GRANTS {
         eprintln!("xtask: iptables, {} grants", layout.grants);
-        let mut ipt = Iptables::new(&ctx.scratch.dir, layout.base_port, layout.last_port())?;
+        let mut ipt = Iptables::new(ctx.scratch.path(), layout.base_port, layout.last_port())?;
         systems.push(run_firewall(
             ctx,
             &mut ipt,
@@ -448,7 +448,7 @@ fn run_size(
     }
     check_interrupted()?;
     eprintln!("xtask: nftables, {} grants", layout.grants);
-    let mut nft = Nft::new(&ctx.scratch.dir);
+    let mut nft = Nft::new(ctx.scratch.path());
     systems.push(run_firewall(
         ctx,
         &mut nft,
@@ -475,16 +475,16 @@ fn run_spicegate(
 ) -> anyhow::Result<(SystemResult, DaemonResult)> {
     let p = ctx.params;
     eprintln!("xtask: spicegate, {} grants", layout.grants);
-    let policy = ctx.scratch.dir.join("policy.toml");
+    let policy = ctx.scratch.path().join("policy.toml");
     fs::write(&policy, layout.spicegate_policy(false))?;
     let guarded_cg = ctx.cgroups.leaf("guarded");
-    let pin = PinDir::new(&ctx.bins.spicegate, ctx.scratch);
+    let pin = env::pin_dir(&ctx.bins.spicegate, ctx.scratch);
     let mut dr = DaemonResult::default();
     let mut daemon: Option<Daemon> = None;
     for _ in 0..p.starts.max(1) {
         if let Some(d) = daemon.take() {
             d.stop()?;
-            pin.unload()?;
+            pin.clear()?;
         }
         let mut d = Daemon::spawn(&ctx.bins.spicegate, &policy, &guarded_cg, &pin)?;
         let at = d.wait_enforcing(Duration::from_secs(60))?;
@@ -553,7 +553,7 @@ fn run_spicegate(
         *storm = Some(st);
     }
     d.stop()?;
-    pin.unload()?;
+    pin.clear()?;
     Ok((
         SystemResult {
             name: "spicegate",

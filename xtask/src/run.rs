@@ -142,19 +142,5 @@ extern "C" fn forward(sig: libc::c_int) {
 /// also covers a `kill -INT` aimed at xtask alone). A caught signal, unlike
 /// an ignored one, is reset to the default when the agent is exec'd.
 fn forward_signals() -> anyhow::Result<()> {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the action is zero-initialised and then filled in; the
-        // handler only reads an atomic and calls kill.
-        let rc = unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = forward as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            action.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(sig, &action, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("installing the Ctrl-C handler");
-        }
-    }
-    Ok(())
+    crate::util::on_interrupt(forward)
 }

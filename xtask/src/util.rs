@@ -130,3 +130,25 @@ impl Step {
         ok
     }
 }
+
+/// Installs `handler` for SIGINT and SIGTERM (with SA_RESTART), so that
+/// Ctrl-C reaches xtask's own cleanup instead of killing it. A caught
+/// signal, unlike an ignored one, is reset to the default in a program
+/// xtask execs.
+pub fn on_interrupt(handler: extern "C" fn(libc::c_int)) -> anyhow::Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the action is zero-initialised and then filled in; the
+        // handlers xtask installs only touch atomics and call kill.
+        let rc = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = handler as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("installing the Ctrl-C handler");
+        }
+    }
+    Ok(())
+}

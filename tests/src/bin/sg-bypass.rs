@@ -48,11 +48,16 @@
 //! Exit codes: 0 result ok, 1 result EPERM, 2 result another errno, 3 usage
 //! or setup failure (no `result` line).
 
+use spicegate_testkit::{
+    flags::{self, Flags},
+    os_errno, privilege,
+    sockaddr::{SockAddr, errno, errno_name},
+};
 use std::{
     ffi::CString,
     fs,
     io::Write as _,
-    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6},
+    net::SocketAddr,
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
         unix::ffi::OsStrExt as _,
@@ -102,18 +107,18 @@ fn usage(msg: &str) -> ! {
     exit(EXIT_SETUP)
 }
 
-fn setup_failed(what: &str, err: std::io::Error) -> ! {
-    eprintln!("sg-bypass: {what}: {err}");
+fn setup_failed(err: std::io::Error) -> ! {
+    eprintln!("sg-bypass: {err}");
     exit(EXIT_SETUP)
 }
 
-fn parse_addr(s: &str) -> SocketAddr {
-    s.parse().unwrap_or_else(|_| {
-        usage(&format!(
-            "bad address {s:?} (a.b.c.d:port or [v6%scope]:port)"
-        ))
-    })
+/// `err` with `what` in front.
+fn context(what: &str, err: std::io::Error) -> std::io::Error {
+    std::io::Error::new(err.kind(), format!("{what}: {err}"))
 }
+
+/// What an address flag takes, for the usage message.
+const ADDR: &str = "ADDR:PORT (a.b.c.d:port or [v6%scope]:port)";
 
 fn parse_args() -> Args {
     let mut a = Args {
@@ -134,37 +139,21 @@ fn parse_args() -> Args {
         bind: None,
         first: Vec::new(),
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .unwrap_or_else(|| usage(&format!("{name} needs a value")))
-        };
+    let mut f = Flags::new(std::env::args().skip(1), usage);
+    while let Some(flag) = f.next_flag() {
         match flag.as_str() {
-            "--netns" => a.netns = Some(value("--netns")),
-            "--cgroup" => a.cgroup = Some(value("--cgroup")),
-            "--uid" => {
-                a.uid = Some(
-                    value("--uid")
-                        .parse()
-                        .unwrap_or_else(|_| usage("bad --uid")),
-                )
-            }
-            "--gid" => {
-                a.gid = Some(
-                    value("--gid")
-                        .parse()
-                        .unwrap_or_else(|_| usage("bad --gid")),
-                )
-            }
-            "--move-to-cgroup" => a.move_to.push(value("--move-to-cgroup")),
+            "--netns" => a.netns = Some(f.value(&flag)),
+            "--cgroup" => a.cgroup = Some(f.value(&flag)),
+            "--uid" => a.uid = Some(f.parsed(&flag)),
+            "--gid" => a.gid = Some(f.parsed(&flag)),
+            "--move-to-cgroup" => a.move_to.push(f.value(&flag)),
             "--lo-up" => a.lo_up = true,
             "--ids" => a.ids = true,
-            "--connect" => a.connect = Some(parse_addr(&value("--connect"))),
-            "--via" => a.via = value("--via"),
+            "--connect" => a.connect = Some(f.parsed(&format!("--connect {ADDR}"))),
+            "--via" => a.via = f.value(&flag),
             "--v6-socket" => a.v6_socket = true,
             "--proto" => {
-                a.proto = match value("--proto").as_str() {
+                a.proto = match f.value(&flag).as_str() {
                     "tcp" => libc::IPPROTO_TCP,
                     "mptcp" => IPPROTO_MPTCP,
                     "sctp" => libc::IPPROTO_SCTP,
@@ -173,24 +162,24 @@ fn parse_args() -> Args {
                 }
             }
             "--type" => {
-                a.seqpacket = match value("--type").as_str() {
+                a.seqpacket = match f.value(&flag).as_str() {
                     "stream" => false,
                     "seqpacket" => true,
                     _ => usage("--type is stream or seqpacket"),
                 }
             }
             "--af-smc" => a.smc_family = true,
-            "--bind" => a.bind = Some(parse_addr(&value("--bind"))),
+            "--bind" => a.bind = Some(f.parsed(&format!("--bind {ADDR}"))),
             "--first" => {
-                let v = value("--first");
+                let v = f.value(&flag);
                 a.first.push(if v == "unspec" {
                     Target::Unspec
                 } else {
-                    Target::Addr(parse_addr(&v))
+                    Target::Addr(flags::parse(&v, &format!("--first {ADDR}"), usage))
                 });
             }
             "--exec" => {
-                a.exec = it.by_ref().collect();
+                a.exec = f.rest();
                 if a.exec.is_empty() {
                     usage("--exec needs a program");
                 }
@@ -205,42 +194,6 @@ fn parse_args() -> Args {
         usage("give exactly one of --connect and --exec");
     }
     a
-}
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
-
-fn errno_name(e: i32) -> &'static str {
-    match e {
-        libc::EPERM => "EPERM",
-        libc::EACCES => "EACCES",
-        libc::ENOENT => "ENOENT",
-        libc::ECONNREFUSED => "ECONNREFUSED",
-        libc::ETIMEDOUT => "ETIMEDOUT",
-        libc::ENETUNREACH => "ENETUNREACH",
-        libc::EHOSTUNREACH => "EHOSTUNREACH",
-        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
-        libc::EADDRINUSE => "EADDRINUSE",
-        libc::EAFNOSUPPORT => "EAFNOSUPPORT",
-        libc::EPROTONOSUPPORT => "EPROTONOSUPPORT",
-        libc::ESOCKTNOSUPPORT => "ESOCKTNOSUPPORT",
-        libc::EPROTOTYPE => "EPROTOTYPE",
-        libc::EINVAL => "EINVAL",
-        libc::EOPNOTSUPP => "EOPNOTSUPP",
-        libc::EINPROGRESS => "EINPROGRESS",
-        libc::EALREADY => "EALREADY",
-        libc::EISCONN => "EISCONN",
-        libc::ENOTCONN => "ENOTCONN",
-        libc::EINTR => "EINTR",
-        libc::EAGAIN => "EAGAIN",
-        libc::ECONNABORTED => "ECONNABORTED",
-        libc::ECONNRESET => "ECONNRESET",
-        libc::EPIPE => "EPIPE",
-        libc::EBADF => "EBADF",
-        libc::ENOSYS => "ENOSYS",
-        _ => "OTHER",
-    }
 }
 
 fn line(text: impl AsRef<str>) {
@@ -262,26 +215,14 @@ fn rc(v: libc::c_int) -> Result<(), i32> {
 }
 
 fn enter_netns(path: &str) {
-    let f = fs::File::open(path).unwrap_or_else(|e| setup_failed(&format!("opening {path}"), e));
+    let f = fs::File::open(path)
+        .unwrap_or_else(|e| setup_failed(context(&format!("opening {path}"), e)));
     // SAFETY: plain syscall on an fd we own.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        setup_failed(&format!("setns {path}"), std::io::Error::last_os_error());
-    }
-}
-
-fn drop_privileges(uid: u32, gid: u32) {
-    let groups = [gid as libc::gid_t];
-    // SAFETY: plain syscalls with a valid one-element array.
-    unsafe {
-        if libc::setgroups(1, groups.as_ptr()) != 0 {
-            setup_failed("setgroups", std::io::Error::last_os_error());
-        }
-        if libc::setresgid(gid, gid, gid) != 0 {
-            setup_failed("setresgid", std::io::Error::last_os_error());
-        }
-        if libc::setresuid(uid, uid, uid) != 0 {
-            setup_failed("setresuid", std::io::Error::last_os_error());
-        }
+        setup_failed(context(
+            &format!("setns {path}"),
+            std::io::Error::last_os_error(),
+        ));
     }
 }
 
@@ -315,55 +256,17 @@ fn lo_up() -> Result<(), i32> {
 }
 
 /// A sockaddr for `t` in `family` (IPv4 becomes IPv4-mapped on AF_INET6).
-fn sockaddr(t: Target, family: libc::c_int) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let addr = match t {
-        Target::Unspec => {
-            ss.ss_family = libc::AF_UNSPEC as libc::sa_family_t;
-            return (ss, size_of::<libc::sockaddr_in6>() as libc::socklen_t);
-        }
-        Target::Addr(SocketAddr::V4(a)) if family == libc::AF_INET6 => {
-            SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0))
-        }
-        Target::Addr(a) => a,
-    };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in>(), sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in6>(), sin6) };
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (ss, len as libc::socklen_t)
+fn sockaddr(t: Target, family: libc::c_int) -> SockAddr {
+    match t {
+        Target::Unspec => SockAddr::unspec(),
+        Target::Addr(a) => SockAddr::for_family(a, family),
+    }
 }
 
 fn sys_connect(fd: RawFd, t: Target, family: libc::c_int) -> Result<(), i32> {
-    let (ss, len) = sockaddr(t, family);
-    // SAFETY: the address is valid for len bytes.
-    rc(unsafe { libc::connect(fd, (&raw const ss).cast(), len) })
+    let sa = sockaddr(t, family);
+    // SAFETY: the address is valid for its length.
+    rc(unsafe { libc::connect(fd, sa.as_ptr(), sa.len()) })
 }
 
 fn setopt(fd: RawFd, level: i32, name: i32, value: &[u8]) -> Result<(), i32> {
@@ -383,38 +286,17 @@ fn int_bytes(v: libc::c_int) -> [u8; 4] {
     v.to_ne_bytes()
 }
 
-/// The peer of a connected socket, as text.
-fn peer(fd: RawFd) -> String {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: ss is valid for len bytes.
-    if unsafe { libc::getpeername(fd, (&raw mut ss).cast(), &mut len) } < 0 {
-        let e = errno();
-        return format!("none (getpeername err {e} {})", errno_name(e));
-    }
-    match i32::from(ss.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says sockaddr_in.
-            let sin = unsafe { &*(&raw const ss).cast::<libc::sockaddr_in>() };
-            SocketAddr::new(
-                IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()),
-                u16::from_be(sin.sin_port),
-            )
-            .to_string()
+/// The peer (`peer`: true) or the local address of a socket, as text.
+fn socket_name(fd: RawFd, peer: bool) -> String {
+    match SockAddr::of_socket(fd, peer) {
+        Ok(sa) => sa
+            .to_socket_addr()
+            .map_or_else(|| format!("family {}", sa.family()), |a| a.to_string()),
+        Err(_) if !peer => "?".into(),
+        Err(_) => {
+            let e = errno();
+            format!("none (getpeername err {e} {})", errno_name(e))
         }
-        libc::AF_INET6 => {
-            // SAFETY: the family says sockaddr_in6.
-            let sin6 = unsafe { &*(&raw const ss).cast::<libc::sockaddr_in6>() };
-            SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
-                u16::from_be(sin6.sin6_port),
-                0,
-                sin6.sin6_scope_id,
-            ))
-            .to_string()
-        }
-        f => format!("family {f}"),
     }
 }
 
@@ -519,7 +401,7 @@ fn via_uring(
             }
         }
     };
-    let (mut ss, len) = sockaddr(Target::Addr(target), family);
+    let mut sa = sockaddr(Target::Addr(target), family);
     if mode == "uring-fastopen" {
         let mut byte = [b'x'];
         let mut iov = libc::iovec {
@@ -528,8 +410,8 @@ fn via_uring(
         };
         // SAFETY: all-zero is a valid msghdr.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_name = (&raw mut ss).cast();
-        msg.msg_namelen = len;
+        msg.msg_name = sa.as_mut_ptr().cast();
+        msg.msg_namelen = sa.len();
         msg.msg_iov = &raw mut iov;
         msg.msg_iovlen = 1;
         let entry = opcode::SendMsg::new(types::Fd(fd), &raw const msg)
@@ -538,7 +420,7 @@ fn via_uring(
             .user_data(3);
         return (run(entry).map(|_| ()), made);
     }
-    let mut entry = opcode::Connect::new(types::Fd(fd), (&raw const ss).cast(), len)
+    let mut entry = opcode::Connect::new(types::Fd(fd), sa.as_ptr(), sa.len())
         .build()
         .user_data(2);
     if mode == "uring-async" || mode == "uring-socket" {
@@ -597,15 +479,15 @@ fn connect_main(a: &Args, target: SocketAddr) -> Result<(), i32> {
         let _ = setopt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, tv_bytes);
         if let Some(b) = a.bind {
             let _ = setopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &int_bytes(1));
-            let (ss, len) = sockaddr(Target::Addr(b), family);
-            // SAFETY: the address is valid for len bytes.
-            let r = rc(unsafe { libc::bind(fd, (&raw const ss).cast(), len) });
+            let sa = sockaddr(Target::Addr(b), family);
+            // SAFETY: the address is valid for its length.
+            let r = rc(unsafe { libc::bind(fd, sa.as_ptr(), sa.len()) });
             step("bind", r);
             if let Err(e) = r {
                 step("result", Err(e));
                 return Err(e);
             }
-            line(format!("local {}", local_name(fd)));
+            line(format!("local {}", socket_name(fd, false)));
         }
         for t in &a.first {
             let r = sys_connect(fd, *t, family);
@@ -628,7 +510,7 @@ fn connect_main(a: &Args, target: SocketAddr) -> Result<(), i32> {
             }
         }
         "fastopen" => {
-            let (ss, len) = sockaddr(Target::Addr(target), family);
+            let sa = sockaddr(Target::Addr(target), family);
             let byte = [b'x'];
             // SAFETY: buffer and address are valid for the lengths given.
             let n = unsafe {
@@ -637,8 +519,8 @@ fn connect_main(a: &Args, target: SocketAddr) -> Result<(), i32> {
                     byte.as_ptr().cast(),
                     1,
                     libc::MSG_FASTOPEN,
-                    (&raw const ss).cast(),
-                    len,
+                    sa.as_ptr(),
+                    sa.len(),
                 )
             };
             if n < 0 { Err(errno()) } else { Ok(()) }
@@ -686,43 +568,12 @@ fn connect_main(a: &Args, target: SocketAddr) -> Result<(), i32> {
     step("result", result);
     if result.is_ok() {
         let fd = fd_of(&holder);
-        line(format!("peer {}", peer(fd)));
+        line(format!("peer {}", socket_name(fd, true)));
         if a.proto == 0 || a.proto == libc::IPPROTO_TCP {
             line(format!("tcp-state {}", tcp_state(fd)));
         }
     }
     result
-}
-
-fn local_name(fd: RawFd) -> String {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: ss is valid for len bytes.
-    if unsafe { libc::getsockname(fd, (&raw mut ss).cast(), &mut len) } < 0 {
-        return "?".into();
-    }
-    match i32::from(ss.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says sockaddr_in.
-            let sin = unsafe { &*(&raw const ss).cast::<libc::sockaddr_in>() };
-            SocketAddr::new(
-                IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()),
-                u16::from_be(sin.sin_port),
-            )
-            .to_string()
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says sockaddr_in6.
-            let sin6 = unsafe { &*(&raw const ss).cast::<libc::sockaddr_in6>() };
-            SocketAddr::new(
-                IpAddr::from(sin6.sin6_addr.s6_addr),
-                u16::from_be(sin6.sin6_port),
-            )
-            .to_string()
-        }
-        f => format!("family {f}"),
-    }
 }
 
 /// tcpi_state from TCP_INFO (1 = ESTABLISHED, 2 = SYN_SENT, 7 = CLOSE).
@@ -770,10 +621,10 @@ fn exec(argv: &[String]) -> ! {
     // Unbuffered stdout lines are already flushed; exec replaces us.
     // SAFETY: argv is a NULL-terminated array of valid C strings.
     unsafe { libc::execvp(ptrs[0], ptrs.as_ptr()) };
-    setup_failed(
+    setup_failed(context(
         &format!("exec {}", argv[0]),
         std::io::Error::last_os_error(),
-    )
+    ))
 }
 
 fn main() {
@@ -781,19 +632,18 @@ fn main() {
     if let Some(ns) = &a.netns {
         enter_netns(ns);
     }
-    if let Some(dir) = &a.cgroup {
-        let procs = format!("{dir}/cgroup.procs");
-        if let Err(e) = fs::write(&procs, std::process::id().to_string()) {
-            setup_failed(&format!("joining {procs}"), e);
-        }
+    if let Some(dir) = &a.cgroup
+        && let Err(e) = privilege::join_cgroup(dir)
+    {
+        setup_failed(e);
     }
-    if let (Some(uid), Some(gid)) = (a.uid, a.gid) {
-        drop_privileges(uid, gid);
+    if let (Some(uid), Some(gid)) = (a.uid, a.gid)
+        && let Err(e) = privilege::drop_to(uid, gid)
+    {
+        setup_failed(e);
     }
     for dir in &a.move_to {
-        let procs = format!("{dir}/cgroup.procs");
-        let r = fs::write(&procs, std::process::id().to_string())
-            .map_err(|e| e.raw_os_error().unwrap_or(0));
+        let r = privilege::join_cgroup(dir).map_err(|e| os_errno(&e));
         step(&format!("move-to {dir}"), r);
     }
     if let Ok(cg) = fs::read_to_string("/proc/self/cgroup") {

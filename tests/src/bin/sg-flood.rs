@@ -17,6 +17,11 @@
 //! "allowed":N,"uids":N}` summed over the processes. Exit 0, or 3 on a setup
 //! error.
 
+use spicegate_testkit::{
+    flags::Flags,
+    privilege,
+    sockaddr::{SockAddr, errno},
+};
 use std::{
     fs,
     io::Read as _,
@@ -52,19 +57,15 @@ fn parse() -> Args {
         secs: 30,
         procs: 2,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = || {
-            it.next()
-                .unwrap_or_else(|| usage(&format!("{flag} needs a value")))
-        };
+    let mut f = Flags::new(std::env::args().skip(1), usage);
+    while let Some(flag) = f.next_flag() {
         match flag.as_str() {
-            "--cgroup" => a.cgroup = Some(val()),
-            "--connect" => a.connect = val().parse().unwrap_or_else(|_| usage("bad --connect")),
-            "--uid-base" => a.uid_base = val().parse().unwrap_or_else(|_| usage("bad --uid-base")),
-            "--uids" => a.uids = val().parse().unwrap_or_else(|_| usage("bad --uids")),
-            "--secs" => a.secs = val().parse().unwrap_or_else(|_| usage("bad --secs")),
-            "--procs" => a.procs = val().parse().unwrap_or_else(|_| usage("bad --procs")),
+            "--cgroup" => a.cgroup = Some(f.value(&flag)),
+            "--connect" => a.connect = f.parsed(&flag),
+            "--uid-base" => a.uid_base = f.parsed(&flag),
+            "--uids" => a.uids = f.parsed(&flag),
+            "--secs" => a.secs = f.parsed(&flag),
+            "--procs" => a.procs = f.parsed(&flag),
             _ => usage(&format!("unknown flag {flag}")),
         }
     }
@@ -83,42 +84,31 @@ struct Counts {
     other: u64,
 }
 
-fn one_connect(sa: &libc::sockaddr_in) -> Result<(), i32> {
-    // SAFETY: plain socket/connect/close on a fresh descriptor.
+fn one_connect(sa: &SockAddr) -> Result<(), i32> {
+    // SAFETY: plain socket/connect/close on a fresh descriptor; the address
+    // is valid for its length.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         if fd < 0 {
-            return Err(*libc::__errno_location());
+            return Err(errno());
         }
-        let rc = libc::connect(
-            fd,
-            std::ptr::from_ref(sa).cast(),
-            size_of::<libc::sockaddr_in>() as u32,
-        );
-        let err = *libc::__errno_location();
+        let rc = libc::connect(fd, sa.as_ptr(), sa.len());
+        let err = errno();
         libc::close(fd);
         if rc == 0 { Ok(()) } else { Err(err) }
     }
 }
 
 fn flood(a: &Args, start_offset: u32, stride: u32, deadline: Instant) -> Counts {
-    let sa = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: a.connect.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(a.connect.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    };
+    let sa = SockAddr::new(a.connect.into());
     let mut c = Counts::default();
     let mut i = start_offset;
     while Instant::now() < deadline {
         for _ in 0..64 {
             let uid = a.uid_base + (i % a.uids);
             i = i.wrapping_add(stride);
-            // SAFETY: changes only this process's real uid.
-            if unsafe { libc::setresuid(uid, 0, 0) } != 0 {
-                eprintln!("sg-flood: setresuid({uid}) failed");
+            if let Err(e) = privilege::switch_real_uid(uid) {
+                eprintln!("sg-flood: {e}");
                 exit(3);
             }
             c.attempts += 1;
@@ -135,9 +125,9 @@ fn flood(a: &Args, start_offset: u32, stride: u32, deadline: Instant) -> Counts 
 fn main() {
     let a = parse();
     if let Some(cg) = &a.cgroup
-        && let Err(e) = fs::write(format!("{cg}/cgroup.procs"), std::process::id().to_string())
+        && let Err(e) = privilege::join_cgroup(cg)
     {
-        eprintln!("sg-flood: joining {cg}: {e}");
+        eprintln!("sg-flood: {e}");
         exit(3);
     }
     let deadline = Instant::now() + Duration::from_secs(a.secs);

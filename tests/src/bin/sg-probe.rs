@@ -36,10 +36,14 @@
 //! - 3: usage error, or the setup (cgroup join, credential change) failed;
 //!   no attempt was made.
 
+use spicegate_testkit::{
+    flags::Flags,
+    privilege,
+    sockaddr::{SockAddr, errno, errno_name},
+};
 use std::{
-    fs,
     io::Write as _,
-    net::{SocketAddr, SocketAddrV6},
+    net::SocketAddr,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     process::exit,
     time::Duration,
@@ -70,8 +74,8 @@ fn usage(msg: &str) -> ! {
     exit(EXIT_SETUP)
 }
 
-fn setup_failed(what: &str, err: std::io::Error) -> ! {
-    eprintln!("sg-probe: {what}: {err}");
+fn setup_failed(err: std::io::Error) -> ! {
+    eprintln!("sg-probe: {err}");
     exit(EXIT_SETUP)
 }
 
@@ -85,54 +89,16 @@ fn parse_args() -> Args {
     let mut count = 1;
     let mut interval = Duration::ZERO;
     let mut hold = None;
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .unwrap_or_else(|| usage(&format!("{name} needs a value")))
-        };
+    let mut f = Flags::new(std::env::args().skip(1), usage);
+    while let Some(flag) = f.next_flag() {
         match flag.as_str() {
-            "--cgroup" => cgroup = Some(value("--cgroup")),
-            "--uid" => {
-                uid = Some(
-                    value("--uid")
-                        .parse()
-                        .unwrap_or_else(|_| usage("bad --uid")),
-                )
-            }
-            "--gid" => {
-                gid = Some(
-                    value("--gid")
-                        .parse()
-                        .unwrap_or_else(|_| usage("bad --gid")),
-                )
-            }
-            "--connect" => {
-                connect = Some(
-                    value("--connect")
-                        .parse()
-                        .unwrap_or_else(|_| usage("bad --connect ADDR:PORT")),
-                )
-            }
-            "--count" => {
-                count = value("--count")
-                    .parse()
-                    .unwrap_or_else(|_| usage("bad --count"))
-            }
-            "--interval-ms" => {
-                interval = Duration::from_millis(
-                    value("--interval-ms")
-                        .parse()
-                        .unwrap_or_else(|_| usage("bad --interval-ms")),
-                )
-            }
-            "--hold" => {
-                hold = Some(Duration::from_secs(
-                    value("--hold")
-                        .parse()
-                        .unwrap_or_else(|_| usage("bad --hold")),
-                ))
-            }
+            "--cgroup" => cgroup = Some(f.value(&flag)),
+            "--uid" => uid = Some(f.parsed(&flag)),
+            "--gid" => gid = Some(f.parsed(&flag)),
+            "--connect" => connect = Some(f.parsed("--connect ADDR:PORT")),
+            "--count" => count = f.parsed(&flag),
+            "--interval-ms" => interval = Duration::from_millis(f.parsed(&flag)),
+            "--hold" => hold = Some(Duration::from_secs(f.parsed(&flag))),
             "--v6-socket" => v6_socket = true,
             "--fastopen" => fastopen = true,
             other => usage(&format!("unknown argument {other}")),
@@ -160,89 +126,23 @@ fn parse_args() -> Args {
     }
 }
 
-fn last_os_error() -> std::io::Error {
-    std::io::Error::last_os_error()
-}
-
-fn drop_privileges(uid: u32, gid: u32) {
-    let groups = [gid as libc::gid_t];
-    // SAFETY: plain syscalls with a valid one-element array.
-    unsafe {
-        if libc::setgroups(1, groups.as_ptr()) != 0 {
-            setup_failed("setgroups", last_os_error());
-        }
-        if libc::setresgid(gid, gid, gid) != 0 {
-            setup_failed("setresgid", last_os_error());
-        }
-        if libc::setresuid(uid, uid, uid) != 0 {
-            setup_failed("setresuid", last_os_error());
-        }
-    }
-}
-
-/// A sockaddr for `dst`, and the family of the socket to make.
-fn sockaddr(
-    dst: SocketAddr,
-    v6_socket: bool,
-) -> (libc::sockaddr_storage, libc::socklen_t, libc::c_int) {
-    let dst = match dst {
-        SocketAddr::V4(a) if v6_socket => {
-            SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0))
-        }
-        other => other,
-    };
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    match dst {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in>(), sin) };
-            (
-                ss,
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                libc::AF_INET,
-            )
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in6>(), sin6) };
-            (
-                ss,
-                size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-                libc::AF_INET6,
-            )
-        }
-    }
-}
-
 /// One attempt; the connected socket or the errno.
 fn attempt(args: &Args) -> Result<OwnedFd, i32> {
-    let (ss, len, family) = sockaddr(args.connect, args.v6_socket);
+    // An IPv6 address, or --v6-socket, makes an AF_INET6 socket.
+    let family = if args.v6_socket || args.connect.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    let dst = SockAddr::for_family(args.connect, family);
     // SAFETY: socket() has no memory arguments.
     let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return Err(last_os_error().raw_os_error().unwrap_or(0));
+        return Err(errno());
     }
     // SAFETY: fd is a fresh socket nobody else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let addr = (&raw const ss).cast::<libc::sockaddr>();
+    let (addr, len) = (dst.as_ptr(), dst.len());
     let rc = if args.fastopen {
         let byte = [b'x'];
         // SAFETY: buffer and address are valid for the lengths given.
@@ -260,11 +160,7 @@ fn attempt(args: &Args) -> Result<OwnedFd, i32> {
         // SAFETY: address is valid for len bytes.
         unsafe { libc::connect(sock.as_raw_fd(), addr, len) }
     };
-    if rc < 0 {
-        Err(last_os_error().raw_os_error().unwrap_or(0))
-    } else {
-        Ok(sock)
-    }
+    if rc < 0 { Err(errno()) } else { Ok(sock) }
 }
 
 /// Blocks reading `sock` until the connection ends or `limit` passes, and
@@ -297,7 +193,7 @@ fn hold(sock: &OwnedFd, limit: Duration) -> String {
         match n {
             0 => return format!("closed eof after {ms}"),
             n if n > 0 => {}
-            _ => match last_os_error().raw_os_error().unwrap_or(0) {
+            _ => match errno() {
                 libc::EINTR | libc::EAGAIN => {}
                 errno => return format!("closed {errno} {} after {ms}", errno_name(errno)),
             },
@@ -305,38 +201,17 @@ fn hold(sock: &OwnedFd, limit: Duration) -> String {
     }
 }
 
-fn errno_name(errno: i32) -> &'static str {
-    match errno {
-        libc::EPERM => "EPERM",
-        libc::EACCES => "EACCES",
-        libc::ECONNREFUSED => "ECONNREFUSED",
-        libc::ETIMEDOUT => "ETIMEDOUT",
-        libc::ENETUNREACH => "ENETUNREACH",
-        libc::EHOSTUNREACH => "EHOSTUNREACH",
-        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
-        libc::EAFNOSUPPORT => "EAFNOSUPPORT",
-        libc::EINVAL => "EINVAL",
-        libc::EOPNOTSUPP => "EOPNOTSUPP",
-        libc::EINPROGRESS => "EINPROGRESS",
-        libc::EINTR => "EINTR",
-        libc::ECONNABORTED => "ECONNABORTED",
-        libc::ECONNRESET => "ECONNRESET",
-        libc::EPIPE => "EPIPE",
-        _ => "OTHER",
-    }
-}
-
 fn main() {
     let args = parse_args();
-    if let Some(dir) = &args.cgroup {
-        let procs = format!("{dir}/cgroup.procs");
-        // Own pid, not 0: the line is also a record of who joined.
-        if let Err(e) = fs::write(&procs, std::process::id().to_string()) {
-            setup_failed(&format!("joining {procs}"), e);
-        }
+    if let Some(dir) = &args.cgroup
+        && let Err(e) = privilege::join_cgroup(dir)
+    {
+        setup_failed(e);
     }
-    if let (Some(uid), Some(gid)) = (args.uid, args.gid) {
-        drop_privileges(uid, gid);
+    if let (Some(uid), Some(gid)) = (args.uid, args.gid)
+        && let Err(e) = privilege::drop_to(uid, gid)
+    {
+        setup_failed(e);
     }
     let mut out = std::io::stdout().lock();
     let mut denied = false;

@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 use super::{
-    env::{Daemon, PinDir, check_interrupted, sh},
+    env::{self, Daemon, PinDir, check_interrupted, sh},
     layout::Layout,
     measure::{Cg, Targets, Workers, ms},
     storm::{p50_p99, status_ms},
@@ -109,7 +109,7 @@ pub fn spicegate_changes(
     }
     // The schedule window (see Layout::schedule_window) opens when the
     // clock moves into it and closes when it moves back.
-    let offset = pin.clock_offset_file();
+    let offset = env::clock_offset_file(pin);
     for i in 0..CHANGES {
         check_interrupted()?;
         let open = i % 2 == 0;

@@ -1,30 +1,27 @@
 //! What the benchmark changes on the machine, each in a guard whose `Drop`
 //! undoes it, also when the benchmark fails or is interrupted: child
 //! cgroups, two throw-away users, the helper processes, the spicegate
-//! daemon and its pin directory, a scratch directory.
+//! daemon and its pin directory, a scratch directory. The guards are the
+//! test kit's (`testkit/`, shared with the integration tests); this module
+//! names and arranges them for the benchmark.
 //!
 //! Drops never panic; a cleanup that fails is reported as LEFTOVER with
 //! what to remove by hand.
-//!
-//! Longer than 600 lines: every guard the benchmark needs (cgroups, users,
-//! helpers, daemon, pins); issue 14 replaces them with the test-kit the
-//! integration tests use.
 
 use std::{
     fs,
     io::{BufRead as _, BufReader, Write as _},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
+    process::{ChildStdin, ChildStdout, Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow, bail};
+pub use spicegate_testkit::{
+    TempDir, cgroup::Cgroup, pins::PinDir, proc::LineLog, proc::Proc, users::SystemUser,
+};
 
 /// Set by SIGINT/SIGTERM; the measuring loops stop at the next batch and
 /// the guards clean up.
@@ -38,21 +35,8 @@ extern "C" fn on_signal(_: libc::c_int) {
 /// The helpers run in their own process groups, so the terminal's SIGINT
 /// does not reach them either.
 pub fn catch_interrupts() -> anyhow::Result<()> {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the action is zero-initialised, then filled in; the handler
-        // only stores to an atomic.
-        let rc = unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            action.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(sig, &action, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("installing the Ctrl-C handler");
-        }
-    }
-    Ok(())
+    spicegate_testkit::set_log_prefix("xtask:");
+    crate::util::on_interrupt(on_signal)
 }
 
 pub fn check_interrupted() -> anyhow::Result<()> {
@@ -95,20 +79,6 @@ pub fn ticks_per_sec() -> f64 {
     unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
 
-/// Polls `cond` every 10 ms until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Runs a command, capturing its output; fails with its stderr.
 pub fn sh(cmd: &mut Command) -> anyhow::Result<String> {
     let line = crate::util::shown(cmd);
@@ -126,215 +96,60 @@ pub fn sh(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The cgroup2 mount point, from /proc/self/mountinfo (a hybrid host mounts
-/// it at /sys/fs/cgroup/unified).
-fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
-    info.lines()
-        .find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let fields: Vec<&str> = left.split_whitespace().collect();
-            if right.split_whitespace().next() != Some("cgroup2") || fields.get(3) != Some(&"/") {
-                return None;
-            }
-            Some(PathBuf::from(fields.get(4)?.replace("\\040", " ")))
-        })
-        .ok_or_else(|| {
-            anyhow!("no cgroup2 mount in /proc/self/mountinfo: spicegate needs cgroup v2")
-        })
-}
-
 /// `<cgroup2>/spicegate-bench-<pid>/` with the leaves the benchmark's
 /// processes live in: `base` (nothing attached: "no filter"), `guarded`
 /// (spicegate attaches here) and `listen`. Drop kills what is left in
-/// them and removes them.
+/// them and removes them, the leaves first.
 pub struct BenchCgroups {
-    pub parent: PathBuf,
+    leaves: Vec<(&'static str, Cgroup)>,
+    _parent: Cgroup,
 }
 
 pub const LEAVES: [&str; 3] = ["base", "guarded", "listen"];
 
 impl BenchCgroups {
     pub fn new() -> anyhow::Result<Self> {
-        let parent = cgroup2_root()?.join(format!("spicegate-bench-{}", std::process::id()));
-        fs::create_dir(&parent).with_context(|| format!("creating {}", parent.display()))?;
-        let me = Self { parent };
-        for leaf in LEAVES {
-            let p = me.leaf(leaf);
-            fs::create_dir(&p).with_context(|| format!("creating {}", p.display()))?;
-        }
-        Ok(me)
+        let parent = Cgroup::top_level(&format!("spicegate-bench-{}", std::process::id()))?;
+        let leaves = LEAVES
+            .iter()
+            .map(|&name| Ok((name, parent.child(name)?)))
+            .collect::<std::io::Result<_>>()?;
+        Ok(Self {
+            leaves,
+            _parent: parent,
+        })
     }
 
     pub fn leaf(&self, name: &str) -> PathBuf {
-        self.parent.join(name)
-    }
-}
-
-fn procs(cg: &Path) -> Vec<String> {
-    fs::read_to_string(cg.join("cgroup.procs"))
-        .map(|s| s.lines().map(str::to_owned).collect())
-        .unwrap_or_default()
-}
-
-impl Drop for BenchCgroups {
-    fn drop(&mut self) {
-        for leaf in LEAVES
+        self.leaves
             .iter()
-            .map(|l| self.leaf(l))
-            .chain([self.parent.clone()])
-        {
-            if !leaf.exists() {
-                continue;
-            }
-            if !procs(&leaf).is_empty() {
-                let _ = fs::write(leaf.join("cgroup.kill"), "1");
-                wait_until(Duration::from_secs(5), || procs(&leaf).is_empty());
-            }
-            // A killed task leaves the cgroup a moment after it leaves
-            // cgroup.procs: rmdir says EBUSY until then.
-            let mut last = None;
-            let gone = wait_until(Duration::from_secs(5), || match fs::remove_dir(&leaf) {
-                Ok(()) => true,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-                Err(e) => {
-                    last = Some(e);
-                    false
-                }
-            });
-            if !gone {
-                eprintln!(
-                    "xtask: LEFTOVER cgroup {}: {last:?}; remove it with rmdir",
-                    leaf.display()
-                );
-            }
-        }
+            .find(|(n, _)| *n == name)
+            .map(|(_, cg)| cg.path().to_owned())
+            .unwrap_or_else(|| panic!("no bench cgroup {name}"))
     }
 }
 
-/// A system user without home or shell, with its own group; Drop removes
-/// both.
-pub struct BenchUser {
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
-}
-
-impl BenchUser {
-    pub fn new(suffix: char) -> anyhow::Result<Self> {
-        let name = format!("sgb{:05}{suffix}", std::process::id() % 100_000);
-        sh(Command::new("useradd").args([
-            "--system",
-            "--no-create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-            "--user-group",
-            &name,
-        ]))?;
-        let mut user = Self {
-            name,
-            uid: 0,
-            gid: 0,
-        };
-        let line = sh(Command::new("getent").args(["passwd", &user.name]))?;
-        let fields: Vec<&str> = line.trim().split(':').collect();
-        user.uid = fields
-            .get(2)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow!("no uid in `{line}`"))?;
-        user.gid = fields
-            .get(3)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow!("no gid in `{line}`"))?;
-        Ok(user)
-    }
-}
-
-impl Drop for BenchUser {
-    fn drop(&mut self) {
-        if let Err(e) = sh(Command::new("userdel").arg(&self.name)) {
-            eprintln!("xtask: LEFTOVER user {}: {e:#}", self.name);
-        }
-        // userdel removes the personal group only with USERGROUPS_ENAB yes.
-        if sh(Command::new("getent").args(["group", &self.name])).is_ok()
-            && let Err(e) = sh(Command::new("groupdel").arg(&self.name))
-        {
-            eprintln!("xtask: LEFTOVER group {}: {e:#}", self.name);
-        }
-    }
+/// A system user `sgb<pid><suffix>` without home or shell, with its own
+/// group; Drop removes both.
+pub fn bench_user(suffix: char) -> anyhow::Result<SystemUser> {
+    let name = format!("sgb{:05}{suffix}", std::process::id() % 100_000);
+    Ok(SystemUser::create(&name, None, None)?)
 }
 
 /// A scratch directory under /tmp for policies, rule files, the control
 /// socket and the daemon's state.
-pub struct Scratch {
-    pub dir: PathBuf,
+pub fn scratch() -> anyhow::Result<TempDir> {
+    Ok(TempDir::new(&format!(
+        "spicegate-bench-{}",
+        std::process::id()
+    ))?)
 }
 
-impl Scratch {
-    pub fn new() -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("spicegate-bench-{}", std::process::id()));
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self { dir })
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
-            eprintln!("xtask: LEFTOVER directory {}: {e}", self.dir.display());
-        }
-    }
-}
-
-/// A helper process; Drop kills and reaps it.
-pub struct Proc {
-    child: Child,
-    what: String,
-}
-
-impl Proc {
-    /// Spawns `cmd` in its own process group (out of reach of the
-    /// terminal's Ctrl-C, which xtask handles).
-    pub fn spawn(cmd: &mut Command, what: &str) -> anyhow::Result<Self> {
-        let child = cmd
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {what}"))?;
-        Ok(Self {
-            child,
-            what: what.to_owned(),
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn child(&mut self) -> &mut Child {
-        &mut self.child
-    }
-
-    /// Sends `sig` and waits up to `timeout` for the exit.
-    pub fn stop(&mut self, sig: libc::c_int, timeout: Duration) -> bool {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return true;
-        }
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
-        wait_until(timeout, || matches!(self.child.try_wait(), Ok(Some(_))))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if !self.stop(libc::SIGKILL, Duration::from_secs(5)) {
-            eprintln!(
-                "xtask: LEFTOVER process {} (pid {})",
-                self.what,
-                self.child.id()
-            );
-        }
-    }
+/// Spawns a helper in its own process group (out of reach of the
+/// terminal's Ctrl-C, which xtask handles). Drop sends SIGTERM and waits
+/// `grace` before SIGKILL (zero: SIGKILL at once).
+pub fn spawn(cmd: &mut Command, what: &str, grace: Duration) -> anyhow::Result<Proc> {
+    Ok(Proc::spawn(cmd.process_group(0), what)?.with_grace(grace))
 }
 
 /// `sg-bench worker`: a process in one cgroup with one real uid that makes
@@ -351,7 +166,7 @@ impl Worker {
         sg_bench: &Path,
         cgroup: &Path,
         cpu: Option<usize>,
-        user: &BenchUser,
+        user: &SystemUser,
         what: &str,
     ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(sg_bench);
@@ -359,7 +174,7 @@ impl Worker {
         if let Some(cpu) = cpu {
             cmd.args(["--cpu", &cpu.to_string()]);
         }
-        let mut proc = Proc::spawn(
+        let mut proc = spawn(
             cmd.args([
                 "--uid",
                 &user.uid.to_string(),
@@ -369,6 +184,7 @@ impl Worker {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped()),
             what,
+            Duration::ZERO,
         )?;
         let stdin = proc
             .child()
@@ -416,25 +232,26 @@ impl Worker {
     }
 }
 
-/// Lines a process wrote, each with the moment it was read.
-type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
-
 /// `spicegate run` on the `guarded` cgroup. Its stderr is read line by
 /// line with timestamps (for start-to-enforcing and the DENY count); Drop
 /// stops it (SIGTERM, SIGKILL after 10 s). Enforcement stays pinned:
 /// [`PinDir`] removes it.
 pub struct Daemon {
     proc: Proc,
-    lines: Lines,
-    reader: Option<JoinHandle<()>>,
+    log: LineLog,
     pub spawned: Instant,
 }
 
-impl PinDir {
-    /// The daemon's schedule clock offset (see [`Daemon::spawn`]).
-    pub fn clock_offset_file(&self) -> PathBuf {
-        self.run_dir.join("clock-offset")
-    }
+/// The pin directory `/sys/fs/bpf/spicegate-bench-<pid>`, with the control
+/// socket and state under the scratch directory.
+pub fn pin_dir(bin: &Path, scratch: &TempDir) -> PinDir {
+    let name = format!("spicegate-bench-{}", std::process::id());
+    PinDir::new(&name, scratch.path().join("daemon"), bin)
+}
+
+/// The daemon's schedule clock offset (see [`Daemon::spawn`]).
+pub fn clock_offset_file(pin: &PinDir) -> PathBuf {
+    pin.run_dir().join("clock-offset")
 }
 
 impl Daemon {
@@ -448,42 +265,22 @@ impl Daemon {
             .arg("--cgroup")
             .arg(cgroup)
             .arg("--pin-dir")
-            .arg(&pin.path)
+            .arg(pin.path())
             .arg("--state-dir")
-            .arg(pin.run_dir.join("state"))
+            .arg(pin.state_dir())
             // Seconds added to the schedule clock (absent: none), so the
             // bench can cross a schedule edge now.
             .arg("--clock-offset-file")
-            .arg(pin.clock_offset_file())
+            .arg(clock_offset_file(pin))
             .env_remove("JOURNAL_STREAM")
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let spawned = Instant::now();
-        let mut proc = Proc::spawn(&mut cmd, "spicegate run")?;
-        let stderr = proc
-            .child()
-            .stderr
-            .take()
-            .ok_or_else(|| anyhow!("daemon stderr"))?;
-        let lines: Lines = Arc::default();
-        let sink = Arc::clone(&lines);
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let at = Instant::now();
-                sink.lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push((at, line));
-            }
-        });
-        Ok(Self {
-            proc,
-            lines,
-            reader: Some(reader),
-            spawned,
-        })
+        let mut proc = spawn(&mut cmd, "spicegate run", Duration::from_secs(10))?;
+        let log = LineLog::of_child(proc.child(), None, None);
+        Ok(Self { proc, log, spawned })
     }
 
     pub fn pid(&self) -> u32 {
@@ -491,10 +288,7 @@ impl Daemon {
     }
 
     fn lines(&self) -> Vec<(Instant, String)> {
-        self.lines
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.log.timed()
     }
 
     /// Waits for the `enforcing policy` line; returns when it was read.
@@ -508,7 +302,7 @@ impl Daemon {
             {
                 return Ok(*at);
             }
-            let exited = matches!(self.proc.child().try_wait(), Ok(Some(_)));
+            let exited = self.proc.exited().is_some();
             if exited || Instant::now() >= deadline {
                 let log: Vec<String> = self.lines().into_iter().map(|(_, l)| l).collect();
                 bail!(
@@ -523,7 +317,7 @@ impl Daemon {
 
     /// Lines written so far.
     pub fn line_count(&self) -> usize {
-        self.lines().len()
+        self.log.count()
     }
 
     /// When the first line containing `pattern` was read.
@@ -574,80 +368,16 @@ impl Daemon {
         Ok(f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0))
     }
 
-    /// SIGTERM and wait; the whole log when it does not stop.
+    /// SIGTERM and wait.
     pub fn stop(mut self) -> anyhow::Result<()> {
-        if !self.proc.stop(libc::SIGTERM, Duration::from_secs(10)) {
+        if self
+            .proc
+            .stop_with(libc::SIGTERM, Duration::from_secs(10))
+            .is_none()
+        {
             bail!("spicegate pid {} ignored SIGTERM for 10 s", self.pid());
         }
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
+        self.log.join(Duration::from_secs(2));
         Ok(())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if !self.proc.stop(libc::SIGTERM, Duration::from_secs(10)) {
-            eprintln!(
-                "xtask: spicegate pid {} ignored SIGTERM; killing it",
-                self.pid()
-            );
-        }
-        // Proc's own Drop kills and reaps what is left.
-    }
-}
-
-/// A pin directory `/sys/fs/bpf/spicegate-bench-<pid>` with its control
-/// socket and state under the scratch directory. Drop runs `spicegate
-/// unload` on it, and removes the pins by hand if that fails.
-pub struct PinDir {
-    pub path: PathBuf,
-    pub run_dir: PathBuf,
-    bin: PathBuf,
-}
-
-impl PinDir {
-    pub fn new(bin: &Path, scratch: &Scratch) -> Self {
-        Self {
-            path: PathBuf::from(format!(
-                "/sys/fs/bpf/spicegate-bench-{}",
-                std::process::id()
-            )),
-            run_dir: scratch.dir.join("daemon"),
-            bin: bin.to_owned(),
-        }
-    }
-
-    pub fn socket(&self) -> PathBuf {
-        self.run_dir.join("control.sock")
-    }
-
-    /// Removes the enforcement and the daemon's files.
-    pub fn unload(&self) -> anyhow::Result<()> {
-        if self.path.exists() {
-            sh(Command::new(&self.bin)
-                .args(["unload", "--pin-dir"])
-                .arg(&self.path))?;
-        }
-        if self.run_dir.exists() {
-            fs::remove_dir_all(&self.run_dir)
-                .with_context(|| format!("removing {}", self.run_dir.display()))?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(e) = self.unload() {
-            eprintln!("xtask: {e:#}");
-        }
-        if self.path.exists() {
-            // Unpinning a link nobody else holds detaches it.
-            if let Err(e) = fs::remove_dir_all(&self.path) {
-                eprintln!("xtask: LEFTOVER pin directory {}: {e}", self.path.display());
-            }
-        }
     }
 }

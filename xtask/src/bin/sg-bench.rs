@@ -36,6 +36,11 @@
 //! per port, accepts connections one after the other and reads each until
 //! EOF or error. It runs until killed.
 
+use spicegate_testkit::{
+    flags::{self, Flags},
+    privilege,
+    sockaddr::{SockAddr, errno},
+};
 use std::{
     io::{BufRead as _, Write as _},
     net::{SocketAddr, SocketAddrV4},
@@ -47,10 +52,6 @@ use std::{
 fn fail(msg: &str) -> ! {
     eprintln!("sg-bench: {msg}");
     exit(2)
-}
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
 fn main() {
@@ -65,22 +66,20 @@ fn main() {
     let mut gid = None;
     let mut cpu = None;
     let mut addrs = Vec::new();
-    let mut it = rest.iter();
-    while let Some(a) = it.next() {
-        let mut value = || {
-            it.next()
-                .unwrap_or_else(|| fail(&format!("{a} needs a value")))
-        };
+    let mut f = Flags::new(rest.iter().cloned(), fail);
+    while let Some(a) = f.next_flag() {
         match a.as_str() {
-            "--cgroup" => cgroup = Some(value().clone()),
-            "--uid" => uid = Some(number(value())),
-            "--gid" => gid = Some(number(value())),
-            "--cpu" => cpu = Some(number(value())),
+            "--cgroup" => cgroup = Some(f.value(&a)),
+            "--uid" => uid = Some(f.parsed::<u32>(&a)),
+            "--gid" => gid = Some(f.parsed::<u32>(&a)),
+            "--cpu" => cpu = Some(f.parsed::<u32>(&a)),
             other => addrs.push(v4(other)),
         }
     }
-    if let Some(dir) = &cgroup {
-        join_cgroup(dir);
+    if let Some(dir) = &cgroup
+        && let Err(e) = privilege::join_cgroup(dir)
+    {
+        fail(&e.to_string());
     }
     if let Some(cpu) = cpu {
         pin_to(cpu);
@@ -90,7 +89,9 @@ fn main() {
             let (Some(uid), Some(gid)) = (uid, gid) else {
                 fail("worker needs --uid and --gid")
             };
-            drop_privileges(uid, gid);
+            if let Err(e) = privilege::drop_to(uid, gid) {
+                fail(&format!("dropping to uid {uid} gid {gid}: {e}"));
+            }
             serve();
         }
         "listen" => listen(&addrs),
@@ -98,22 +99,10 @@ fn main() {
     }
 }
 
-fn number(s: &str) -> u32 {
-    s.parse()
-        .unwrap_or_else(|_| fail(&format!("not a number: {s}")))
-}
-
 fn v4(s: &str) -> SocketAddrV4 {
     match s.parse::<SocketAddr>() {
         Ok(SocketAddr::V4(a)) => a,
         _ => fail(&format!("not an IPv4 ADDR:PORT: {s}")),
-    }
-}
-
-fn join_cgroup(dir: &str) {
-    let procs = format!("{dir}/cgroup.procs");
-    if let Err(e) = std::fs::write(&procs, std::process::id().to_string()) {
-        fail(&format!("joining {procs}: {e}"));
     }
 }
 
@@ -133,31 +122,8 @@ fn pin_to(cpu: u32) {
     }
 }
 
-fn drop_privileges(uid: u32, gid: u32) {
-    let groups = [gid as libc::gid_t];
-    // SAFETY: plain syscalls with a valid one-element array.
-    let ok = unsafe {
-        libc::setgroups(1, groups.as_ptr()) == 0
-            && libc::setresgid(gid, gid, gid) == 0
-            && libc::setresuid(uid, uid, uid) == 0
-    };
-    if !ok {
-        fail(&format!(
-            "dropping to uid {uid} gid {gid}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-}
-
-fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(a.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    }
+fn sockaddr(a: SocketAddrV4) -> SockAddr {
+    SockAddr::new(a.into())
 }
 
 fn tcp_socket() -> Result<OwnedFd, i32> {
@@ -183,21 +149,15 @@ fn set_opt<T>(fd: &OwnedFd, level: i32, name: i32, value: &T) {
     };
 }
 
-fn connect(fd: &OwnedFd, sa: &libc::sockaddr_in) -> Result<(), i32> {
-    // SAFETY: sa is a valid sockaddr_in of the length given.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (sa as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
+fn connect(fd: &OwnedFd, sa: &SockAddr) -> Result<(), i32> {
+    // SAFETY: sa is valid for its length.
+    let rc = unsafe { libc::connect(fd.as_raw_fd(), sa.as_ptr(), sa.len()) };
     if rc == 0 { Ok(()) } else { Err(errno()) }
 }
 
 /// One connect + close, the unit the connect benchmark counts.
 #[inline(always)]
-fn connect_once(sa: &libc::sockaddr_in) -> Result<(), i32> {
+fn connect_once(sa: &SockAddr) -> Result<(), i32> {
     let fd = tcp_socket()?;
     let linger = libc::linger {
         l_onoff: 1,
@@ -233,7 +193,7 @@ fn serve() {
 }
 
 fn millis(s: &str) -> Duration {
-    Duration::from_millis(u64::from(number(s)))
+    Duration::from_millis(flags::parse(s, "MS", fail))
 }
 
 fn connect_loop(addr: SocketAddrV4, length: Duration) -> String {
@@ -308,14 +268,8 @@ fn listen(addrs: &[SocketAddrV4]) {
         let one: libc::c_int = 1;
         set_opt(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one);
         let sa = sockaddr(a);
-        // SAFETY: sa is a valid sockaddr_in of the length given.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&raw const sa).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
+        // SAFETY: sa is valid for its length.
+        let rc = unsafe { libc::bind(fd.as_raw_fd(), sa.as_ptr(), sa.len()) };
         // SAFETY: listen on our own bound socket.
         if rc != 0 || unsafe { libc::listen(fd.as_raw_fd(), 4096) } != 0 {
             fail(&format!(
