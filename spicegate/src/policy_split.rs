@@ -42,7 +42,7 @@ pub fn parse_threads() -> usize {
 /// any fails to parse.
 pub fn parse_pieces<T: serde::de::DeserializeOwned + Send>(
     docs: Vec<Doc<'_>>,
-) -> Option<Vec<(T, Vec<(usize, usize)>)>> {
+) -> Option<Vec<(T, OffsetMap)>> {
     use std::sync::{Mutex, atomic::AtomicUsize, atomic::Ordering};
     let parsed: Vec<Mutex<Option<Option<T>>>> = docs.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
@@ -79,12 +79,14 @@ pub fn parse_pieces<T: serde::de::DeserializeOwned + Send>(
         .collect()
 }
 
-/// One document to parse: its text, and where its bytes are in the file
-/// (pairs of document offset and file offset, from which the bytes run on
-/// in step, sorted).
+/// Where a document's bytes are in the file: pairs of document offset and
+/// file offset, from which the bytes run on in step, sorted.
+pub type OffsetMap = Vec<(usize, usize)>;
+
+/// One document to parse: its text, and where its bytes are in the file.
 pub struct Doc<'a> {
     pub text: std::borrow::Cow<'a, str>,
-    pub map: Vec<(usize, usize)>,
+    pub map: OffsetMap,
 }
 
 impl Doc<'_> {
