@@ -4,9 +4,8 @@
 //! values to serde: for a policy of a million `allow` entries that tree
 //! costs about 200 MB, for 11 MB of text. A text this large is almost all
 //! `[vms.NAME]` tables, so it is cut into pieces of a few VMs each, parsed
-//! a few at a time on threads of their own ([`parse_pieces`]: the pieces
-//! are smaller the more threads parse, so the trees alive at once stay
-//! about [`PIECE_BYTES`] of text), and the rest of the document on its own.
+//! one after the other (the tree of one piece at a time), and the rest of
+//! the document on its own.
 //!
 //! A piece is a slice of the text (no copy); the rest is the text without
 //! the VM tables. Each document carries the map from its offsets back to
@@ -22,71 +21,16 @@ use std::ops::Range;
 /// Texts shorter than this are parsed whole.
 pub const SPLIT_FROM: usize = 1 << 20;
 
-/// About how many bytes of VM tables are parsed at once, over all threads:
-/// the tree of a piece is about 18 times its size.
+/// About how many bytes of VM tables go into one piece: the tree of one
+/// piece is about 18 times its size.
 const PIECE_BYTES: usize = 256 << 10;
 
-/// At most this many threads parse pieces (more would only add memory:
-/// smaller pieces each, for little time).
-const MAX_PARSE_THREADS: usize = 4;
-
-/// How many threads [`parse_pieces`] uses here.
-pub fn parse_threads() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, std::num::NonZeroUsize::get)
-        .min(MAX_PARSE_THREADS)
-}
-
-/// Parses each document, on [`parse_threads`] threads (each takes the next
-/// piece when done), and returns them in order with their maps; `None` if
-/// any fails to parse.
-pub fn parse_pieces<T: serde::de::DeserializeOwned + Send>(
-    docs: Vec<Doc<'_>>,
-) -> Option<Vec<(T, OffsetMap)>> {
-    use std::sync::{Mutex, atomic::AtomicUsize, atomic::Ordering};
-    let parsed: Vec<Mutex<Option<Option<T>>>> = docs.iter().map(|_| Mutex::new(None)).collect();
-    let next = AtomicUsize::new(0);
-    let work = || {
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(doc) = docs.get(i) else { return };
-            let raw = toml::from_str::<T>(&doc.text).ok();
-            let failed = raw.is_none();
-            *parsed[i]
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(raw);
-            if failed {
-                // The caller parses the whole text anyway: stop early.
-                next.store(docs.len(), Ordering::Relaxed);
-                return;
-            }
-        }
-    };
-    let threads = parse_threads().min(docs.len());
-    std::thread::scope(|s| {
-        for _ in 1..threads {
-            s.spawn(work);
-        }
-        work();
-    });
-    parsed
-        .into_iter()
-        .zip(docs)
-        .map(|(raw, doc)| {
-            let raw = raw.into_inner().ok().flatten().flatten()?;
-            Some((raw, doc.map))
-        })
-        .collect()
-}
-
-/// Where a document's bytes are in the file: pairs of document offset and
-/// file offset, from which the bytes run on in step, sorted.
-pub type OffsetMap = Vec<(usize, usize)>;
-
-/// One document to parse: its text, and where its bytes are in the file.
+/// One document to parse: its text, and where its bytes are in the file
+/// (pairs of document offset and file offset, from which the bytes run on
+/// in step, sorted).
 pub struct Doc<'a> {
     pub text: std::borrow::Cow<'a, str>,
-    pub map: OffsetMap,
+    pub map: Vec<(usize, usize)>,
 }
 
 impl Doc<'_> {
@@ -104,11 +48,6 @@ impl Doc<'_> {
 /// (the text without its VM tables, each replaced by a line break) and one
 /// slice per group of VM tables. `None`: parse `text` whole.
 pub fn split(text: &str) -> Option<Vec<Doc<'_>>> {
-    split_into(text, PIECE_BYTES / parse_threads())
-}
-
-/// [`split`], with pieces of about `piece_bytes` of VM tables.
-fn split_into(text: &str, piece_bytes: usize) -> Option<Vec<Doc<'_>>> {
     if text.len() < SPLIT_FROM {
         return None;
     }
@@ -116,11 +55,11 @@ fn split_into(text: &str, piece_bytes: usize) -> Option<Vec<Doc<'_>>> {
     if tables.is_empty() {
         return None;
     }
-    // Group consecutive VM tables into pieces of about `piece_bytes`.
+    // Group consecutive VM tables into pieces of about PIECE_BYTES.
     let mut groups: Vec<Range<usize>> = Vec::new();
     for r in tables {
         match groups.last_mut() {
-            Some(g) if g.end == r.start && g.len() < piece_bytes => g.end = r.end,
+            Some(g) if g.end == r.start && g.len() < PIECE_BYTES => g.end = r.end,
             _ => groups.push(r),
         }
     }

@@ -31,8 +31,11 @@ pub(super) fn parse_sources_with(
     for (i, src) in sources.iter().enumerate() {
         // A very large text a piece at a time (see policy_split); any
         // trouble, and it is parsed whole, for the exact errors.
-        let pieces = crate::policy_split::split(&src.text)
-            .and_then(crate::policy_split::parse_pieces::<RawPolicy>);
+        let pieces = crate::policy_split::split(&src.text).and_then(|docs| {
+            docs.into_iter()
+                .map(|d| Some((toml::from_str::<RawPolicy>(&d.text).ok()?, d.map)))
+                .collect::<Option<Vec<_>>>()
+        });
         if let Some(pieces) = pieces {
             for (raw, map) in pieces {
                 raws.push((errs.views.len(), raw));
