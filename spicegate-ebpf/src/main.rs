@@ -4,8 +4,15 @@
 //! A connect is refused only when its destination is a guarded endpoint and
 //! the (real uid, endpoint) pair has no grant. The rule table is one inner
 //! hash map behind `SPICEGATE_POLICY`, replaced whole by a reload; grants
-//! changed since (grant, revoke, schedule, console) sit in a small overlay
-//! behind `SPICEGATE_OVERLAY`, also replaced whole.
+//! changed since (grant, revoke, schedule, console) sit in two small
+//! overlays behind `SPICEGATE_OVERLAY`, of which `SPICEGATE_OVERLAY_SEL`
+//! says which one is in force (the daemon writes the other, then flips).
+//! A granted socket is marked (`mark`) for the daemon's sweep, and the
+//! release program removes the mark when the socket is closed.
+//!
+//! One file of about 600 lines, half of it comments: the programs share
+//! every helper, and the comments quote what the verifier says without
+//! each workaround.
 //!
 //! Shaped for the toolchain and the verifier: every helper is
 //! `#[inline(always)]`, so each program is one flat function. Where that

@@ -3,6 +3,10 @@
 //! pinned link), network namespaces with a veth pair, a tmpfs mount, copies
 //! of a binary (setuid or world-executable) and nested cgroups. Every change
 //! to the machine sits in a guard whose `Drop` undoes it without panicking.
+//!
+//! Longer than 600 lines: each guard is small, but the security tests need
+//! many of them, and they talk to the kernel directly (raw bpf(2) calls)
+//! rather than through spicegate's code.
 
 use std::{
     ffi::CString,
@@ -865,26 +869,7 @@ pub fn inner_map_len(pin: &Path, key: u32, key_size: usize) -> io::Result<Option
     let Some(id) = outer_map_slot(pin, key)? else {
         return Ok(None);
     };
-    let table = map_by_id(id)?;
-    let mut key = vec![0u8; key_size];
-    let mut next = vec![0u8; key_size];
-    let mut n = 0;
-    loop {
-        let mut attr = MapElemAttr {
-            map_fd: table.as_raw_fd() as u32,
-            _pad0: 0,
-            key: if n == 0 { 0 } else { key.as_ptr() as u64 },
-            value: next.as_mut_ptr() as u64,
-            flags: 0,
-        };
-        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Some(n)),
-            Err(e) => return Err(e),
-        }
-        n += 1;
-        key.copy_from_slice(&next);
-    }
+    map_len(&map_by_id(id)?, key_size).map(Some)
 }
 
 /// What root could try with `bpftool map update` on an inner map: writes
@@ -892,21 +877,24 @@ pub fn inner_map_len(pin: &Path, key: u32, key_size: usize) -> io::Result<Option
 /// pinned at `pin`.
 pub fn write_inner_map(pin: &Path, slot: u32, key: &[u8], value: &[u8]) -> io::Result<()> {
     let id = outer_map_slot(pin, slot)?.ok_or_else(|| io::Error::other("empty slot"))?;
-    let table = map_by_id(id)?;
-    let mut attr = MapElemAttr {
-        map_fd: table.as_raw_fd() as u32,
-        _pad0: 0,
-        key: key.as_ptr() as u64,
-        value: value.as_ptr() as u64,
-        flags: 0,
-    };
-    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+    map_write(&map_by_id(id)?, key, value)
 }
 
 /// How many entries the map pinned at `pin` holds, counted by walking its
 /// keys of `key_size` bytes.
 pub fn pinned_map_len(pin: &Path, key_size: usize) -> io::Result<usize> {
-    let map = obj_get(pin)?;
+    map_len(&obj_get(pin)?, key_size)
+}
+
+/// Writes `key` -> `value` into the map pinned at `pin` (what root could
+/// do with `bpftool map update pinned`).
+pub fn write_pinned_map(pin: &Path, key: &[u8], value: &[u8]) -> io::Result<()> {
+    map_write(&obj_get(pin)?, key, value)
+}
+
+/// How many entries `map` holds, counted by walking its keys of
+/// `key_size` bytes (BPF_MAP_GET_NEXT_KEY).
+fn map_len(map: &OwnedFd, key_size: usize) -> io::Result<usize> {
     let mut key = vec![0u8; key_size];
     let mut next = vec![0u8; key_size];
     let mut n = 0;
@@ -928,10 +916,8 @@ pub fn pinned_map_len(pin: &Path, key_size: usize) -> io::Result<usize> {
     }
 }
 
-/// Writes `key` -> `value` into the map pinned at `pin` (what root could
-/// do with `bpftool map update pinned`).
-pub fn write_pinned_map(pin: &Path, key: &[u8], value: &[u8]) -> io::Result<()> {
-    let map = obj_get(pin)?;
+/// Writes `key` -> `value` into `map` (BPF_MAP_UPDATE_ELEM, any flags).
+fn map_write(map: &OwnedFd, key: &[u8], value: &[u8]) -> io::Result<()> {
     let mut attr = MapElemAttr {
         map_fd: map.as_raw_fd() as u32,
         _pad0: 0,

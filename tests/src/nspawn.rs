@@ -1,5 +1,8 @@
 //! Booting a real Debian with systemd in a container, for the service test.
 //!
+//! About 600 lines: the rootfs cache, the container and its guards, and
+//! the package installs, in the order a boot needs them.
+//!
 //! The root file system is debootstrapped once into a cache outside the
 //! repository (`/var/cache/spicegate-tests/rootfs-<codename>`, the host's
 //! suite from the host's mirror) and reused: each [`Container`] runs on an

@@ -4,6 +4,9 @@
 //! test user. Every process and file sits in a guard whose `Drop` stops or
 //! removes it without panicking.
 //!
+//! Longer than 600 lines: QMP, Xvfb and remote-viewer each need their own
+//! start, readiness check and guard.
+//!
 //! The packages come from `cargo xtask setup`: `qemu-system-x86` (its
 //! `qemu-system-common` carries the Spice UI module), `virt-viewer` and
 //! `xvfb`, all with `--no-install-recommends`.

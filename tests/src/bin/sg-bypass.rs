@@ -2,6 +2,10 @@
 //! kernel routes a connection-oriented connect through, for the security
 //! tests (`tests/tests/security.rs`).
 //!
+//! Longer than 600 lines: one function per way a connect reaches the
+//! kernel (`--via` below: blocking, non-blocking, Fast Open, io_uring in
+//! four forms), each a few dozen lines of raw syscalls.
+//!
 //! ```text
 //! sg-bypass [--netns PATH] [--cgroup DIR] [--uid N --gid N]
 //!           [--move-to-cgroup DIR]... [--lo-up] [--ids]
