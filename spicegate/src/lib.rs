@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod policy;
 pub mod policy_split;
+pub mod proto;
 pub mod report;
 pub mod schedule;
 pub mod sockdiag;

@@ -9,7 +9,7 @@ use tokio::{
     net::UnixStream,
 };
 
-use super::{proto::write_line, *};
+use super::{wire::write_line, *};
 
 /// Client side: one request, one response, read as `T` (the answer type of
 /// that request, e.g. [`super::Status`] for [`Request::Status`]). Fails

@@ -7,40 +7,30 @@
 //! else may only ask about themselves. Requests are bounded in size and
 //! time, and connections in number, so no client can wedge the daemon.
 //!
-//! - `proto`: the requests, and reading a request;
-//! - `answers`: the response line and the answers, one type each, built by
-//!   the daemon and read by the CLI; `status`: the `status` document;
+//! The requests and answers themselves are in [`crate::proto`].
+//!
+//! - `wire`: writing a line, and naming a user in a request;
 //! - `server`: the socket, its limits, and answering requests;
 //! - `client`: one request and its answer, for the CLI.
 
-mod answers;
 mod client;
-mod proto;
 mod server;
-mod status;
 #[cfg(test)]
 mod tests;
+mod wire;
 
 use std::{path::PathBuf, time::Duration};
 
 pub use self::{
-    answers::{
-        Answer, GrantAnswer, ListAnswer, ListVm, Names, ReloadAnswer, Response, RevokeAnswer,
-        UserRef, UsersPage, VmUser, WhyAnswer,
-    },
     client::{NotRunning, call, connect, read_response, subscribe},
-    proto::{Request, parse_request, resolve_user},
     server::{Shared, bind, fill_user_names, serve},
-    status::{
-        Counts, LastChange, LastReload, Listeners, NotRunningStatus, OverallMode, PolicyStatus,
-        ScheduleUser, Status, TableStatus, TemporaryGrant, UnresolvedName, VmStatus,
-    },
+    wire::resolve_user,
 };
+// The CLI reads the answers it asks for through here.
+pub use crate::proto::*;
 
 /// Default socket path.
 pub const DEFAULT_SOCKET: &str = "/run/spicegate/control.sock";
-/// Largest request line accepted.
-pub const MAX_REQUEST: usize = 64 * 1024;
 /// Time a client has to send its request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections of non-admin users served at once; more are refused with an

@@ -22,11 +22,7 @@ use crate::{
     policy::Settings,
 };
 
-use super::{
-    answers::{Answer, Names, ReloadAnswer},
-    proto::write_line,
-    *,
-};
+use super::{wire::write_line, *};
 
 /// Open connections per account; an entry goes when its last connection
 /// does.

@@ -4,7 +4,7 @@
 use super::*;
 
 /// A reload put in force. The control handler renders `diff` as the
-/// `changes` lines of [`crate::control::ReloadAnswer`] (names need NSS,
+/// `changes` lines of [`crate::proto::ReloadAnswer`] (names need NSS,
 /// which the engine thread does not wait on).
 pub struct Reloaded {
     pub summary: String,

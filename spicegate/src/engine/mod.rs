@@ -33,9 +33,6 @@ use tokio::sync::oneshot;
 use crate::{
     background::{NameLog, ResolveJob, Sweeper},
     compile::{Compiled, Dest, Dynamic, LocalAddrs, compile, grant_delta, recompile_pairs},
-    control::{
-        GrantAnswer, LastChange, LastReload, ListAnswer, RevokeAnswer, Status, UsersPage, WhyAnswer,
-    },
     diff::Diff,
     directory::Nss,
     grants::{GrantStore, TempGrant, now_unix, rfc3339},
@@ -43,6 +40,9 @@ use crate::{
     journal::Event,
     kernel::{self, Kernel, PinPaths},
     policy::{self, Env, Mode, Policy, Resolver, Settings, Source as PolicySource},
+    proto::{
+        GrantAnswer, LastChange, LastReload, ListAnswer, RevokeAnswer, Status, UsersPage, WhyAnswer,
+    },
     schedule, state,
 };
 
@@ -55,8 +55,8 @@ pub use self::{
         CachingResolver, Loaded, Loader, NAMES_AT_START, load_policy, load_policy_at_start,
         release_free_memory,
     },
-    views::{STATUS_FORMAT, STATUS_USERS, USERS_PAGE},
 };
+pub use crate::proto::{STATUS_FORMAT, STATUS_USERS, USERS_PAGE};
 
 /// Requests to the engine.
 pub enum Command {

@@ -1,15 +1,15 @@
 //! The answers: `status`, `list`, `why`, and the pages of users and of
-//! the report (their types in control/). Names are filled in off the
+//! the report (their types in proto/). Names are filled in off the
 //! engine.
 
 use super::*;
 use crate::{
     compile::Via,
-    control::{
+    explain::{Context, explain, explain_bind},
+    proto::{
         Counts, ListVm, Listeners, OverallMode, PolicyStatus, ScheduleUser, TableStatus,
         TemporaryGrant, UnresolvedName, UserRef, VmStatus, VmUser,
     },
-    explain::{Context, explain, explain_bind},
 };
 
 impl Engine {
@@ -365,16 +365,6 @@ impl Engine {
         }
     }
 }
-
-/// Version of the `status` document (docs/status.md).
-pub const STATUS_FORMAT: u32 = 2;
-
-/// Users listed per VM by `status` (and schedule users); the rest are
-/// counted (`users_total`) and paged by `status --vm NAME --users`.
-pub const STATUS_USERS: usize = 100;
-
-/// Users per page of `status --vm NAME --users`.
-pub const USERS_PAGE: usize = 1000;
 
 /// One `users[]` entry of `status`; the name is filled in off the engine.
 pub(super) fn user_entry(i: &crate::compile::EndpointInfo, vm: &policy::Vm, u: u32) -> VmUser {

@@ -295,17 +295,5 @@ pub fn page(
     }
 }
 
-/// The names of a page's rows (not the `@console` row's): filled in off
-/// the engine thread.
-impl crate::control::Names for Page {
-    fn each_name(&mut self, f: &mut dyn FnMut(u32, &mut Option<String>)) {
-        for r in &mut self.rows {
-            if let Some(uid) = r.uid {
-                f(uid, &mut r.user);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests;

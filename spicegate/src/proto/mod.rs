@@ -1,14 +1,34 @@
-//! What travels on the socket: one request line, one response line.
+//! What travels on the control socket: the request line, and the answers
+//! (one type each, built by the daemon and read by the CLI). Plain data:
+//! this module depends on no part of the daemon that uses it, so the
+//! engine builds answers and the server ([`crate::control`]) sends them
+//! without either importing the other's types through a cycle.
+//!
+//! - here: [`Request`], and reading one;
+//! - `answers`: the response line and the answers other than `status`;
+//! - `status`: the `status` document (docs/status.md).
+
+mod answers;
+mod status;
 
 use std::net::IpAddr;
 
-use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
-use tokio::{io::AsyncWriteExt as _, net::UnixStream};
 
-use crate::directory::Directory;
+pub use self::{
+    answers::{
+        Answer, GrantAnswer, ListAnswer, ListVm, Names, ReloadAnswer, Response, RevokeAnswer,
+        UserRef, UsersPage, VmUser, WhyAnswer,
+    },
+    status::{
+        Counts, LastChange, LastReload, Listeners, NotRunningStatus, OverallMode, PolicyStatus,
+        STATUS_FORMAT, STATUS_USERS, ScheduleUser, Status, TableStatus, TemporaryGrant, USERS_PAGE,
+        UnresolvedName, VmStatus,
+    },
+};
 
-use super::*;
+/// Largest request line accepted.
+pub const MAX_REQUEST: usize = 64 * 1024;
 
 /// A request, as sent on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,22 +82,6 @@ impl Request {
     }
 }
 
-/// Resolves `name` or `#uid` to a uid.
-pub fn resolve_user(who: &str, dir: &dyn Directory) -> Result<u32, String> {
-    if let Some(num) = who.strip_prefix('#') {
-        return num
-            .parse()
-            .map_err(|_| format!("`{who}`: `#` must be followed by a numeric uid"));
-    }
-    match dir.user_uid(who) {
-        Ok(Some(uid)) => Ok(uid),
-        Ok(None) => Err(format!(
-            "unknown user `{who}` (write `#UID` for a uid without a passwd entry)"
-        )),
-        Err(e) => Err(format!("cannot look up user `{who}`: {e}")),
-    }
-}
-
 /// Validates one request line as read from a client (newline included).
 /// Pure, so the fuzzer drives exactly what the socket does.
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
@@ -89,17 +93,4 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     }
     let text = std::str::from_utf8(line).map_err(|_| "request is not UTF-8".to_owned())?;
     serde_json::from_str(text.trim_end()).map_err(|e| format!("bad request: {e}"))
-}
-
-/// Writes one JSON line (a request or a response).
-pub(super) async fn write_line<T: Serialize>(
-    stream: &mut UnixStream,
-    value: &T,
-) -> anyhow::Result<()> {
-    let mut line = serde_json::to_vec(value)?;
-    line.push(b'\n');
-    tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&line))
-        .await
-        .context("client too slow to read")??;
-    Ok(())
 }

@@ -14,7 +14,7 @@ use crate::compile::Via;
 
 /// Answers with user names the engine leaves out (`"user": null` next to a
 /// `"uid"`): looking them up may wait on NSS, so the control handler fills
-/// them in off the engine thread ([`super::fill_user_names`]).
+/// them in off the engine thread ([`crate::control::fill_user_names`]).
 pub trait Names {
     /// Calls `f` with every (uid, name) pair of the answer.
     fn each_name(&mut self, f: &mut dyn FnMut(u32, &mut Option<String>));
@@ -202,6 +202,17 @@ impl<T> From<Result<T, String>> for Response<T> {
         match r {
             Ok(v) => Self::ok(v),
             Err(e) => Self::err(e),
+        }
+    }
+}
+
+/// The names of a report page's rows (not the `@console` row's).
+impl Names for crate::report::Page {
+    fn each_name(&mut self, f: &mut dyn FnMut(u32, &mut Option<String>)) {
+        for r in &mut self.rows {
+            if let Some(uid) = r.uid {
+                f(uid, &mut r.user);
+            }
         }
     }
 }

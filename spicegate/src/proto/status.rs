@@ -14,6 +14,16 @@ use serde::{Deserialize, Serialize};
 use super::answers::{Names, UserRef, VmUser};
 use crate::{denials::DropCounts, policy::Mode};
 
+/// Version of the `status` document (docs/status.md).
+pub const STATUS_FORMAT: u32 = 2;
+
+/// Users listed per VM by `status` (and schedule users); the rest are
+/// counted (`users_total`) and paged by `status --vm NAME --users`.
+pub const STATUS_USERS: usize = 100;
+
+/// Users per page of `status --vm NAME --users`.
+pub const USERS_PAGE: usize = 1000;
+
 /// `spicegate status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -40,7 +50,7 @@ pub struct Status {
     /// Always `true` here; see [`NotRunningStatus`].
     pub running: bool,
     pub started_at: String,
-    /// [`crate::engine::STATUS_FORMAT`].
+    /// [`STATUS_FORMAT`].
     pub status_format: u32,
     /// How changes reach the kernel.
     pub table: TableStatus,
@@ -207,12 +217,12 @@ pub struct VmStatus {
     pub endpoints: Vec<String>,
     pub mode: Mode,
     pub name: String,
-    /// The first [`crate::engine::STATUS_USERS`] a schedule names.
+    /// The first [`STATUS_USERS`] a schedule names.
     pub schedule_users: Vec<ScheduleUser>,
     pub schedule_users_total: usize,
     pub schedules: Vec<String>,
     pub server: String,
-    /// Who may open it now, the first [`crate::engine::STATUS_USERS`].
+    /// Who may open it now, the first [`STATUS_USERS`].
     pub users: Vec<VmUser>,
     pub users_total: usize,
 }
