@@ -18,6 +18,8 @@ pub mod directory;
 pub mod engine;
 pub mod events;
 pub mod explain;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grants;
 pub mod hostaddrs;
 pub mod journal;

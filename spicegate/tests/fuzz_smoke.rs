@@ -4,84 +4,10 @@
 //! inputs. Nothing may panic; a policy that validates must compile or be
 //! refused with an error.
 
-use std::{collections::BTreeSet, io, net::IpAddr, path::PathBuf};
+use std::{io, path::PathBuf};
 
 use proptest::prelude::*;
-use spicegate::{
-    compile::{Dynamic, LocalAddrs, compile, decide},
-    control::parse_request,
-    directory::Directory,
-    policy::{Env, Resolver, Source, parse_sources},
-};
-
-struct Dir;
-impl Directory for Dir {
-    fn user_uid(&self, name: &str) -> io::Result<Option<u32>> {
-        Ok(match name {
-            "root" => Some(0),
-            "alice" => Some(1000),
-            "bob" => Some(1001),
-            _ => None,
-        })
-    }
-    fn group_members(&self, name: &str) -> io::Result<Option<BTreeSet<u32>>> {
-        Ok((name == "staff").then(|| [1000, 1001].into()))
-    }
-    fn user_name(&self, _: u32) -> Option<String> {
-        None
-    }
-}
-
-struct Res;
-impl Resolver for Res {
-    fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, String> {
-        if host == "kvm.example.lan" {
-            Ok(vec![IpAddr::from([192, 0, 2, 7])])
-        } else {
-            Err("unknown".into())
-        }
-    }
-}
-
-/// What the `policy` fuzz target does with one input.
-fn policy_input(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    let (main, dropin) = text.split_once("\n#---\n").unwrap_or((text, ""));
-    let mut sources = vec![Source {
-        path: PathBuf::from("policy.toml"),
-        text: main.to_owned(),
-    }];
-    if !dropin.is_empty() {
-        sources.push(Source {
-            path: PathBuf::from("policy.d/10.toml"),
-            text: dropin.to_owned(),
-        });
-    }
-    let Ok(policy) = parse_sources(
-        &sources,
-        &Env {
-            dir: &Dir,
-            resolver: &Res,
-        },
-    ) else {
-        return;
-    };
-    let local: LocalAddrs = [IpAddr::from([10, 0, 0, 1])].into();
-    if let Ok(c) = compile(
-        &policy,
-        &local,
-        &Dynamic {
-            console: Some(1000),
-            ..Dynamic::default()
-        },
-    ) {
-        for port in [5930u16, 20002] {
-            let _ = decide(&c, 1000, IpAddr::from([127, 0, 0, 1]), port);
-        }
-    }
-}
+use spicegate::{control::parse_request, fuzzing::policy_input};
 
 fn corpus(name: &str) -> Vec<Vec<u8>> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
