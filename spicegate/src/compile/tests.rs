@@ -5,30 +5,13 @@ use std::path::Path;
 use spicegate_common::GRANT_REVOKED;
 
 use super::*;
-use crate::{directory::FakeDirectory, policy::parse};
+use crate::policy::parse;
+
+use crate::policy::tests::SEED;
 
 fn policy(text: &str) -> Policy {
-    let dir = FakeDirectory::default()
-        .user("myself", 1000)
-        .user("ralph", 1001)
-        .group("bookkeeping", &[1002, 1003]);
-    parse(text, Path::new("p.toml"), &dir).unwrap_or_else(|e| panic!("{e}"))
+    parse(text, Path::new("p.toml"), &crate::policy::tests::dir()).unwrap_or_else(|e| panic!("{e}"))
 }
-
-const SEED: &str = r##"
-[protect]
-ports = ["20001-20010", 5930]
-[servers.mysrv]
-address = "192.168.2.2"
-[vms.debianx]
-server = "mysrv"
-ports = [20002]
-allow = ["myself", "@bookkeeping", "#1021"]
-[vms.winlab]
-server = "localhost"
-ports = [5930]
-allow = ["ralph"]
-"##;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("ip literal")

@@ -21,7 +21,7 @@ mod model;
 mod raw;
 mod sources;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod validate;
 pub mod windows;
 

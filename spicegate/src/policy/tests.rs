@@ -3,7 +3,8 @@ use std::{path::Path, time::Duration};
 use super::*;
 use crate::directory::FakeDirectory;
 
-fn dir() -> FakeDirectory {
+/// The seed policy's users: also used by the compiler's tests.
+pub(crate) fn dir() -> FakeDirectory {
     FakeDirectory::default()
         .user("myself", 1000)
         .user("ralph", 1001)
@@ -49,7 +50,9 @@ fn err(text: &str) -> String {
         .to_string()
 }
 
-const SEED: &str = r##"
+/// The seed scenario (the example policy's shape): also used by the
+/// compiler's tests.
+pub(crate) const SEED: &str = r##"
 [protect]
 ports = ["20001-20010", 5930]
 
