@@ -10,9 +10,8 @@
 //! A granted socket is marked (`mark`) for the daemon's sweep, and the
 //! release program removes the mark when the socket is closed.
 //!
-//! One file of about 600 lines, half of it comments: the programs share
-//! every helper, and the comments quote what the verifier says without
-//! each workaround.
+//! - this file: the programs and the decision;
+//! - `report`: a refusal's DENY record, its rate limit and drop counts.
 //!
 //! Shaped for the toolchain and the verifier: every helper is
 //! `#[inline(always)]`, so each program is one flat function. Where that
@@ -23,28 +22,23 @@
 #![no_std]
 #![no_main]
 
+mod report;
+
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_NO_WAKEUP},
-    btf_maps::{Array, ArrayOfMaps, HashMap, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage},
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_get_socket_cookie, bpf_ktime_get_ns,
-    },
+    btf_maps::{Array, ArrayOfMaps, HashMap, PerCpuHashMap, SkStorage},
+    helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie},
     macros::{btf_map, cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
-use aya_log_ebpf::macro_support::AYA_LOGS;
-use aya_log_ebpf::warn;
 use spicegate_common::{
-    COUNTERS_MAP_ENTRIES, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_MARK_FAILED,
-    DROP_RATE_LIMITED, ENDPOINT_AUDIT, FLOOD_RING_BYTES, FloodRecord, GRANT_REVOKED,
-    GRANTED_ENTRIES, KIND_BIND_PORT, KIND_ENDPOINT, KIND_GRANT, KIND_LISTENER, KIND_LOCAL,
-    KIND_LOCAL_NETS, KIND_PORT, LOG_RING_BYTES, LOG_RING_HEADROOM, MAX_LOCAL_NET_LENS, NO_VM,
-    OP_BIND, OP_CONNECT, OVERLAY_EMPTY, OVERLAY_SELECT_ACTIVE, OVERLAY_SLOTS, POLICY_SLOT,
-    PORT_AUDIT, PORT_GEN_SHIFT, PORT_GUARD_ALL, RATE_BURST, RATE_LOW_UIDS, RATE_NAMED_ENTRIES,
-    RATE_SHARED_BURST, RATE_SHARED_SLOT, RATE_SHARED_WINDOW_NS, RATE_SLOTS, RATE_WINDOW_NS,
-    RateState, RuleKey, RuleValue, VmCounters,
+    COUNTERS_MAP_ENTRIES, DROP_MARK_FAILED, ENDPOINT_AUDIT, GRANT_REVOKED, GRANTED_ENTRIES,
+    KIND_BIND_PORT, KIND_ENDPOINT, KIND_GRANT, KIND_LISTENER, KIND_LOCAL, KIND_LOCAL_NETS,
+    KIND_PORT, MAX_LOCAL_NET_LENS, NO_VM, OP_BIND, OP_CONNECT, OVERLAY_EMPTY,
+    OVERLAY_SELECT_ACTIVE, OVERLAY_SLOTS, POLICY_SLOT, PORT_AUDIT, PORT_GEN_SHIFT, PORT_GUARD_ALL,
+    RuleKey, RuleValue, VmCounters,
 };
+
+use crate::report::{count_drop, report_denial};
 
 /// Template for the inner rule table; the daemon creates the real ones, sized
 /// for the policy (the kernel only checks type, key, value and flags match).
@@ -62,16 +56,6 @@ static SPICEGATE_OVERLAY: ArrayOfMaps<Rules, { OVERLAY_SLOTS as usize }> = Array
 #[btf_map]
 static SPICEGATE_OVERLAY_SEL: Array<u32, 2> = Array::new();
 
-/// Rate-limit state: one slot per uid below RATE_LOW_UIDS, one shared.
-#[btf_map]
-static SPICEGATE_RATE: Array<RateState, { RATE_SLOTS as usize }> = Array::new();
-
-/// Rate-limit state of the high uids the policy names (filled by the
-/// daemon; the program never inserts).
-#[btf_map]
-static SPICEGATE_RATE_NAMED: HashMap<u32, RateState, { RATE_NAMED_ENTRIES as usize }> =
-    HashMap::new();
-
 /// Marks the sockets let through to a guarded endpoint (value: VM id), so
 /// the daemon closes exactly those when access ends.
 #[btf_map]
@@ -82,14 +66,6 @@ static SPICEGATE_MARKS: SkStorage<u32> = SkStorage::new();
 /// `GRANTED_MAP`). When full, `SPICEGATE_MARKS` takes the mark instead.
 #[btf_map]
 static SPICEGATE_GRANTED: HashMap<u64, u32, { GRANTED_ENTRIES as usize }> = HashMap::new();
-
-/// Denials not logged, per CPU, by reason (DROP_*).
-#[btf_map]
-static SPICEGATE_DROPS: PerCpuArray<u64, { DROP_KINDS as usize }> = PerCpuArray::new();
-
-/// Denials the rate limit kept out of the log, for the daemon's summaries.
-#[btf_map]
-static SPICEGATE_FLOOD: RingBuf<FloodRecord, { FLOOD_RING_BYTES as usize }> = RingBuf::new();
 
 #[btf_map]
 static SPICEGATE_COUNTERS: PerCpuHashMap<u32, VmCounters, { COUNTERS_MAP_ENTRIES as usize }> =
@@ -484,119 +460,6 @@ fn is_local(rules: &Rules, words: &[u32; 4]) -> bool {
         i += 1;
     }
     false
-}
-
-/// The rate-limit slot of `uid` and its budget per window.
-#[inline(always)]
-fn rate_slot(uid: u32) -> Option<(*mut RateState, u32, u64)> {
-    if uid < RATE_LOW_UIDS {
-        return SPICEGATE_RATE
-            .get_ptr_mut(uid)
-            .map(|s| (s, RATE_BURST, RATE_WINDOW_NS));
-    }
-    if let Some(s) = SPICEGATE_RATE_NAMED.get_ptr_mut(uid) {
-        return Some((s, RATE_BURST, RATE_WINDOW_NS));
-    }
-    SPICEGATE_RATE
-        .get_ptr_mut(RATE_SHARED_SLOT)
-        .map(|s| (s, RATE_SHARED_BURST, RATE_SHARED_WINDOW_NS))
-}
-
-/// Adds one to this CPU's drop counter `which`.
-#[inline(always)]
-fn count_drop(which: u32) {
-    if let Some(c) = SPICEGATE_DROPS.get_ptr_mut(which) {
-        // SAFETY: this CPU's slot of a per-CPU array; preemption is off.
-        unsafe { *c += 1 };
-    }
-}
-
-/// Logs a denial through aya-log within the uid's budget (RATE_BURST per
-/// RATE_WINDOW_NS for real accounts and named uids, RATE_SHARED_BURST per
-/// RATE_SHARED_WINDOW_NS for all other uids together). A denial over
-/// budget is counted and handed to the flood ring for the daemon's
-/// summary; a record no ring has room for is counted too. Nothing is
-/// dropped without a count.
-// Without this, LLVM/bpf-linker at build time (a BPF call takes at most 5
-// register arguments): "too many arguments" and "stack arguments are not
-// supported".
-#[inline(always)]
-fn report_denial(
-    ctx: &SockAddrContext,
-    uid: u32,
-    addr: &[u8; 16],
-    port: u16,
-    vm: u32,
-    audit: bool,
-    op: u8,
-) {
-    // SAFETY: a helper with no arguments and no side effects.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let Some((state, burst, window)) = rate_slot(uid) else {
-        return;
-    };
-    // SAFETY: a live array or hash slot; racing CPUs can at worst miscount
-    // by a few events, never overflow a buffer.
-    let state = unsafe { &mut *state };
-    let suppressed = if now.wrapping_sub(state.window_start) >= window {
-        state.window_start = now;
-        state.logged = 1;
-        let s = state.suppressed;
-        state.suppressed = 0;
-        s
-    } else if state.logged < burst {
-        state.logged += 1;
-        let s = state.suppressed;
-        state.suppressed = 0;
-        s
-    } else {
-        state.suppressed = state.suppressed.saturating_add(1);
-        count_drop(DROP_RATE_LIMITED);
-        report_flood(uid, port, vm, audit, op);
-        return;
-    };
-    // aya-log drops a record silently when its ring is full: check for room
-    // first, so such a loss is counted.
-    if AYA_LOGS.query(u64::from(BPF_RB_AVAIL_DATA)) + LOG_RING_HEADROOM > LOG_RING_BYTES {
-        count_drop(DROP_LOG_RING);
-        return;
-    }
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
-    warn!(
-        ctx,
-        "deny uid={} pid={} dst={:i} port={} vm={} suppressed={} audit={} op={} comm={:x}",
-        uid,
-        pid,
-        *addr,
-        port,
-        vm,
-        suppressed,
-        u8::from(audit),
-        op,
-        &comm[..]
-    );
-}
-
-/// Hands a denial the rate limit kept out of the log to the daemon's
-/// summary, without waking it (it drains the ring on a timer).
-#[inline(always)]
-fn report_flood(uid: u32, port: u16, vm: u32, audit: bool, op: u8) {
-    let Some(mut entry) = SPICEGATE_FLOOD.reserve(0) else {
-        count_drop(DROP_FLOOD_RING);
-        return;
-    };
-    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
-    entry.write(FloodRecord {
-        uid,
-        vm,
-        port,
-        op,
-        audit: u8::from(audit),
-        _pad: 0,
-        comm,
-    });
-    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
 }
 
 #[cfg(not(test))]

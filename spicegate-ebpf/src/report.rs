@@ -1,0 +1,149 @@
+//! The refusal's report: the DENY record through aya-log within each uid's
+//! budget, the flood ring for what the budget keeps out, and a per-CPU
+//! count of every record that could not be written.
+
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_NO_WAKEUP},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::btf_map,
+    programs::SockAddrContext,
+};
+use aya_log_ebpf::{macro_support::AYA_LOGS, warn};
+use spicegate_common::{
+    DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_RATE_LIMITED, FLOOD_RING_BYTES, FloodRecord,
+    LOG_RING_BYTES, LOG_RING_HEADROOM, RATE_BURST, RATE_LOW_UIDS, RATE_NAMED_ENTRIES,
+    RATE_SHARED_BURST, RATE_SHARED_SLOT, RATE_SHARED_WINDOW_NS, RATE_SLOTS, RATE_WINDOW_NS,
+    RateState,
+};
+
+/// Rate-limit state: one slot per uid below RATE_LOW_UIDS, one shared.
+#[btf_map]
+static SPICEGATE_RATE: Array<RateState, { RATE_SLOTS as usize }> = Array::new();
+
+/// Rate-limit state of the high uids the policy names (filled by the
+/// daemon; the program never inserts).
+#[btf_map]
+static SPICEGATE_RATE_NAMED: HashMap<u32, RateState, { RATE_NAMED_ENTRIES as usize }> =
+    HashMap::new();
+
+/// Denials not logged, per CPU, by reason (DROP_*).
+#[btf_map]
+static SPICEGATE_DROPS: PerCpuArray<u64, { DROP_KINDS as usize }> = PerCpuArray::new();
+
+/// Denials the rate limit kept out of the log, for the daemon's summaries.
+#[btf_map]
+static SPICEGATE_FLOOD: RingBuf<FloodRecord, { FLOOD_RING_BYTES as usize }> = RingBuf::new();
+
+/// The rate-limit slot of `uid` and its budget per window.
+#[inline(always)]
+fn rate_slot(uid: u32) -> Option<(*mut RateState, u32, u64)> {
+    if uid < RATE_LOW_UIDS {
+        return SPICEGATE_RATE
+            .get_ptr_mut(uid)
+            .map(|s| (s, RATE_BURST, RATE_WINDOW_NS));
+    }
+    if let Some(s) = SPICEGATE_RATE_NAMED.get_ptr_mut(uid) {
+        return Some((s, RATE_BURST, RATE_WINDOW_NS));
+    }
+    SPICEGATE_RATE
+        .get_ptr_mut(RATE_SHARED_SLOT)
+        .map(|s| (s, RATE_SHARED_BURST, RATE_SHARED_WINDOW_NS))
+}
+
+/// Adds one to this CPU's drop counter `which`.
+#[inline(always)]
+pub(crate) fn count_drop(which: u32) {
+    if let Some(c) = SPICEGATE_DROPS.get_ptr_mut(which) {
+        // SAFETY: this CPU's slot of a per-CPU array; preemption is off.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Logs a denial through aya-log within the uid's budget (RATE_BURST per
+/// RATE_WINDOW_NS for real accounts and named uids, RATE_SHARED_BURST per
+/// RATE_SHARED_WINDOW_NS for all other uids together). A denial over
+/// budget is counted and handed to the flood ring for the daemon's
+/// summary; a record no ring has room for is counted too. Nothing is
+/// dropped without a count.
+// Without this, LLVM/bpf-linker at build time (a BPF call takes at most 5
+// register arguments): "too many arguments" and "stack arguments are not
+// supported".
+#[inline(always)]
+pub(crate) fn report_denial(
+    ctx: &SockAddrContext,
+    uid: u32,
+    addr: &[u8; 16],
+    port: u16,
+    vm: u32,
+    audit: bool,
+    op: u8,
+) {
+    // SAFETY: a helper with no arguments and no side effects.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some((state, burst, window)) = rate_slot(uid) else {
+        return;
+    };
+    // SAFETY: a live array or hash slot; racing CPUs can at worst miscount
+    // by a few events, never overflow a buffer.
+    let state = unsafe { &mut *state };
+    let suppressed = if now.wrapping_sub(state.window_start) >= window {
+        state.window_start = now;
+        state.logged = 1;
+        let s = state.suppressed;
+        state.suppressed = 0;
+        s
+    } else if state.logged < burst {
+        state.logged += 1;
+        let s = state.suppressed;
+        state.suppressed = 0;
+        s
+    } else {
+        state.suppressed = state.suppressed.saturating_add(1);
+        count_drop(DROP_RATE_LIMITED);
+        report_flood(uid, port, vm, audit, op);
+        return;
+    };
+    // aya-log drops a record silently when its ring is full: check for room
+    // first, so such a loss is counted.
+    if AYA_LOGS.query(u64::from(BPF_RB_AVAIL_DATA)) + LOG_RING_HEADROOM > LOG_RING_BYTES {
+        count_drop(DROP_LOG_RING);
+        return;
+    }
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+    warn!(
+        ctx,
+        "deny uid={} pid={} dst={:i} port={} vm={} suppressed={} audit={} op={} comm={:x}",
+        uid,
+        pid,
+        *addr,
+        port,
+        vm,
+        suppressed,
+        u8::from(audit),
+        op,
+        &comm[..]
+    );
+}
+
+/// Hands a denial the rate limit kept out of the log to the daemon's
+/// summary, without waking it (it drains the ring on a timer).
+#[inline(always)]
+fn report_flood(uid: u32, port: u16, vm: u32, audit: bool, op: u8) {
+    let Some(mut entry) = SPICEGATE_FLOOD.reserve(0) else {
+        count_drop(DROP_FLOOD_RING);
+        return;
+    };
+    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+    entry.write(FloodRecord {
+        uid,
+        vm,
+        port,
+        op,
+        audit: u8::from(audit),
+        _pad: 0,
+        comm,
+    });
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
+}
