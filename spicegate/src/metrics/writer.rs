@@ -146,7 +146,11 @@ impl Writer {
             .counters
             .read()
             .context("reading the per-VM counters")?;
-        let drops = self.drops.read().context("reading the drop counters")?;
+        let drops = self
+            .drops
+            .read()
+            .context("reading the drop counters")?
+            .since(s.shared.drops_at_start);
         let since = |id: u32, vm: String| {
             let n = now.get(&id).copied().unwrap_or_default();
             let t = s
@@ -178,8 +182,8 @@ impl Writer {
             table_in_force: s.shared.table_in_force(),
             degraded: snap.degraded,
             unresolved_names: snap.unresolved_names,
-            drops: DropCounts::new(drops.since(s.shared.drops_at_start), &s.denial_stats),
-            unmarked_connections: drops.since(s.shared.drops_at_start).mark_failed,
+            drops: DropCounts::new(drops, &s.denial_stats),
+            unmarked_connections: drops.mark_failed,
             policy_sha256: snap.policy_sha256,
             last_reload_success,
             last_reload_seconds,
