@@ -118,10 +118,17 @@ fn reload_is_atomic_under_load() {
     );
     let uids: Vec<String> = (0..25).map(|i| format!("#{}", 3_000_000 + i)).collect();
     let uids: Vec<&str> = uids.iter().map(String::as_str).collect();
+    // The bulk VMs' ports must not include v's (the listener's port is
+    // random): two VMs cannot claim the same endpoint.
+    let base: u16 = if (40000..40120).contains(&l.port()) {
+        41000
+    } else {
+        40000
+    };
     for i in 0..120u16 {
         b.push_str(&format!(
             "\n[vms.bulk{i}]\nserver = \"bulk\"\nports = [{}]\nallow = {}\n",
-            40000 + i,
+            base + i,
             toml_list(&uids)
         ));
     }
