@@ -14,7 +14,9 @@
 //! - `report`: a refusal's DENY record, its rate limit and drop counts.
 //!
 //! Shaped for the toolchain and the verifier: every helper is
-//! `#[inline(always)]`, so each program is one flat function. Where that
+//! `#[inline(always)]`, so each program is one flat function, but for the
+//! DENY record, a global BPF function the verifier checks once
+//! (`report::spicegate_report_denial`, which says why). Where that
 //! is required, the function says what fails without it; on the small
 //! helpers (`key`, `count`, `mark`, `rate_slot`...) LLVM inlines them anyway
 //! today, and the attribute is kept because dropping it still made each
