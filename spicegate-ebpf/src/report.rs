@@ -9,7 +9,7 @@ use aya_ebpf::{
     macros::btf_map,
     programs::SockAddrContext,
 };
-use aya_log_ebpf::{macro_support::AYA_LOGS, warn};
+use aya_log_ebpf::macro_support::{AYA_LOGS, DisplayHint};
 use spicegate_common::{
     DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_RATE_LIMITED, FLOOD_RING_BYTES, FloodRecord,
     LOG_RING_BYTES, LOG_RING_HEADROOM, RATE_BURST, RATE_LOW_UIDS, RATE_NAMED_ENTRIES,
@@ -60,6 +60,71 @@ pub(crate) fn count_drop(which: u32) {
     }
 }
 
+/// Room reserved in aya-log's ring for one DENY record (it takes some
+/// 300 bytes; see [`LOG_RING_HEADROOM`]).
+const RECORD_BYTES: u64 = 512;
+
+/// Writes one WARN record into aya-log's ring, byte for byte what
+/// `aya_log_ebpf::warn!` writes for the same format (aya-log-ebpf 0.2:
+/// the header, then each literal piece, display hint and argument as
+/// fields), which aya-log's reader in the daemon turns back into a line.
+/// Evaluates to whether the record was submitted.
+///
+/// Why not `warn!` itself: it sizes the ring reservation at run time
+/// (the smallest power of two from 64 bytes up that holds the record,
+/// behind a `black_box`), and the verifier walks the whole record once
+/// for every size it cannot rule out. Measured on kernel 6.18
+/// (`verified_insns`): the record took some 10,300 instructions of each
+/// program's verification with `warn!`, some 1,400 with this one (bind4:
+/// 11,530 -> 2,585 in all; connect4: 12,650 -> 3,700; the 1,200-2,800 left
+/// are the decisions).
+///
+/// The values are the format's pieces in order: a literal `&str`, or a
+/// `DisplayHint` followed by its argument.
+macro_rules! aya_log_record {
+    ($($value:expr),+ $(,)?) => {{
+        use aya_log_ebpf::macro_support::{
+            Argument as _, Field, Header, Level, LogValueLength, level_enabled,
+        };
+        const SIZE_BYTES: usize = core::mem::size_of::<LogValueLength>();
+        let count = 0u32 $(+ { let _ = stringify!($value); 1 })+;
+        // A level the daemon turned off writes nothing and loses nothing.
+        if !level_enabled(Level::Warn) {
+            true
+        } else { match AYA_LOGS.reserve_bytes(RECORD_BYTES as usize, 0) {
+            None => false,
+            Some(mut buf) => {
+                let mut pos = SIZE_BYTES;
+                let written = (|| -> Option<()> {
+                    let mut op = |slice: &[u8]| -> Option<()> {
+                        let to = buf.get_mut(pos..)?.get_mut(..slice.len())?;
+                        to.copy_from_slice(slice);
+                        pos += slice.len();
+                        Some(())
+                    };
+                    Header::new(module_path!(), Level::Warn, module_path!(), file!(), line!(), count)?
+                        .with_bytes(&mut op)?;
+                    $({
+                        let value = $value;
+                        let (kind, bytes) = value.as_argument();
+                        Field::new(kind, bytes)?.with_bytes(&mut op)?;
+                    })+
+                    let size = LogValueLength::try_from(pos).ok()?.to_ne_bytes();
+                    buf.get_mut(..SIZE_BYTES)?.copy_from_slice(&size);
+                    Some(())
+                })();
+                if written.is_some() {
+                    buf.submit(0);
+                    true
+                } else {
+                    buf.discard(0);
+                    false
+                }
+            }
+        } }
+    }};
+}
+
 /// Logs a denial through aya-log within the uid's budget (RATE_BURST per
 /// RATE_WINDOW_NS for real accounts and named uids, RATE_SHARED_BURST per
 /// RATE_SHARED_WINDOW_NS for all other uids together). A denial over
@@ -94,12 +159,12 @@ pub(crate) fn report_denial(
 /// checks it once, on its own, with its arguments as any scalars, rather
 /// than once for every path of the program that reaches a refusal (each
 /// inlined copy of the aya-log record multiplied the states it walked).
-/// Measured on kernel 6.18, 2 vCPUs (`verified_insns` of bpf_prog_info):
-/// with the record inlined at every refusal the verifier walked 27,000
-/// instructions for each connect program and 23,200 for each bind
-/// program (19-25 ms of BPF_PROG_LOAD each); with this function, 12,600-
-/// 13,100 and 11,500. The record itself is some 10,300 of those (the
-/// programs without it: 2,300-2,800 and 1,200).
+/// Measured on kernel 6.18, 2 vCPUs (`verified_insns` of bpf_prog_info,
+/// with `warn!` for the record): inlined at every refusal, the verifier
+/// walked 27,000 instructions for each connect program and 23,200 for
+/// each bind program (19-25 ms of BPF_PROG_LOAD each); with this
+/// function, 12,600-13,100 and 11,500. See [`aya_log_record!`] for the
+/// rest.
 ///
 /// Every argument must reach it defined: the verifier refuses a call
 /// whose argument register holds no scalar ("R3 is not a scalar"), which
@@ -151,21 +216,38 @@ pub extern "C" fn spicegate_report_denial(who: u64, what: u64, high: u64, low: u
     }
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
-    // aya-log-ebpf 0.2 takes a context but does not use it; `()` stands
-    // in, as a global function's arguments can only be scalars here.
-    warn!(
-        &(),
-        "deny uid={} pid={} dst={:i} port={} vm={} suppressed={} audit={} op={} comm={:x}",
+    let written = aya_log_record!(
+        "deny uid=",
+        DisplayHint::Default,
         uid,
+        " pid=",
+        DisplayHint::Default,
         pid,
+        " dst=",
+        DisplayHint::Ip,
         addr,
+        " port=",
+        DisplayHint::Default,
         port,
+        " vm=",
+        DisplayHint::Default,
         vm,
+        " suppressed=",
+        DisplayHint::Default,
         suppressed,
+        " audit=",
+        DisplayHint::Default,
         u8::from(audit),
+        " op=",
+        DisplayHint::Default,
         op,
-        &comm[..]
+        " comm=",
+        DisplayHint::LowerHex,
+        &comm[..],
     );
+    if !written {
+        count_drop(DROP_LOG_RING);
+    }
     0
 }
 
