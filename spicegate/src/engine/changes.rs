@@ -34,13 +34,17 @@ impl Engine {
         let compiled = compile(policy, local_ref, &dynamic)?;
         self.phases.push(("compile", t.elapsed()));
         self.scheduled = scheduled;
+        let t = Instant::now();
         let named: Vec<u32> = named_uids(policy, &compiled).collect();
+        let naming = t.elapsed();
         let t = Instant::now();
         self.install(&compiled, started)?;
         self.phases.push(("install", t.elapsed()));
+        let t = Instant::now();
         if let Err(e) = self.kernel.name_uids(named.into_iter()) {
             log::warn!("could not give the policy's uids their own denial budget: {e:#}");
         }
+        self.phases.push(("names", naming + t.elapsed()));
         let t = Instant::now();
         *self
             .vm_names

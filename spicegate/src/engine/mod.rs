@@ -39,7 +39,7 @@ use crate::{
     hostaddrs,
     journal::Event,
     kernel::{self, Kernel, PinPaths},
-    policy::{self, Env, Mode, Policy, Resolver, Settings, Source as PolicySource},
+    policy::{self, Env, Mode, ParseCache, Policy, Resolver, Settings, Source as PolicySource},
     proto::{
         GrantAnswer, LastChange, LastReload, ListAnswer, RevokeAnswer, Status, UsersPage, WhyAnswer,
     },
