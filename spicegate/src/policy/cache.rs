@@ -124,3 +124,186 @@ impl<'a> Pass<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{
+        directory::FakeDirectory,
+        policy::{Env, FakeResolver, Policy, PolicyErrors, Source, parse_sources},
+    };
+
+    /// A policy large enough to be cut (12 VMs of 10,000 uids, each a
+    /// piece of its own, and 60 small ones grouped into pieces), with
+    /// `extra` added to the `allow` list of VM `big3`.
+    fn policy(extra: &str) -> String {
+        let uids: Vec<String> = (0..10_000)
+            .map(|u| format!("\"#{}\"", 1_000_000 + u))
+            .collect();
+        let mut s =
+            String::from("[settings]\ntimezone = \"UTC\"\n[protect]\nports = [\"6000-6999\"]\n");
+        for i in 0..12 {
+            let more = if i == 3 { extra } else { "" };
+            s.push_str(&format!(
+                "\n[vms.big{i}]\nserver = \"localhost\"\nports = [{}]\nallow = [{}{more}]\n",
+                5900 + i,
+                uids.join(", ")
+            ));
+        }
+        for i in 0..60 {
+            s.push_str(&format!(
+                "\n[vms.small{i}]\nserver = \"localhost\"\nports = [{}]\nallow = [\"#{i}\", \"myself\"]\n[[vms.small{i}.schedule]]\nallow = [\"#7\"]\nhours = \"08:00-18:00\"\n",
+                6000 + i
+            ));
+        }
+        assert!(s.len() > crate::policy_split::SPLIT_FROM, "{}", s.len());
+        s
+    }
+
+    /// The errors of a parse that must fail (a policy this large is not
+    /// printed when it does not).
+    fn refused(r: Result<Policy, PolicyErrors>) -> PolicyErrors {
+        match r {
+            Ok(_) => panic!("the policy was accepted"),
+            Err(e) => e,
+        }
+    }
+
+    fn dir() -> FakeDirectory {
+        FakeDirectory::default().user("myself", 1000)
+    }
+
+    fn parse_with(
+        text: &str,
+        dir: &FakeDirectory,
+        cache: Option<&ParseCache>,
+    ) -> Result<Policy, PolicyErrors> {
+        let sources = [Source {
+            path: Path::new("p.toml").to_owned(),
+            text: text.to_owned(),
+        }];
+        let env = Env {
+            dir,
+            resolver: &FakeResolver,
+        };
+        match cache {
+            Some(c) => crate::policy::parse_sources_cached(&sources, &env, c),
+            None => parse_sources(&sources, &env),
+        }
+    }
+
+    /// Only the piece that changed is parsed again, and the policy is what
+    /// a parse without the cache gives.
+    #[test]
+    fn only_changed_pieces_are_parsed_again() {
+        let cache = ParseCache::default();
+        let dir = dir();
+        let first = policy("");
+        let p = parse_with(&first, &dir, Some(&cache)).expect("parses");
+        let all = cache.last();
+        assert_eq!(all.reused, 0);
+        assert!(all.parsed > 12, "{all:?}");
+        assert_eq!(cache.len(), all.parsed);
+        assert!(Some(&p) == parse_with(&first, &dir, None).ok().as_ref());
+
+        // The same text: nothing parsed.
+        let again = parse_with(&first, &dir, Some(&cache)).expect("parses");
+        assert_eq!(
+            cache.last(),
+            PieceCounts {
+                parsed: 0,
+                reused: all.parsed
+            }
+        );
+        assert!(again == p);
+
+        // One user more in one VM: that VM's piece alone (the rest of the
+        // document did not change either).
+        let second = policy(", \"#42\"");
+        let q = parse_with(&second, &dir, Some(&cache)).expect("parses");
+        assert_eq!(
+            cache.last(),
+            PieceCounts {
+                parsed: 1,
+                reused: all.parsed - 1
+            }
+        );
+        assert!(q.vms["big3"].allows_uid(42) && !p.vms["big3"].allows_uid(42));
+        assert!(Some(&q) == parse_with(&second, &dir, None).ok().as_ref());
+        // The pieces of the first text are gone: one policy's worth.
+        assert_eq!(cache.len(), all.parsed);
+
+        // A cached piece is validated again: a user NSS no longer knows
+        // is refused, with its place.
+        let e = refused(parse_with(&second, &FakeDirectory::default(), Some(&cache)));
+        assert_eq!(cache.last().parsed, 0);
+        let whole = refused(parse_with(&second, &FakeDirectory::default(), None));
+        assert_eq!(e, whole);
+        assert!(e.to_string().contains("unknown user `myself`"), "{e}");
+    }
+
+    /// An error in a piece taken from the cache names the line and column
+    /// where that piece is now, after the text before it grew.
+    #[test]
+    fn errors_in_cached_pieces_keep_their_place() {
+        let cache = ParseCache::default();
+        let dir = dir();
+        let broken = |extra: &str| {
+            policy(extra).replace(
+                "[vms.small40]\nserver = \"localhost\"",
+                "[vms.small40]\nserver = \"nowhere\"",
+            )
+        };
+        let first = broken("");
+        let e = refused(parse_with(&first, &dir, Some(&cache)));
+        assert!(e.to_string().contains("names server `nowhere`"), "{e}");
+        // big3 grows by a line: everything after it moves down.
+        let second = broken(",\n\"#42\"");
+        let e = refused(parse_with(&second, &dir, Some(&cache)));
+        assert_eq!(
+            cache.last().parsed,
+            1,
+            "small40's piece came from the cache"
+        );
+        let at = second.find("\"nowhere\"").unwrap_or(0);
+        let line = second[..at].lines().count();
+        let col = at - second[..at].rfind('\n').unwrap_or(0);
+        assert!(
+            e.to_string().contains(&format!("p.toml:{line}:{col}: ")),
+            "{e}"
+        );
+        assert_eq!(Some(e), parse_with(&second, &dir, None).err());
+
+        // A syntax error: the whole text is parsed, for the exact error.
+        let third = policy("").replace(
+            "hours = \"08:00-18:00\"\n\n[vms.small41]",
+            "hours = \n\n[vms.small41]",
+        );
+        assert_ne!(third, policy(""));
+        let e = refused(parse_with(&third, &dir, Some(&cache)));
+        assert_eq!(Some(&e), parse_with(&third, &dir, None).err().as_ref());
+        let at = third.find("hours = \n\n[vms.small41]").unwrap_or(0);
+        let line = third[..at].lines().count() + 1;
+        assert!(e.to_string().contains(&format!("p.toml:{line}:")), "{e}");
+    }
+
+    /// A text whose cut is not safe is parsed whole, the cache unused and
+    /// left empty.
+    #[test]
+    fn unsafe_cuts_are_parsed_whole() {
+        let cache = ParseCache::default();
+        let dir = dir();
+        parse_with(&policy(""), &dir, Some(&cache)).expect("parses");
+        assert!(!cache.is_empty());
+        let mut text = policy("");
+        text.push_str("[[vms.big3.schedule]]\nallow = [\"#2\"]\n");
+        assert!(crate::policy_split::split(&text).is_none());
+        let p = parse_with(&text, &dir, Some(&cache)).expect("parses");
+        assert_eq!(cache.last(), PieceCounts::default());
+        assert!(cache.is_empty());
+        assert_eq!(p.vms["big3"].schedules.len(), 1);
+        assert!(Some(p) == parse_with(&text, &dir, None).ok());
+    }
+}
