@@ -35,7 +35,13 @@ impl Engine {
         self.phases.push(("compile", t.elapsed()));
         self.scheduled = scheduled;
         let t = Instant::now();
-        let named: Vec<u32> = named_uids(policy, &compiled).collect();
+        // The uids of the policy in force were named when it was applied
+        // (and those of grants and the console when they came): only the
+        // VMs a new policy adds or changes can bring new ones.
+        let named: Vec<u32> = match &loaded {
+            Some(l) => new_policy_uids(&self.loaded.policy, &l.policy).collect(),
+            None => Vec::new(),
+        };
         let naming = t.elapsed();
         let t = Instant::now();
         self.install(&compiled, started)?;

@@ -289,3 +289,27 @@ pub(super) fn named_uids<'a>(
         .flat_map(|i| i.uids.iter().copied().filter(high));
     from_vms.chain(from_table)
 }
+
+/// The uids [`named_uids`] gives for the VMs of `new` that `old` does not
+/// have as they are (their `allow` lists and schedules compared: a
+/// 10,000-uid list is one slice comparison), so a reload that changes
+/// one VM names the uids of that VM only.
+pub(super) fn new_policy_uids<'a>(
+    old: &'a Policy,
+    new: &'a Policy,
+) -> impl Iterator<Item = u32> + 'a {
+    new.vms
+        .values()
+        .filter(move |vm| {
+            old.vms
+                .get(&vm.name)
+                .is_none_or(|o| o.allow != vm.allow || o.schedules != vm.schedules)
+        })
+        .flat_map(|vm| {
+            vm.allow
+                .iter()
+                .chain(vm.schedules.iter().flat_map(|s| s.allow.iter()))
+                .flat_map(|g| g.uids.iter().copied())
+        })
+        .filter(|u| *u >= spicegate_common::RATE_LOW_UIDS)
+}

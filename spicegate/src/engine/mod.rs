@@ -48,7 +48,9 @@ use crate::{
 
 /// Where the engine sends its answer to a [`Command`].
 pub type Reply<T> = oneshot::Sender<Result<T, String>>;
-use self::loading::{TRIM_DELAY, locked, log_unresolved, named_uids, trusted_state_dir};
+use self::loading::{
+    TRIM_DELAY, locked, log_unresolved, named_uids, new_policy_uids, trusted_state_dir,
+};
 pub use self::{
     changes::Reloaded,
     loading::{
