@@ -5,7 +5,9 @@
 //! costs about 200 MB, for 11 MB of text. A text this large is almost all
 //! `[vms.NAME]` tables, so it is cut into pieces of a few VMs each, parsed
 //! one after the other (the tree of one piece at a time), and the rest of
-//! the document on its own.
+//! the document on its own. A reload parses again only the pieces whose
+//! text changed (see [`crate::policy::ParseCache`]): where pieces end
+//! depends on the tables around the cut only, not on the text before.
 //!
 //! A piece is a slice of the text (no copy); the rest is the text without
 //! the VM tables. Each document carries the map from its offsets back to
@@ -21,9 +23,25 @@ use std::ops::Range;
 /// Texts shorter than this are parsed whole.
 pub const SPLIT_FROM: usize = 1 << 20;
 
-/// About how many bytes of VM tables go into one piece: the tree of one
-/// piece is about 18 times its size.
-const PIECE_BYTES: usize = 256 << 10;
+/// A piece of VM tables ends after a table that brings it to at least
+/// `PIECE_MIN` bytes and whose name picks it (one name in
+/// [`PIECE_PICK`]), or to `PIECE_MAX` bytes whatever the name (a single
+/// table may be longer). Where a piece ends depends on the tables near it
+/// only, so editing one VM leaves the other pieces' text as it was and
+/// their parse is reused (see [`crate::policy::ParseCache`]); the tree of
+/// one piece is about 18 times its size.
+const PIECE_MIN: usize = 8 << 10;
+const PIECE_MAX: usize = 32 << 10;
+const PIECE_PICK: u32 = 4;
+
+/// Whether a piece may end after the table of VM `name`: a fixed hash of
+/// the name (FNV-1a), the same on every run.
+fn picks(name: &str) -> bool {
+    let h = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    h % PIECE_PICK == 0
+}
 
 /// One document to parse: its text, and where its bytes are in the file
 /// (pairs of document offset and file offset, from which the bytes run on
@@ -55,13 +73,16 @@ pub fn split(text: &str) -> Option<Vec<Doc<'_>>> {
     if tables.is_empty() {
         return None;
     }
-    // Group consecutive VM tables into pieces of about PIECE_BYTES.
+    // Group consecutive VM tables into pieces (see PIECE_MIN).
     let mut groups: Vec<Range<usize>> = Vec::new();
-    for r in tables {
+    let mut open = false;
+    for (r, name) in tables {
         match groups.last_mut() {
-            Some(g) if g.end == r.start && g.len() < PIECE_BYTES => g.end = r.end,
+            Some(g) if open && g.end == r.start => g.end = r.end,
             _ => groups.push(r),
         }
+        let g = groups.last().map_or(0, Range::len);
+        open = g < PIECE_MAX && (g < PIECE_MIN || !picks(name));
     }
     let mut rest = String::new();
     let mut map = Vec::new();
@@ -87,9 +108,9 @@ pub fn split(text: &str) -> Option<Vec<Doc<'_>>> {
 }
 
 /// The byte ranges of the `[vms.NAME]` tables (each with its sub-tables,
-/// which must follow it), or `None` when the text is not cut safely this
-/// way.
-fn vm_tables(text: &str) -> Option<Vec<Range<usize>>> {
+/// which must follow it) and their names, or `None` when the text is not
+/// cut safely this way.
+fn vm_tables(text: &str) -> Option<Vec<(Range<usize>, &str)>> {
     let mut out = Vec::new();
     let mut current: Option<(usize, &str)> = None;
     let mut at = 0;
@@ -101,8 +122,8 @@ fn vm_tables(text: &str) -> Option<Vec<Range<usize>>> {
         }
         let header = line.trim_end();
         if let Some(name) = plain_vm_header(header) {
-            if let Some((s, _)) = current.take() {
-                out.push(s..start);
+            if let Some((s, n)) = current.take() {
+                out.push((s..start, n));
             }
             current = Some((start, name));
             continue;
@@ -114,8 +135,8 @@ fn vm_tables(text: &str) -> Option<Vec<Range<usize>>> {
         match current {
             Some((_, name)) if sub_of(name) => {}
             _ => {
-                if let Some((s, _)) = current.take() {
-                    out.push(s..start);
+                if let Some((s, n)) = current.take() {
+                    out.push((s..start, n));
                 }
                 // A VM's sub-table away from its VM (or any other header
                 // under `vms`): only a whole parse gets this right.
@@ -125,8 +146,8 @@ fn vm_tables(text: &str) -> Option<Vec<Range<usize>>> {
             }
         }
     }
-    if let Some((s, _)) = current {
-        out.push(s..text.len());
+    if let Some((s, n)) = current {
+        out.push((s..text.len(), n));
     }
     Some(out)
 }

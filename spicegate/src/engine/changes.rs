@@ -34,13 +34,23 @@ impl Engine {
         let compiled = compile(policy, local_ref, &dynamic)?;
         self.phases.push(("compile", t.elapsed()));
         self.scheduled = scheduled;
-        let named: Vec<u32> = named_uids(policy, &compiled).collect();
+        let t = Instant::now();
+        // The uids of the policy in force were named when it was applied
+        // (and those of grants and the console when they came): only the
+        // VMs a new policy adds or changes can bring new ones.
+        let named: Vec<u32> = match &loaded {
+            Some(l) => new_policy_uids(&self.loaded.policy, &l.policy).collect(),
+            None => Vec::new(),
+        };
+        let naming = t.elapsed();
         let t = Instant::now();
         self.install(&compiled, started)?;
         self.phases.push(("install", t.elapsed()));
+        let t = Instant::now();
         if let Err(e) = self.kernel.name_uids(named.into_iter()) {
             log::warn!("could not give the policy's uids their own denial budget: {e:#}");
         }
+        self.phases.push(("names", naming + t.elapsed()));
         let t = Instant::now();
         *self
             .vm_names

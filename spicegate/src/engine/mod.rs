@@ -39,7 +39,7 @@ use crate::{
     hostaddrs,
     journal::Event,
     kernel::{self, Kernel, PinPaths},
-    policy::{self, Env, Mode, Policy, Resolver, Settings, Source as PolicySource},
+    policy::{self, Env, Mode, ParseCache, Policy, Resolver, Settings, Source as PolicySource},
     proto::{
         GrantAnswer, LastChange, LastReload, ListAnswer, RevokeAnswer, Status, UsersPage, WhyAnswer,
     },
@@ -48,7 +48,9 @@ use crate::{
 
 /// Where the engine sends its answer to a [`Command`].
 pub type Reply<T> = oneshot::Sender<Result<T, String>>;
-use self::loading::{TRIM_DELAY, locked, log_unresolved, named_uids, trusted_state_dir};
+use self::loading::{
+    TRIM_DELAY, locked, log_unresolved, named_uids, new_policy_uids, trusted_state_dir,
+};
 pub use self::{
     changes::Reloaded,
     loading::{

@@ -152,18 +152,7 @@ pub(super) fn vm_from_raw(
             format!("vm `{}` has no ports", name.get_ref()),
         );
     }
-    let allow: Vec<Grantee> = vm
-        .allow
-        .entries()
-        .filter_map(|e| match e {
-            RawItem::Uid(uid) => Some(Grantee {
-                principal: Principal::Uid(uid),
-                uids: Uids::One(uid),
-            }),
-            RawItem::Other(e) => grantee(file, e, env.dir, errs),
-        })
-        .collect();
-    let allow = gather_uids(allow);
+    let allow = allow_from_raw(file, &vm.allow, env.dir, errs);
     let mut schedules = Vec::new();
     for s in &vm.schedule {
         if let Some(s) = schedule_from_raw(file, s, env, errs) {
@@ -199,6 +188,55 @@ pub(super) fn vm_from_raw(
         tls_port,
         ca_file,
     })
+}
+
+/// A VM's `allow` list: what [`gather_uids`] makes of its entries, but a
+/// list of many `#UID` entries goes straight into one sorted array
+/// instead of a [`Grantee`] each first.
+fn allow_from_raw(
+    file: usize,
+    raw: &RawAllow,
+    dir: &dyn Directory,
+    errs: &mut Errors<'_>,
+) -> Vec<Grantee> {
+    if raw.uids.len() <= UIDS_APART {
+        let allow = raw
+            .entries()
+            .filter_map(|e| match e {
+                RawItem::Uid(uid) => Some(Grantee {
+                    principal: Principal::Uid(uid),
+                    uids: Uids::One(uid),
+                }),
+                RawItem::Other(e) => grantee(file, e, dir, errs),
+            })
+            .collect();
+        return gather_uids(allow);
+    }
+    let mut uids = raw.uids.clone();
+    let mut out = Vec::with_capacity(raw.others.len() + 1);
+    // The gathered entry stands where the first `#UID` was: after the
+    // other entries written before it (those that resolved).
+    let mut at = None;
+    for (before, e) in &raw.others {
+        if *before > 0 {
+            at.get_or_insert(out.len());
+        }
+        match grantee(file, e, dir, errs) {
+            Some(Grantee {
+                principal: Principal::Uid(u),
+                ..
+            }) => {
+                at.get_or_insert(out.len());
+                uids.push(u);
+            }
+            Some(g) => out.push(g),
+            None => {}
+        }
+    }
+    let at = at.unwrap_or(out.len());
+    let numeric = uids.len();
+    out.insert(at, gathered(numeric, uids));
+    out
 }
 
 pub(super) fn schedule_from_raw(

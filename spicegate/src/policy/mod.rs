@@ -7,6 +7,7 @@
 //! - this module: errors, and re-exports;
 //! - `model`: the validated policy (what the rest of the daemon reads);
 //! - `raw`: the file as written (serde);
+//! - `cache`: the parsed pieces of a large policy, kept between reloads;
 //! - `sources`: the main file and its `policy.d`, and loading them;
 //! - `validate`: from the raw files to the model, every error with its place;
 //! - `entries`: servers, VMs, schedules and `allow` entries, one by one;
@@ -15,6 +16,7 @@
 
 use std::{fmt, path::PathBuf};
 
+mod cache;
 mod entries;
 mod errors;
 mod model;
@@ -25,7 +27,13 @@ pub(crate) mod tests;
 mod validate;
 pub mod windows;
 
-pub use self::{errors::Unresolved, model::*, sources::*, validate::metrics_file};
+pub use self::{
+    cache::{ParseCache, PieceCounts},
+    errors::Unresolved,
+    model::*,
+    sources::*,
+    validate::metrics_file,
+};
 
 /// Name of the built-in server meaning "this machine".
 pub const LOCALHOST: &str = "localhost";

@@ -55,23 +55,32 @@ pub(super) fn gather_uids(allow: Vec<Grantee>) -> Vec<Grantee> {
     if numeric <= UIDS_APART {
         return allow;
     }
-    let mut uids = BTreeSet::new();
+    let mut uids = Vec::with_capacity(numeric);
     let mut out = Vec::with_capacity(allow.len() - numeric + 1);
     let mut at = None;
     for g in allow {
         if let Principal::Uid(u) = g.principal {
-            uids.insert(u);
+            uids.push(u);
             at.get_or_insert(out.len());
         } else {
             out.push(g);
         }
     }
-    let gathered = Grantee {
-        principal: Principal::Uids(u32::try_from(numeric).unwrap_or(u32::MAX)),
-        uids: uids.into(),
-    };
-    out.insert(at.unwrap_or(0).min(out.len()), gathered);
+    out.insert(at.unwrap_or(0).min(out.len()), gathered(numeric, uids));
     out
+}
+
+/// The [`Principal::Uids`] entry of `numeric` `#UID` entries granting
+/// `uids` (in any order, maybe repeated).
+pub(super) fn gathered(numeric: usize, mut uids: Vec<u32>) -> Grantee {
+    // Sorting a vector is several times cheaper than a BTreeSet, and the
+    // lists as written are mostly sorted already.
+    uids.sort_unstable();
+    uids.dedup();
+    Grantee {
+        principal: Principal::Uids(u32::try_from(numeric).unwrap_or(u32::MAX)),
+        uids: Uids::from_sorted(uids),
+    }
 }
 
 /// Where a server is.
@@ -131,6 +140,17 @@ impl Uids {
     }
     pub fn is_empty(&self) -> bool {
         self.as_slice().is_empty()
+    }
+}
+
+impl Uids {
+    /// Uids sorted and without duplicates.
+    pub fn from_sorted(uids: Vec<u32>) -> Self {
+        match uids.as_slice() {
+            [] => Self::None,
+            [one] => Self::One(*one),
+            _ => Self::Many(uids.into_boxed_slice()),
+        }
     }
 }
 

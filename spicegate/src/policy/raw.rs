@@ -107,25 +107,29 @@ impl<'de> Deserialize<'de> for RawEntry {
     }
 }
 
-/// A VM's `allow` list as written, in 8 bytes per `#UID` entry (what a
-/// list of thousands of numeric uids is made of): each entry's place in
-/// the list and its uid, and the other entries with their place.
+/// A VM's `allow` list as written, in 4 bytes per `#UID` entry (what a
+/// list of thousands of numeric uids is made of; parsed pieces of a large
+/// policy are kept between reloads, see [`super::cache`]): the uids in the
+/// order written, and the other entries each with how many uids came
+/// before it.
 #[derive(Default)]
 pub(super) struct RawAllow {
-    pub(super) uids: Vec<(u32, u32)>,
+    pub(super) uids: Vec<u32>,
     pub(super) others: Vec<(u32, Spanned<RawEntry>)>,
 }
 
 impl RawAllow {
     /// The entries in the order written.
     pub(super) fn entries(&self) -> impl Iterator<Item = RawItem<'_>> {
-        let mut uids = self.uids.iter().peekable();
+        let mut next_uid = 0usize;
         let mut others = self.others.iter().peekable();
-        std::iter::from_fn(move || match (uids.peek(), others.peek()) {
-            (Some((a, _)), Some((b, _))) if b < a => others.next().map(|(_, e)| RawItem::Other(e)),
-            (Some(_), _) => uids.next().map(|(_, u)| RawItem::Uid(*u)),
-            (None, Some(_)) => others.next().map(|(_, e)| RawItem::Other(e)),
-            (None, None) => None,
+        std::iter::from_fn(move || {
+            if let Some((_, e)) = others.next_if(|(before, _)| *before as usize <= next_uid) {
+                return Some(RawItem::Other(e));
+            }
+            let uid = *self.uids.get(next_uid)?;
+            next_uid += 1;
+            Some(RawItem::Uid(uid))
         })
     }
 }
@@ -148,13 +152,14 @@ impl<'de> Deserialize<'de> for RawAllow {
                 mut seq: A,
             ) -> Result<RawAllow, A::Error> {
                 let mut out = RawAllow::default();
-                let mut at = 0u32;
                 while let Some(e) = seq.next_element::<Spanned<RawEntry>>()? {
                     match e.get_ref() {
-                        RawEntry::Uid(u) => out.uids.push((at, *u)),
-                        RawEntry::Text(_) => out.others.push((at, e)),
+                        RawEntry::Uid(u) => out.uids.push(*u),
+                        RawEntry::Text(_) => {
+                            let before = u32::try_from(out.uids.len()).unwrap_or(u32::MAX);
+                            out.others.push((before, e));
+                        }
                     }
-                    at = at.saturating_add(1);
                 }
                 out.uids.shrink_to_fit();
                 Ok(out)

@@ -139,7 +139,18 @@ pub fn parse(text: &str, path: &Path, dir: &dyn Directory) -> Result<Policy, Pol
 /// Validates a main file and its drop-ins together. A name defined twice is
 /// an error naming both places.
 pub fn parse_sources(sources: &[Source], env: &Env<'_>) -> Result<Policy, PolicyErrors> {
-    parse_sources_with(sources, env, false, true)
+    parse_sources_with(sources, env, false, true, None)
+}
+
+/// [`parse_sources`] with the pieces of a large policy parsed last time
+/// taken from `cache` (see [`ParseCache`]); the cache then holds this
+/// text's pieces.
+pub fn parse_sources_cached(
+    sources: &[Source],
+    env: &Env<'_>,
+    cache: &ParseCache,
+) -> Result<Policy, PolicyErrors> {
+    parse_sources_with(sources, env, false, true, Some(cache))
 }
 
 /// Like [`parse_sources`], but a name that does not resolve (a user or
@@ -150,7 +161,7 @@ pub fn parse_sources(sources: &[Source], env: &Env<'_>) -> Result<Policy, Policy
 /// still errors. What the daemon enforces at start while LDAP or DNS is
 /// down.
 pub fn parse_sources_lenient(sources: &[Source], env: &Env<'_>) -> Result<Policy, PolicyErrors> {
-    parse_sources_with(sources, env, true, true)
+    parse_sources_with(sources, env, true, true, None)
 }
 
 /// The policy in force parsed again for its names only (the resolver
@@ -163,5 +174,5 @@ pub fn reparse_names(
     env: &Env<'_>,
     lenient: bool,
 ) -> Result<Policy, PolicyErrors> {
-    parse_sources_with(sources, env, lenient, false)
+    parse_sources_with(sources, env, lenient, false, None)
 }

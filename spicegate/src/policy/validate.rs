@@ -5,19 +5,21 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     ops::Range,
     path::Path,
+    sync::Arc,
     time::Duration,
 };
 
 use toml::Spanned;
 
 use super::*;
-use super::{entries::*, errors::*, raw::*};
+use super::{cache::Pass, entries::*, errors::*, raw::*};
 
 pub(super) fn parse_sources_with(
     sources: &[Source],
     env: &Env<'_>,
     lenient: bool,
     check_paths: bool,
+    cache: Option<&ParseCache>,
 ) -> Result<Policy, PolicyErrors> {
     let mut errs = Errors {
         sources,
@@ -27,13 +29,15 @@ pub(super) fn parse_sources_with(
         check_paths,
         unresolved: Vec::new(),
     };
-    let mut raws = Vec::new();
+    let mut raws: Vec<(usize, Arc<RawPolicy>)> = Vec::new();
+    let mut pass = Pass::new(cache);
     for (i, src) in sources.iter().enumerate() {
-        // A very large text a piece at a time (see policy_split); any
-        // trouble, and it is parsed whole, for the exact errors.
+        // A very large text a piece at a time (see policy_split), each
+        // piece parsed last time taken from the cache; any trouble, and
+        // it is parsed whole, for the exact errors.
         let pieces = crate::policy_split::split(&src.text).and_then(|docs| {
             docs.into_iter()
-                .map(|d| Some((toml::from_str::<RawPolicy>(&d.text).ok()?, d.map)))
+                .map(|d| Some((pass.piece(&d.text)?, d.map)))
                 .collect::<Option<Vec<_>>>()
         });
         if let Some(pieces) = pieces {
@@ -49,13 +53,14 @@ pub(super) fn parse_sources_with(
             map: Vec::new(),
         });
         match toml::from_str::<RawPolicy>(&src.text) {
-            Ok(raw) => raws.push((view, raw)),
+            Ok(raw) => raws.push((view, Arc::new(raw))),
             Err(e) => {
                 let span = e.span().unwrap_or(0..0);
                 errs.push(view, &span, e.message().trim_end().to_owned());
             }
         }
     }
+    pass.finish();
     if !errs.list.is_empty() {
         return Err(PolicyErrors(errs.list));
     }
