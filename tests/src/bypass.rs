@@ -1033,6 +1033,47 @@ pub fn cgroup_prog_ids(cgroup: &Path, attach_type: u32, effective: bool) -> io::
     Ok(ids[..(attr.prog_cnt as usize).min(ids.len())].to_vec())
 }
 
+/// What the kernel says of a loaded program: its name and how many
+/// instructions the verifier walked to load it (`bpf_prog_info`'s `name`
+/// and `verified_insns`, kernel 5.16 and later).
+pub fn prog_name_and_verified_insns(id: u32) -> io::Result<(String, u32)> {
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct ById {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+        _pad: [u32; 5],
+    }
+    #[repr(C)]
+    struct GetInfo {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = ById {
+        id,
+        next_id: 0,
+        open_flags: 0,
+        _pad: [0; 5],
+    };
+    let prog = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).map(fd_from)?;
+    // struct bpf_prog_info up to attach_btf_id: name at byte 64 (16
+    // bytes), verified_insns at byte 216.
+    let mut info = [0u8; 232];
+    let mut attr = GetInfo {
+        bpf_fd: prog.as_raw_fd() as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let name = &info[64..80];
+    let name = String::from_utf8_lossy(&name[..name.iter().position(|&b| b == 0).unwrap_or(16)]);
+    let verified = u32::from_ne_bytes([info[216], info[217], info[218], info[219]]);
+    Ok((name.into_owned(), verified))
+}
+
 /// Programs attached directly to `cgroup` on connect4 and connect6.
 pub fn connect_progs(cgroup: &Path) -> (Vec<u32>, Vec<u32>) {
     let q = |t| {
