@@ -132,7 +132,11 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
     tokio::spawn(crate::console::watch(args.logind_bus.clone(), console_tx));
 
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
-    let loader = Arc::new(Loader::new(args.policy.clone(), engine.resolver()));
+    let loader = Arc::new(Loader::new(
+        args.policy.clone(),
+        engine.resolver(),
+        engine.parse_cache(),
+    ));
     background::watch_addresses(
         Duration::from_secs(args.addr_interval.max(1)),
         cmd_tx.clone(),

@@ -145,9 +145,11 @@ pub const NAMES_AT_START: Duration = Duration::from_secs(5);
 /// [`policy::parse_sources_lenient`]), and a name service that does not
 /// answer within `timeout` is not waited for. The background resolver
 /// fills them in later.
+/// The pieces of a large policy are left in `pieces` for the first reload.
 pub fn load_policy_at_start(
     path: &Path,
     resolver: &Arc<CachingResolver>,
+    pieces: &Arc<ParseCache>,
     timeout: Duration,
 ) -> Result<Loaded, String> {
     let sources = policy::read_sources(path).map_err(|e| e.to_string())?;
@@ -156,6 +158,7 @@ pub fn load_policy_at_start(
     {
         let sources = sources.clone();
         let resolver = Arc::clone(resolver);
+        let pieces = Arc::clone(pieces);
         std::thread::Builder::new()
             .name("sg-start-names".into())
             .spawn(move || {
@@ -163,7 +166,9 @@ pub fn load_policy_at_start(
                     dir: &Nss,
                     resolver: &*resolver,
                 };
-                let _ = tx.send(policy::parse_sources_lenient(&sources, &env));
+                let _ = tx.send(policy::parse_sources_lenient_cached(
+                    &sources, &env, &pieces,
+                ));
             })
             .map_err(|e| format!("starting the name lookups: {e}"))?;
     }
@@ -174,12 +179,13 @@ pub fn load_policy_at_start(
                 "the policy's names did not resolve within {} s (NSS or DNS hangs); enforcing without them and resolving in the background",
                 timeout.as_secs()
             );
-            policy::parse_sources_lenient(
+            policy::parse_sources_lenient_cached(
                 &sources,
                 &Env {
                     dir: &NoNames,
                     resolver: &NoNames,
                 },
+                pieces,
             )
             .map_err(|e| e.to_string())?
         }
@@ -247,15 +253,17 @@ pub struct Loader {
     pub path: PathBuf,
     pub resolver: Arc<CachingResolver>,
     /// The parsed pieces of the last policy read, for the next reload.
-    pub pieces: ParseCache,
+    pub pieces: Arc<ParseCache>,
 }
 
 impl Loader {
-    pub fn new(path: PathBuf, resolver: Arc<CachingResolver>) -> Self {
+    /// `pieces`: those of the policy read at start
+    /// ([`super::Engine::parse_cache`]).
+    pub fn new(path: PathBuf, resolver: Arc<CachingResolver>, pieces: Arc<ParseCache>) -> Self {
         Self {
             path,
             resolver,
-            pieces: ParseCache::default(),
+            pieces,
         }
     }
 

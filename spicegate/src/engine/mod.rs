@@ -177,6 +177,9 @@ pub struct Engine {
     started_at: u64,
     counters_at_start: BTreeMap<u32, VmCounters>,
     resolver: Arc<CachingResolver>,
+    /// The parsed pieces of the policy read at start, for the first
+    /// reload (see [`ParseCache`]).
+    pieces: Arc<ParseCache>,
     /// What the resolver thread re-resolves (the sources in force).
     resolve_job: Arc<Mutex<ResolveJob>>,
     sweeper: Sweeper,
@@ -217,6 +220,7 @@ impl Engine {
         Result<(), String>,
         GrantStore,
         Arc<CachingResolver>,
+        Arc<ParseCache>,
         Loaded,
         Source,
         LocalAddrs,
@@ -234,9 +238,13 @@ impl Engine {
             }
         };
         let resolver = Arc::new(CachingResolver::default());
+        // Filled by the start's parse, so that the first reload parses
+        // only the pieces that changed, as every later one does.
+        let pieces = Arc::new(ParseCache::default());
         let (loaded, source) = match load_policy_at_start(
             &cfg.policy_path,
             &resolver,
+            &pieces,
             cfg.names_timeout,
         ) {
             Ok(l) => (l, Source::File),
@@ -256,7 +264,7 @@ impl Engine {
                     last.display()
                 );
                 (
-                    load_policy_at_start(&last, &resolver, cfg.names_timeout)
+                    load_policy_at_start(&last, &resolver, &pieces, cfg.names_timeout)
                         .map_err(|e2| anyhow!("{e}\nthe last good policy is broken too: {e2}"))?,
                     Source::LastGood,
                 )
@@ -276,7 +284,7 @@ impl Engine {
             .with_context(|| cfg.policy_path.display().to_string())?;
 
         Ok((
-            state_ok, grants, resolver, loaded, source, local, scheduled, compiled,
+            state_ok, grants, resolver, pieces, loaded, source, local, scheduled, compiled,
         ))
     }
 
@@ -295,7 +303,8 @@ impl Engine {
                 .unwrap_or_else(|_| Err(anyhow!("loading the program panicked")));
             (kernel, prepared)
         });
-        let (state_ok, grants, resolver, loaded, source, local, scheduled, compiled) = prepared?;
+        let (state_ok, grants, resolver, pieces, loaded, source, local, scheduled, compiled) =
+            prepared?;
         let mut kernel = kernel?;
         let now = now_unix();
         // Table first, links second: a fresh attach never runs without its
@@ -360,6 +369,7 @@ impl Engine {
             started_at: now,
             counters_at_start,
             resolver,
+            pieces,
             resolve_job,
             sweeper,
             names: NameLog::start()?,
@@ -398,6 +408,11 @@ impl Engine {
     /// The resolver reloads parse with (shared with the resolver thread).
     pub fn resolver(&self) -> Arc<CachingResolver> {
         Arc::clone(&self.resolver)
+    }
+    /// The parsed pieces of the policy read at start, for the reloads'
+    /// [`Loader`].
+    pub fn parse_cache(&self) -> Arc<ParseCache> {
+        Arc::clone(&self.pieces)
     }
     /// The denial log's counters, for `status`.
     pub fn set_denial_stats(&mut self, stats: Arc<crate::denials::Stats>) {

@@ -164,6 +164,16 @@ pub fn parse_sources_lenient(sources: &[Source], env: &Env<'_>) -> Result<Policy
     parse_sources_with(sources, env, true, true, None)
 }
 
+/// [`parse_sources_lenient`] with the pieces of a large policy kept in
+/// (and taken from) `cache`, as [`parse_sources_cached`].
+pub fn parse_sources_lenient_cached(
+    sources: &[Source],
+    env: &Env<'_>,
+    cache: &ParseCache,
+) -> Result<Policy, PolicyErrors> {
+    parse_sources_with(sources, env, true, true, Some(cache))
+}
+
 /// The policy in force parsed again for its names only (the resolver
 /// thread): like [`parse_sources`] (or, `lenient`, its lenient form) but
 /// without looking at the file system. A metrics directory removed
