@@ -166,9 +166,7 @@ pub fn load_policy_at_start(
                     dir: &Nss,
                     resolver: &*resolver,
                 };
-                let _ = tx.send(policy::parse_sources_lenient_cached(
-                    &sources, &env, &pieces,
-                ));
+                let _ = tx.send(policy::parse_sources_lenient(&sources, &env, &pieces));
             })
             .map_err(|e| format!("starting the name lookups: {e}"))?;
     }
@@ -179,7 +177,7 @@ pub fn load_policy_at_start(
                 "the policy's names did not resolve within {} s (NSS or DNS hangs); enforcing without them and resolving in the background",
                 timeout.as_secs()
             );
-            policy::parse_sources_lenient_cached(
+            policy::parse_sources_lenient(
                 &sources,
                 &Env {
                     dir: &NoNames,

@@ -60,10 +60,12 @@ impl ParseCache {
     }
 
     /// How many pieces it holds.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.inner().pieces.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

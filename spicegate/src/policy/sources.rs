@@ -159,14 +159,9 @@ pub fn parse_sources_cached(
 /// every address with no one granted, and it is listed in
 /// [`Policy::unresolved`]. Text errors (syntax, unknown keys, clashes) are
 /// still errors. What the daemon enforces at start while LDAP or DNS is
-/// down.
-pub fn parse_sources_lenient(sources: &[Source], env: &Env<'_>) -> Result<Policy, PolicyErrors> {
-    parse_sources_with(sources, env, true, true, None)
-}
-
-/// [`parse_sources_lenient`] with the pieces of a large policy kept in
-/// (and taken from) `cache`, as [`parse_sources_cached`].
-pub fn parse_sources_lenient_cached(
+/// down. The pieces of a large policy are kept in (and taken from)
+/// `cache`, as [`parse_sources_cached`], for the first reload.
+pub fn parse_sources_lenient(
     sources: &[Source],
     env: &Env<'_>,
     cache: &ParseCache,
