@@ -175,7 +175,7 @@ fn decide_bind(ctx: &SockAddrContext, family: u32) -> i32 {
     }
     // SAFETY: a live entry of the frozen rule table.
     let (vm, audit) = unsafe { ((*rule).vm, (*rule).flags & PORT_AUDIT != 0) };
-    refuse(ctx, uid, &addr_words(sa, family), port, vm, audit, OP_BIND)
+    refuse(uid, &addr_words(sa, family), port, vm, audit, OP_BIND)
 }
 
 /// The address of a sock_addr context as four words in network byte
@@ -200,15 +200,7 @@ fn addr_words(sa: &aya_ebpf::bindings::bpf_sock_addr, family: u32) -> [u32; 4] {
 // register arguments): "too many arguments" and "stack arguments are not
 // supported".
 #[inline(always)]
-fn refuse(
-    ctx: &SockAddrContext,
-    uid: u32,
-    words: &[u32; 4],
-    port: u16,
-    vm: u32,
-    audit: bool,
-    op: u8,
-) -> i32 {
+fn refuse(uid: u32, words: &[u32; 4], port: u16, vm: u32, audit: bool, op: u8) -> i32 {
     count(
         vm,
         if audit {
@@ -217,10 +209,7 @@ fn refuse(
             Outcome::Denied
         },
     );
-    // SAFETY: [u32; 4] and [u8; 16] have the same size and any bit pattern
-    // is valid for both.
-    let addr: [u8; 16] = unsafe { core::mem::transmute(*words) };
-    report_denial(ctx, uid, &addr, port, vm, audit, op);
+    report_denial(uid, words, port, vm, audit, op);
     if audit { ALLOW } else { DENY }
 }
 
@@ -280,7 +269,7 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
         Some(rule) => unsafe { ((*rule).vm, (*rule).flags & ENDPOINT_AUDIT != 0) },
         None => (NO_VM, port_flags & PORT_AUDIT != 0),
     };
-    refuse(ctx, uid, &words, port, vm, audit, OP_CONNECT)
+    refuse(uid, &words, port, vm, audit, OP_CONNECT)
 }
 
 /// Marks a socket let through to a guarded endpoint, so that the sweep

@@ -7,7 +7,6 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::btf_map,
-    programs::SockAddrContext,
 };
 use aya_log_ebpf::macro_support::{AYA_LOGS, DisplayHint};
 use spicegate_common::{
@@ -138,18 +137,11 @@ macro_rules! aya_log_record {
 // most 5 register arguments): "too many arguments" and "stack arguments
 // are not supported".
 #[inline(always)]
-pub(crate) fn report_denial(
-    _ctx: &SockAddrContext,
-    uid: u32,
-    addr: &[u8; 16],
-    port: u16,
-    vm: u32,
-    audit: bool,
-    op: u8,
-) {
-    // SAFETY: [u8; 16] and [u64; 2] have the same size and any bit
-    // pattern is valid for both.
-    let [high, low]: [u64; 2] = unsafe { core::mem::transmute(*addr) };
+pub(crate) fn report_denial(uid: u32, words: &[u32; 4], port: u16, vm: u32, audit: bool, op: u8) {
+    // The address words as they lie in memory (the target is
+    // little-endian), two to a register.
+    let high = u64::from(words[0]) | (u64::from(words[1]) << 32);
+    let low = u64::from(words[2]) | (u64::from(words[3]) << 32);
     let who = u64::from(uid) | (u64::from(port) << 32) | (u64::from(op) << 48);
     let what = u64::from(vm) | (u64::from(audit) << 32);
     spicegate_report_denial(who, what, high, low);
@@ -181,7 +173,8 @@ pub extern "C" fn spicegate_report_denial(who: u64, what: u64, high: u64, low: u
     let op = (who >> 48) as u8;
     let vm = what as u32;
     let audit = (what >> 32) & 1 != 0;
-    // SAFETY: as in report_denial, the other way round.
+    // SAFETY: [u64; 2] and [u8; 16] have the same size and any bit
+    // pattern is valid for both.
     let addr: [u8; 16] = unsafe { core::mem::transmute([high, low]) };
     // SAFETY: a helper with no arguments and no side effects.
     let now = unsafe { bpf_ktime_get_ns() };
