@@ -23,8 +23,12 @@
 //! program 2 instructions longer (measured with bpf-linker 0.10.4).
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod report;
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -36,9 +40,9 @@ use aya_ebpf::{
 use spicegate_common::{
     COUNTERS_MAP_ENTRIES, DROP_MARK_FAILED, ENDPOINT_AUDIT, GRANT_REVOKED, GRANTED_ENTRIES,
     KIND_BIND_PORT, KIND_ENDPOINT, KIND_GRANT, KIND_LISTENER, KIND_LOCAL, KIND_LOCAL_NETS,
-    KIND_PORT, MAX_LOCAL_NET_LENS, NO_VM, OP_BIND, OP_CONNECT, OVERLAY_EMPTY,
+    KIND_PORT, MARK_SLOTS, MAX_LOCAL_NET_LENS, NO_VM, OP_BIND, OP_CONNECT, OVERLAY_EMPTY,
     OVERLAY_SELECT_ACTIVE, OVERLAY_SLOTS, POLICY_SLOT, PORT_AUDIT, PORT_GEN_SHIFT, PORT_GUARD_ALL,
-    RuleKey, RuleValue, VmCounters,
+    RuleKey, RuleValue, VmCounters, mark_slot,
 };
 
 use crate::report::{count_drop, report_denial};
@@ -64,9 +68,16 @@ static SPICEGATE_OVERLAY_SEL: Array<u32, 2> = Array::new();
 #[btf_map]
 static SPICEGATE_MARKS: SkStorage<u32> = SkStorage::new();
 
-/// The fast marks: socket cookie -> VM id of every socket let through to a
-/// guarded endpoint, removed again by `spicegate_release` (see
-/// `GRANTED_MAP`). When full, `SPICEGATE_MARKS` takes the mark instead.
+/// The first place a mark goes: slot `mark_slot(cookie)` holds the cookie
+/// of a socket let through to a guarded endpoint, cleared again by
+/// `spicegate_release` (see `MARK_SLOTS_MAP`).
+#[btf_map]
+static SPICEGATE_MARK_SLOTS: Array<u64, { MARK_SLOTS as usize }> = Array::new();
+
+/// The fast marks: socket cookie -> VM id of a socket let through to a
+/// guarded endpoint whose slot was taken, removed again by
+/// `spicegate_release` (see `GRANTED_MAP`). When full, `SPICEGATE_MARKS`
+/// takes the mark instead.
 #[btf_map]
 static SPICEGATE_GRANTED: HashMap<u64, u32, { GRANTED_ENTRIES as usize }> = HashMap::new();
 
@@ -104,16 +115,17 @@ pub fn spicegate_connect6(ctx: SockAddrContext) -> i32 {
     decide(&ctx, AF_INET6)
 }
 
-/// Removes the fast mark of a stream socket being closed. Runs for every
-/// socket of the subtree, so it returns early for those that cannot have
-/// one: not a stream, never connected, or connected to a port the table
-/// does not guard (the same two lookups as an unguarded connect). A hash
-/// delete, even of a missing key, costs more: measured with
+/// Removes the fast mark of a stream socket being closed: its slot when
+/// the slot holds its cookie (one store), the hash entry otherwise. Runs
+/// for every socket of the subtree, so it returns early for those that
+/// cannot have one: not a stream, never connected, or connected to a port
+/// the table does not guard (the same two lookups as an unguarded connect).
+/// A hash delete, even of a missing key, costs more: measured with
 /// `kernel.bpf_stats_enabled` on the 2-vCPU test VM, this program runs in
 /// about 200 ns for an unguarded socket, 300 ns when it deleted every time.
 /// A mark whose port stopped being guarded while its socket was open is
-/// left behind; it only takes one of the fast-mark slots, and a full map
-/// only sends marks to socket storage.
+/// left behind; it only takes a slot or a hash entry, and a mark that
+/// finds both taken goes to socket storage.
 #[cgroup_sock(sock_release)]
 pub fn spicegate_release(ctx: SockContext) -> i32 {
     // SAFETY: the kernel hands every cgroup_sock program a valid bpf_sock;
@@ -128,6 +140,20 @@ pub fn spicegate_release(ctx: SockContext) -> i32 {
     if rules.get_ptr(key(KIND_PORT, port, 0, &[0; 4])).is_some() {
         // SAFETY: the program's own context, which the helper takes.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+        if let Some(slot) = SPICEGATE_MARK_SLOTS.get_ptr_mut(mark_slot(cookie)) {
+            // SAFETY: a live, 8-byte aligned slot of a preallocated
+            // array; an aligned 8-byte load or store is one BPF
+            // instruction, so no other CPU sees half of it (LLVM cannot
+            // select `AtomicU64::load` for BPF below CPU v4). Only this
+            // socket's release clears its own cookie, and a connect only
+            // takes a slot that holds 0.
+            unsafe {
+                if core::ptr::read_volatile(slot) == cookie {
+                    core::ptr::write_volatile(slot, 0);
+                    return 1;
+                }
+            }
+        }
         let _ = SPICEGATE_GRANTED.remove(cookie);
     }
     1 // sock_release programs cannot refuse; 1 is "carry on"
@@ -273,13 +299,33 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
 }
 
 /// Marks a socket let through to a guarded endpoint, so that the sweep
-/// closes it when access ends: the fast mark (a cookie in
-/// `SPICEGATE_GRANTED`, about a tenth of the cost), or socket storage when
-/// that map is full.
+/// closes it when access ends: its cookie in its slot of
+/// `SPICEGATE_MARK_SLOTS` (one compare-and-swap), else in the hash
+/// `SPICEGATE_GRANTED`, else socket storage (about ten times the cost of
+/// the hash).
 #[inline(always)]
 fn mark(ctx: &SockAddrContext, mut vm: u32) {
     // SAFETY: the program's own context, which the helper takes.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    if let Some(slot) = SPICEGATE_MARK_SLOTS.get_ptr_mut(mark_slot(cookie)) {
+        // SAFETY: a live slot of a preallocated array, only ever accessed
+        // atomically (here, by the release hook, and by the daemon's reads).
+        // The target spec says no compare-and-swap (`atomic-cas` is
+        // false for every BPF CPU version, so `AtomicU64` has no
+        // `compare_exchange`), but LLVM emits BPF_CMPXCHG (kernel >= 5.12)
+        // for the intrinsic.
+        // SAFETY: a live, 8-byte aligned slot of a preallocated array.
+        let (held, _) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                slot, 0, cookie,
+            )
+        };
+        // Taken now, or this socket's already: a connect after a failed
+        // one (cookies are never 0, and never reused within a boot).
+        if held == 0 || held == cookie {
+            return;
+        }
+    }
     if SPICEGATE_GRANTED.insert(cookie, vm, 0).is_ok() {
         return;
     }

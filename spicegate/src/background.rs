@@ -37,9 +37,12 @@ struct Scope {
     /// then exactly the sockets it let through to a guarded endpoint are
     /// judged, wherever their cgroup went.
     marks: Option<std::os::fd::OwnedFd>,
-    /// The connect hook's fast marks (pinned map of socket cookies), where
-    /// most marks are; `None` where it cannot be opened (a program of the
-    /// previous release, which only marks with socket storage).
+    /// The connect hook's mark slots (pinned array of socket cookies),
+    /// where most marks are; `None` where it cannot be opened.
+    slots: Option<std::os::fd::OwnedFd>,
+    /// The connect hook's fast marks (pinned hash of socket cookies), for
+    /// a socket whose slot was taken, and every mark of a release before
+    /// the slots; `None` where it cannot be opened.
     granted: Option<std::os::fd::OwnedFd>,
     /// Counts the connections closed.
     metrics: Arc<crate::metrics::Shared>,
@@ -56,6 +59,16 @@ impl Sweeper {
         metrics: Arc<crate::metrics::Shared>,
     ) -> anyhow::Result<Self> {
         let marks = &paths.marks();
+        let slots = match crate::kernel::open_pinned(&paths.mark_slots()) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log::warn!(
+                    "cannot open the socket mark slots {} ({e}); only the other marks are read",
+                    paths.mark_slots().display()
+                );
+                None
+            }
+        };
         let granted = match crate::kernel::open_pinned(&paths.granted()) {
             Ok(fd) => Some(fd),
             Err(e) => {
@@ -79,6 +92,7 @@ impl Sweeper {
         let mut scope = Scope {
             cgroup,
             marks,
+            slots,
             granted,
             metrics,
         };
@@ -117,11 +131,20 @@ impl Sweeper {
 }
 
 impl Scope {
-    /// Whether the hook left a fast mark on the socket with `cookie`. A
-    /// lookup that fails (not ENOENT) counts as marked: the sweep then
-    /// judges the socket rather than let it keep access.
+    /// Whether the hook left a fast mark on the socket with `cookie`: in
+    /// its slot, or in the hash. A lookup that fails (not ENOENT) counts as
+    /// marked: the sweep then judges the socket rather than let it keep
+    /// access.
     fn fast_marked(&self, cookie: u64) -> bool {
         use std::os::fd::AsRawFd as _;
+        if let Some(fd) = &self.slots {
+            let slot = spicegate_common::mark_slot(cookie);
+            match crate::kernel::map_lookup::<u32, u64>(fd.as_raw_fd(), &slot) {
+                Ok(Some(held)) if held == cookie => return true,
+                Ok(_) => {}
+                Err(_) => return true,
+            }
+        }
         let Some(fd) = &self.granted else {
             return false;
         };

@@ -258,6 +258,7 @@ fi
 check_pinned upgrade-overlays-pinned "overlay$NEW_LAYOUT"
 # This release's fast socket marks and the program that removes them.
 check_pinned upgrade-fast-marks-pinned "granted$NEW_LAYOUT"
+check_pinned upgrade-mark-slots-pinned "mark_slots$NEW_LAYOUT"
 check_pinned upgrade-release-link-pinned "release$NEW_LAYOUT"
 n=$(pins_named "connect*$NEW_LAYOUT" | wc -w)
 if [ "$n" = 2 ]; then

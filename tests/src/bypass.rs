@@ -892,6 +892,37 @@ pub fn write_pinned_map(pin: &Path, key: &[u8], value: &[u8]) -> io::Result<()> 
     map_write(&obj_get(pin)?, key, value)
 }
 
+/// The `u64` values of the array map pinned at `pin`, which has `len`
+/// entries (one BPF_MAP_LOOKUP_ELEM each).
+pub fn pinned_u64_array(pin: &Path, len: u32) -> io::Result<Vec<u64>> {
+    let map = obj_get(pin)?;
+    (0..len)
+        .map(|i| {
+            let mut value = 0u64;
+            let mut attr = MapElemAttr {
+                map_fd: map.as_raw_fd() as u32,
+                _pad0: 0,
+                key: std::ptr::from_ref(&i) as u64,
+                value: std::ptr::from_mut(&mut value) as u64,
+                flags: 0,
+            };
+            bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(|_| value)
+        })
+        .collect()
+}
+
+/// Writes `values` at their indexes into the `u64` array map pinned at
+/// `pin` (what root could do with `bpftool map update pinned`).
+pub fn write_pinned_u64_array(
+    pin: &Path,
+    values: impl IntoIterator<Item = (u32, u64)>,
+) -> io::Result<()> {
+    let map = obj_get(pin)?;
+    values
+        .into_iter()
+        .try_for_each(|(i, v)| map_write(&map, &i.to_ne_bytes(), &v.to_ne_bytes()))
+}
+
 /// How many entries `map` holds, counted by walking its keys of
 /// `key_size` bytes (BPF_MAP_GET_NEXT_KEY).
 fn map_len(map: &OwnedFd, key_size: usize) -> io::Result<usize> {

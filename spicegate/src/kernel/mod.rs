@@ -42,10 +42,10 @@ use aya::{
 };
 use spicegate_common::{
     COUNTERS_MAP, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_MARK_FAILED, DROP_RATE_LIMITED,
-    DROPS_MAP, FLOOD_MAP, GRANTED_MAP, LAYOUT_VERSION, MARKS_MAP, OVERLAY_MAP, OVERLAY_MAX,
-    OVERLAY_SELECT_ACTIVE, OVERLAY_SELECT_GENERATION, OVERLAY_SELECT_MAP, POLICY_MAP, POLICY_SLOT,
-    PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, PROG_RELEASE, RATE_LOW_UIDS, RATE_MAP,
-    RATE_NAMED_ENTRIES, RATE_NAMED_MAP, RateState, RuleKey, RuleValue, VmCounters,
+    DROPS_MAP, FLOOD_MAP, GRANTED_MAP, LAYOUT_VERSION, MARK_SLOTS_MAP, MARKS_MAP, OVERLAY_MAP,
+    OVERLAY_MAX, OVERLAY_SELECT_ACTIVE, OVERLAY_SELECT_GENERATION, OVERLAY_SELECT_MAP, POLICY_MAP,
+    POLICY_SLOT, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, PROG_RELEASE, RATE_LOW_UIDS,
+    RATE_MAP, RATE_NAMED_ENTRIES, RATE_NAMED_MAP, RateState, RuleKey, RuleValue, VmCounters,
 };
 
 use crate::compile::Compiled;
@@ -150,6 +150,7 @@ impl Kernel {
             .map_pin_path(DROPS_MAP, paths.drops())
             .map_pin_path(MARKS_MAP, paths.marks())
             .map_pin_path(GRANTED_MAP, paths.granted())
+            .map_pin_path(MARK_SLOTS_MAP, paths.mark_slots())
             .map_pin_path(COUNTERS_MAP, paths.counters())
             .load(EBPF_OBJECT)
             .context(
@@ -328,6 +329,7 @@ impl Kernel {
             (DROPS_MAP, self.paths.drops()),
             (MARKS_MAP, self.paths.marks()),
             (GRANTED_MAP, self.paths.granted()),
+            (MARK_SLOTS_MAP, self.paths.mark_slots()),
             (COUNTERS_MAP, self.paths.counters()),
         ] {
             if path.exists() {

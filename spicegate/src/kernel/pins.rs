@@ -44,6 +44,9 @@ impl PinPaths {
     pub fn granted(&self) -> PathBuf {
         self.file("granted")
     }
+    pub fn mark_slots(&self) -> PathBuf {
+        self.file("mark_slots")
+    }
     pub fn release(&self) -> PathBuf {
         self.file("release")
     }

@@ -57,6 +57,7 @@ fn the_kernel_object_uses_the_shared_names() {
         RATE_NAMED_MAP,
         MARKS_MAP,
         GRANTED_MAP,
+        spicegate_common::MARK_SLOTS_MAP,
         DROPS_MAP,
         FLOOD_MAP,
         COUNTERS_MAP,
