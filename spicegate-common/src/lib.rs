@@ -238,8 +238,68 @@ pub const RATE_SHARED_WINDOW_NS: u64 = 1_000_000_000;
 ///   socket marks. Later in layout 2 (added, nothing changed): the fast
 ///   marks ([`GRANTED_MAP`], pin `granted_v2`) and the release program
 ///   (link `release_v2`); a daemon of layout 2 without them leaves them
-///   alone, and one with them creates them on start.
+///   alone, and one with them creates them on start. Then, the same way:
+///   the mark slots ([`MARK_SLOTS_MAP`], pin `mark_slots_v2`) and the
+///   port prefilter ([`PORTS_MAP`], pin `ports_v2`).
 pub const LAYOUT_VERSION: u32 = 2;
+
+/// The prefilter of guarded ports (`ARRAY` of one [`PortBits`]): bit `p`
+/// is set for every port `p` that has a [`KIND_PORT`] entry in the table in
+/// force, and may be set for others. The connect and release programs let
+/// a socket go when its port's bit is clear, with one inlined array read
+/// instead of a hash lookup in a table that may hold a million entries.
+///
+/// The daemon keeps it a superset of the table in force: before a new
+/// table is swapped in it writes the union of the old and new ports, after
+/// the swap the new ones (a write of the whole value may tear between
+/// bytes, but every byte then comes from one of two supersets, so the
+/// whole is one too). Checked with the table by the watchdog. Pinned.
+pub const PORTS_MAP: &str = "SPICEGATE_PORTS";
+
+/// One bit per port (see [`PORTS_MAP`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortBits {
+    pub words: [u64; 1024],
+}
+
+const _: () = assert!(core::mem::size_of::<PortBits>() == 8192);
+
+impl Default for PortBits {
+    fn default() -> Self {
+        Self { words: [0; 1024] }
+    }
+}
+
+impl PortBits {
+    /// Whether `port`'s bit is set.
+    #[inline(always)]
+    pub const fn has(&self, port: u16) -> bool {
+        self.words[(port >> 6) as usize] >> (port & 63) & 1 != 0
+    }
+
+    /// Sets `port`'s bit.
+    pub fn set(&mut self, port: u16) {
+        self.words[(port >> 6) as usize] |= 1 << (port & 63);
+    }
+
+    /// Every bit set in `self` or `other`.
+    pub fn union(&self, other: &Self) -> Self {
+        let mut out = *self;
+        for (w, o) in out.words.iter_mut().zip(other.words.iter()) {
+            *w |= o;
+        }
+        out
+    }
+
+    /// Whether every bit of `other` is set in `self`.
+    pub fn covers(&self, other: &Self) -> bool {
+        self.words
+            .iter()
+            .zip(other.words.iter())
+            .all(|(w, o)| w & o == *o)
+    }
+}
 
 /// [`RuleKey::kind`]: "is this port guarded at all, and how". Key has only
 /// `port` set. Value flags: [`PORT_GUARD_ALL`], [`PORT_GUARD_ENDPOINTS`].

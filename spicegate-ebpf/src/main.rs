@@ -42,7 +42,7 @@ use spicegate_common::{
     KIND_BIND_PORT, KIND_ENDPOINT, KIND_GRANT, KIND_LISTENER, KIND_LOCAL, KIND_LOCAL_NETS,
     KIND_PORT, MARK_SLOTS, MAX_LOCAL_NET_LENS, NO_VM, OP_BIND, OP_CONNECT, OVERLAY_EMPTY,
     OVERLAY_SELECT_ACTIVE, OVERLAY_SLOTS, POLICY_SLOT, PORT_AUDIT, PORT_GEN_SHIFT, PORT_GUARD_ALL,
-    RuleKey, RuleValue, VmCounters, mark_slot,
+    PortBits, RuleKey, RuleValue, VmCounters, mark_slot,
 };
 
 use crate::report::{count_drop, report_denial};
@@ -58,6 +58,11 @@ static SPICEGATE_POLICY: ArrayOfMaps<Rules, 1> = ArrayOfMaps::new();
 /// in force and one standby (see `OVERLAY_MAP`).
 #[btf_map]
 static SPICEGATE_OVERLAY: ArrayOfMaps<Rules, { OVERLAY_SLOTS as usize }> = ArrayOfMaps::new();
+
+/// The ports the table in force guards, and maybe more (see `PORTS_MAP`):
+/// a clear bit lets a socket go without a lookup in the table.
+#[btf_map]
+static SPICEGATE_PORTS: Array<PortBits, 1> = Array::new();
 
 /// Which overlay is in force (and, for the daemon, the table's generation).
 #[btf_map]
@@ -119,10 +124,11 @@ pub fn spicegate_connect6(ctx: SockAddrContext) -> i32 {
 /// the slot holds its cookie (one store), the hash entry otherwise. Runs
 /// for every socket of the subtree, so it returns early for those that
 /// cannot have one: not a stream, never connected, or connected to a port
-/// the table does not guard (the same two lookups as an unguarded connect).
-/// A hash delete, even of a missing key, costs more: measured with
-/// `kernel.bpf_stats_enabled` on the 2-vCPU test VM, this program runs in
-/// about 200 ns for an unguarded socket, 300 ns when it deleted every time.
+/// whose bit in `SPICEGATE_PORTS` is clear (the same check as an unguarded
+/// connect). A hash delete, even of a missing key, costs more: measured
+/// with `kernel.bpf_stats_enabled` on the 2-vCPU test VM, this program ran
+/// in about 200 ns for an unguarded socket when it looked the port up in
+/// the table, 300 ns when it deleted every time.
 /// A mark whose port stopped being guarded while its socket was open is
 /// left behind; it only takes a slot or a hash entry, and a mark that
 /// finds both taken goes to socket storage.
@@ -131,31 +137,28 @@ pub fn spicegate_release(ctx: SockContext) -> i32 {
     // SAFETY: the kernel hands every cgroup_sock program a valid bpf_sock;
     // plain context loads.
     let (kind, port) = unsafe { ((*ctx.sock).type_, u16::from_be((*ctx.sock).dst_port)) };
-    if (kind != SOCK_STREAM && kind != SOCK_SEQPACKET) || port == 0 {
+    if (kind != SOCK_STREAM && kind != SOCK_SEQPACKET) || port == 0 || !maybe_guarded(port) {
         return 1;
     }
-    let Some(rules) = SPICEGATE_POLICY.get(POLICY_SLOT) else {
-        return 1;
-    };
-    if rules.get_ptr(key(KIND_PORT, port, 0, &[0; 4])).is_some() {
-        // SAFETY: the program's own context, which the helper takes.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
-        if let Some(slot) = SPICEGATE_MARK_SLOTS.get_ptr_mut(mark_slot(cookie)) {
-            // SAFETY: a live, 8-byte aligned slot of a preallocated
-            // array; an aligned 8-byte load or store is one BPF
-            // instruction, so no other CPU sees half of it (LLVM cannot
-            // select `AtomicU64::load` for BPF below CPU v4). Only this
-            // socket's release clears its own cookie, and a connect only
-            // takes a slot that holds 0.
-            unsafe {
-                if core::ptr::read_volatile(slot) == cookie {
-                    core::ptr::write_volatile(slot, 0);
-                    return 1;
-                }
+    // SAFETY: the program's own context, which the helper takes.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+    if let Some(slot) = SPICEGATE_MARK_SLOTS.get_ptr_mut(mark_slot(cookie)) {
+        // SAFETY: a live, 8-byte aligned slot of a preallocated array; an
+        // aligned 8-byte load or store is one BPF instruction, so no other
+        // CPU sees half of it (LLVM cannot select `AtomicU64::load` for BPF
+        // below CPU v4). Only this socket's release clears its own cookie,
+        // and a connect only takes a slot that holds 0.
+        unsafe {
+            if core::ptr::read_volatile(slot) == cookie {
+                core::ptr::write_volatile(slot, 0);
+                return 1;
             }
         }
-        let _ = SPICEGATE_GRANTED.remove(cookie);
     }
+    // Marked in the hash (its slot was taken, or a release before the
+    // slots marked it), or not marked at all (audit mode, another server
+    // on a guarded port): a delete, of a missing key in the last case.
+    let _ = SPICEGATE_GRANTED.remove(cookie);
     1 // sock_release programs cannot refuse; 1 is "carry on"
 }
 
@@ -254,36 +257,46 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
         return ALLOW;
     }
     let port = u16::from_be(sa.user_port as u16);
+    // Fast path: a port nobody guards costs one array read (inlined by the
+    // verifier) and nothing else.
+    if !maybe_guarded(port) {
+        return ALLOW;
+    }
     let words = addr_words(sa, family);
-
-    // Fast path: a port nobody guards costs two lookups and nothing else.
-    // One lookup of the table in force; an empty slot (no daemon ever
-    // installed one) decides nothing.
+    // The table in force; an empty slot (no daemon ever installed one)
+    // decides nothing.
     let Some(rules) = SPICEGATE_POLICY.get(POLICY_SLOT) else {
         return ALLOW;
     };
-    let Some(port_rule) = rules.get_ptr(key(KIND_PORT, port, 0, &[0; 4])) else {
-        return ALLOW;
-    };
-    // SAFETY: a live entry of the frozen rule table.
-    let port_flags = unsafe { (*port_rule).flags };
-
     // LOCAL_ADDR (`::`) is all zeroes.
     let endpoint = if is_local(rules, &words) {
         [0u32; 4]
     } else {
         words
     };
-    // A grant exists only for a guarded endpoint: look it up first, so the
-    // granted path costs one lookup less.
     let uid = bpf_get_current_uid_gid() as u32;
-    if let Some(grant) = grant(rules, port_flags, port, uid, &endpoint) {
-        // SAFETY: a live entry of the frozen rule table or of an overlay
-        // (see `grant`).
-        let vm = unsafe { (*grant).vm };
-        count(vm, Outcome::Allowed);
-        mark(ctx, vm);
+    // Read once: the overlay in force, or OVERLAY_EMPTY.
+    let active = SPICEGATE_OVERLAY_SEL
+        .get(OVERLAY_SELECT_ACTIVE)
+        .copied()
+        .unwrap_or(OVERLAY_EMPTY);
+    // With no overlay in force the table alone decides a grant, and it
+    // holds one only for a guarded endpoint: look it up before the port,
+    // so the granted path costs one lookup less.
+    if active & OVERLAY_EMPTY != 0
+        && let Some(grant) = rules.get_ptr(key(KIND_GRANT, port, uid, &endpoint))
+    {
+        return let_through(ctx, grant);
+    }
+    let Some(port_rule) = rules.get_ptr(key(KIND_PORT, port, 0, &[0; 4])) else {
         return ALLOW;
+    };
+    // SAFETY: a live entry of the frozen rule table.
+    let port_flags = unsafe { (*port_rule).flags };
+    if active & OVERLAY_EMPTY == 0
+        && let Some(grant) = grant(rules, port_flags, port, uid, &endpoint, active)
+    {
+        return let_through(ctx, grant);
     }
     let endpoint_rule = rules.get_ptr(key(KIND_ENDPOINT, port, 0, &endpoint));
     if port_flags & PORT_GUARD_ALL == 0 && endpoint_rule.is_none() {
@@ -296,6 +309,31 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
         None => (NO_VM, port_flags & PORT_AUDIT != 0),
     };
     refuse(uid, &words, port, vm, audit, OP_CONNECT)
+}
+
+/// Lets a granted connect through: counts it for its VM and marks the
+/// socket.
+#[inline(always)]
+fn let_through(ctx: &SockAddrContext, grant: *const RuleValue) -> i32 {
+    // SAFETY: a live entry of the frozen rule table or of an overlay (see
+    // `grant`).
+    let vm = unsafe { (*grant).vm };
+    count(vm, Outcome::Allowed);
+    mark(ctx, vm);
+    ALLOW
+}
+
+/// Whether `port` may be guarded: its bit in `SPICEGATE_PORTS`, a superset
+/// of the ports of the table in force. Without the map (cannot happen: an
+/// array's slot 0 always exists) every port may be.
+#[inline(always)]
+fn maybe_guarded(port: u16) -> bool {
+    match SPICEGATE_PORTS.get_ptr(0) {
+        // SAFETY: slot 0 of a preallocated array; a torn read of a word
+        // the daemon is rewriting still gives a superset (see PORTS_MAP).
+        Some(bits) => unsafe { (*bits).has(port) },
+        None => true,
+    }
 }
 
 /// Marks a socket let through to a guarded endpoint, so that the sweep
@@ -338,10 +376,10 @@ fn mark(ctx: &SockAddrContext, mut vm: u32) {
     }
 }
 
-/// The grant of (`port`, `uid`, `endpoint`): the overlay in force decides
-/// when it has the key with the table's generation (a changed grant), the
-/// table otherwise.
-// Without this, LLVM/bpf-linker at build time (five arguments plus the
+/// The grant of (`port`, `uid`, `endpoint`): the overlay in force
+/// (`active`, from `SPICEGATE_OVERLAY_SEL`) decides when it has the key
+/// with the table's generation (a changed grant), the table otherwise.
+// Without this, LLVM/bpf-linker at build time (six arguments plus the
 // pointer the Option is returned through): "too many arguments" and "stack
 // arguments are not supported".
 #[inline(always)]
@@ -351,12 +389,12 @@ fn grant(
     port: u16,
     uid: u32,
     endpoint: &[u32; 4],
+    active: u32,
 ) -> Option<*const RuleValue> {
     let generation = ((port_flags >> PORT_GEN_SHIFT) & 0xff) as u8;
     if generation != 0
-        && let Some(active) = SPICEGATE_OVERLAY_SEL.get(OVERLAY_SELECT_ACTIVE)
-        && *active & OVERLAY_EMPTY == 0
-        && let Some(overlay) = SPICEGATE_OVERLAY.get(*active & 1)
+        && active & OVERLAY_EMPTY == 0
+        && let Some(overlay) = SPICEGATE_OVERLAY.get(active & 1)
         && let Some(changed) = overlay.get_ptr(key_in(generation, KIND_GRANT, port, uid, endpoint))
     {
         // SAFETY: a live entry of an overlay. Overlays are not frozen (the

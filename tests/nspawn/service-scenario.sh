@@ -259,6 +259,7 @@ check_pinned upgrade-overlays-pinned "overlay$NEW_LAYOUT"
 # This release's fast socket marks and the program that removes them.
 check_pinned upgrade-fast-marks-pinned "granted$NEW_LAYOUT"
 check_pinned upgrade-mark-slots-pinned "mark_slots$NEW_LAYOUT"
+check_pinned upgrade-port-prefilter-pinned "ports$NEW_LAYOUT"
 check_pinned upgrade-release-link-pinned "release$NEW_LAYOUT"
 n=$(pins_named "connect*$NEW_LAYOUT" | wc -w)
 if [ "$n" = 2 ]; then

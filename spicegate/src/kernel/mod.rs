@@ -10,6 +10,7 @@
 //! - this module: [`Kernel`]: load, install a table, attach, re-pin;
 //! - `overlays`: grants changed since the table was built;
 //! - `pins`: the pin directory, upgrades from older layouts, unloading;
+//! - `ports`: the port prefilter, kept a superset of the table's ports;
 //! - `mounts`: finding cgroup2, mounting bpffs, locking the pin directory;
 //! - `readers`: counters and drops read by other threads;
 //! - `fill`: streaming a compiled policy into a new table;
@@ -19,6 +20,7 @@ mod fill;
 mod mounts;
 mod overlays;
 mod pins;
+mod ports;
 mod readers;
 mod sys;
 #[cfg(test)]
@@ -44,8 +46,9 @@ use spicegate_common::{
     COUNTERS_MAP, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_MARK_FAILED, DROP_RATE_LIMITED,
     DROPS_MAP, FLOOD_MAP, GRANTED_MAP, LAYOUT_VERSION, MARK_SLOTS_MAP, MARKS_MAP, OVERLAY_MAP,
     OVERLAY_MAX, OVERLAY_SELECT_ACTIVE, OVERLAY_SELECT_GENERATION, OVERLAY_SELECT_MAP, POLICY_MAP,
-    POLICY_SLOT, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, PROG_RELEASE, RATE_LOW_UIDS,
-    RATE_MAP, RATE_NAMED_ENTRIES, RATE_NAMED_MAP, RateState, RuleKey, RuleValue, VmCounters,
+    POLICY_SLOT, PORTS_MAP, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, PROG_RELEASE,
+    RATE_LOW_UIDS, RATE_MAP, RATE_NAMED_ENTRIES, RATE_NAMED_MAP, RateState, RuleKey, RuleValue,
+    VmCounters,
 };
 
 use crate::compile::Compiled;
@@ -97,6 +100,9 @@ pub struct Kernel {
     overlays: Option<Overlays>,
     /// What both overlays hold (keys without the generation).
     overlay: std::collections::BTreeMap<RuleKey, RuleValue>,
+    /// The ports of the table this daemon installed: the port prefilter
+    /// must cover them.
+    ports: Box<spicegate_common::PortBits>,
     /// Map writes since start: entries written into rule tables and
     /// overlays, and the slot updates that swapped them in.
     writes: u64,
@@ -151,6 +157,7 @@ impl Kernel {
             .map_pin_path(MARKS_MAP, paths.marks())
             .map_pin_path(GRANTED_MAP, paths.granted())
             .map_pin_path(MARK_SLOTS_MAP, paths.mark_slots())
+            .map_pin_path(PORTS_MAP, paths.ports())
             .map_pin_path(COUNTERS_MAP, paths.counters())
             .load(EBPF_OBJECT)
             .context(
@@ -191,6 +198,7 @@ impl Kernel {
             generation: 0,
             overlays: None,
             overlay: std::collections::BTreeMap::new(),
+            ports: Box::default(),
             writes: 0,
             named: std::collections::HashSet::default(),
         })
@@ -200,8 +208,10 @@ impl Kernel {
     /// completely, frozen (no `bpf()` write can change it afterwards, root's
     /// included), then swapped into the policy slot with one update. The
     /// new table has a new generation, so the same swap retires every
-    /// overlay entry; the overlays are emptied after. On any error the
-    /// table in force stays as it was.
+    /// overlay entry; the overlays are emptied after. The port prefilter
+    /// takes the new table's ports before the swap (with the old ones),
+    /// and drops the old ones after. On any error the table in force stays
+    /// as it was.
     pub fn install(&mut self, compiled: &Compiled) -> anyhow::Result<()> {
         let capacity = compiled.capacity();
         let entries = compiled.entry_count();
@@ -215,10 +225,23 @@ impl Kernel {
         let data = IterableMap::map(&table);
         map_freeze(data.fd().as_fd()).context("freezing the new rule table")?;
         let id = data.info().context("reading the new rule table's id")?.id();
+        let ports = ports::ports_of(compiled);
+        let widened = self.read_ports()?.union(&ports);
+        self.write_ports(&widened)
+            .context("adding the new table's ports to the port prefilter")?;
         let mut outer = self.outer()?;
         outer
             .set(POLICY_SLOT, &table, 0)
             .context("swapping in the new rule table")?;
+        // The swap returned after every program that could see the old
+        // table finished (the kernel waits for them on a map-in-map
+        // update): its ports can go.
+        if let Err(e) = self.write_ports(&ports) {
+            log::warn!(
+                "could not drop the old table's ports from the port prefilter (connects to them cost a table lookup until the next install): {e:#}"
+            );
+        }
+        self.ports = ports;
         let old_generation = std::mem::replace(&mut self.generation, generation);
         self.table_id = Some(id);
         self.writes += entries as u64 + 1;
@@ -269,6 +292,10 @@ impl Kernel {
         };
         let id = map_lookup_u32(fd, POLICY_SLOT).context("reading the policy slot")?;
         if id.is_none() || id != want {
+            return Ok(false);
+        }
+        // A cleared bit would let connects to that port go unchecked.
+        if want.is_some() && !self.read_ports()?.covers(&self.ports) {
             return Ok(false);
         }
         self.overlays_intact()
@@ -330,6 +357,7 @@ impl Kernel {
             (MARKS_MAP, self.paths.marks()),
             (GRANTED_MAP, self.paths.granted()),
             (MARK_SLOTS_MAP, self.paths.mark_slots()),
+            (PORTS_MAP, self.paths.ports()),
             (COUNTERS_MAP, self.paths.counters()),
         ] {
             if path.exists() {

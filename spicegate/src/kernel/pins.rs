@@ -47,6 +47,9 @@ impl PinPaths {
     pub fn mark_slots(&self) -> PathBuf {
         self.file("mark_slots")
     }
+    pub fn ports(&self) -> PathBuf {
+        self.file("ports")
+    }
     pub fn release(&self) -> PathBuf {
         self.file("release")
     }

@@ -58,6 +58,7 @@ fn the_kernel_object_uses_the_shared_names() {
         MARKS_MAP,
         GRANTED_MAP,
         spicegate_common::MARK_SLOTS_MAP,
+        spicegate_common::PORTS_MAP,
         DROPS_MAP,
         FLOOD_MAP,
         COUNTERS_MAP,
