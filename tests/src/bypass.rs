@@ -892,6 +892,32 @@ pub fn write_pinned_map(pin: &Path, key: &[u8], value: &[u8]) -> io::Result<()> 
     map_write(&obj_get(pin)?, key, value)
 }
 
+/// The value of `value_size` bytes at `key` of the map pinned at `pin`.
+pub fn read_pinned_map(pin: &Path, key: &[u8], value_size: usize) -> io::Result<Vec<u8>> {
+    let map = obj_get(pin)?;
+    let mut value = vec![0u8; value_size];
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad0: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(|_| value)
+}
+
+/// The ports whose bit is set in the port prefilter pinned at `pin` (one
+/// value of 1,024 `u64` words, bit `p % 64` of word `p / 64`).
+pub fn prefilter_ports(pin: &Path) -> io::Result<Vec<u16>> {
+    let bytes = read_pinned_map(pin, &0u32.to_ne_bytes(), 8192)?;
+    Ok((0..=u16::MAX)
+        .filter(|p| {
+            let i = usize::from(*p / 8);
+            bytes[i] >> (p % 8) & 1 != 0
+        })
+        .collect())
+}
+
 /// The `u64` values of the array map pinned at `pin`, which has `len`
 /// entries (one BPF_MAP_LOOKUP_ELEM each).
 pub fn pinned_u64_array(pin: &Path, len: u32) -> io::Result<Vec<u64>> {

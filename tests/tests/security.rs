@@ -42,7 +42,8 @@ use spicegate_tests::{
         CgroupAttachment, ChildCgroup, Expect, Matrix, NetNs, Rng, TmpfsMount, allow_all_insns,
         allows_setuid, cgroup_prog_ids, clear_outer_map_slot, connect_progs, copy_grant_in_table,
         detach_pinned_link, link_local_addrs, load_connect_prog, outer_map_slot, pin_files, pinned,
-        rewrite_port_insns, run_daemon_to_exit, status_json, write_inner_map,
+        prefilter_ports, rewrite_port_insns, run_daemon_to_exit, status_json, write_inner_map,
+        write_pinned_map,
     },
     cgroup2_root, interface_addrs,
     lab::{Lab, v4, v6, vm, winlab, winlab_granting},
@@ -1785,6 +1786,67 @@ fn tampering_policy_slot_emptied_is_repaired() {
         let after = outer_map_slot(&pin, 0).expect("reading the policy slot");
         eprintln!("[test] policy slot 0: inner map {before:?} -> {after:?}");
     });
+}
+
+/// Root clears the port prefilter (`bpftool map update pinned .../ports_v2`
+/// with zeroes): the programs would let every port go without a look at
+/// the table. The watchdog finds a bit of the table's ports missing within
+/// a second and installs the table again, which writes the prefilter.
+#[test]
+fn tampering_the_port_prefilter_cleared_is_repaired() {
+    tamper(
+        "BPF_MAP_UPDATE_ELEM of zeroes into the port prefilter",
+        |lab, _, port| {
+            let pin = pinned(lab.pin.path(), "ports_v").expect("port prefilter pinned");
+            assert_eq!(
+                prefilter_ports(&pin).expect("reading the prefilter"),
+                [port]
+            );
+            write_pinned_map(&pin, &0u32.to_ne_bytes(), &[0u8; 8192])
+                .unwrap_or_else(|e| panic!("clearing the prefilter: {e}"));
+        },
+    );
+}
+
+/// The port prefilter holds the ports of the table in force: a reload that
+/// moves the VM to another port moves the bit, and the old port is
+/// nobody's to refuse any more.
+#[test]
+fn the_port_prefilter_follows_the_table() {
+    let (alice, dave, l, lab) = winlab(PROBE);
+    let p = l.port();
+    let other = Listener::dual_stack();
+    let q = other.port();
+    let pin = pinned(lab.pin.path(), "ports_v").expect("port prefilter pinned");
+    assert_eq!(prefilter_ports(&pin).expect("reading the prefilter"), [p]);
+    assert_eq!(
+        lab.outcome(&dave, p),
+        Outcome::Denied,
+        "dave on the guarded port"
+    );
+    assert_eq!(
+        lab.outcome(&dave, q),
+        Outcome::Allowed,
+        "dave on a port nobody guards"
+    );
+
+    lab.reload_to(&vm("winlab", q, &[&alice.name]));
+    assert_eq!(prefilter_ports(&pin).expect("reading the prefilter"), [q]);
+    assert_eq!(
+        lab.outcome(&dave, q),
+        Outcome::Denied,
+        "dave on the newly guarded port"
+    );
+    assert_eq!(
+        lab.outcome(&alice, q),
+        Outcome::Allowed,
+        "alice on the newly guarded port"
+    );
+    assert_eq!(
+        lab.outcome(&dave, p),
+        Outcome::Allowed,
+        "dave on the port no longer guarded"
+    );
 }
 
 /// Root writes a grant for dave straight into the rule table in force
