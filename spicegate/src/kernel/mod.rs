@@ -39,7 +39,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{ArrayOfMaps, HashMap, IterableMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, IterableMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, links::FdLink},
 };
 use spicegate_common::{
@@ -62,7 +62,7 @@ pub use self::{
     readers::{CountersReader, DropsReader, KernelDrops},
 };
 use self::{
-    overlays::Overlays,
+    overlays::{NewOverlays, Overlays},
     pins::staging,
     readers::{read_counters, read_drops},
     sys::{map_lookup_u32, map_update_u32},
@@ -229,9 +229,35 @@ impl Kernel {
         let widened = self.read_ports()?.union(&ports);
         self.write_ports(&widened)
             .context("adding the new table's ports to the port prefilter")?;
-        let mut outer = self.outer()?;
-        outer
-            .set(POLICY_SLOT, &table, 0)
+        // The first install of this daemon puts two fresh overlays in the
+        // overlay slots too. With no table in force (a first start) nothing
+        // decides by them, so they are placed beside the table and the
+        // three map-in-map updates wait for one RCU grace period together
+        // (see `set_slots_together`); a table in force may have grants in
+        // its overlay, so then they wait for the swap.
+        let new_overlays = match self.overlays {
+            Some(_) => None,
+            None => NewOverlays::create()
+                .inspect_err(|e| log::debug!("creating the overlays before the swap: {e:#}"))
+                .ok(),
+        };
+        let policy = self.policy_fd()?;
+        let table_fd = data.fd().as_fd().as_raw_fd();
+        let mut updates = vec![(policy, POLICY_SLOT, table_fd)];
+        if let Some(new) = &new_overlays
+            && map_lookup_u32(policy, POLICY_SLOT)
+                .context("reading the policy slot")?
+                .is_none()
+        {
+            updates.extend(new.slot_updates(self.overlay_fd()?));
+        }
+        let mut results = overlays::set_slots_together(&updates).into_iter();
+        let swapped = results.next();
+        // Placed with the table when both went in (else `reset_overlays`
+        // places them after).
+        let placed = updates.len() > 1 && results.all(|r| r.is_ok());
+        swapped
+            .unwrap_or_else(|| Err(io::Error::other("no result")))
             .context("swapping in the new rule table")?;
         // The swap returned after every program that could see the old
         // table finished (the kernel waits for them on a map-in-map
@@ -250,7 +276,7 @@ impl Kernel {
         }
         // The old overlay entries decide nothing now (their generation is
         // gone); empty the overlays for the new table.
-        if let Err(e) = self.reset_overlays(old_generation) {
+        if let Err(e) = self.reset_overlays(old_generation, new_overlays, placed) {
             log::error!(
                 "could not empty the overlays; grants change by whole tables until the next apply: {e:#}"
             );
@@ -263,14 +289,6 @@ impl Kernel {
             t2.elapsed().as_secs_f64() * 1e3
         );
         Ok(())
-    }
-
-    fn outer(&mut self) -> anyhow::Result<ArrayOfMaps<&mut MapData, RuleTable>> {
-        let map = self
-            .ebpf
-            .map_mut(POLICY_MAP)
-            .ok_or_else(|| anyhow!("map {POLICY_MAP} missing"))?;
-        Ok(ArrayOfMaps::try_from(map)?)
     }
 
     /// Whether the policy slot still holds the table this daemon installed
