@@ -90,6 +90,8 @@ const REQUIRED: &[&str] = &[
     "upgrade-old-layout-retired-or-adopted",
     "upgrade-overlays-pinned",
     "upgrade-fast-marks-pinned",
+    "upgrade-mark-slots-pinned",
+    "upgrade-port-prefilter-pinned",
     "upgrade-release-link-pinned",
     "upgrade-new-links-pinned",
     "release-upgrade-granted-allowed",
