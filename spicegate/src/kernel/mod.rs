@@ -231,10 +231,12 @@ impl Kernel {
             .context("adding the new table's ports to the port prefilter")?;
         // The first install of this daemon puts two fresh overlays in the
         // overlay slots too. With no table in force (a first start) nothing
-        // decides by them, so they are placed beside the table and the
-        // three map-in-map updates wait for one RCU grace period together
-        // (see `set_slots_together`); a table in force may have grants in
-        // its overlay, so then they wait for the swap.
+        // decides by them, so they are placed beside the table, and the
+        // install goes on as soon as the three slots hold their maps: each
+        // map-in-map update then waits for an RCU grace period (~16 ms
+        // here) that only matters to programs that read the old, empty
+        // slot (see `set_slots_visible`). A table in force may have grants
+        // in its overlay: then they are placed after the swap has waited.
         let new_overlays = match self.overlays {
             Some(_) => None,
             None => NewOverlays::create()
@@ -244,14 +246,21 @@ impl Kernel {
         let policy = self.policy_fd()?;
         let table_fd = data.fd().as_fd().as_raw_fd();
         let mut updates = vec![(policy, POLICY_SLOT, table_fd)];
-        if let Some(new) = &new_overlays
-            && map_lookup_u32(policy, POLICY_SLOT)
-                .context("reading the policy slot")?
-                .is_none()
-        {
-            updates.extend(new.slot_updates(self.overlay_fd()?));
+        let nothing_in_force = map_lookup_u32(policy, POLICY_SLOT)
+            .context("reading the policy slot")?
+            .is_none();
+        let mut results = match &new_overlays {
+            Some(new) if nothing_in_force => {
+                let mut ids = vec![id];
+                for (update, id) in new.slot_updates(self.overlay_fd()?) {
+                    updates.push(update);
+                    ids.push(id);
+                }
+                overlays::set_slots_visible(&updates, &ids)
+            }
+            _ => overlays::set_slots_together(&updates),
         }
-        let mut results = overlays::set_slots_together(&updates).into_iter();
+        .into_iter();
         let swapped = results.next();
         // Placed with the table when both went in (else `reset_overlays`
         // places them after).
@@ -261,7 +270,7 @@ impl Kernel {
             .context("swapping in the new rule table")?;
         // The swap returned after every program that could see the old
         // table finished (the kernel waits for them on a map-in-map
-        // update): its ports can go.
+        // update; with no old table, there was none): its ports can go.
         if let Err(e) = self.write_ports(&ports) {
             log::warn!(
                 "could not drop the old table's ports from the port prefilter (connects to them cost a table lookup until the next install): {e:#}"

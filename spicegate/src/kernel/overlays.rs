@@ -42,9 +42,12 @@ impl NewOverlays {
     }
 
     /// The slot updates that place them in the overlay map `outer`, for
-    /// [`set_slots_together`].
-    pub(super) fn slot_updates(&self, outer: i32) -> [(i32, u32, i32); 2] {
-        [(outer, 0, self.fds[0]), (outer, 1, self.fds[1])]
+    /// [`set_slots_together`], with the ids the slots then hold.
+    pub(super) fn slot_updates(&self, outer: i32) -> [((i32, u32, i32), u32); 2] {
+        [
+            ((outer, 0, self.fds[0]), self.ids[0]),
+            ((outer, 1, self.fds[1]), self.ids[1]),
+        ]
     }
 }
 
@@ -71,6 +74,43 @@ pub(super) fn set_slots_together(updates: &[(i32, u32, i32)]) -> Vec<io::Result<
             })
             .collect()
     })
+}
+
+/// [`set_slots_together`] for slots no program decides by yet (with no
+/// table in force): returns as soon as each slot holds its map (`ids`, in
+/// the order of `updates`), while the kernel's RCU wait, which only
+/// matters to programs that read the old value, goes on in the
+/// background. A slot that does not show its map before its update
+/// returns gives that update's result.
+pub(super) fn set_slots_visible(updates: &[(i32, u32, i32)], ids: &[u32]) -> Vec<io::Result<()>> {
+    let handles: Vec<_> = updates
+        .iter()
+        .map(|&(outer, slot, inner)| {
+            std::thread::Builder::new()
+                .name("sg-slot-update".into())
+                .spawn(move || super::sys::map_update(outer, &slot, &(inner as u32)))
+        })
+        .collect();
+    handles
+        .into_iter()
+        .zip(updates.iter().zip(ids))
+        .map(|(handle, (&(outer, slot, _), &id))| {
+            let handle = handle?;
+            loop {
+                if map_lookup_u32(outer, slot).ok().flatten() == Some(id) {
+                    // The update is done but for the wait; the thread ends
+                    // on its own.
+                    return Ok(());
+                }
+                if handle.is_finished() {
+                    return handle
+                        .join()
+                        .unwrap_or_else(|_| Err(io::Error::other("a map-update thread panicked")));
+                }
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+        })
+        .collect()
 }
 
 /// Writes `ops` into an overlay: each key with `generation` in its pad
@@ -249,7 +289,9 @@ impl Kernel {
             None => (NewOverlays::create()?, false),
         };
         if !placed {
-            let updates = new.slot_updates(self.overlay_fd()?);
+            let updates = new
+                .slot_updates(self.overlay_fd()?)
+                .map(|(update, _)| update);
             for (slot, result) in set_slots_together(&updates).into_iter().enumerate() {
                 result.with_context(|| format!("placing overlay {slot}"))?;
             }
