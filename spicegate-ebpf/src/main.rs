@@ -7,8 +7,12 @@
 //! changed since (grant, revoke, schedule, console) sit in two small
 //! overlays behind `SPICEGATE_OVERLAY`, of which `SPICEGATE_OVERLAY_SEL`
 //! says which one is in force (the daemon writes the other, then flips).
-//! A granted socket is marked (`mark`) for the daemon's sweep, and the
-//! release program removes the mark when the socket is closed.
+//! A connect to a port whose bit in `SPICEGATE_PORTS` (a superset of the
+//! table's guarded ports) is clear is let through at once. A granted
+//! socket is marked (`mark`: its cookie in a slot of
+//! `SPICEGATE_MARK_SLOTS`, else in `SPICEGATE_GRANTED`, else in socket
+//! storage) for the daemon's sweep, and the release program removes the
+//! mark when the socket is closed.
 //!
 //! - this file: the programs and the decision;
 //! - `report`: a refusal's DENY record, its rate limit and drop counts.

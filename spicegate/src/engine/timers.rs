@@ -91,7 +91,7 @@ impl Engine {
         };
         if drops.mark_failed > self.unmarked_seen {
             log::error!(
-                "UNMARKED: {} connect(s) to guarded endpoints were let through but could not be marked (the kernel had no memory for socket storage, and the {} fast marks are full): those connections will not be closed when access ends",
+                "UNMARKED: {} connect(s) to guarded endpoints were let through but could not be marked (their mark slots were taken, the {} fast marks are full, and the kernel had no memory for socket storage): those connections will not be closed when access ends",
                 drops.mark_failed - self.unmarked_seen,
                 spicegate_common::GRANTED_ENTRIES
             );
