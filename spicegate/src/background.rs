@@ -58,37 +58,30 @@ impl Sweeper {
         paths: &crate::kernel::PinPaths,
         metrics: Arc<crate::metrics::Shared>,
     ) -> anyhow::Result<Self> {
-        let marks = &paths.marks();
-        let slots = match crate::kernel::open_pinned(&paths.mark_slots()) {
-            Ok(fd) => Some(fd),
-            Err(e) => {
-                log::warn!(
-                    "cannot open the socket mark slots {} ({e}); only the other marks are read",
-                    paths.mark_slots().display()
-                );
-                None
-            }
+        // Each map that cannot be opened is said, and the sweep goes on
+        // with the others.
+        let open = |path: PathBuf, what: &str, instead: &str| {
+            crate::kernel::open_pinned(&path)
+                .inspect_err(|e| {
+                    log::warn!("cannot open the {what} {} ({e}); {instead}", path.display());
+                })
+                .ok()
         };
-        let granted = match crate::kernel::open_pinned(&paths.granted()) {
-            Ok(fd) => Some(fd),
-            Err(e) => {
-                log::warn!(
-                    "cannot open the fast socket marks {} ({e}); only socket storage marks are read",
-                    paths.granted().display()
-                );
-                None
-            }
-        };
-        let marks = match crate::kernel::open_pinned(marks) {
-            Ok(fd) => Some(fd),
-            Err(e) => {
-                log::warn!(
-                    "cannot open the socket marks {} ({e}); closing revoked connections by cgroup instead",
-                    marks.display()
-                );
-                None
-            }
-        };
+        let slots = open(
+            paths.mark_slots(),
+            "socket mark slots",
+            "only the other marks are read",
+        );
+        let granted = open(
+            paths.granted(),
+            "fast socket marks",
+            "only the other marks are read",
+        );
+        let marks = open(
+            paths.marks(),
+            "socket marks",
+            "closing revoked connections by cgroup instead",
+        );
         let mut scope = Scope {
             cgroup,
             marks,

@@ -26,9 +26,14 @@ impl Kernel {
 
     /// The prefilter in the kernel now.
     pub(super) fn read_ports(&self) -> anyhow::Result<Box<PortBits>> {
-        let bits: Option<Box<PortBits>> = map_lookup_boxed(self.ports_fd()?, &0u32)
+        // Boxed: the value is 8 KiB.
+        let mut bits = Box::<PortBits>::default();
+        let found = self::sys::map_lookup_into(self.ports_fd()?, &0u32, &mut *bits)
             .with_context(|| format!("reading {PORTS_MAP}"))?;
-        bits.ok_or_else(|| anyhow!("{PORTS_MAP} has no slot 0"))
+        if !found {
+            bail!("{PORTS_MAP} has no slot 0");
+        }
+        Ok(bits)
     }
 
     /// Replaces the prefilter with `bits` (one write of the whole value).
@@ -37,33 +42,5 @@ impl Kernel {
             .with_context(|| format!("writing {PORTS_MAP}"))?;
         self.writes += 1;
         Ok(())
-    }
-}
-
-/// [`map_lookup`] into a box: the value is 8 KiB.
-fn map_lookup_boxed(fd: i32, key: &u32) -> io::Result<Option<Box<PortBits>>> {
-    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-    #[repr(C)]
-    struct LookupAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    let mut value = Box::<PortBits>::default();
-    let mut attr = LookupAttr {
-        map_fd: fd as u32,
-        _pad: 0,
-        key: std::ptr::from_ref(key) as u64,
-        value: std::ptr::from_mut(&mut *value) as u64,
-        flags: 0,
-    };
-    // SAFETY: key and value point at a u32 and a PortBits, the map's key
-    // and value sizes, that outlive the call.
-    match unsafe { sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
-        Ok(_) => Ok(Some(value)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
     }
 }

@@ -12,6 +12,13 @@ pub(super) fn map_lookup_u32(fd: i32, key: u32) -> io::Result<Option<u32>> {
 /// The value at `key` of a map; `None` when the key is absent. `K` and `V`
 /// must be the map's key and value types (plain data of the map's sizes).
 pub(crate) fn map_lookup<K, V: Default>(fd: i32, key: &K) -> io::Result<Option<V>> {
+    let mut value = V::default();
+    Ok(map_lookup_into(fd, key, &mut value)?.then_some(value))
+}
+
+/// [`map_lookup`] into `value` (a large value can sit in a box): whether
+/// the key was there.
+pub(crate) fn map_lookup_into<K, V>(fd: i32, key: &K, value: &mut V) -> io::Result<bool> {
     const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
     #[repr(C)]
     struct LookupAttr {
@@ -21,19 +28,18 @@ pub(crate) fn map_lookup<K, V: Default>(fd: i32, key: &K) -> io::Result<Option<V
         value: u64,
         flags: u64,
     }
-    let mut value = V::default();
     let mut attr = LookupAttr {
         map_fd: fd as u32,
         _pad: 0,
         key: std::ptr::from_ref(key) as u64,
-        value: &raw mut value as u64,
+        value: std::ptr::from_mut(value) as u64,
         flags: 0,
     };
-    // SAFETY: key and value point at locals of the map's key and value
-    // sizes (the caller's types) that outlive the call.
+    // SAFETY: key and value point at the caller's values of the map's key
+    // and value sizes (the caller's types), which outlive the call.
     match unsafe { sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
-        Ok(_) => Ok(Some(value)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
     }
 }
