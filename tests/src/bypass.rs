@@ -834,17 +834,14 @@ struct MapElemAttr {
 /// The inner map id in slot `key` of the array-of-maps pinned at `pin`
 /// (None when the slot is empty).
 pub fn outer_map_slot(pin: &Path, key: u32) -> io::Result<Option<u32>> {
-    let fd = obj_get(pin)?;
     let mut id: u32 = 0;
-    let mut attr = MapElemAttr {
-        map_fd: fd.as_raw_fd() as u32,
-        _pad0: 0,
-        key: std::ptr::from_ref(&key) as u64,
-        value: std::ptr::from_mut(&mut id) as u64,
-        flags: 0,
-    };
-    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
-        Ok(_) => Ok(Some(id)),
+    let read = map_read(
+        &obj_get(pin)?,
+        std::ptr::from_ref(&key).cast(),
+        std::ptr::from_mut(&mut id).cast(),
+    );
+    match read {
+        Ok(()) => Ok(Some(id)),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
     }
@@ -894,16 +891,9 @@ pub fn write_pinned_map(pin: &Path, key: &[u8], value: &[u8]) -> io::Result<()> 
 
 /// The value of `value_size` bytes at `key` of the map pinned at `pin`.
 pub fn read_pinned_map(pin: &Path, key: &[u8], value_size: usize) -> io::Result<Vec<u8>> {
-    let map = obj_get(pin)?;
     let mut value = vec![0u8; value_size];
-    let mut attr = MapElemAttr {
-        map_fd: map.as_raw_fd() as u32,
-        _pad0: 0,
-        key: key.as_ptr() as u64,
-        value: value.as_mut_ptr() as u64,
-        flags: 0,
-    };
-    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(|_| value)
+    map_read(&obj_get(pin)?, key.as_ptr(), value.as_mut_ptr())?;
+    Ok(value)
 }
 
 /// The ports whose bit is set in the port prefilter pinned at `pin` (one
@@ -925,14 +915,12 @@ pub fn pinned_u64_array(pin: &Path, len: u32) -> io::Result<Vec<u64>> {
     (0..len)
         .map(|i| {
             let mut value = 0u64;
-            let mut attr = MapElemAttr {
-                map_fd: map.as_raw_fd() as u32,
-                _pad0: 0,
-                key: std::ptr::from_ref(&i) as u64,
-                value: std::ptr::from_mut(&mut value) as u64,
-                flags: 0,
-            };
-            bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(|_| value)
+            map_read(
+                &map,
+                std::ptr::from_ref(&i).cast(),
+                std::ptr::from_mut(&mut value).cast(),
+            )
+            .map(|()| value)
         })
         .collect()
 }
@@ -971,6 +959,19 @@ fn map_len(map: &OwnedFd, key_size: usize) -> io::Result<usize> {
         n += 1;
         key.copy_from_slice(&next);
     }
+}
+
+/// Reads the value at `key` of `map` into `value` (BPF_MAP_LOOKUP_ELEM);
+/// both must point at the map's key and value sizes.
+fn map_read(map: &OwnedFd, key: *const u8, value: *mut u8) -> io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad0: 0,
+        key: key as u64,
+        value: value as u64,
+        flags: 0,
+    };
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(|_| ())
 }
 
 /// Writes `key` -> `value` into `map` (BPF_MAP_UPDATE_ELEM, any flags).
@@ -1033,14 +1034,7 @@ pub fn copy_grant_in_table(pin: &Path, from_uid: u32, to_uid: u32) -> io::Result
             continue;
         }
         let mut value = [0u8; 8];
-        let mut attr = MapElemAttr {
-            map_fd: table.as_raw_fd() as u32,
-            _pad0: 0,
-            key: key.as_ptr() as u64,
-            value: value.as_mut_ptr() as u64,
-            flags: 0,
-        };
-        bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)?;
+        map_read(&table, key.as_ptr(), value.as_mut_ptr())?;
         let mut forged = key;
         forged[4..8].copy_from_slice(&to_uid.to_ne_bytes());
         let mut attr = MapElemAttr {
