@@ -380,9 +380,10 @@ fn mark(ctx: &SockAddrContext, mut vm: u32) {
     }
 }
 
-/// The grant of (`port`, `uid`, `endpoint`): the overlay in force
-/// (`active`, from `SPICEGATE_OVERLAY_SEL`) decides when it has the key
-/// with the table's generation (a changed grant), the table otherwise.
+/// The grant of (`port`, `uid`, `endpoint`) while an overlay is in force
+/// (`active`, from `SPICEGATE_OVERLAY_SEL`, without `OVERLAY_EMPTY`): the
+/// overlay decides when it has the key with the table's generation (a
+/// changed grant), the table otherwise.
 // Without this, LLVM/bpf-linker at build time (six arguments plus the
 // pointer the Option is returned through): "too many arguments" and "stack
 // arguments are not supported".
@@ -397,7 +398,6 @@ fn grant(
 ) -> Option<*const RuleValue> {
     let generation = ((port_flags >> PORT_GEN_SHIFT) & 0xff) as u8;
     if generation != 0
-        && active & OVERLAY_EMPTY == 0
         && let Some(overlay) = SPICEGATE_OVERLAY.get(active & 1)
         && let Some(changed) = overlay.get_ptr(key_in(generation, KIND_GRANT, port, uid, endpoint))
     {

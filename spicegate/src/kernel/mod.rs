@@ -246,11 +246,15 @@ impl Kernel {
         let policy = self.policy_fd()?;
         let table_fd = data.fd().as_fd().as_raw_fd();
         let mut updates = vec![(policy, POLICY_SLOT, table_fd)];
-        let nothing_in_force = map_lookup_u32(policy, POLICY_SLOT)
-            .context("reading the policy slot")?
-            .is_none();
-        let mut results = match &new_overlays {
-            Some(new) if nothing_in_force => {
+        let beside = match &new_overlays {
+            Some(new) => map_lookup_u32(policy, POLICY_SLOT)
+                .context("reading the policy slot")?
+                .is_none()
+                .then_some(new),
+            None => None,
+        };
+        let mut results = match beside {
+            Some(new) => {
                 let mut ids = vec![id];
                 for (update, id) in new.slot_updates(self.overlay_fd()?) {
                     updates.push(update);

@@ -1,3 +1,7 @@
+// spicegate: aya 0.14.0 as published, but for the lazy kernel BTF in
+// `EbpfLoader` (marked "spicegate patch") and this comment; not split, so
+// that it stays comparable line by line with upstream (see
+// third_party/aya/SPICEGATE.md).
 use std::{
     borrow::Cow,
     collections::{HashMap, HashSet},

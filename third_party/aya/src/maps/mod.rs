@@ -1,3 +1,6 @@
+// spicegate: aya 0.14.0 as published, unchanged but for this comment; not
+// split, so that it stays comparable line by line with upstream (see
+// third_party/aya/SPICEGATE.md).
 //! Data structures used to setup and share data with eBPF programs.
 //!
 //! The eBPF platform provides data structures - maps in eBPF speak - that are

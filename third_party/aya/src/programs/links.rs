@@ -1,3 +1,6 @@
+// spicegate: aya 0.14.0 as published, unchanged but for this comment; not
+// split, so that it stays comparable line by line with upstream (see
+// third_party/aya/SPICEGATE.md).
 //! Program links.
 use std::{
     ffi::CString,
