@@ -2,7 +2,8 @@
 //! subtree it is attached to.
 //!
 //! A connect is refused only when its destination is a guarded endpoint and
-//! the (real uid, endpoint) pair has no grant. The rule table is one inner
+//! the real uid has no grant on its VM (its bit in the uid's word of
+//! grants for the VM's block of 64). The rule table is one inner
 //! hash map behind `SPICEGATE_POLICY`, replaced whole by a reload; grants
 //! changed since (grant, revoke, schedule, console) sit in two small
 //! overlays behind `SPICEGATE_OVERLAY`, of which `SPICEGATE_OVERLAY_SEL`
@@ -42,11 +43,11 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use spicegate_common::{
-    COUNTERS_MAP_ENTRIES, DROP_MARK_FAILED, ENDPOINT_AUDIT, GRANT_REVOKED, GRANTED_ENTRIES,
-    KIND_BIND_PORT, KIND_ENDPOINT, KIND_GRANT, KIND_LISTENER, KIND_LOCAL, KIND_LOCAL_NETS,
-    KIND_PORT, MARK_SLOTS, MAX_LOCAL_NET_LENS, NO_VM, OP_BIND, OP_CONNECT, OVERLAY_EMPTY,
-    OVERLAY_SELECT_ACTIVE, OVERLAY_SLOTS, POLICY_SLOT, PORT_AUDIT, PORT_GEN_SHIFT, PORT_GUARD_ALL,
-    PortBits, RuleKey, RuleValue, VmCounters, mark_slot,
+    COUNTERS_MAP_ENTRIES, DROP_MARK_FAILED, ENDPOINT_AUDIT, ENDPOINT_SLOT_SHIFT, GRANT_BLOCK_VMS,
+    GRANTED_ENTRIES, KIND_BIND_PORT, KIND_ENDPOINT, KIND_GRANT, KIND_LISTENER, KIND_LOCAL,
+    KIND_LOCAL_NETS, KIND_PORT, MARK_SLOTS, MAX_LOCAL_NET_LENS, NO_VM, OP_BIND, OP_CONNECT,
+    OVERLAY_EMPTY, OVERLAY_SELECT_ACTIVE, OVERLAY_SLOTS, POLICY_SLOT, PORT_AUDIT, PORT_GEN_SHIFT,
+    PORT_GUARD_ALL, PortBits, RuleKey, RuleValue, VmCounters, mark_slot,
 };
 
 use crate::report::{count_drop, report_denial};
@@ -279,52 +280,30 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
         words
     };
     let uid = bpf_get_current_uid_gid() as u32;
-    // Read once: the overlay in force, or OVERLAY_EMPTY.
-    let active = SPICEGATE_OVERLAY_SEL
-        .get(OVERLAY_SELECT_ACTIVE)
-        .copied()
-        .unwrap_or(OVERLAY_EMPTY);
-    // With no overlay in force the table alone decides a grant, and it
-    // holds one only for a guarded endpoint: look it up before the port,
-    // so the granted path costs one lookup less.
-    if active & OVERLAY_EMPTY != 0
-        && let Some(grant) = rules.get_ptr(key(KIND_GRANT, port, uid, &endpoint))
-    {
-        return let_through(ctx, grant);
+    // A VM's endpoint: its grants decide. The endpoint entry says which
+    // VM (its id, for the counters and the record) and its slot (its bit
+    // in the words of grants).
+    if let Some(rule) = rules.get_ptr(key(KIND_ENDPOINT, port, 0, &endpoint)) {
+        // SAFETY: a live entry of the frozen rule table.
+        let (vm, flags) = unsafe { ((*rule).vm, (*rule).flags) };
+        if granted(rules, flags, uid) {
+            count(vm, Outcome::Allowed);
+            mark(ctx, vm);
+            return ALLOW;
+        }
+        return refuse(uid, &words, port, vm, flags & ENDPOINT_AUDIT != 0, OP_CONNECT);
     }
+    // No VM's endpoint: refused only where `[protect]` (or a VM whose
+    // server does not resolve) guards the port on every address.
     let Some(port_rule) = rules.get_ptr(key(KIND_PORT, port, 0, &[0; 4])) else {
         return ALLOW;
     };
     // SAFETY: a live entry of the frozen rule table.
     let port_flags = unsafe { (*port_rule).flags };
-    if active & OVERLAY_EMPTY == 0
-        && let Some(grant) = grant(rules, port_flags, port, uid, &endpoint, active)
-    {
-        return let_through(ctx, grant);
-    }
-    let endpoint_rule = rules.get_ptr(key(KIND_ENDPOINT, port, 0, &endpoint));
-    if port_flags & PORT_GUARD_ALL == 0 && endpoint_rule.is_none() {
+    if port_flags & PORT_GUARD_ALL == 0 {
         return ALLOW;
     }
-
-    let (vm, audit) = match endpoint_rule {
-        // SAFETY: a live entry of the frozen rule table.
-        Some(rule) => unsafe { ((*rule).vm, (*rule).flags & ENDPOINT_AUDIT != 0) },
-        None => (NO_VM, port_flags & PORT_AUDIT != 0),
-    };
-    refuse(uid, &words, port, vm, audit, OP_CONNECT)
-}
-
-/// Lets a granted connect through: counts it for its VM and marks the
-/// socket.
-#[inline(always)]
-fn let_through(ctx: &SockAddrContext, grant: *const RuleValue) -> i32 {
-    // SAFETY: a live entry of the frozen rule table or of an overlay (see
-    // `grant`).
-    let vm = unsafe { (*grant).vm };
-    count(vm, Outcome::Allowed);
-    mark(ctx, vm);
-    ALLOW
+    refuse(uid, &words, port, NO_VM, port_flags & PORT_AUDIT != 0, OP_CONNECT)
 }
 
 /// Whether `port` may be guarded: its bit in `SPICEGATE_PORTS`, a superset
@@ -380,34 +359,44 @@ fn mark(ctx: &SockAddrContext, mut vm: u32) {
     }
 }
 
-/// The grant of (`port`, `uid`, `endpoint`) while an overlay is in force
-/// (`active`, from `SPICEGATE_OVERLAY_SEL`, without `OVERLAY_EMPTY`): the
-/// overlay decides when it has the key with the table's generation (a
-/// changed grant), the table otherwise.
-// Without this, LLVM/bpf-linker at build time (six arguments plus the
-// pointer the Option is returned through): "too many arguments" and "stack
-// arguments are not supported".
+/// Whether `uid` may open the VM of an endpoint whose entry has `flags`:
+/// the VM's bit in `uid`'s word of grants for the VM's block of 64. While
+/// an overlay is in force (`SPICEGATE_OVERLAY_SEL` without
+/// `OVERLAY_EMPTY`), a word it holds for the key with the table's
+/// generation (a changed word) decides in place of the table's.
 #[inline(always)]
-fn grant(
-    rules: &Rules,
-    port_flags: u32,
-    port: u16,
-    uid: u32,
-    endpoint: &[u32; 4],
-    active: u32,
-) -> Option<*const RuleValue> {
-    let generation = ((port_flags >> PORT_GEN_SHIFT) & 0xff) as u8;
-    if generation != 0
+fn granted(rules: &Rules, flags: u32, uid: u32) -> bool {
+    let slot = flags >> ENDPOINT_SLOT_SHIFT;
+    let block = (slot / GRANT_BLOCK_VMS) as u16;
+    let bit = 1u64 << (slot % GRANT_BLOCK_VMS);
+    // Read once: the overlay in force, or OVERLAY_EMPTY.
+    let active = SPICEGATE_OVERLAY_SEL
+        .get(OVERLAY_SELECT_ACTIVE)
+        .copied()
+        .unwrap_or(OVERLAY_EMPTY);
+    let generation = ((flags >> PORT_GEN_SHIFT) & 0xff) as u8;
+    if active & OVERLAY_EMPTY == 0
+        && generation != 0
         && let Some(overlay) = SPICEGATE_OVERLAY.get(active & 1)
-        && let Some(changed) = overlay.get_ptr(key_in(generation, KIND_GRANT, port, uid, endpoint))
+        && let Some(changed) = overlay.get_ptr(key_in(generation, KIND_GRANT, block, uid, &[0; 4]))
     {
         // SAFETY: a live entry of an overlay. Overlays are not frozen (the
-        // daemon writes the standby one), but a RuleValue is two u32s:
-        // a concurrent write can only give the old or the new value.
-        let revoked = unsafe { (*changed).flags } & GRANT_REVOKED != 0;
-        return if revoked { None } else { Some(changed) };
+        // daemon writes the standby one), but a hash map update replaces
+        // the element whole: a reader sees the old word or the new one.
+        return word(changed) & bit != 0;
     }
-    rules.get_ptr(key(KIND_GRANT, port, uid, endpoint))
+    match rules.get_ptr(key(KIND_GRANT, block, uid, &[0; 4])) {
+        Some(w) => word(w) & bit != 0,
+        None => false,
+    }
+}
+
+/// A [`KIND_GRANT`] value's word (see `RuleValue::word`).
+#[inline(always)]
+fn word(v: *const RuleValue) -> u64 {
+    // SAFETY: callers pass a live entry of the rule table or an overlay.
+    let (lo, hi) = unsafe { ((*v).vm, (*v).flags) };
+    u64::from(lo) | (u64::from(hi) << 32)
 }
 
 enum Outcome {

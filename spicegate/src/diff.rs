@@ -174,6 +174,7 @@ mod tests {
                 std::sync::Arc::new(crate::compile::EndpointInfo {
                     vm: (*vm).to_owned(),
                     vm_id: 1,
+                    slot: 0,
                     uids: uids.iter().copied().collect(),
                     temp_uids: BTreeSet::new(),
                     scheduled_uids: BTreeSet::new(),

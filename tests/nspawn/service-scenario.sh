@@ -25,9 +25,13 @@ B_VERSION=$(cat $OUT/b-version)        # spicegate-b.deb, the same rebuilt, high
 # daemon's default (DEFAULT_PIN_DIR in spicegate/src/cli/mod.rs).
 PINS=/sys/fs/bpf/spicegate
 # The pinned layout's suffix in the previous release and in the tree under
-# test: move them along with tests/nspawn/previous-release.
+# test: move them along with tests/nspawn/previous-release. KEPT lists the
+# pins the new layout took over from the old one unchanged (layout 3 keeps
+# layout 2's rate limit, drops, marks and counters: KEPT_LAYOUT_VERSION),
+# which an upgrade adopts instead of retiring.
 OLD_LAYOUT=_v2
-NEW_LAYOUT=_v2
+NEW_LAYOUT=_v3
+KEPT="rate_v2 rate_named_v2 drops_v2 marks_v2 granted_v2 mark_slots_v2 counters_v2"
 STAGE=$(cat $OUT/stage)
 trap 'journalctl -b --no-pager > $OUT/journal-$STAGE.txt 2>&1; echo "END $STAGE" >> "$RESULTS"; systemctl poweroff --no-block' EXIT
 
@@ -238,18 +242,31 @@ expect release-upgrade-runs-new-binary /usr/sbin/spicegate "$(readlink /proc/$(m
 check release-upgrade-status-says-enforcing sh -c "systemctl show -p StatusText --value spicegate.service | grep -q '^enforcing'"
 check release-upgrade-capabilities sh -c "grep -q '^CapEff:.*000000c000001000' /proc/$(mainpid)/status"
 check release-upgrade-keeps-policy grep -q "#$OK_UID" /etc/spicegate/policy.toml
-# Where the layout changed, nothing of the old layout stays pinned (the new
-# daemon gets 5 s to remove it); where it did not, every pin of the previous
-# release is still there (adopted, not duplicated). Exactly the new
-# layout's two connect links are pinned, and the overlays, fast marks and
-# release link of this release too.
+# Where the layout changed, nothing of the old layout stays pinned but the
+# maps the new one kept (the new daemon gets 5 s to remove the rest), and
+# those are the same maps (adopted: the same map ids); where it did not,
+# every pin of the previous release is still there (adopted, not
+# duplicated). Exactly the new layout's two connect links are pinned, and
+# the overlays, fast marks and release link of this release too.
+retired_left() {
+    local p left=""
+    for p in $(pins_named "*$OLD_LAYOUT"); do
+        case " $KEPT " in *" $p "*) ;; *) left="$left $p" ;; esac
+    done
+    echo "$left"
+}
 if [ "$OLD_LAYOUT" != "$NEW_LAYOUT" ]; then
     for i in $(seq 50); do
-        [ -z "$(pins_named "*$OLD_LAYOUT")" ] && break
+        [ -z "$(retired_left)" ] && break
         sleep 0.1
     done
-    left=$(pins_named "*$OLD_LAYOUT")
-    if [ -z "$left" ]; then pass upgrade-old-layout-retired-or-adopted; else fail upgrade-old-layout-retired-or-adopted "still pinned in $PINS: $left"; fi
+    left=$(retired_left)
+    if [ -z "$left" ]; then pass upgrade-old-layout-retired-or-adopted; else fail upgrade-old-layout-retired-or-adopted "still pinned in $PINS:$left"; fi
+    gone=""
+    for p in $KEPT; do
+        case " $OLD_PINS " in *" $p "*) [ -e "$PINS/$p" ] || gone="$gone $p" ;; esac
+    done
+    if [ -z "$gone" ]; then pass upgrade-kept-maps-adopted; else fail upgrade-kept-maps-adopted "kept maps of the previous release gone:$gone"; fi
 else
     gone=""
     for p in $OLD_PINS; do [ -e "$PINS/$p" ] || gone="$gone $p"; done
@@ -257,8 +274,8 @@ else
 fi
 check_pinned upgrade-overlays-pinned "overlay$NEW_LAYOUT"
 # This release's fast socket marks and the program that removes them.
-check_pinned upgrade-fast-marks-pinned "granted$NEW_LAYOUT"
-check_pinned upgrade-mark-slots-pinned "mark_slots$NEW_LAYOUT"
+check_pinned upgrade-fast-marks-pinned "granted_v2"
+check_pinned upgrade-mark-slots-pinned "mark_slots_v2"
 check_pinned upgrade-port-prefilter-pinned "ports$NEW_LAYOUT"
 check_pinned upgrade-release-link-pinned "release$NEW_LAYOUT"
 n=$(pins_named "connect*$NEW_LAYOUT" | wc -w)

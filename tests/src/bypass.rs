@@ -1003,9 +1003,9 @@ fn map_by_id(id: u32) -> io::Result<OwnedFd> {
 }
 
 /// What root could try with `bpftool map update`: copy `from_uid`'s first
-/// grant in the rule table in force (slot 0 of the array-of-maps pinned at
-/// `pin`) to `to_uid`. Rule keys are 24 bytes (kind, pad, port, uid, addr),
-/// values 8. Returns the result of the write, Ok(false) if `from_uid` has
+/// word of grants in the rule table in force (slot 0 of the array-of-maps
+/// pinned at `pin`) to `to_uid`. Rule keys are 24 bytes (kind, pad, port,
+/// uid, addr; a word of grants has its block in `port`), values 8. Returns the result of the write, Ok(false) if `from_uid` has
 /// no grant to copy.
 pub fn copy_grant_in_table(pin: &Path, from_uid: u32, to_uid: u32) -> io::Result<bool> {
     const KIND_GRANT: u8 = 3;

@@ -624,7 +624,7 @@ fn broken_policy_without_last_good_refuses_to_start() {
         has_file_line_col(&log, &path, policy.line_of("[oops")),
         "no FILE:LINE:COL in:\n{log}"
     );
-    for link in ["connect4_v2", "connect6_v2"] {
+    for link in ["connect4_v3", "connect6_v3"] {
         assert!(
             !pin.path().join(link).exists(),
             "{link} is pinned after a refused start"
@@ -722,7 +722,7 @@ fn status_json_fields() {
     // Unpinning the links detaches them (nobody else holds them); status
     // reads that back from the kernel. The watchdog re-attaches within a
     // second, so ask right away and over a raw socket (no process start).
-    for link in ["connect4_v2", "connect6_v2"] {
+    for link in ["connect4_v3", "connect6_v3"] {
         std::fs::remove_file(lab.pin.path().join(link))
             .unwrap_or_else(|e| panic!("removing the {link} pin: {e}"));
     }

@@ -1312,11 +1312,14 @@ fn kill9_at_random_points_of_a_restart_leaves_the_old_or_the_new_policy() {
 
 fn oversized_policy(port: u16, alice: &str) -> String {
     let uids: Vec<String> = (0..100).map(|i| format!("\"#{}\"", 70_000 + i)).collect();
-    // 65535 ports x (100 grants + 3) entries: about 6.75 million, over the
-    // 4,000,000 limit. The server is TEST-NET-2 and is never contacted.
+    // 40 addresses x 65535 ports: about 5.2 million endpoint and port
+    // entries, over the 4,000,000 limit (the 100 uids take one word of
+    // grants each). The server is TEST-NET-2 and is never contacted.
+    let addrs: Vec<String> = (1..=40).map(|i| format!("\"198.51.100.{i}\"")).collect();
     format!(
-        "{}[servers.far]\naddress = \"198.51.100.7\"\n[vms.huge]\nserver = \"far\"\nports = [\"1-65535\"]\nallow = [{}]\n",
+        "{}[servers.far]\naddresses = [{}]\n[vms.huge]\nserver = \"far\"\nports = [\"1-65535\"]\nallow = [{}]\n",
         vm("winlab", port, &[alice]),
+        addrs.join(", "),
         uids.join(", ")
     )
 }
@@ -1788,7 +1791,7 @@ fn tampering_policy_slot_emptied_is_repaired() {
     });
 }
 
-/// Root clears the port prefilter (`bpftool map update pinned .../ports_v2`
+/// Root clears the port prefilter (`bpftool map update pinned .../ports_v3`
 /// with zeroes): the programs would let every port go without a look at
 /// the table. The watchdog finds a bit of the table's ports missing within
 /// a second and installs the table again, which writes the prefilter.

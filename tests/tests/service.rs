@@ -91,6 +91,7 @@ const REQUIRED: &[&str] = &[
     "upgrade-overlays-pinned",
     "upgrade-fast-marks-pinned",
     "upgrade-mark-slots-pinned",
+    "upgrade-kept-maps-adopted",
     "upgrade-port-prefilter-pinned",
     "upgrade-release-link-pinned",
     "upgrade-new-links-pinned",

@@ -143,7 +143,7 @@ pub fn describe(policy: &policy::Policy, c: &Compiled, dir: &dyn Directory) -> S
         policy.vms.len(),
         c.endpoints.len(),
         c.grant_count(),
-        c.entry_count()
+        c.rules.len() + c.grant_words().len()
     );
     out
 }

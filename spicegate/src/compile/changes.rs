@@ -1,15 +1,15 @@
 //! Changing grants without recompiling the policy: what a grant, a
 //! revoke, an expiry, a schedule edge or a console switch changes, and the
-//! grant entries two tables differ in (what the kernel's overlays take).
+//! words of grants two tables differ in (what the kernel's overlays take).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
 };
 
-use spicegate_common::{GRANT_REVOKED, KIND_GRANT, RuleKey, RuleValue};
+use spicegate_common::{RuleKey, RuleValue};
 
-use super::{CompileError, Compiled, Dynamic, EndpointInfo, dest_key};
+use super::{CompileError, Compiled, Dynamic, EndpointInfo, words::changed_words};
 use crate::policy::Policy;
 
 /// `prev` with the access of the (vm, uid) `pairs` worked out again from
@@ -88,11 +88,11 @@ fn set(s: &mut BTreeSet<u32>, uid: u32, on: bool) {
     }
 }
 
-/// The grant entries that differ between two tables whose other entries
-/// are the same: each with its value in `new`, or flagged
-/// [`GRANT_REVOKED`] when `new` no longer has it. `None` when more than
-/// grants changed (ports, endpoints, local addresses, binds), or more than
-/// `limit` grants: then only a new table will do.
+/// The words of grants that differ between two tables whose other
+/// entries are the same, each with its value in `new` (see
+/// [`super::words`]). `None` when more than grants changed (ports,
+/// endpoints, VM slots, local addresses, binds), or more than `limit`
+/// words: then only a new table will do.
 pub fn grant_delta(
     old: &Compiled,
     new: &Compiled,
@@ -100,42 +100,11 @@ pub fn grant_delta(
 ) -> Option<Vec<(RuleKey, RuleValue)>> {
     if old.rules != new.rules
         || old.endpoints.len() != new.endpoints.len()
-        || old
-            .endpoints
-            .iter()
-            .zip(&new.endpoints)
-            .any(|((ka, a), (kb, b))| ka != kb || a.vm_id != b.vm_id || a.mode != b.mode)
+        || old.endpoints.iter().zip(&new.endpoints).any(|((ka, a), (kb, b))| {
+            ka != kb || a.vm_id != b.vm_id || a.slot != b.slot || a.mode != b.mode
+        })
     {
         return None;
     }
-    let mut out = Vec::new();
-    for ((&(dest, port), a), b) in old.endpoints.iter().zip(new.endpoints.values()) {
-        if Arc::ptr_eq(a, b) || a.uids == b.uids {
-            continue;
-        }
-        let addr = dest_key(dest);
-        for &uid in b.uids.difference(&a.uids) {
-            out.push((
-                RuleKey::grant(uid, addr, port),
-                RuleValue {
-                    vm: b.vm_id,
-                    flags: 0,
-                },
-            ));
-        }
-        for &uid in a.uids.difference(&b.uids) {
-            out.push((
-                RuleKey::grant(uid, addr, port),
-                RuleValue {
-                    vm: a.vm_id,
-                    flags: GRANT_REVOKED,
-                },
-            ));
-        }
-        if out.len() > limit {
-            return None;
-        }
-    }
-    debug_assert!(out.iter().all(|(k, _)| k.kind == KIND_GRANT));
-    Some(out)
+    changed_words(old, new, limit)
 }

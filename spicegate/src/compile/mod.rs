@@ -17,18 +17,18 @@ mod model;
 mod rules;
 #[cfg(test)]
 mod tests;
+mod words;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
-    ops::RangeBounds,
     sync::Arc,
 };
 
 use spicegate_common::{
-    ENDPOINT_AUDIT, MAX_LOCAL_NET_LENS, NO_VM, PORT_AUDIT, PORT_GUARD_ALL, PORT_GUARD_ENDPOINTS,
-    RuleKey, RuleValue,
+    ENDPOINT_AUDIT, ENDPOINT_SLOT_SHIFT, MAX_LOCAL_NET_LENS, MAX_VM_SLOTS, NO_VM, PORT_AUDIT,
+    PORT_GUARD_ALL, PORT_GUARD_ENDPOINTS, RuleKey, RuleValue,
 };
 
 pub use self::{
@@ -36,6 +36,7 @@ pub use self::{
     changes::{grant_delta, recompile_pairs},
     model::{decide, table_is_local},
     rules::Rules,
+    words::{UidHasher, UidMap},
 };
 use crate::{
     grants::TempGrant,
@@ -86,8 +87,12 @@ pub struct Compiled {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointInfo {
     pub vm: String,
-    /// The VM's id in the kernel (its counters, its grants' values).
+    /// The VM's id in the kernel (its counters, its denials' records).
     pub vm_id: u32,
+    /// The VM's slot: its bit in the words of grants (see
+    /// [`spicegate_common::KIND_GRANT`]). VMs with endpoints are numbered
+    /// from 0 in name order.
+    pub slot: u32,
     /// Everyone granted now: by `allow`, a schedule, `@console` or a
     /// temporary grant.
     pub uids: BTreeSet<u32>,
@@ -153,45 +158,16 @@ pub struct Dynamic<'a> {
 }
 
 impl Compiled {
-    /// Number of grant entries (uid x endpoint).
+    /// Number of grants (uid x endpoint).
     pub fn grant_count(&self) -> usize {
         self.endpoints.values().map(|i| i.uids.len()).sum()
     }
 
-    /// Number of entries of the kernel table.
-    pub fn entry_count(&self) -> usize {
-        self.rules.len() + self.grant_count()
-    }
-
-    /// The grant entries of the endpoints in `range` (by position).
-    pub fn grants(
-        &self,
-        range: impl RangeBounds<usize>,
-    ) -> impl Iterator<Item = (RuleKey, RuleValue)> + '_ {
-        let start = match range.start_bound() {
-            std::ops::Bound::Included(&s) => s,
-            std::ops::Bound::Excluded(&s) => s + 1,
-            std::ops::Bound::Unbounded => 0,
-        };
-        let end = match range.end_bound() {
-            std::ops::Bound::Included(&e) => e + 1,
-            std::ops::Bound::Excluded(&e) => e,
-            std::ops::Bound::Unbounded => usize::MAX,
-        };
-        self.endpoints
-            .iter()
-            .skip(start)
-            .take(end.saturating_sub(start))
-            .flat_map(|(&(dest, port), i)| {
-                let addr = dest_key(dest);
-                let value = RuleValue {
-                    vm: i.vm_id,
-                    flags: 0,
-                };
-                i.uids
-                    .iter()
-                    .map(move |&uid| (RuleKey::grant(uid, addr, port), value))
-            })
+    /// The most entries the kernel table can need: the rules, and a word
+    /// of grants per (uid, VM) at most. Cheap; [`Compiled::grant_words`]
+    /// gives the real number.
+    pub fn entry_bound(&self) -> usize {
+        self.rules.len() + self.vms_by_slot().iter().flatten().map(|i| i.uids.len()).sum::<usize>()
     }
 
     /// Whether the table grants `uid` on endpoint (`dest`, `port`).
@@ -201,11 +177,11 @@ impl Compiled {
             .is_some_and(|i| i.uids.contains(&uid))
     }
 
-    /// Capacity to create the kernel table with: room to spare so the hash
-    /// table stays sparse, never below a small floor.
-    pub fn capacity(&self) -> u32 {
-        let n = self.entry_count();
-        u32::try_from((n + n / 4 + 64).min(MAX_ENTRIES + MAX_ENTRIES / 4 + 64)).unwrap_or(u32::MAX)
+    /// Capacity to create a kernel table of `entries` with: room to spare
+    /// so the hash table stays sparse, never below a small floor.
+    pub fn capacity(entries: usize) -> u32 {
+        u32::try_from((entries + entries / 4 + 64).min(MAX_ENTRIES + MAX_ENTRIES / 4 + 64))
+            .unwrap_or(u32::MAX)
     }
 }
 
@@ -225,6 +201,10 @@ pub enum CompileError {
         "the policy needs {needed} kernel entries, more than the limit of {limit}; split it across fewer users or endpoints"
     )]
     TooLarge { needed: usize, limit: usize },
+    #[error(
+        "the policy guards the endpoints of {count} VMs, more than the {max} one machine's table can tell apart; split it"
+    )]
+    TooManyVms { count: usize, max: usize },
     #[error(
         "this machine's `local` routes have {} different prefix lengths ({lens}), more than the {max} spicegate can fold into localhost; merge them (`ip route show table local type local`)",
         lens.split(", ").count()
@@ -282,7 +262,11 @@ pub fn compile(
                 .count()
             + 1;
         let allowed: usize = vm.allow.iter().map(|g| g.uids.len()).sum();
-        needed = needed.saturating_add(dests * vm.ports.len() * (2 + allowed + extra));
+        // Two entries per endpoint (its port, itself), a word of grants
+        // per uid at most.
+        needed = needed
+            .saturating_add(dests.saturating_mul(vm.ports.len()).saturating_mul(2))
+            .saturating_add(allowed + extra);
     }
     if needed > MAX_ENTRIES {
         return Err(CompileError::TooLarge {
@@ -294,6 +278,7 @@ pub fn compile(
     let mut rules = Rules::with_capacity(64);
     let ids = vm_ids(policy.vms.keys().map(String::as_str));
     let mut endpoints: BTreeMap<(Dest, u16), Arc<EndpointInfo>> = BTreeMap::new();
+    let mut next_slot = 0u32;
     for (name, vm) in &policy.vms {
         let id = ids[name.as_str()];
         let dests: BTreeSet<Dest> = match policy.servers.get(&vm.server).map(|s| &s.target) {
@@ -308,7 +293,18 @@ pub fn compile(
                 continue;
             }
         };
-        let info = Arc::new(vm_access(policy, vm, id, dynamic));
+        // The next free slot: a VM without ports takes none.
+        let slot = next_slot;
+        if !vm.ports.is_empty() && !dests.is_empty() {
+            next_slot += 1;
+        }
+        if slot as usize >= MAX_VM_SLOTS {
+            return Err(CompileError::TooManyVms {
+                count: policy.vms.len(),
+                max: MAX_VM_SLOTS,
+            });
+        }
+        let info = Arc::new(vm_access(policy, vm, id, slot, dynamic));
         let mode = info.mode;
         for &dest in &dests {
             for &port in &vm.ports {
@@ -328,11 +324,12 @@ pub fn compile(
                 endpoints.insert((dest, port), Arc::clone(&info));
                 *port_flags.entry(port).or_default() |= PORT_GUARD_ENDPOINTS;
                 let addr = dest_key(dest);
-                let flags = if mode == Mode::Audit {
+                let audit = if mode == Mode::Audit {
                     ENDPOINT_AUDIT
                 } else {
                     0
                 };
+                let flags = audit | slot << ENDPOINT_SLOT_SHIFT;
                 rules.insert(RuleKey::endpoint(addr, port), RuleValue { vm: id, flags });
             }
         }
@@ -436,7 +433,7 @@ pub fn compile(
 
 impl Compiled {
     pub(super) fn check_size(&self) -> Result<(), CompileError> {
-        let n = self.entry_count();
+        let n = self.entry_bound();
         if n > MAX_ENTRIES {
             return Err(CompileError::TooLarge {
                 needed: n,
@@ -454,6 +451,7 @@ pub(super) fn vm_access(
     policy: &Policy,
     vm: &crate::policy::Vm,
     id: u32,
+    slot: u32,
     dynamic: &Dynamic<'_>,
 ) -> EndpointInfo {
     let mut policy_uids = vm.uids();
@@ -482,6 +480,7 @@ pub(super) fn vm_access(
     EndpointInfo {
         vm: vm.name.clone(),
         vm_id: id,
+        slot,
         uids,
         temp_uids,
         scheduled_uids,

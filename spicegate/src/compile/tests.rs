@@ -2,8 +2,6 @@
 
 use std::path::Path;
 
-use spicegate_common::GRANT_REVOKED;
-
 use super::*;
 use crate::policy::parse;
 
@@ -267,23 +265,33 @@ days = ["mon"]
     let quick = recompile_pairs(&old, &p, &after, &pairs, true).expect("recompiles");
     assert_eq!(quick, full);
     let delta = grant_delta(&old, &quick, 100).expect("only grants changed");
-    // 4242 and 1021 on winlab's endpoint; the console moves from 1001
-    // (ralph, not otherwise on debianx) to 1003 (already in
-    // @bookkeeping): 1001 loses debianx's four endpoints.
-    let added: BTreeSet<(u32, u16)> = delta
+    // 4242 and 1021 gain winlab; the console moves from 1001 (ralph, not
+    // otherwise on debianx) to 1003 (already in @bookkeeping): 1001 loses
+    // debianx and keeps winlab. One word each (both VMs are in block 0),
+    // with all its new bits.
+    let slot = |vm: &str| {
+        quick
+            .endpoints
+            .values()
+            .find(|i| i.vm == vm)
+            .map(|i| i.slot)
+            .expect("vm has endpoints")
+    };
+    let (debianx, winlab) = (1u64 << slot("debianx"), 1u64 << slot("winlab"));
+    let words: BTreeMap<u32, u64> = delta
         .iter()
-        .filter(|(_, v)| v.flags & GRANT_REVOKED == 0)
-        .map(|(k, _)| (k.uid, k.port))
+        .map(|(k, v)| {
+            assert_eq!((k.kind, k.port), (spicegate_common::KIND_GRANT, 0));
+            (k.uid, v.word())
+        })
         .collect();
-    let revoked: BTreeSet<(u32, u16)> = delta
-        .iter()
-        .filter(|(_, v)| v.flags & GRANT_REVOKED != 0)
-        .map(|(k, _)| (k.uid, k.port))
-        .collect();
-    assert_eq!(added, [(4242, 5930), (1021, 5930)].into());
-    assert_eq!(revoked, [(1001, 20002), (1001, 20003)].into());
-    assert_eq!(delta.len(), 2 + 4);
-    assert!(grant_delta(&old, &quick, 5).is_none(), "over the limit");
+    assert_eq!(
+        words,
+        [(1001, winlab), (1021, winlab), (4242, winlab)].into(),
+        "debianx {debianx:#x}, winlab {winlab:#x}"
+    );
+    assert_eq!(delta.len(), 3);
+    assert!(grant_delta(&old, &quick, 2).is_none(), "over the limit");
     let moved = compile(&policy(SEED), &local, &before).expect("compiles");
     assert!(
         grant_delta(&old, &moved, 100).is_none(),
@@ -304,7 +312,8 @@ fn clash_is_an_error() {
 fn empty_policy_has_empty_table() {
     let c = compile(&policy(""), &[ip("10.0.0.1")].into(), &Dynamic::default()).expect("compiles");
     assert!(c.rules.is_empty());
-    assert_eq!(c.capacity(), 64);
+    assert!(c.grant_words().is_empty());
+    assert_eq!(Compiled::capacity(0), 64);
 }
 
 #[test]
@@ -314,11 +323,28 @@ fn table_contents_and_capacity() {
     // and the same 11 ports for binds (all on this machine or in
     // [protect]).
     assert_eq!(c.rules.len(), 11 + 2 + 11);
-    assert_eq!(c.entry_count(), 11 + 2 + 5 + 11);
     assert_eq!(c.listen_ports.len(), 11);
     assert_eq!(c.grant_count(), 5);
-    assert_eq!(c.grants(..).count(), 5);
-    assert!(c.capacity() as usize >= c.entry_count() + c.entry_count() / 4);
+    // The 4 + 1 grants of two VMs (slots 0 and 1, block 0) by 5 uids:
+    // one word per uid, with one bit each.
+    let words: BTreeMap<u32, u64> = c
+        .grant_words()
+        .iter()
+        .map(|(k, v)| (k.uid, v.word()))
+        .collect();
+    assert_eq!(words.len(), 5, "{words:?}");
+    assert_eq!(words.values().map(|w| w.count_ones()).sum::<u32>(), 5);
+    assert!(c.entry_bound() >= c.rules.len() + words.len());
+    let n = c.rules.len() + words.len();
+    assert!(Compiled::capacity(n) as usize >= n + n / 4);
+    // Each endpoint's entry carries its VM's slot.
+    for ((dest, port), info) in &c.endpoints {
+        let e = c
+            .rules
+            .get(&RuleKey::endpoint(dest_key(*dest), *port))
+            .expect("endpoint entry");
+        assert_eq!(e.flags >> spicegate_common::ENDPOINT_SLOT_SHIFT, info.slot);
+    }
     // The endpoints of a VM share its uids.
     let mut shared = c.endpoints.values().collect::<Vec<_>>();
     shared.dedup_by(|a, b| Arc::ptr_eq(a, b));
@@ -337,6 +363,16 @@ fn too_large_is_refused() {
     let p = policy(&format!(
         "[vms.v]\nserver=\"localhost\"\nports=[\"1-2100\"]\nallow=[{allow}]\n"
     ));
-    let e = compile(&p, &LocalAddrs::new(), &Dynamic::default()).expect_err("4.2M grants");
+    // 4.2 million grants, but one word of grants per uid: 6,200 entries.
+    let c = compile(&p, &LocalAddrs::new(), &Dynamic::default()).expect("compiles");
+    assert_eq!(c.grant_count(), 4_200_000);
+    assert_eq!(c.rules.len() + c.grant_words().len(), 2100 * 3 + 2000);
+    // 40 addresses x 65,535 ports: 5.2 million endpoint and port entries.
+    let addrs: Vec<String> = (1..=40).map(|i| format!("\"10.0.0.{i}\"")).collect();
+    let p = policy(&format!(
+        "[servers.s]\naddresses=[{}]\n[vms.v]\nserver=\"s\"\nports=[\"1-65535\"]\nallow=[\"#1\"]\n",
+        addrs.join(",")
+    ));
+    let e = compile(&p, &LocalAddrs::new(), &Dynamic::default()).expect_err("5.2M entries");
     assert!(matches!(e, CompileError::TooLarge { .. }), "{e}");
 }

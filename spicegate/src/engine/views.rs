@@ -297,7 +297,7 @@ impl Engine {
             counts: Counts {
                 grants: self.compiled.grant_count(),
                 guarded_endpoints: self.compiled.endpoints.len(),
-                kernel_entries: self.compiled.entry_count(),
+                kernel_entries: self.kernel.table_entries(),
                 ports_guarded_everywhere: self.compiled.guarded_everywhere.len(),
                 vms: policy.vms.len(),
             },

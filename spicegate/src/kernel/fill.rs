@@ -1,6 +1,5 @@
-//! Filling rule tables and overlays: the entries are streamed straight
-//! from the compiled policy into BPF_MAP_UPDATE_BATCH calls, so no flat
-//! copy of a million-entry table is ever built in the daemon.
+//! Filling rule tables and overlays: the rules and the words of grants are
+//! written straight into BPF_MAP_UPDATE_BATCH calls.
 
 use std::{
     io,
@@ -8,7 +7,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, IterableMap, MapData};
-use spicegate_common::{KIND_PORT, PORT_GEN_SHIFT, RuleKey, RuleValue};
+use spicegate_common::{KIND_ENDPOINT, KIND_PORT, PORT_GEN_SHIFT, RuleKey, RuleValue};
 
 use super::sys::{map_update, sys_bpf};
 use crate::compile::Compiled;
@@ -19,38 +18,35 @@ type RuleTable = HashMap<MapData, RuleKey, RuleValue>;
 /// vanish, small enough to keep the two staging arrays in cache.
 const BATCH: usize = 4096;
 
-/// From how many grants [`fill`] uses a second thread (the kernel locks
-/// the hash map per bucket, so two writers do not wait for each other).
+/// From how many words of grants [`fill`] uses a second thread (the
+/// kernel locks the hash map per bucket, so two writers do not wait for
+/// each other).
 const PARALLEL_FILL: usize = 16 * 1024;
 
-/// Fills a fresh table with every entry of `compiled`; its port entries
-/// carry `generation`.
-pub fn fill(table: &mut RuleTable, compiled: &Compiled, generation: u32) -> io::Result<()> {
+/// Fills a fresh table with the rules of `compiled` and its `words` of
+/// grants ([`Compiled::grant_words`]); its port and endpoint entries carry
+/// `generation`.
+pub fn fill(
+    table: &mut RuleTable,
+    compiled: &Compiled,
+    words: &[(RuleKey, RuleValue)],
+    generation: u32,
+) -> io::Result<()> {
     let fd = IterableMap::map(table).fd().as_fd().as_raw_fd();
     let tagged = compiled.rules.iter().map(|(k, v)| {
         let mut v = *v;
-        if k.kind == KIND_PORT {
+        if k.kind == KIND_PORT || k.kind == KIND_ENDPOINT {
             v.flags |= generation << PORT_GEN_SHIFT;
         }
         (*k, v)
     });
-    let grants = compiled.grant_count();
-    if grants < PARALLEL_FILL {
-        return write_all(fd, tagged.chain(compiled.grants(..)));
+    if words.len() < PARALLEL_FILL {
+        return write_all(fd, tagged.chain(words.iter().copied()));
     }
-    // Split the endpoints where half of the grants lie.
-    let mut seen = 0;
-    let split = compiled
-        .endpoints
-        .values()
-        .position(|i| {
-            seen += i.uids.len();
-            seen >= grants / 2
-        })
-        .map_or(compiled.endpoints.len(), |i| i + 1);
+    let (first, second) = words.split_at(words.len() / 2);
     std::thread::scope(|s| {
-        let other = s.spawn(|| write_all(fd, compiled.grants(split..)));
-        let mine = write_all(fd, tagged.chain(compiled.grants(..split)));
+        let other = s.spawn(|| write_all(fd, second.iter().copied()));
+        let mine = write_all(fd, tagged.chain(first.iter().copied()));
         let other = other
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the filling thread panicked")));

@@ -44,14 +44,14 @@ use aya::{
 };
 use spicegate_common::{
     COUNTERS_MAP, DROP_FLOOD_RING, DROP_KINDS, DROP_LOG_RING, DROP_MARK_FAILED, DROP_RATE_LIMITED,
-    DROPS_MAP, FLOOD_MAP, GRANTED_MAP, LAYOUT_VERSION, MARK_SLOTS_MAP, MARKS_MAP, OVERLAY_MAP,
+    DROPS_MAP, FLOOD_MAP, GRANTED_MAP, KEPT_LAYOUT_VERSION, LAYOUT_VERSION, MARK_SLOTS_MAP, MARKS_MAP, OVERLAY_MAP,
     OVERLAY_MAX, OVERLAY_SELECT_ACTIVE, OVERLAY_SELECT_GENERATION, OVERLAY_SELECT_MAP, POLICY_MAP,
     POLICY_SLOT, PORTS_MAP, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, PROG_RELEASE,
     RATE_LOW_UIDS, RATE_MAP, RATE_NAMED_ENTRIES, RATE_NAMED_MAP, RateState, RuleKey, RuleValue,
     VmCounters,
 };
 
-use crate::compile::Compiled;
+use crate::compile::{Compiled, UidHasher};
 
 pub(crate) use self::sys::{map_freeze, map_lookup, sys_bpf};
 pub use self::{
@@ -111,26 +111,12 @@ pub struct Kernel {
     /// grants): a multiplicative hash answers several times faster than
     /// the default SipHash.
     named: std::collections::HashSet<u32, std::hash::BuildHasherDefault<UidHasher>>,
-}
-
-/// Hashes a uid by one multiplication (Fibonacci hashing): uids are not
-/// chosen by an adversary who could aim at one bucket, only root's policy
-/// names them.
-#[derive(Default)]
-pub struct UidHasher(u64);
-
-impl std::hash::Hasher for UidHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
+    /// The rule table this daemon put in the policy slot (frozen): where
+    /// [`Kernel::apply_delta`] reads what a word of grants is without the
+    /// overlays.
+    table: Option<RuleTable>,
+    /// Entries of that table.
+    table_entries: usize,
 }
 
 impl Kernel {
@@ -201,6 +187,8 @@ impl Kernel {
             ports: Box::default(),
             writes: 0,
             named: std::collections::HashSet::default(),
+            table: None,
+            table_entries: 0,
         })
     }
 
@@ -213,14 +201,18 @@ impl Kernel {
     /// and drops the old ones after. On any error the table in force stays
     /// as it was.
     pub fn install(&mut self, compiled: &Compiled) -> anyhow::Result<()> {
-        let capacity = compiled.capacity();
-        let entries = compiled.entry_count();
-        let generation = self.next_generation()?;
         let t0 = std::time::Instant::now();
+        let words = compiled.grant_words();
+        let entries = compiled.rules.len() + words.len();
+        let capacity = Compiled::capacity(entries);
+        let generation = self.next_generation()?;
+        let tw = std::time::Instant::now();
         let mut table = RuleTable::create(capacity, 0)
             .with_context(|| format!("creating a rule table of {capacity} entries"))?;
         let t1 = std::time::Instant::now();
-        fill::fill(&mut table, compiled, generation).context("filling the new rule table")?;
+        fill::fill(&mut table, compiled, &words, generation)
+            .context("filling the new rule table")?;
+        drop(words);
         let t2 = std::time::Instant::now();
         let data = IterableMap::map(&table);
         map_freeze(data.fd().as_fd()).context("freezing the new rule table")?;
@@ -283,6 +275,8 @@ impl Kernel {
         self.ports = ports;
         let old_generation = std::mem::replace(&mut self.generation, generation);
         self.table_id = Some(id);
+        self.table = Some(table);
+        self.table_entries = entries;
         self.writes += entries as u64 + 1;
         if let Err(e) = self.select(OVERLAY_SELECT_GENERATION, generation) {
             log::warn!("could not record the table's generation for the next daemon: {e:#}");
@@ -296,8 +290,9 @@ impl Kernel {
             self.overlays = None;
         }
         log::debug!(
-            "installed table {id} (generation {generation}) of {entries} entries (capacity {capacity}): create {:.1} ms, fill {:.1} ms, freeze and swap {:.1} ms",
-            (t1 - t0).as_secs_f64() * 1e3,
+            "installed table {id} (generation {generation}) of {entries} entries (capacity {capacity}): words {:.1} ms, create {:.1} ms, fill {:.1} ms, freeze and swap {:.1} ms",
+            (tw - t0).as_secs_f64() * 1e3,
+            (t1 - tw).as_secs_f64() * 1e3,
             (t2 - t1).as_secs_f64() * 1e3,
             t2.elapsed().as_secs_f64() * 1e3
         );

@@ -132,10 +132,10 @@ fn write_ops(fd: i32, generation: u8, ops: &[(RuleKey, Option<RuleValue>)]) -> a
 
 impl Kernel {
     /// Puts a change of grants in force through the overlays: `delta`
-    /// holds each changed grant with its new value (revoked ones flagged
-    /// [`spicegate_common::GRANT_REVOKED`]). The change is written into the
-    /// standby overlay, the selector flips (atomic), and the same change
-    /// goes into the other overlay. Map writes: twice the change, plus one.
+    /// holds each changed word of grants with its new value. The change is
+    /// written into the standby overlay, the selector flips (atomic), and
+    /// the same change goes into the other overlay. Map writes: twice the
+    /// change, plus one.
     ///
     /// Returns `Ok(false)`, having changed nothing, when the overlays cannot
     /// take it (they would overflow, or must be made again): build a new
@@ -144,21 +144,36 @@ impl Kernel {
         let Some(ov) = &self.overlays else {
             return Ok(false);
         };
+        let Some(table) = &self.table else {
+            return Ok(false);
+        };
         if self.table_id.is_none() {
             return Ok(false);
         }
-        // An entry already in the overlay goes back to what the table says;
-        // any other becomes an overlay entry.
+        let table = IterableMap::map(table).fd().as_fd().as_raw_fd();
+        // A word that goes back to what the table says leaves the overlay;
+        // any other is written there.
         let mut ops: Vec<(RuleKey, Option<RuleValue>)> = Vec::with_capacity(delta.len());
         let mut len = self.overlay.len();
         for (k, v) in delta {
-            if self.overlay.contains_key(k) {
-                ops.push((*k, None));
-                len -= 1;
-            } else {
+            let mut base = RuleValue::default();
+            super::sys::map_lookup_into(table, k, &mut base)
+                .context("reading a word of grants in the table in force")?;
+            let held = self.overlay.get(k);
+            if base.word() == v.word() {
+                if held.is_some() {
+                    ops.push((*k, None));
+                    len -= 1;
+                }
+            } else if held != Some(v) {
                 ops.push((*k, Some(*v)));
-                len += 1;
+                if held.is_none() {
+                    len += 1;
+                }
             }
+        }
+        if ops.is_empty() {
+            return Ok(true);
         }
         if len > OVERLAY_MAX {
             return Ok(false);
@@ -210,6 +225,12 @@ impl Kernel {
 
     /// Generation of the table in force, entries in its overlay, and map
     /// writes since start.
+    /// Entries of the rule table this daemon installed (not counting the
+    /// overlays).
+    pub fn table_entries(&self) -> usize {
+        self.table_entries
+    }
+
     pub fn table_stats(&self) -> (u32, usize, u64) {
         (self.generation, self.overlay.len(), self.writes)
     }

@@ -4,6 +4,48 @@
 use super::sys::{link_detach, obj_get};
 use super::*;
 
+/// What this layout pins, by name without the version.
+const PINNED: [&str; 16] = [
+    "policy",
+    "overlay",
+    "overlay_sel",
+    "ports",
+    "rate",
+    "rate_named",
+    "drops",
+    "marks",
+    "granted",
+    "mark_slots",
+    "counters",
+    "release",
+    "connect4",
+    "connect6",
+    "bind4",
+    "bind6",
+];
+
+/// The maps layout 3 did not change: they keep their layout-2 pins, so an
+/// upgrade adopts them (see [`spicegate_common::KEPT_LAYOUT_VERSION`]).
+const KEPT: [&str; 7] = [
+    "rate",
+    "rate_named",
+    "drops",
+    "marks",
+    "granted",
+    "mark_slots",
+    "counters",
+];
+
+/// The pin file name of `what` (`policy_v3`, `marks_v2`...).
+fn pin_name(what: &str) -> String {
+    let version = if KEPT.contains(&what) {
+        KEPT_LAYOUT_VERSION
+    } else {
+        LAYOUT_VERSION
+    };
+    format!("{what}_v{version}")
+}
+
 /// File names under the pin directory.
 #[derive(Debug, Clone)]
 pub struct PinPaths {
@@ -15,7 +57,7 @@ impl PinPaths {
         Self { dir: dir.into() }
     }
     fn file(&self, what: &str) -> PathBuf {
-        self.dir.join(format!("{what}_v{LAYOUT_VERSION}"))
+        self.dir.join(pin_name(what))
     }
     pub fn policy(&self) -> PathBuf {
         self.file("policy")
@@ -104,10 +146,10 @@ impl PinPaths {
             .collect()
     }
 
-    /// Every pin of another layout version.
-    fn legacy_pins(&self) -> Vec<PathBuf> {
-        let current = format!("_v{LAYOUT_VERSION}");
-        let staging = format!("_v{LAYOUT_VERSION}_new");
+    /// Every pin of another layout: a versioned name this layout does not
+    /// pin (nor stage a link under).
+    pub(super) fn legacy_pins(&self) -> Vec<PathBuf> {
+        let current: Vec<String> = PINNED.iter().map(|w| pin_name(w)).collect();
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return Vec::new();
         };
@@ -116,7 +158,10 @@ impl PinPaths {
             .map(|e| e.path())
             .filter(|p| {
                 p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                    n.contains("_v") && !n.ends_with(&current) && !n.ends_with(&staging)
+                    n.contains("_v")
+                        && !current
+                            .iter()
+                            .any(|c| n == c || n.strip_suffix("_new") == Some(c))
                 })
             })
             .collect();

@@ -92,3 +92,45 @@ fn pin_names_carry_the_layout_version() {
         PathBuf::from(format!("/sys/fs/bpf/x/policy_v{LAYOUT_VERSION}"))
     );
 }
+
+#[test]
+fn maps_layout_3_kept_keep_their_layout_2_pins() {
+    let p = PinPaths::new("/sys/fs/bpf/x");
+    assert_eq!(p.marks(), PathBuf::from("/sys/fs/bpf/x/marks_v2"));
+    assert_eq!(p.mark_slots(), PathBuf::from("/sys/fs/bpf/x/mark_slots_v2"));
+    assert_eq!(p.counters(), PathBuf::from("/sys/fs/bpf/x/counters_v2"));
+    assert_eq!(p.ports(), PathBuf::from("/sys/fs/bpf/x/ports_v3"));
+    assert_eq!(p.link4(), PathBuf::from("/sys/fs/bpf/x/connect4_v3"));
+}
+
+/// An upgrade from layout 2 retires its table, overlays, prefilter and
+/// links, and adopts the maps layout 3 kept.
+#[test]
+fn legacy_pins_are_what_this_layout_does_not_pin() {
+    let dir = std::env::temp_dir().join(format!("sg-pins-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for name in [
+        "policy_v2",
+        "ports_v2",
+        "connect4_v2",
+        "marks_v2",
+        "granted_v2",
+        "policy_v3",
+        "connect4_v3",
+        "connect6_v3_new",
+    ] {
+        std::fs::write(dir.join(name), b"").expect("temp pin");
+    }
+    let p = PinPaths::new(&dir);
+    let names = |v: Vec<PathBuf>| -> Vec<String> {
+        v.iter()
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(
+        names(p.legacy_pins()),
+        ["connect4_v2", "policy_v2", "ports_v2"]
+    );
+    assert_eq!(names(p.legacy_links()), ["connect4_v2"]);
+    std::fs::remove_dir_all(&dir).expect("remove temp dir");
+}
