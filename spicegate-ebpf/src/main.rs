@@ -291,7 +291,14 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
             mark(ctx, vm);
             return ALLOW;
         }
-        return refuse(uid, &words, port, vm, flags & ENDPOINT_AUDIT != 0, OP_CONNECT);
+        return refuse(
+            uid,
+            &words,
+            port,
+            vm,
+            flags & ENDPOINT_AUDIT != 0,
+            OP_CONNECT,
+        );
     }
     // No VM's endpoint: refused only where `[protect]` (or a VM whose
     // server does not resolve) guards the port on every address.
@@ -303,7 +310,14 @@ fn decide(ctx: &SockAddrContext, family: u32) -> i32 {
     if port_flags & PORT_GUARD_ALL == 0 {
         return ALLOW;
     }
-    refuse(uid, &words, port, NO_VM, port_flags & PORT_AUDIT != 0, OP_CONNECT)
+    refuse(
+        uid,
+        &words,
+        port,
+        NO_VM,
+        port_flags & PORT_AUDIT != 0,
+        OP_CONNECT,
+    )
 }
 
 /// Whether `port` may be guarded: its bit in `SPICEGATE_PORTS`, a superset

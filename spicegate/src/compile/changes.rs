@@ -100,9 +100,13 @@ pub fn grant_delta(
 ) -> Option<Vec<(RuleKey, RuleValue)>> {
     if old.rules != new.rules
         || old.endpoints.len() != new.endpoints.len()
-        || old.endpoints.iter().zip(&new.endpoints).any(|((ka, a), (kb, b))| {
-            ka != kb || a.vm_id != b.vm_id || a.slot != b.slot || a.mode != b.mode
-        })
+        || old
+            .endpoints
+            .iter()
+            .zip(&new.endpoints)
+            .any(|((ka, a), (kb, b))| {
+                ka != kb || a.vm_id != b.vm_id || a.slot != b.slot || a.mode != b.mode
+            })
     {
         return None;
     }

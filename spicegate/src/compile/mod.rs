@@ -167,7 +167,13 @@ impl Compiled {
     /// of grants per (uid, VM) at most. Cheap; [`Compiled::grant_words`]
     /// gives the real number.
     pub fn entry_bound(&self) -> usize {
-        self.rules.len() + self.vms_by_slot().iter().flatten().map(|i| i.uids.len()).sum::<usize>()
+        self.rules.len()
+            + self
+                .vms_by_slot()
+                .iter()
+                .flatten()
+                .map(|i| i.uids.len())
+                .sum::<usize>()
     }
 
     /// Whether the table grants `uid` on endpoint (`dest`, `port`).

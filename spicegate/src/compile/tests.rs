@@ -376,3 +376,57 @@ fn too_large_is_refused() {
     let e = compile(&p, &LocalAddrs::new(), &Dynamic::default()).expect_err("5.2M entries");
     assert!(matches!(e, CompileError::TooLarge { .. }), "{e}");
 }
+
+/// A uid's grants on VMs of one block share one word; VMs past the 64th
+/// go to the next block; a delta carries the whole new word.
+#[test]
+fn words_of_grants_span_blocks_and_a_delta_carries_the_whole_word() {
+    let mut text = String::new();
+    for i in 0..70u16 {
+        let allow = if i == 0 || i == 1 || i == 69 {
+            "\"#7\""
+        } else {
+            "\"#8\""
+        };
+        text.push_str(&format!(
+            "[vms.v{i:02}]\nserver = \"localhost\"\nports = [{}]\nallow = [{allow}]\n",
+            30_000 + i
+        ));
+    }
+    let p = policy(&text);
+    let local = LocalAddrs::new();
+    let c = compile(&p, &local, &Dynamic::default()).expect("compiles");
+    let words: BTreeMap<(u32, u16), u64> = c
+        .grant_words()
+        .iter()
+        .map(|(k, v)| ((k.uid, k.port), v.word()))
+        .collect();
+    // VMs are given slots in name order: v00 is slot 0, v69 slot 69.
+    assert_eq!(words[&(7, 0)], 0b11);
+    assert_eq!(words[&(7, 1)], 1 << 5);
+    assert_eq!(words[&(8, 0)], !0b11);
+    assert_eq!(words[&(8, 1)], 0b1_1111);
+    assert_eq!(words.len(), 4);
+    assert!(decide(&c, 7, ip("127.0.0.1"), 30_069));
+    assert!(!decide(&c, 7, ip("127.0.0.1"), 30_068));
+
+    // A temporary grant of v02 to 7: one word, with v00 and v01 still in.
+    let temp = [TempGrant {
+        uid: 7,
+        user: "#7".into(),
+        vm: "v02".into(),
+        expires: None,
+        granted_at: 0,
+        granted_by: 0,
+    }];
+    let dynamic = Dynamic {
+        temp: &temp,
+        ..Dynamic::default()
+    };
+    let pairs: BTreeSet<(String, u32)> = [("v02".to_owned(), 7)].into();
+    let next = recompile_pairs(&c, &p, &dynamic, &pairs, false).expect("recompiles");
+    let delta = grant_delta(&c, &next, 10).expect("only grants changed");
+    assert_eq!(delta.len(), 1);
+    assert_eq!((delta[0].0.uid, delta[0].0.port), (7, 0));
+    assert_eq!(delta[0].1.word(), 0b111);
+}

@@ -57,7 +57,12 @@ impl Compiled {
         let slots = self.vms_by_slot();
         let mut out = Vec::new();
         for (block, vms) in slots.chunks(GRANT_BLOCK_VMS as usize).enumerate() {
-            let most = vms.iter().flatten().map(|i| i.uids.len()).max().unwrap_or(0);
+            let most = vms
+                .iter()
+                .flatten()
+                .map(|i| i.uids.len())
+                .max()
+                .unwrap_or(0);
             let mut words: UidMap<u64> = UidMap::with_capacity_and_hasher(most, Default::default());
             for (bit, info) in vms.iter().enumerate() {
                 let Some(info) = info else { continue };
