@@ -30,8 +30,8 @@ pub const POLICY_SLOT: u32 = 0;
 /// proportion to the change, not to the table.
 ///
 /// Overlay keys carry the table's generation in [`RuleKey::_pad`]; the
-/// table carries it in the flags of its [`KIND_PORT`] and
-/// [`KIND_ENDPOINT`] entries ([`PORT_GEN_SHIFT`]). The program looks up
+/// table carries it in the flags of its [`KIND_ENDPOINT`] entries
+/// ([`ENDPOINT_GEN_SHIFT`]). The program looks up
 /// only [`KIND_GRANT`] keys there, with the generation of the table in
 /// force, so a new table (a new generation) retires every overlay entry in
 /// the same swap. An overlay entry holds the whole word of grants of its
@@ -57,10 +57,9 @@ pub const OVERLAY_SELECT_GENERATION: u32 = 1;
 /// more builds a new table instead.
 pub const OVERLAY_MAX: usize = 4096;
 
-/// Where a table's generation (1..=255) sits in the flags of its
-/// [`KIND_PORT`] and [`KIND_ENDPOINT`] entries (8 bits; 0 means "no
-/// overlay").
-pub const PORT_GEN_SHIFT: u32 = 8;
+/// Where a table's generation (1..=255, 8 bits) sits in the flags of its
+/// [`KIND_ENDPOINT`] entries.
+pub const ENDPOINT_GEN_SHIFT: u32 = 8;
 
 /// Where a VM's slot sits in the flags of its [`KIND_ENDPOINT`] entries
 /// (16 bits): its bit in the words of grants ([`KIND_GRANT`]) is bit
@@ -331,7 +330,7 @@ pub const KIND_ENDPOINT: u8 = 2;
 /// 64` set for every VM of the block the uid may open. One entry per
 /// (uid, block) rather than per (uid, endpoint): with `allow =
 /// ["@students"]` on 100 VMs, 5,000 students make 10,000 entries instead
-/// of 500,000, which a start fills in a fiftieth of the time. Layout 2's
+/// of 500,000 for a start to fill. Layout 2's
 /// tables held one entry per (uid, endpoint) under the same kind.
 pub const KIND_GRANT: u8 = 3;
 /// [`RuleKey::kind`]: `addr` is an address of this machine (a "local"
@@ -367,7 +366,7 @@ pub const PORT_GUARD_ENDPOINTS: u32 = 1 << 1;
 pub const PORT_AUDIT: u32 = 1 << 2;
 /// [`KIND_ENDPOINT`] flag: the VM runs in audit mode: refusals are logged
 /// and let through. The endpoint's flags also carry the table's generation
-/// ([`PORT_GEN_SHIFT`]) and the VM's slot ([`ENDPOINT_SLOT_SHIFT`]).
+/// ([`ENDPOINT_GEN_SHIFT`]) and the VM's slot ([`ENDPOINT_SLOT_SHIFT`]).
 pub const ENDPOINT_AUDIT: u32 = 1 << 0;
 
 /// The address every local destination is folded into before lookup:
@@ -395,7 +394,8 @@ pub struct RuleKey {
     /// Zero in rule tables; the table's generation in overlay keys (see
     /// [`OVERLAY_MAP`]).
     pub _pad: u8,
-    /// Destination port, host byte order.
+    /// Destination port, host byte order; the block of VM slots in
+    /// [`KIND_GRANT`] keys.
     pub port: u16,
     /// Real uid of the connecting process (grants only).
     pub uid: u32,

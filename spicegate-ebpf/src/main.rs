@@ -43,11 +43,12 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use spicegate_common::{
-    COUNTERS_MAP_ENTRIES, DROP_MARK_FAILED, ENDPOINT_AUDIT, ENDPOINT_SLOT_SHIFT, GRANT_BLOCK_VMS,
-    GRANTED_ENTRIES, KIND_BIND_PORT, KIND_ENDPOINT, KIND_GRANT, KIND_LISTENER, KIND_LOCAL,
-    KIND_LOCAL_NETS, KIND_PORT, MARK_SLOTS, MAX_LOCAL_NET_LENS, NO_VM, OP_BIND, OP_CONNECT,
-    OVERLAY_EMPTY, OVERLAY_SELECT_ACTIVE, OVERLAY_SLOTS, POLICY_SLOT, PORT_AUDIT, PORT_GEN_SHIFT,
-    PORT_GUARD_ALL, PortBits, RuleKey, RuleValue, VmCounters, mark_slot,
+    COUNTERS_MAP_ENTRIES, DROP_MARK_FAILED, ENDPOINT_AUDIT, ENDPOINT_GEN_SHIFT,
+    ENDPOINT_SLOT_SHIFT, GRANT_BLOCK_VMS, GRANTED_ENTRIES, KIND_BIND_PORT, KIND_ENDPOINT,
+    KIND_GRANT, KIND_LISTENER, KIND_LOCAL, KIND_LOCAL_NETS, KIND_PORT, MARK_SLOTS,
+    MAX_LOCAL_NET_LENS, NO_VM, OP_BIND, OP_CONNECT, OVERLAY_EMPTY, OVERLAY_SELECT_ACTIVE,
+    OVERLAY_SLOTS, POLICY_SLOT, PORT_AUDIT, PORT_GUARD_ALL, PortBits, RuleKey, RuleValue,
+    VmCounters, mark_slot,
 };
 
 use crate::report::{count_drop, report_denial};
@@ -343,13 +344,13 @@ fn mark(ctx: &SockAddrContext, mut vm: u32) {
     // SAFETY: the program's own context, which the helper takes.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     if let Some(slot) = SPICEGATE_MARK_SLOTS.get_ptr_mut(mark_slot(cookie)) {
-        // SAFETY: a live slot of a preallocated array, only ever accessed
-        // atomically (here, by the release hook, and by the daemon's reads).
-        // The target spec says no compare-and-swap (`atomic-cas` is
-        // false for every BPF CPU version, so `AtomicU64` has no
+        // The target spec says no compare-and-swap (`atomic-cas` is false
+        // for every BPF CPU version, so `AtomicU64` has no
         // `compare_exchange`), but LLVM emits BPF_CMPXCHG (kernel >= 5.12)
         // for the intrinsic.
-        // SAFETY: a live, 8-byte aligned slot of a preallocated array.
+        // SAFETY: a live, 8-byte aligned slot of a preallocated array, only
+        // ever accessed atomically (here, by the release hook, and by the
+        // daemon's reads).
         let (held, _) = unsafe {
             atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
                 slot, 0, cookie,
@@ -388,29 +389,22 @@ fn granted(rules: &Rules, flags: u32, uid: u32) -> bool {
         .get(OVERLAY_SELECT_ACTIVE)
         .copied()
         .unwrap_or(OVERLAY_EMPTY);
-    let generation = ((flags >> PORT_GEN_SHIFT) & 0xff) as u8;
+    let generation = ((flags >> ENDPOINT_GEN_SHIFT) & 0xff) as u8;
     if active & OVERLAY_EMPTY == 0
-        && generation != 0
         && let Some(overlay) = SPICEGATE_OVERLAY.get(active & 1)
         && let Some(changed) = overlay.get_ptr(key_in(generation, KIND_GRANT, block, uid, &[0; 4]))
     {
         // SAFETY: a live entry of an overlay. Overlays are not frozen (the
         // daemon writes the standby one), but a hash map update replaces
         // the element whole: a reader sees the old word or the new one.
-        return word(changed) & bit != 0;
+        let word = unsafe { (*changed).word() };
+        return word & bit != 0;
     }
     match rules.get_ptr(key(KIND_GRANT, block, uid, &[0; 4])) {
-        Some(w) => word(w) & bit != 0,
+        // SAFETY: a live entry of the frozen rule table.
+        Some(w) => (unsafe { (*w).word() }) & bit != 0,
         None => false,
     }
-}
-
-/// A [`KIND_GRANT`] value's word (see `RuleValue::word`).
-#[inline(always)]
-fn word(v: *const RuleValue) -> u64 {
-    // SAFETY: callers pass a live entry of the rule table or an overlay.
-    let (lo, hi) = unsafe { ((*v).vm, (*v).flags) };
-    u64::from(lo) | (u64::from(hi) << 32)
 }
 
 enum Outcome {

@@ -67,7 +67,7 @@ fn status_lists_100_users_per_vm_and_pages_the_rest() {
 
 /// At 100,000 grants, a `grant` and a `revoke` reach the kernel through
 /// the overlays: the table in force stays the same map (same id, same
-/// generation), both overlays hold exactly the changed grant, and the
+/// generation), both overlays hold exactly the changed word of grants, and the
 /// daemon's count of map writes grows by the change (twice, and the
 /// selector), not by the table.
 /// Real connects of a real uid show each change in force.

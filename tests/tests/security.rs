@@ -1887,15 +1887,16 @@ fn tampering_a_grant_written_into_the_table_is_refused_by_the_kernel() {
 fn tampering_a_grant_written_into_the_overlays_is_repaired() {
     tamper(
         "BPF_MAP_UPDATE_ELEM of a grant in both overlays",
-        |lab, dave, port| {
+        |lab, dave, _| {
             let pin = pinned(lab.pin.path(), "overlay_v").expect("overlay map pinned");
             let st = status_json(&lab.pin);
             let generation = st["table"]["generation"].as_u64().expect("generation") as u8;
             let dave = dave.uid;
-            // RuleKey: kind 3 (grant), pad = generation, port, uid, addr (::,
-            // this machine); RuleValue: vm, flags.
+            // RuleKey: kind 3 (a word of grants), pad = generation, port =
+            // block 0 (the only VM has slot 0), uid, addr zero; RuleValue:
+            // the word as two u32s, bit 0 (slot 0) set.
             let mut key = vec![3u8, generation];
-            key.extend_from_slice(&port.to_ne_bytes());
+            key.extend_from_slice(&0u16.to_ne_bytes());
             key.extend_from_slice(&dave.to_ne_bytes());
             key.extend_from_slice(&[0; 16]);
             let mut value = 1u32.to_ne_bytes().to_vec();

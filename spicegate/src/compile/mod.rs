@@ -36,7 +36,7 @@ pub use self::{
     changes::{grant_delta, recompile_pairs},
     model::{decide, table_is_local},
     rules::Rules,
-    words::{UidHasher, UidMap},
+    words::UidHasher,
 };
 use crate::{
     grants::TempGrant,

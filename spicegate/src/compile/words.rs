@@ -34,7 +34,7 @@ impl std::hash::Hasher for UidHasher {
 }
 
 /// A hash map keyed by uid, hashed with [`UidHasher`].
-pub type UidMap<V> = HashMap<u32, V, BuildHasherDefault<UidHasher>>;
+type UidMap<V> = HashMap<u32, V, BuildHasherDefault<UidHasher>>;
 
 impl Compiled {
     /// Each VM with endpoints, at its slot (the endpoints of a VM share
@@ -79,18 +79,19 @@ impl Compiled {
         }
         out
     }
+}
 
-    /// `uid`'s word of grants for `block` in this table (0: none).
-    pub fn grant_word(&self, slots: &[Option<&EndpointInfo>], uid: u32, block: u16) -> u64 {
-        let first = usize::from(block) * GRANT_BLOCK_VMS as usize;
-        slots
-            .iter()
-            .skip(first)
-            .take(GRANT_BLOCK_VMS as usize)
-            .enumerate()
-            .filter(|(_, i)| i.is_some_and(|i| i.uids.contains(&uid)))
-            .fold(0, |w, (bit, _)| w | 1 << bit)
-    }
+/// `uid`'s word of grants for `block`, from the VMs at their `slots`
+/// ([`Compiled::vms_by_slot`]); 0: none.
+fn grant_word(slots: &[Option<&EndpointInfo>], uid: u32, block: u16) -> u64 {
+    let first = usize::from(block) * GRANT_BLOCK_VMS as usize;
+    slots
+        .iter()
+        .skip(first)
+        .take(GRANT_BLOCK_VMS as usize)
+        .enumerate()
+        .filter(|(_, i)| i.is_some_and(|i| i.uids.contains(&uid)))
+        .fold(0, |w, (bit, _)| w | 1 << bit)
 }
 
 /// The words of grants `new` has for the (uid, block)s whose grants
@@ -123,7 +124,7 @@ pub(super) fn changed_words(
         .map(|(uid, block)| {
             (
                 RuleKey::grant(uid, block),
-                RuleValue::grant_word(new.grant_word(&new_slots, uid, block)),
+                RuleValue::grant_word(grant_word(&new_slots, uid, block)),
             )
         })
         .collect();

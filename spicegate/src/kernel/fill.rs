@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, IterableMap, MapData};
-use spicegate_common::{KIND_ENDPOINT, KIND_PORT, PORT_GEN_SHIFT, RuleKey, RuleValue};
+use spicegate_common::{ENDPOINT_GEN_SHIFT, KIND_ENDPOINT, RuleKey, RuleValue};
 
 use super::sys::{map_update, sys_bpf};
 use crate::compile::Compiled;
@@ -24,7 +24,7 @@ const BATCH: usize = 4096;
 const PARALLEL_FILL: usize = 16 * 1024;
 
 /// Fills a fresh table with the rules of `compiled` and its `words` of
-/// grants ([`Compiled::grant_words`]); its port and endpoint entries carry
+/// grants ([`Compiled::grant_words`]); its endpoint entries carry
 /// `generation`.
 pub fn fill(
     table: &mut RuleTable,
@@ -35,8 +35,8 @@ pub fn fill(
     let fd = IterableMap::map(table).fd().as_fd().as_raw_fd();
     let tagged = compiled.rules.iter().map(|(k, v)| {
         let mut v = *v;
-        if k.kind == KIND_PORT || k.kind == KIND_ENDPOINT {
-            v.flags |= generation << PORT_GEN_SHIFT;
+        if k.kind == KIND_ENDPOINT {
+            v.flags |= generation << ENDPOINT_GEN_SHIFT;
         }
         (*k, v)
     });

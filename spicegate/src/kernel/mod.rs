@@ -90,8 +90,9 @@ fn verify(program: &mut aya::programs::Program) -> anyhow::Result<()> {
 pub struct Kernel {
     ebpf: Ebpf,
     paths: PinPaths,
-    /// Kernel id of the rule table this daemon put in the policy slot.
-    table_id: Option<u32>,
+    /// The rule table this daemon put in the policy slot; `None` before
+    /// the first install.
+    table: Option<Installed>,
     /// Generation of that table (1..=255; 0 before the first install).
     generation: u32,
     /// The two overlays this daemon put in the overlay slots, and which
@@ -111,12 +112,17 @@ pub struct Kernel {
     /// grants): a multiplicative hash answers several times faster than
     /// the default SipHash.
     named: std::collections::HashSet<u32, std::hash::BuildHasherDefault<UidHasher>>,
-    /// The rule table this daemon put in the policy slot (frozen): where
-    /// [`Kernel::apply_delta`] reads what a word of grants is without the
-    /// overlays.
-    table: Option<RuleTable>,
-    /// Entries of that table.
-    table_entries: usize,
+}
+
+/// A rule table this daemon installed (frozen), kept open: where
+/// [`Kernel::apply_delta`] reads what a word of grants is without the
+/// overlays.
+struct Installed {
+    map: RuleTable,
+    /// Its kernel id, to check the policy slot still holds it.
+    id: u32,
+    /// Its entries.
+    entries: usize,
 }
 
 impl Kernel {
@@ -180,15 +186,13 @@ impl Kernel {
         Ok(Self {
             ebpf,
             paths: paths.clone(),
-            table_id: None,
+            table: None,
             generation: 0,
             overlays: None,
             overlay: std::collections::BTreeMap::new(),
             ports: Box::default(),
             writes: 0,
             named: std::collections::HashSet::default(),
-            table: None,
-            table_entries: 0,
         })
     }
 
@@ -274,9 +278,11 @@ impl Kernel {
         }
         self.ports = ports;
         let old_generation = std::mem::replace(&mut self.generation, generation);
-        self.table_id = Some(id);
-        self.table = Some(table);
-        self.table_entries = entries;
+        self.table = Some(Installed {
+            map: table,
+            id,
+            entries,
+        });
         self.writes += entries as u64 + 1;
         if let Err(e) = self.select(OVERLAY_SELECT_GENERATION, generation) {
             log::warn!("could not record the table's generation for the next daemon: {e:#}");
@@ -307,7 +313,7 @@ impl Kernel {
     /// file descriptor (BPF_MAP_GET_FD_BY_ID) would need CAP_SYS_ADMIN,
     /// which the service does not have.
     pub fn table_intact(&self) -> anyhow::Result<bool> {
-        let want = self.table_id;
+        let want = self.table.as_ref().map(|t| t.id);
         let map = self
             .ebpf
             .map(POLICY_MAP)

@@ -147,18 +147,15 @@ impl Kernel {
         let Some(table) = &self.table else {
             return Ok(false);
         };
-        if self.table_id.is_none() {
-            return Ok(false);
-        }
-        let table = IterableMap::map(table).fd().as_fd().as_raw_fd();
+        let table = IterableMap::map(&table.map).fd().as_fd().as_raw_fd();
         // A word that goes back to what the table says leaves the overlay;
         // any other is written there.
         let mut ops: Vec<(RuleKey, Option<RuleValue>)> = Vec::with_capacity(delta.len());
         let mut len = self.overlay.len();
         for (k, v) in delta {
-            let mut base = RuleValue::default();
-            super::sys::map_lookup_into(table, k, &mut base)
-                .context("reading a word of grants in the table in force")?;
+            let base: RuleValue = super::sys::map_lookup(table, k)
+                .context("reading a word of grants in the table in force")?
+                .unwrap_or_default();
             let held = self.overlay.get(k);
             if base.word() == v.word() {
                 if held.is_some() {
@@ -223,14 +220,14 @@ impl Kernel {
         self.overlays = None;
     }
 
-    /// Generation of the table in force, entries in its overlay, and map
-    /// writes since start.
     /// Entries of the rule table this daemon installed (not counting the
     /// overlays).
     pub fn table_entries(&self) -> usize {
-        self.table_entries
+        self.table.as_ref().map_or(0, |t| t.entries)
     }
 
+    /// Generation of the table in force, entries in its overlay, and map
+    /// writes since start.
     pub fn table_stats(&self) -> (u32, usize, u64) {
         (self.generation, self.overlay.len(), self.writes)
     }

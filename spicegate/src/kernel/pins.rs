@@ -4,45 +4,34 @@
 use super::sys::{link_detach, obj_get};
 use super::*;
 
-/// What this layout pins, by name without the version.
-const PINNED: [&str; 16] = [
-    "policy",
-    "overlay",
-    "overlay_sel",
-    "ports",
-    "rate",
-    "rate_named",
-    "drops",
-    "marks",
-    "granted",
-    "mark_slots",
-    "counters",
-    "release",
-    "connect4",
-    "connect6",
-    "bind4",
-    "bind6",
-];
-
-/// The maps layout 3 did not change: they keep their layout-2 pins, so an
-/// upgrade adopts them (see [`spicegate_common::KEPT_LAYOUT_VERSION`]).
-const KEPT: [&str; 7] = [
-    "rate",
-    "rate_named",
-    "drops",
-    "marks",
-    "granted",
-    "mark_slots",
-    "counters",
+/// What this layout pins, by name, with the layout version its pin name
+/// carries: the maps layout 3 did not change keep their layout-2 pins, so
+/// an upgrade adopts them (see [`spicegate_common::KEPT_LAYOUT_VERSION`]).
+const PINNED: [(&str, u32); 16] = [
+    ("policy", LAYOUT_VERSION),
+    ("overlay", LAYOUT_VERSION),
+    ("overlay_sel", LAYOUT_VERSION),
+    ("ports", LAYOUT_VERSION),
+    ("release", LAYOUT_VERSION),
+    ("connect4", LAYOUT_VERSION),
+    ("connect6", LAYOUT_VERSION),
+    ("bind4", LAYOUT_VERSION),
+    ("bind6", LAYOUT_VERSION),
+    ("rate", KEPT_LAYOUT_VERSION),
+    ("rate_named", KEPT_LAYOUT_VERSION),
+    ("drops", KEPT_LAYOUT_VERSION),
+    ("marks", KEPT_LAYOUT_VERSION),
+    ("granted", KEPT_LAYOUT_VERSION),
+    ("mark_slots", KEPT_LAYOUT_VERSION),
+    ("counters", KEPT_LAYOUT_VERSION),
 ];
 
 /// The pin file name of `what` (`policy_v3`, `marks_v2`...).
 fn pin_name(what: &str) -> String {
-    let version = if KEPT.contains(&what) {
-        KEPT_LAYOUT_VERSION
-    } else {
-        LAYOUT_VERSION
-    };
+    let version = PINNED
+        .iter()
+        .find(|(name, _)| *name == what)
+        .map_or(LAYOUT_VERSION, |(_, v)| *v);
     format!("{what}_v{version}")
 }
 
@@ -149,7 +138,7 @@ impl PinPaths {
     /// Every pin of another layout: a versioned name this layout does not
     /// pin (nor stage a link under).
     pub(super) fn legacy_pins(&self) -> Vec<PathBuf> {
-        let current: Vec<String> = PINNED.iter().map(|w| pin_name(w)).collect();
+        let current: Vec<String> = PINNED.iter().map(|(w, _)| pin_name(w)).collect();
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return Vec::new();
         };
