@@ -64,16 +64,7 @@ pub fn load_policy(
     // The digest (shown by `status`) is computed next to the parse: on a
     // large policy that is a tenth of a reload, on the other core.
     let (policy, sha256) = std::thread::scope(|scope| {
-        let digest = scope.spawn(|| {
-            let mut h = Sha256::new();
-            for s in &sources {
-                h.update(s.text.as_bytes());
-            }
-            h.finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        });
+        let sha256 = scope.spawn(|| digest(&sources));
         let policy = policy::parse_sources_cached(
             &sources,
             &Env {
@@ -82,7 +73,7 @@ pub fn load_policy(
             },
             pieces,
         );
-        (policy, digest.join())
+        (policy, sha256.join())
     });
     let counts = pieces.last();
     log::debug!(
@@ -152,11 +143,10 @@ pub fn load_policy_at_start(
     pieces: &Arc<ParseCache>,
     timeout: Duration,
 ) -> Result<Loaded, String> {
-    let sources = policy::read_sources(path).map_err(|e| e.to_string())?;
-    let sha256 = digest(&sources);
+    let sources = Arc::new(policy::read_sources(path).map_err(|e| e.to_string())?);
     let (tx, rx) = mpsc::channel();
     {
-        let sources = sources.clone();
+        let sources = Arc::clone(&sources);
         let resolver = Arc::clone(resolver);
         let pieces = Arc::clone(pieces);
         std::thread::Builder::new()
@@ -170,6 +160,8 @@ pub fn load_policy_at_start(
             })
             .map_err(|e| format!("starting the name lookups: {e}"))?;
     }
+    // The digest (shown by `status`) while the policy is parsed.
+    let sha256 = digest(&sources);
     let policy = match rx.recv_timeout(timeout) {
         Ok(parsed) => parsed.map_err(|e| e.to_string())?,
         Err(_) => {
@@ -190,7 +182,7 @@ pub fn load_policy_at_start(
     };
     Ok(Loaded {
         policy,
-        sources: Arc::new(sources),
+        sources,
         sha256,
     })
 }

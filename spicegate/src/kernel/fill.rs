@@ -9,7 +9,7 @@ use std::{
 use aya::maps::{HashMap, IterableMap, MapData};
 use spicegate_common::{ENDPOINT_GEN_SHIFT, KIND_ENDPOINT, RuleKey, RuleValue};
 
-use super::sys::{map_update, sys_bpf};
+use super::sys::{self, ENOTSUPP, map_update};
 use crate::compile::Compiled;
 
 type RuleTable = HashMap<MapData, RuleKey, RuleValue>;
@@ -93,44 +93,18 @@ fn write_all(fd: i32, entries: impl Iterator<Item = (RuleKey, RuleValue)>) -> io
     Ok(())
 }
 
-/// The kernel's ENOTSUPP (524), which libc does not name.
-const ENOTSUPP: i32 = 524;
-
-/// Inserts `keys[i] -> values[i]` with one bpf(BPF_MAP_UPDATE_BATCH).
+/// Inserts `keys[i] -> values[i]` with BPF_MAP_UPDATE_BATCH, calling
+/// again until every entry is in.
 fn map_update_batch(fd: i32, keys: &[RuleKey], values: &[RuleValue]) -> io::Result<()> {
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     debug_assert_eq!(keys.len(), values.len());
     let mut done = 0;
     while done < keys.len() {
-        let mut attr = BatchAttr {
-            in_batch: 0,
-            out_batch: 0,
-            keys: keys[done..].as_ptr() as u64,
-            values: values[done..].as_ptr() as u64,
-            count: (keys.len() - done) as u32,
-            map_fd: fd as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: keys and values point at `count` contiguous repr(C)
-        // entries of the map's key and value sizes; the kernel writes back
-        // only `count`.
-        unsafe { sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }?;
-        if attr.count == 0 {
+        let (n, result) = sys::map_update_batch(fd, &keys[done..], &values[done..]);
+        result?;
+        if n == 0 {
             return Err(io::Error::other("BPF_MAP_UPDATE_BATCH made no progress"));
         }
-        done += attr.count as usize;
+        done += n;
     }
     Ok(())
 }

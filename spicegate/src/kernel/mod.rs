@@ -68,9 +68,6 @@ use self::{
     sys::{map_lookup_u32, map_update_u32},
 };
 
-/// `BPF_NOEXIST`: insert only when the key is absent.
-const BPF_NOEXIST: u64 = 1;
-
 /// The kernel object, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/spicegate"));
 
@@ -112,6 +109,9 @@ pub struct Kernel {
     /// grants): a multiplicative hash answers several times faster than
     /// the default SipHash.
     named: std::collections::HashSet<u32, std::hash::BuildHasherDefault<UidHasher>>,
+    /// Whether `named` holds what the map held when this daemon first
+    /// named uids.
+    named_read: bool,
 }
 
 /// A rule table this daemon installed (frozen), kept open: where
@@ -193,6 +193,7 @@ impl Kernel {
             ports: Box::default(),
             writes: 0,
             named: std::collections::HashSet::default(),
+            named_read: false,
         })
     }
 
@@ -431,34 +432,66 @@ impl Kernel {
 
     /// Gives each uid at or above the low range that the policy names its
     /// own rate-limit slot, so a flood from other high uids cannot silence
-    /// its denials. Entries are only added (the map is bounded); returns how
-    /// many uids did not fit.
+    /// its denials. Entries are only added (the map is bounded), and an
+    /// entry a previous daemon added keeps its state (the map outlives
+    /// restarts and upgrades); returns how many uids did not fit.
+    ///
+    /// The uids new to the map go in with one BPF_MAP_UPDATE_BATCH: one
+    /// update each took 2 ms of a 100,000-grant start (1,000 uids).
     pub fn name_uids(&mut self, uids: impl Iterator<Item = u32>) -> anyhow::Result<usize> {
         let map = self
             .ebpf
-            .map_mut(RATE_NAMED_MAP)
+            .map(RATE_NAMED_MAP)
             .ok_or_else(|| anyhow!("map {RATE_NAMED_MAP} missing"))?;
-        let mut named: HashMap<&mut MapData, u32, RateState> = HashMap::try_from(map)?;
-        let mut full = 0;
-        for uid in uids.filter(|u| *u >= RATE_LOW_UIDS) {
-            if self.named.contains(&uid) {
-                continue;
+        if !self.named_read {
+            // The kernel never adds entries, so what is there was named by
+            // this daemon or an earlier one.
+            let named: HashMap<&MapData, u32, RateState> = HashMap::try_from(map)?;
+            for uid in named.keys() {
+                self.named
+                    .insert(uid.context("reading the map of named uids")?);
             }
-            match named.insert(uid, RateState::default(), BPF_NOEXIST) {
-                Ok(()) => {
-                    self.named.insert(uid);
-                }
-                Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            self.named_read = true;
+        }
+        let fd = match map {
+            aya::maps::Map::HashMap(data) => data.fd().as_fd().as_raw_fd(),
+            _ => bail!("map {RATE_NAMED_MAP} is not a hash map"),
+        };
+        let fresh: Vec<u32> = uids
+            .filter(|u| *u >= RATE_LOW_UIDS && self.named.insert(*u))
+            .collect();
+        let states = vec![RateState::default(); fresh.len()];
+        let mut batched = true;
+        let mut full = 0;
+        let mut at = 0;
+        while at < fresh.len() {
+            let (n, result) = if batched {
+                sys::map_update_batch(fd, &fresh[at..], &states[at..])
+            } else {
+                (0, sys::map_update(fd, &fresh[at], &states[at]))
+            };
+            at += n;
+            match result {
+                Ok(()) if !batched => at += 1,
+                Ok(()) => {}
+                Err(e)
+                    if batched
+                        && n == 0
+                        && matches!(e.raw_os_error(), Some(libc::EINVAL | sys::ENOTSUPP)) =>
                 {
-                    self.named.insert(uid);
+                    batched = false;
                 }
-                Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
-                {
+                Err(e) if e.raw_os_error() == Some(libc::E2BIG) => {
+                    self.named.remove(&fresh[at]);
                     full += 1;
+                    at += 1;
                 }
-                Err(e) => return Err(e).context("naming a uid for the rate limit"),
+                Err(e) => {
+                    for uid in &fresh[at..] {
+                        self.named.remove(uid);
+                    }
+                    return Err(e).context("naming a uid for the rate limit");
+                }
             }
         }
         if full > 0 {

@@ -103,6 +103,56 @@ pub(crate) fn map_update<K, V>(fd: i32, key: &K, value: &V) -> io::Result<()> {
     unsafe { sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
 }
 
+/// The kernel's ENOTSUPP (524), which libc does not name.
+pub(super) const ENOTSUPP: i32 = 524;
+
+/// Inserts or replaces `keys[i] -> values[i]` with one
+/// BPF_MAP_UPDATE_BATCH (hash maps: kernel 5.6+; it takes no
+/// `BPF_NOEXIST`): how many went in, in order, before the first that
+/// failed, and that failure. `K` and `V` as for [`map_update`].
+pub(super) fn map_update_batch<K, V>(fd: i32, keys: &[K], values: &[V]) -> (usize, io::Result<()>) {
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    debug_assert_eq!(keys.len(), values.len());
+    let count = keys.len().min(values.len());
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: count as u32,
+        map_fd: fd as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: keys and values point at `count` contiguous entries of the
+    // map's key and value types (the caller's contract); the kernel writes
+    // back only `count`.
+    let result = unsafe { sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }.map(drop);
+    // The kernel writes `count` back once it starts on the entries; a
+    // failure before (no batch support, a bad argument) leaves it as it
+    // was, and one at an entry always leaves it below that.
+    let done = attr.count as usize;
+    (
+        if result.is_err() && done >= count {
+            0
+        } else {
+            done
+        },
+        result,
+    )
+}
+
 /// Deletes `key` (BPF_MAP_DELETE_ELEM); `K` as for [`map_update`].
 pub(crate) fn map_delete<K>(fd: i32, key: &K) -> io::Result<()> {
     const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
