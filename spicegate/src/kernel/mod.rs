@@ -436,8 +436,10 @@ impl Kernel {
     /// entry a previous daemon added keeps its state (the map outlives
     /// restarts and upgrades); returns how many uids did not fit.
     ///
-    /// The uids new to the map go in with one BPF_MAP_UPDATE_BATCH: one
-    /// update each took 2 ms of a 100,000-grant start (1,000 uids).
+    /// The uids new to the map go in with one BPF_MAP_UPDATE_BATCH instead
+    /// of one update each: at 100,000 grants (1,000 high uids) this step of
+    /// a start took 1.6-2.4 ms before, 1.1-1.4 ms now, most of it walking
+    /// the 200,000 uids of the allow lists and the table.
     pub fn name_uids(&mut self, uids: impl Iterator<Item = u32>) -> anyhow::Result<usize> {
         let map = self
             .ebpf
