@@ -244,7 +244,8 @@ pub fn watch_addresses(interval: Duration, engine: mpsc::Sender<Command>) -> any
 
 /// What the resolver thread resolves: the sources of the policy in force.
 pub struct ResolveJob {
-    pub sources: Arc<Vec<PolicySource>>,
+    /// `None`: the policy in force looks up no names; nothing to do.
+    pub sources: Option<Arc<Vec<PolicySource>>>,
     pub sha256: String,
     pub interval: Duration,
     /// When these sources were resolved last (a reload resolves them, so
@@ -253,6 +254,19 @@ pub struct ResolveJob {
     /// Some names did not resolve: try every [`DEGRADED_RETRY`] at most,
     /// and apply what resolves even while others still do not.
     pub degraded: bool,
+}
+
+impl ResolveJob {
+    /// The job for the policy just put in force (resolved now).
+    pub fn of(loaded: &crate::engine::Loaded) -> Self {
+        Self {
+            sources: loaded.sources.clone(),
+            sha256: loaded.sha256.clone(),
+            interval: loaded.policy.settings.resolve_interval,
+            resolved_at: std::time::Instant::now(),
+            degraded: !loaded.policy.unresolved.is_empty(),
+        }
+    }
 }
 
 /// How often names are tried again while some do not resolve.
@@ -280,10 +294,13 @@ pub fn watch_names(
                     } else {
                         j.interval
                     };
+                    let Some(sources) = &j.sources else {
+                        continue;
+                    };
                     if last.max(j.resolved_at).elapsed() < interval {
                         continue;
                     }
-                    (Arc::clone(&j.sources), j.sha256.clone(), j.degraded)
+                    (Arc::clone(sources), j.sha256.clone(), j.degraded)
                 };
                 last = std::time::Instant::now();
                 let env = Env {

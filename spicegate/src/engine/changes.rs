@@ -65,14 +65,7 @@ impl Engine {
             self.loaded = l;
             self.loaded_at = now_unix();
             self.source = Source::File;
-            self.save_last_good();
-            *locked(&self.resolve_job) = ResolveJob {
-                sources: Arc::clone(&self.loaded.sources),
-                sha256: self.loaded.sha256.clone(),
-                interval: self.loaded.policy.settings.resolve_interval,
-                resolved_at: Instant::now(),
-                degraded: !self.loaded.policy.unresolved.is_empty(),
-            };
+            self.hand_over_sources(true);
         }
         if let Some(l) = local {
             self.local = l;

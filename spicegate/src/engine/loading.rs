@@ -44,9 +44,11 @@ impl Resolver for CachingResolver {
 /// A policy read from disk, validated.
 pub struct Loaded {
     pub policy: Policy,
-    /// Shared with the resolver thread and the last-good writer, not
-    /// copied: the text of a large policy is megabytes.
-    pub sources: Arc<Vec<PolicySource>>,
+    /// The text, shared with the resolver thread and the last-good writer,
+    /// not copied: the text of a large policy is megabytes. `None` once
+    /// the engine has handed it over and nothing in the policy is looked
+    /// up again (see `Engine::hand_over_sources`).
+    pub sources: Option<Arc<Vec<PolicySource>>>,
     pub sha256: String,
 }
 
@@ -87,7 +89,7 @@ pub fn load_policy(
     let sha256 = sha256.map_err(|_| "computing the policy's digest failed".to_owned())?;
     Ok(Loaded {
         policy,
-        sources: Arc::new(sources),
+        sources: Some(Arc::new(sources)),
         sha256,
     })
 }
@@ -182,7 +184,7 @@ pub fn load_policy_at_start(
     };
     Ok(Loaded {
         policy,
-        sources,
+        sources: Some(sources),
         sha256,
     })
 }

@@ -335,13 +335,7 @@ impl Engine {
 
         let settings = Arc::new(RwLock::new(loaded.policy.settings.clone()));
         let vm_names = Arc::new(RwLock::new(compiled.vm_names.clone()));
-        let resolve_job = Arc::new(Mutex::new(ResolveJob {
-            sources: Arc::clone(&loaded.sources),
-            sha256: loaded.sha256.clone(),
-            interval: loaded.policy.settings.resolve_interval,
-            resolved_at: Instant::now(),
-            degraded: !loaded.policy.unresolved.is_empty(),
-        }));
+        let resolve_job = Arc::new(Mutex::new(ResolveJob::of(&loaded)));
         log_unresolved(&loaded.policy);
         let metrics = Arc::new(crate::metrics::Shared::new(
             counters_at_start.clone(),
@@ -349,7 +343,7 @@ impl Engine {
         ));
         metrics.reload_ok(now, Duration::ZERO);
         let sweeper = Sweeper::start(cfg.cgroup.clone(), &cfg.paths, Arc::clone(&metrics))?;
-        let engine = Self {
+        let mut engine = Self {
             kernel,
             cfg,
             loaded,
@@ -385,9 +379,7 @@ impl Engine {
             last_change: None,
             metrics,
         };
-        if engine.source == Source::File {
-            engine.save_last_good();
-        }
+        engine.hand_over_sources(engine.source == Source::File);
         engine.sweep();
         engine.publish_metrics();
         Ok(engine)
@@ -451,10 +443,23 @@ impl Engine {
         )
     }
 
-    fn save_last_good(&self) {
-        if self.state_ok.is_ok() {
-            self.last_good.save(Arc::clone(&self.loaded.sources));
+    /// Gives the text of the policy just put in force to the last-good
+    /// writer (`save`, when it was read from the policy file) and to the
+    /// resolver thread, then lets it go unless the resolver will read it
+    /// again: a policy that looks up no names ([`Policy::looks_up_names`])
+    /// reads the same every time, and its text (11 MB at a million `#UID`
+    /// grants) would be held for nothing.
+    fn hand_over_sources(&mut self, save: bool) {
+        if let Some(sources) = &self.loaded.sources
+            && save
+            && self.state_ok.is_ok()
+        {
+            self.last_good.save(Arc::clone(sources));
         }
+        if !self.loaded.policy.looks_up_names() {
+            self.loaded.sources = None;
+        }
+        *locked(&self.resolve_job) = ResolveJob::of(&self.loaded);
     }
 
     fn clock(&self) -> i64 {

@@ -149,7 +149,7 @@ impl Engine {
             policy => {
                 let loaded = Loaded {
                     policy,
-                    sources: Arc::clone(&self.loaded.sources),
+                    sources: self.loaded.sources.clone(),
                     sha256: self.loaded.sha256.clone(),
                 };
                 let source = self.source;

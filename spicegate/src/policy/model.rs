@@ -386,6 +386,28 @@ impl Policy {
         })
     }
 
+    /// Whether reading the policy again could give another result: it names
+    /// a user, a group or a hostname (NSS and DNS can change their answer),
+    /// or a name did not resolve. A policy of `#UID`s, addresses,
+    /// `localhost` and `@console` reads the same every time.
+    pub fn looks_up_names(&self) -> bool {
+        let named = |allow: &[Grantee]| {
+            allow
+                .iter()
+                .any(|g| matches!(g.principal, Principal::User(_) | Principal::Group(_)))
+        };
+        !self.unresolved.is_empty()
+            || named(&self.listeners)
+            || self
+                .servers
+                .values()
+                .any(|s| !s.hostnames.is_empty() || matches!(s.target, ServerTarget::Unresolved))
+            || self
+                .vms
+                .values()
+                .any(|vm| named(&vm.allow) || vm.schedules.iter().any(|s| named(&s.allow)))
+    }
+
     /// Every uid `[protect] listeners` names.
     pub fn listener_uids(&self) -> BTreeSet<u32> {
         self.listeners

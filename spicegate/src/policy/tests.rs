@@ -350,3 +350,36 @@ fn vm_without_ports() {
     let e = err("[vms.v]\nserver = \"localhost\"\nports = []\n");
     assert!(e.contains("vm `v` has no ports"), "{e}");
 }
+
+/// Only a policy that names users, groups or hostnames is read again by the
+/// resolver thread (the daemon lets the text of any other go).
+#[test]
+fn looks_up_names_only_with_users_groups_or_hostnames() {
+    let vm = |allow: &str| {
+        format!("[vms.v]\nserver = \"localhost\"\nports = [5900]\nallow = [{allow}]\n")
+    };
+    for fixed in [
+        vm("\"#1000\", \"#1001\", \"@console\""),
+        format!(
+            "[servers.s]\naddresses = [\"192.0.2.1\", \"2001:db8::1\"]\n{}",
+            vm("\"#7\"").replace("localhost", "s")
+        ),
+    ] {
+        assert!(!ok(&fixed).looks_up_names(), "{fixed}");
+    }
+    for named in [
+        vm("\"myself\""),
+        vm("\"@bookkeeping\""),
+        format!(
+            "{}[[vms.v.schedule]]\nallow = [\"ralph\"]\ndays = [\"mon\"]\n",
+            vm("\"#7\"")
+        ),
+        format!("[protect]\nlisteners = [\"ralph\"]\n{}", vm("\"#7\"")),
+        format!(
+            "[servers.s]\naddress = \"mysrv.example.lan\"\n{}",
+            vm("\"#7\"").replace("localhost", "s")
+        ),
+    ] {
+        assert!(ok(&named).looks_up_names(), "{named}");
+    }
+}
