@@ -16,7 +16,7 @@ use crate::{
     engine::{CachingResolver, Command},
     events::Endpoint,
     journal::Event,
-    policy::{self, Env, Source as PolicySource},
+    policy::{self, Env, ParseCache, Source as PolicySource},
     sockdiag,
 };
 
@@ -277,6 +277,7 @@ pub const DEGRADED_RETRY: Duration = Duration::from_secs(10);
 pub fn watch_names(
     job: Arc<Mutex<ResolveJob>>,
     resolver: Arc<CachingResolver>,
+    pieces: Arc<ParseCache>,
     engine: mpsc::Sender<Command>,
 ) -> anyhow::Result<()> {
     std::thread::Builder::new()
@@ -311,7 +312,10 @@ pub fn watch_names(
                 // policy in force; degraded, whatever resolves is applied.
                 // Names only: nothing on the file system (a metrics
                 // directory removed since) stops them being followed.
-                let parsed = policy::reparse_names(&sources, &env, degraded);
+                // The pieces come from the reloads' cache: at a million
+                // grants, parsing the 11 MB anew every interval cost 80 ms
+                // of CPU and left 9 MB more resident for good.
+                let parsed = policy::reparse_names(&sources, &env, degraded, Some(&pieces));
                 match parsed {
                     Ok(policy) => {
                         let cmd = Command::Resolved {

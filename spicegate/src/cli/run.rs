@@ -141,7 +141,12 @@ async fn daemon(args: RunArgs, socket: PathBuf) -> anyhow::Result<ExitCode> {
         Duration::from_secs(args.addr_interval.max(1)),
         cmd_tx.clone(),
     )?;
-    background::watch_names(engine.resolve_job(), engine.resolver(), cmd_tx.clone())?;
+    background::watch_names(
+        engine.resolve_job(),
+        engine.resolver(),
+        engine.parse_cache(),
+        cmd_tx.clone(),
+    )?;
     tokio::spawn(control::serve(
         listener,
         Shared {

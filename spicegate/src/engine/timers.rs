@@ -127,6 +127,9 @@ impl Engine {
     /// The resolver thread's result: applies it when names changed and it
     /// was made for the policy still in force.
     pub(super) fn resolved(&mut self, sha256: &str, policy: Policy) {
+        // The policy read again is dropped or replaced on this thread: its
+        // heap goes back to the kernel soon after, as after a reload.
+        self.trim_soon();
         if sha256 != self.loaded.sha256 {
             return;
         }

@@ -171,7 +171,7 @@ mod tests {
         };
         // The policy was applied while the directory existed; it went since.
         for lenient in [false, true] {
-            let p = reparse_names(&sources, &env, lenient).expect("names only");
+            let p = reparse_names(&sources, &env, lenient, None).expect("names only");
             assert_eq!(
                 p.settings.metrics_file.as_deref(),
                 Some(Path::new("/nonexistent-spicegate-dir/spicegate.prom"))
@@ -183,7 +183,7 @@ mod tests {
             path: "p.toml".into(),
             text: "[settings]\nmetrics_file = \"x.prom\"\n".into(),
         }];
-        assert!(reparse_names(&rel, &env, true).is_err());
+        assert!(reparse_names(&rel, &env, true, None).is_err());
     }
 
     #[test]

@@ -246,6 +246,36 @@ mod tests {
         assert!(e.to_string().contains("unknown user `myself`"), "{e}");
     }
 
+    /// The resolver thread's reading of the policy in force parses no
+    /// piece again, and sees what NSS says now.
+    #[test]
+    fn names_are_read_again_from_cached_pieces() {
+        let cache = ParseCache::default();
+        let text = policy("");
+        let p = parse_with(&text, &dir(), Some(&cache)).expect("parses");
+        let pieces = cache.last().parsed;
+        let sources = [Source {
+            path: Path::new("p.toml").to_owned(),
+            text,
+        }];
+        let moved = FakeDirectory::default().user("myself", 2000);
+        let env = Env {
+            dir: &moved,
+            resolver: &FakeResolver,
+        };
+        let q =
+            crate::policy::reparse_names(&sources, &env, false, Some(&cache)).expect("names only");
+        assert_eq!(
+            cache.last(),
+            PieceCounts {
+                parsed: 0,
+                reused: pieces
+            }
+        );
+        assert!(p.vms["small0"].allows_uid(1000) && !p.vms["small0"].allows_uid(2000));
+        assert!(q.vms["small0"].allows_uid(2000) && !q.vms["small0"].allows_uid(1000));
+    }
+
     /// An error in a piece taken from the cache names the line and column
     /// where that piece is now, after the text before it grew.
     #[test]

@@ -173,11 +173,14 @@ pub fn parse_sources_lenient(
 /// thread): like [`parse_sources`] (or, `lenient`, its lenient form) but
 /// without looking at the file system. A metrics directory removed
 /// since the policy was applied must not stop groups and hostnames from
-/// being followed.
+/// being followed. The pieces of a large policy come from `cache` when
+/// given (the text is the one in force, so all of them are there): only
+/// the names are looked up again, the TOML is not parsed anew.
 pub fn reparse_names(
     sources: &[Source],
     env: &Env<'_>,
     lenient: bool,
+    cache: Option<&ParseCache>,
 ) -> Result<Policy, PolicyErrors> {
-    parse_sources_with(sources, env, lenient, false, None)
+    parse_sources_with(sources, env, lenient, false, cache)
 }
