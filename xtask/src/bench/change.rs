@@ -43,9 +43,16 @@ pub struct ChangeResult {
     pub full_reload_kernel_ms: Vec<f64>,
     /// `status` round trips: (p50, p99), ms.
     pub status_ms: (f64, f64),
+    /// The policy's names read again every second (`resolve_interval =
+    /// "1s"`; the bench policy names its probe users): the daemon's CPU per
+    /// second over [`RESOLVE_WATCH`], ms, about one re-reading's cost.
+    pub resolve_cpu_ms: f64,
     /// Peak RSS (VmHWM) after all of it, KiB.
     pub rss_peak_kib: u64,
 }
+
+/// How long the names are read again every second.
+const RESOLVE_WATCH: Duration = Duration::from_secs(5);
 
 /// Changes per kind (grant and revoke alternate; the schedule opens and
 /// closes).
@@ -172,8 +179,38 @@ pub fn spicegate_changes(
         st.push(status_ms(&pin.socket())?);
     }
     r.status_ms = p50_p99(st);
+    r.resolve_cpu_ms = resolve_cpu_ms(bin, policy, pin, d, &base)?;
     r.rss_peak_kib = d.status_kib("VmHWM")?;
     Ok(r)
+}
+
+/// Reloads `base` with `resolve_interval = "1s"`, measures the daemon's CPU
+/// per second over [`RESOLVE_WATCH`], and reloads `base` as it was.
+fn resolve_cpu_ms(
+    bin: &Path,
+    policy: &Path,
+    pin: &PinDir,
+    d: &super::env::Daemon,
+    base: &str,
+) -> anyhow::Result<f64> {
+    let every_second = base.replacen("[settings]\n", "[settings]\nresolve_interval = \"1s\"\n", 1);
+    if every_second == base {
+        bail!("the bench policy has no [settings] table");
+    }
+    let reload = |text: &str| -> anyhow::Result<()> {
+        std::fs::write(policy, text)?;
+        sh(Command::new(bin)
+            .arg("--socket")
+            .arg(pin.socket())
+            .arg("reload"))
+        .map(drop)
+    };
+    reload(&every_second)?;
+    let ticks = d.cpu_ticks()?;
+    std::thread::sleep(RESOLVE_WATCH);
+    let used = d.cpu_ticks()?.saturating_sub(ticks) as f64 / super::env::ticks_per_sec();
+    reload(base)?;
+    Ok(used * 1000.0 / RESOLVE_WATCH.as_secs_f64())
 }
 
 /// `nft add element` and `nft delete element` of the denied user's grant
@@ -219,8 +256,8 @@ pub fn render(results: &[super::SizeResult]) -> String {
          median / max of the changes; the command's round trip includes the control socket and, for `grant`, \
          saving grants.json; a schedule edge is seen by the next 250 ms clock check, so \"in force after\" \
          counts from moving the clock):\n\n\
-         | grants | `grant` / `revoke`: daemon side | map writes | command round trip | schedule edge: daemon side | schedule edge in force after | full reload (new table): command / daemon side | `status` p50 / p99 | nftables `add`/`delete element` | daemon VmHWM after all changes |\n\
-         |---:|---|---|---|---|---|---|---|---|---|\n",
+         | grants | `grant` / `revoke`: daemon side | map writes | command round trip | schedule edge: daemon side | schedule edge in force after | full reload (new table): command / daemon side | `status` p50 / p99 | names read again every second: daemon CPU per second | nftables `add`/`delete element` | daemon VmHWM after all changes |\n\
+         |---:|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
         let c = &r.daemon.change;
@@ -228,7 +265,7 @@ pub fn render(results: &[super::SizeResult]) -> String {
         let how: Vec<&str> = how.into_iter().collect();
         let _ = writeln!(
             s,
-            "| {} | {:.2} / {:.2} ms ({}) | {} | {:.1} ms | {:.2} / {:.2} ms | {:.0} ms | {:.0} / {:.0} ms | {:.1} / {:.1} ms | {:.1} ms | {:.1} MB |",
+            "| {} | {:.2} / {:.2} ms ({}) | {} | {:.1} ms | {:.2} / {:.2} ms | {:.0} ms | {:.0} / {:.0} ms | {:.1} / {:.1} ms | {:.0} ms | {:.1} ms | {:.1} MB |",
             r.layout.grants,
             super::measure::median(&c.kernel_ms),
             max(&c.kernel_ms),
@@ -242,6 +279,7 @@ pub fn render(results: &[super::SizeResult]) -> String {
             super::measure::median(&c.full_reload_kernel_ms),
             c.status_ms.0,
             c.status_ms.1,
+            c.resolve_cpu_ms,
             super::measure::median(&r.nft_element_ms),
             c.rss_peak_kib as f64 / 1024.0,
         );
