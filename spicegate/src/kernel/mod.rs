@@ -240,7 +240,7 @@ impl Kernel {
                 .inspect_err(|e| log::debug!("creating the overlays before the swap: {e:#}"))
                 .ok(),
         };
-        let policy = self.policy_fd()?;
+        let policy = self.map_fd(POLICY_MAP)?;
         let table_fd = data.fd().as_fd().as_raw_fd();
         let mut updates = vec![(policy, POLICY_SLOT, table_fd)];
         let beside = match &new_overlays {
@@ -253,7 +253,7 @@ impl Kernel {
         let mut results = match beside {
             Some(new) => {
                 let mut ids = vec![id];
-                for (update, id) in new.slot_updates(self.overlay_fd()?) {
+                for (update, id) in new.slot_updates(self.map_fd(OVERLAY_MAP)?) {
                     updates.push(update);
                     ids.push(id);
                 }
@@ -304,6 +304,19 @@ impl Kernel {
             t2.elapsed().as_secs_f64() * 1e3
         );
         Ok(())
+    }
+
+    /// The file descriptor of this object's map `name` (an array, an array
+    /// of maps or a hash map), for the raw calls of [`sys`].
+    pub(super) fn map_fd(&self, name: &str) -> anyhow::Result<i32> {
+        use aya::maps::Map;
+        match self.ebpf.map(name) {
+            Some(Map::Array(data) | Map::ArrayOfMaps(data) | Map::HashMap(data)) => {
+                Ok(data.fd().as_fd().as_raw_fd())
+            }
+            Some(_) => bail!("map {name} is not an array, an array of maps or a hash map"),
+            None => bail!("map {name} missing"),
+        }
     }
 
     /// Whether the policy slot still holds the table this daemon installed
@@ -455,10 +468,7 @@ impl Kernel {
             }
             self.named_read = true;
         }
-        let fd = match map {
-            aya::maps::Map::HashMap(data) => data.fd().as_fd().as_raw_fd(),
-            _ => bail!("map {RATE_NAMED_MAP} is not a hash map"),
-        };
+        let fd = self.map_fd(RATE_NAMED_MAP)?;
         let fresh: Vec<u32> = uids
             .filter(|u| *u >= RATE_LOW_UIDS && self.named.insert(*u))
             .collect();

@@ -232,32 +232,8 @@ impl Kernel {
         (self.generation, self.overlay.len(), self.writes)
     }
 
-    fn select_fd(&self) -> anyhow::Result<i32> {
-        match self.ebpf.map(OVERLAY_SELECT_MAP) {
-            Some(aya::maps::Map::Array(data)) => Ok(data.fd().as_fd().as_raw_fd()),
-            Some(_) => bail!("map {OVERLAY_SELECT_MAP} is not an array"),
-            None => bail!("map {OVERLAY_SELECT_MAP} missing"),
-        }
-    }
-
-    pub(super) fn policy_fd(&self) -> anyhow::Result<i32> {
-        match self.ebpf.map(POLICY_MAP) {
-            Some(aya::maps::Map::ArrayOfMaps(data)) => Ok(data.fd().as_fd().as_raw_fd()),
-            Some(_) => bail!("map {POLICY_MAP} is not an array of maps"),
-            None => bail!("map {POLICY_MAP} missing"),
-        }
-    }
-
-    pub(super) fn overlay_fd(&self) -> anyhow::Result<i32> {
-        match self.ebpf.map(OVERLAY_MAP) {
-            Some(aya::maps::Map::ArrayOfMaps(data)) => Ok(data.fd().as_fd().as_raw_fd()),
-            Some(_) => bail!("map {OVERLAY_MAP} is not an array of maps"),
-            None => bail!("map {OVERLAY_MAP} missing"),
-        }
-    }
-
     pub(super) fn select(&self, slot: u32, value: u32) -> anyhow::Result<()> {
-        map_update_u32(self.select_fd()?, slot, value)
+        map_update_u32(self.map_fd(OVERLAY_SELECT_MAP)?, slot, value)
             .with_context(|| format!("writing slot {slot} of {OVERLAY_SELECT_MAP}"))
     }
 
@@ -267,7 +243,7 @@ impl Kernel {
         let current = if self.generation != 0 {
             self.generation
         } else {
-            map_lookup_u32(self.select_fd()?, OVERLAY_SELECT_GENERATION)
+            map_lookup_u32(self.map_fd(OVERLAY_SELECT_MAP)?, OVERLAY_SELECT_GENERATION)
                 .context("reading the generation in force")?
                 .unwrap_or(0)
                 % 256
@@ -308,7 +284,7 @@ impl Kernel {
         };
         if !placed {
             let updates = new
-                .slot_updates(self.overlay_fd()?)
+                .slot_updates(self.map_fd(OVERLAY_MAP)?)
                 .map(|(update, _)| update);
             for (slot, result) in set_slots_together(&updates).into_iter().enumerate() {
                 result.with_context(|| format!("placing overlay {slot}"))?;
@@ -333,7 +309,7 @@ impl Kernel {
         let Some(ov) = &self.overlays else {
             return Ok(true);
         };
-        let outer = self.overlay_fd()?;
+        let outer = self.map_fd(OVERLAY_MAP)?;
         let generation = u8::try_from(self.generation).unwrap_or(0);
         for slot in 0..2 {
             if map_lookup_u32(outer, slot)? != Some(ov.ids[slot as usize]) {

@@ -16,19 +16,11 @@ pub(super) fn ports_of(compiled: &Compiled) -> Box<PortBits> {
 }
 
 impl Kernel {
-    fn ports_fd(&self) -> anyhow::Result<i32> {
-        match self.ebpf.map(PORTS_MAP) {
-            Some(aya::maps::Map::Array(data)) => Ok(data.fd().as_fd().as_raw_fd()),
-            Some(_) => bail!("map {PORTS_MAP} is not an array"),
-            None => bail!("map {PORTS_MAP} missing"),
-        }
-    }
-
     /// The prefilter in the kernel now.
     pub(super) fn read_ports(&self) -> anyhow::Result<Box<PortBits>> {
         // Boxed: the value is 8 KiB.
         let mut bits = Box::<PortBits>::default();
-        let found = self::sys::map_lookup_into(self.ports_fd()?, &0u32, &mut *bits)
+        let found = self::sys::map_lookup_into(self.map_fd(PORTS_MAP)?, &0u32, &mut *bits)
             .with_context(|| format!("reading {PORTS_MAP}"))?;
         if !found {
             bail!("{PORTS_MAP} has no slot 0");
@@ -38,7 +30,7 @@ impl Kernel {
 
     /// Replaces the prefilter with `bits` (one write of the whole value).
     pub(super) fn write_ports(&mut self, bits: &PortBits) -> anyhow::Result<()> {
-        self::sys::map_update(self.ports_fd()?, &0u32, bits)
+        self::sys::map_update(self.map_fd(PORTS_MAP)?, &0u32, bits)
             .with_context(|| format!("writing {PORTS_MAP}"))?;
         self.writes += 1;
         Ok(())
