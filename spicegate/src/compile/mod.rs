@@ -299,16 +299,16 @@ pub fn compile(
                 continue;
             }
         };
-        // The next free slot: a VM without ports takes none.
+        // The next free slot: a VM without endpoints takes none.
         let slot = next_slot;
         if !vm.ports.is_empty() && !dests.is_empty() {
+            if slot as usize >= MAX_VM_SLOTS {
+                return Err(CompileError::TooManyVms {
+                    count: policy.vms.len(),
+                    max: MAX_VM_SLOTS,
+                });
+            }
             next_slot += 1;
-        }
-        if slot as usize >= MAX_VM_SLOTS {
-            return Err(CompileError::TooManyVms {
-                count: policy.vms.len(),
-                max: MAX_VM_SLOTS,
-            });
         }
         let info = Arc::new(vm_access(policy, vm, id, slot, dynamic));
         let mode = info.mode;

@@ -430,3 +430,41 @@ fn words_of_grants_span_blocks_and_a_delta_carries_the_whole_word() {
     assert_eq!((delta[0].0.uid, delta[0].0.port), (7, 0));
     assert_eq!(delta[0].1.word(), 0b111);
 }
+
+/// 65,536 VMs with endpoints each take a slot; a VM without ports after
+/// them takes none and is no error; one more with an endpoint is refused.
+#[test]
+fn vm_slots_run_out_only_for_vms_with_endpoints() {
+    let mut p = policy(
+        "[servers.a]\naddress = \"192.0.2.1\"\n[servers.b]\naddress = \"192.0.2.2\"\n\
+         [vms.model]\nserver = \"a\"\nports = [1]\nallow = [\"#7\"]\n",
+    );
+    let model = p.vms.remove("model").expect("the model VM");
+    let vm = |i: usize, server: &str, ports: Vec<u16>| crate::policy::Vm {
+        name: format!("v{i:05}"),
+        server: server.to_owned(),
+        ports,
+        ..model.clone()
+    };
+    for i in 0..MAX_VM_SLOTS {
+        let (server, port) = if i < 60_000 {
+            ("a", i)
+        } else {
+            ("b", i - 60_000)
+        };
+        let v = vm(i, server, vec![u16::try_from(port + 1).expect("port")]);
+        p.vms.insert(v.name.clone(), v);
+    }
+    let last = vm(MAX_VM_SLOTS, "b", Vec::new());
+    p.vms.insert(last.name.clone(), last);
+    let c = compile(&p, &LocalAddrs::new(), &Dynamic::default()).expect("compiles");
+    assert_eq!(c.vms_by_slot().len(), MAX_VM_SLOTS);
+    p.vms
+        .get_mut(&format!("v{MAX_VM_SLOTS:05}"))
+        .expect("the last VM")
+        .ports = vec![60_001];
+    assert!(matches!(
+        compile(&p, &LocalAddrs::new(), &Dynamic::default()),
+        Err(CompileError::TooManyVms { .. })
+    ));
+}
