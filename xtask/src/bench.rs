@@ -518,10 +518,7 @@ fn run_spicegate(
         fs::write(&policy, layout.spicegate_policy(extra))?;
         let (cpu, ticks) = (env::children_cpu(), d.cpu_ticks()?);
         let start = Instant::now();
-        sh(Command::new(&ctx.bins.spicegate)
-            .arg("--socket")
-            .arg(pin.socket())
-            .arg("reload"))?;
+        env::reload(&ctx.bins.spicegate, &pin)?;
         apply_ms.push(ms(start.elapsed()));
         let daemon_s = d.cpu_ticks()?.saturating_sub(ticks) as f64 / env::ticks_per_sec();
         apply_cpu_ms.push(ms(env::children_cpu().saturating_sub(cpu)) + daemon_s * 1000.0);

@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 use super::{
-    env::{self, Daemon, PinDir, check_interrupted, sh},
+    env::{self, Daemon, PinDir, check_interrupted, reload, sh},
     layout::Layout,
     measure::{Cg, Targets, Workers, ms},
     storm::{p50_p99, status_ms},
@@ -160,10 +160,7 @@ pub fn spicegate_changes(
         check_interrupted()?;
         std::fs::write(policy, if i % 2 == 0 { &wider } else { &base })?;
         let start = Instant::now();
-        sh(Command::new(bin)
-            .arg("--socket")
-            .arg(pin.socket())
-            .arg("reload"))?;
+        reload(bin, pin)?;
         r.full_reload_ms.push(ms(start.elapsed()));
         let (k, _, how) = last_change(&status(bin, pin)?);
         if how != "table" {
@@ -190,26 +187,20 @@ fn resolve_cpu_ms(
     bin: &Path,
     policy: &Path,
     pin: &PinDir,
-    d: &super::env::Daemon,
+    d: &Daemon,
     base: &str,
 ) -> anyhow::Result<f64> {
     let every_second = base.replacen("[settings]\n", "[settings]\nresolve_interval = \"1s\"\n", 1);
     if every_second == base {
         bail!("the bench policy has no [settings] table");
     }
-    let reload = |text: &str| -> anyhow::Result<()> {
-        std::fs::write(policy, text)?;
-        sh(Command::new(bin)
-            .arg("--socket")
-            .arg(pin.socket())
-            .arg("reload"))
-        .map(drop)
-    };
-    reload(&every_second)?;
+    std::fs::write(policy, &every_second)?;
+    reload(bin, pin)?;
     let ticks = d.cpu_ticks()?;
     std::thread::sleep(RESOLVE_WATCH);
-    let used = d.cpu_ticks()?.saturating_sub(ticks) as f64 / super::env::ticks_per_sec();
-    reload(base)?;
+    let used = d.cpu_ticks()?.saturating_sub(ticks) as f64 / env::ticks_per_sec();
+    std::fs::write(policy, base)?;
+    reload(bin, pin)?;
     Ok(used * 1000.0 / RESOLVE_WATCH.as_secs_f64())
 }
 

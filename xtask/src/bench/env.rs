@@ -249,6 +249,15 @@ pub fn pin_dir(bin: &Path, scratch: &TempDir) -> PinDir {
     PinDir::new(&name, scratch.path().join("daemon"), bin)
 }
 
+/// Runs `spicegate reload` against the daemon of `pin`.
+pub fn reload(bin: &Path, pin: &PinDir) -> anyhow::Result<()> {
+    sh(Command::new(bin)
+        .arg("--socket")
+        .arg(pin.socket())
+        .arg("reload"))
+    .map(drop)
+}
+
 /// The daemon's schedule clock offset (see [`Daemon::spawn`]).
 pub fn clock_offset_file(pin: &PinDir) -> PathBuf {
     pin.run_dir().join("clock-offset")
